@@ -1,0 +1,3 @@
+"""lmfleet: serve language models behind an OpenAI-compatible API."""
+
+__version__ = "0.1.0"
