@@ -4,6 +4,7 @@
     ├── InvalidRequest                400 invalid_request_error
     │   └── ContextLengthExceeded     400 invalid_request_error  code=context_length_exceeded
     ├── AuthenticationFailed          401 invalid_request_error  code=invalid_api_key
+    ├── Forbidden                     403 invalid_request_error  code=forbidden
     ├── NotFound                      404 invalid_request_error
     │   └── ModelNotFound             404 invalid_request_error  code=model_not_found
     ├── MethodNotAllowed              405 invalid_request_error
@@ -65,6 +66,12 @@ class AuthenticationFailed(LmfleetError):
     code = "invalid_api_key"
 
 
+class Forbidden(LmfleetError):
+    status = 403
+    type = "invalid_request_error"
+    code = "forbidden"
+
+
 class NotFound(LmfleetError):
     status = 404
     type = "invalid_request_error"
@@ -111,6 +118,7 @@ class UpstreamError(LmfleetError):
 _BY_STATUS: dict[int, type[LmfleetError]] = {
     400: InvalidRequest,
     401: AuthenticationFailed,
+    403: Forbidden,
     404: NotFound,
     405: MethodNotAllowed,
     413: PayloadTooLarge,

@@ -1,0 +1,3 @@
+from lmfleet.cli import main
+
+raise SystemExit(main())

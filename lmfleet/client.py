@@ -1,0 +1,126 @@
+"""Typed async clients for the controller and the workers, over one pooled `httpx.AsyncClient`.
+
+Each process creates one `httpx.AsyncClient` (see `make_http_client`) in its app's lifespan and hands it to
+these clients; nothing here owns a connection pool or global state. Transport failures become `UpstreamError`
+(or `ServiceUnavailable` for the controller); OpenAI-shaped error bodies from a worker are rebuilt with
+`errors.from_body`, so the API server passes a worker's 400 on to its client unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import httpx
+
+from lmfleet import errors
+from lmfleet.protocol.worker import (
+    GenerateChunk,
+    GenerateRequest,
+    HeartbeatRequest,
+    HeartbeatResponse,
+    RegisterWorkerRequest,
+    WorkerInfo,
+    WorkerStatus,
+)
+
+# Connecting must be quick (a dead peer is detected at once); reading a stream may wait for a long prefill.
+DEFAULT_TIMEOUT = httpx.Timeout(connect=3.0, read=300.0, write=30.0, pool=30.0)
+CONTROL_TIMEOUT = httpx.Timeout(5.0, connect=3.0)
+
+
+def make_http_client(*, max_connections: int = 1000) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=100)
+    return httpx.AsyncClient(timeout=DEFAULT_TIMEOUT, limits=limits, trust_env=False)
+
+
+def _auth(secret: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"} if secret else {}
+
+
+async def _raise_for_error(resp: httpx.Response) -> None:
+    if resp.status_code < 400:
+        return
+    await resp.aread()
+    try:
+        body = resp.json()
+    except ValueError:
+        body = None
+    raise errors.from_body(resp.status_code, body)
+
+
+class ControllerClient:
+    """Talks to one controller. `secret` is the registration secret workers present (never logged)."""
+
+    def __init__(self, http: httpx.AsyncClient, address: str, *, secret: str | None = None) -> None:
+        self.http = http
+        self.address = address.rstrip("/")
+        self._headers = _auth(secret)
+
+    async def _post(self, path: str, payload: dict) -> httpx.Response:
+        try:
+            resp = await self.http.post(
+                self.address + path, json=payload, headers=self._headers, timeout=CONTROL_TIMEOUT
+            )
+        except httpx.HTTPError as exc:
+            raise errors.ServiceUnavailable(f"controller {self.address} unreachable: {type(exc).__name__}") from exc
+        await _raise_for_error(resp)
+        return resp
+
+    async def register(self, worker_address: str, status: WorkerStatus) -> None:
+        req = RegisterWorkerRequest(worker_name=worker_address, check_heart_beat=True, worker_status=status)
+        await self._post("/register_worker", req.model_dump(exclude_none=True))
+
+    async def heartbeat(self, worker_address: str, status: WorkerStatus) -> bool:
+        """True when the controller knows this worker; False means: register again."""
+        req = HeartbeatRequest(worker_name=worker_address, queue_length=status.queue_length, worker_status=status)
+        resp = await self._post("/receive_heart_beat", req.model_dump(exclude_none=True))
+        return HeartbeatResponse.model_validate(resp.json()).exist
+
+    async def unregister(self, worker_address: str) -> None:
+        await self._post("/unregister_worker", {"worker_name": worker_address})
+
+    async def list_models(self) -> list[str]:
+        resp = await self._post("/list_models", {})
+        return list(resp.json()["models"])
+
+    async def get_worker_address(self, model: str) -> str | None:
+        resp = await self._post("/get_worker_address", {"model": model})
+        return resp.json().get("address") or None
+
+    async def workers(self) -> list[WorkerInfo]:
+        try:
+            resp = await self.http.get(self.address + "/workers", headers=self._headers, timeout=CONTROL_TIMEOUT)
+        except httpx.HTTPError as exc:
+            raise errors.ServiceUnavailable(f"controller {self.address} unreachable: {type(exc).__name__}") from exc
+        await _raise_for_error(resp)
+        return [WorkerInfo.model_validate(w) for w in resp.json()["workers"]]
+
+
+class WorkerClient:
+    """Talks to any worker; the address is per call because the API server picks a worker per request."""
+
+    def __init__(self, http: httpx.AsyncClient) -> None:
+        self.http = http
+
+    async def status(self, address: str) -> WorkerStatus:
+        try:
+            resp = await self.http.get(address.rstrip("/") + "/worker/status", timeout=CONTROL_TIMEOUT)
+        except httpx.HTTPError as exc:
+            raise errors.UpstreamError(f"worker {address} unreachable: {type(exc).__name__}") from exc
+        await _raise_for_error(resp)
+        return WorkerStatus.model_validate(resp.json())
+
+    async def generate(self, address: str, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        """Stream a generation. Validation errors raise before the first chunk; a broken stream raises
+        `UpstreamError` after the chunks received so far. Closing the iterator closes the connection, which
+        the worker treats as a cancel."""
+        url = address.rstrip("/") + "/worker/generate"
+        try:
+            async with self.http.stream("POST", url, json=request.model_dump(exclude_none=True)) as resp:
+                await _raise_for_error(resp)
+                async for line in resp.aiter_lines():
+                    if line:
+                        yield GenerateChunk.model_validate(json.loads(line))
+        except httpx.HTTPError as exc:
+            raise errors.UpstreamError(f"worker {address} failed: {type(exc).__name__}") from exc

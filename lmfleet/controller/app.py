@@ -1,0 +1,316 @@
+"""The controller's HTTP face: FastChat's controller routes over a `Registry` and a dispatch policy.
+
+Owns: the routes, who may write to the registry (registration secret, allowed worker networks), worker address
+validation, fetching a FastChat worker's status when it registers without one, and the background sweep that
+expires workers that stopped heartbeating (every `heartbeat_expiry_s / 4`).
+
+    POST /register_worker      RegisterWorkerRequest -> WorkerInfo           (secret; networks)
+    POST /receive_heart_beat   HeartbeatRequest -> {"exist": bool}           (secret)
+    POST /unregister_worker    {"worker_name"} -> {"removed": bool}          (secret)
+    GET|POST /list_models      -> {"models": [...]}
+    POST /get_worker_address   {"model"} -> {"address": url}, "" when no live worker serves it
+    GET  /workers              -> {"workers": [WorkerInfo, ...]}
+    POST /refresh_all_workers  expire now -> {"removed": [...]}
+    GET  /health               -> {"status": "ok"}
+
+Route and field names are FastChat's, so FastChat model workers, its API server and its tools work against
+this controller. Differences: every worker must heartbeat (FastChat's `check_heart_beat: false` is ignored),
+and `/refresh_all_workers` only expires, it does not re-poll workers.
+
+Security: with `registration_secret` set, the three write routes need `Authorization: Bearer <secret>` (compared
+in constant time; 401 otherwise and the registry is untouched). Read routes stay open and ignore the header.
+With `allowed_worker_networks` set, only workers whose address is an IP inside one of them may register (403);
+nothing is resolved, so a hostname is refused, except `localhost` when a loopback network is allowed. The
+controller only calls a worker's `/worker_get_status` for a request that passed both checks. With neither set
+(the default), anyone who can reach the controller can register a worker and attract traffic: bind it to
+127.0.0.1 (the default) or set a secret.
+
+Does not own: the registry's rules (`registry`), choosing a worker (`dispatch`), the CLI and the bind address.
+Never sees a token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import ipaddress
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from fastapi import Depends, FastAPI, Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lmfleet import errors
+from lmfleet.client import CONTROL_TIMEOUT, make_http_client
+from lmfleet.controller.dispatch import DEFAULT_POLICY, Policy, get_policy
+from lmfleet.controller.registry import Registry
+from lmfleet.protocol.worker import (
+    HeartbeatRequest,
+    HeartbeatResponse,
+    RegisterWorkerRequest,
+    WorkerAddressRequest,
+    WorkerInfo,
+    WorkerStatus,
+)
+
+logger = logging.getLogger("lmfleet.controller")
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_MAX_STATUS_BYTES = 1 << 20  # a worker's /worker_get_status answer is a few hundred bytes
+_LOOPBACK = (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"))
+
+
+@dataclass
+class ControllerSettings:
+    """How the controller behaves. Validated on construction (ValueError). Where it binds is the CLI's business
+    (default 127.0.0.1:21001, FastChat's controller port)."""
+
+    dispatch_policy: str = DEFAULT_POLICY  # a key of dispatch.POLICIES
+    heartbeat_expiry_s: float = 6.0  # workers heartbeat every 2 s by default; FastChat waits 90 s
+    registration_secret: str | None = field(default=None, repr=False)  # never printed
+    allowed_worker_networks: list[str] | None = None  # CIDRs, e.g. ["127.0.0.0/8", "10.0.0.0/8"]; None: any
+
+    def __post_init__(self) -> None:
+        get_policy(self.dispatch_policy)
+        if not self.heartbeat_expiry_s > 0:
+            raise ValueError(f"heartbeat_expiry_s must be > 0, got {self.heartbeat_expiry_s!r}")
+        if self.registration_secret is not None and not self.registration_secret:
+            raise ValueError("registration_secret must be non-empty (None disables it)")
+        self.networks()
+
+    def networks(self) -> list[IPNetwork] | None:
+        """`allowed_worker_networks` parsed (host bits are ignored: "10.1.2.3/8" means 10.0.0.0/8)."""
+        if self.allowed_worker_networks is None:
+            return None
+        parsed: list[IPNetwork] = []
+        for cidr in self.allowed_worker_networks:
+            try:
+                parsed.append(ipaddress.ip_network(cidr.strip(), strict=False))
+            except ValueError as exc:
+                raise ValueError(f"allowed_worker_networks: {cidr!r} is not a CIDR network ({exc})") from None
+        return parsed
+
+
+class UnregisterWorkerRequest(BaseModel):
+    """`POST /unregister_worker`."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    worker_name: str = Field(min_length=1, max_length=2048)
+
+
+@dataclass
+class ControllerState:
+    """What one controller app holds; reachable as `app.state.controller` (tests, introspection)."""
+
+    settings: ControllerSettings
+    registry: Registry
+    policy: Policy
+    rng: random.Random
+    networks: list[IPNetwork] | None
+    http: httpx.AsyncClient | None  # injected, or created by the lifespan
+
+
+def normalize_worker_address(raw: str) -> str:
+    """The worker's base URL as the registry keys it: `scheme://host[:port][/path]`, no trailing slash.
+    InvalidRequest unless it is an http(s) URL with a host and without credentials, query or fragment."""
+
+    def bad(why: str) -> errors.InvalidRequest:
+        return errors.InvalidRequest(f"worker_name must be the worker's http(s) base URL: {why}", param="worker_name")
+
+    text = raw.strip()
+    if any(c.isspace() or not c.isprintable() for c in text):
+        raise bad("it contains whitespace or control characters")
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 -- raises ValueError on a bad port
+    except ValueError as exc:
+        raise bad(str(exc)) from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise bad("the scheme must be http or https")
+    if not parts.hostname:
+        raise bad("it has no host")
+    if parts.username is not None or parts.password is not None:
+        raise bad("it must not contain credentials")
+    if parts.query or parts.fragment:
+        raise bad("it must not have a query or fragment")
+    return f"{scheme}://{parts.netloc.lower()}{parts.path.rstrip('/')}"
+
+
+def host_allowed(address: str, networks: Sequence[IPNetwork]) -> bool:
+    """True when the (normalized) address's host is an IP inside one of `networks`. Resolves nothing: a hostname
+    is refused, except `localhost`, which counts as a loopback address."""
+    host = urlsplit(address).hostname or ""
+    try:
+        ips: Sequence[ipaddress.IPv4Address | ipaddress.IPv6Address] = (ipaddress.ip_address(host),)
+    except ValueError:
+        if host != "localhost":
+            return False
+        ips = _LOOPBACK
+    for ip in ips:
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if any(ip in net for net in networks):
+            return True
+    return False
+
+
+def _bearer_token(request: Request) -> str | None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
+async def fetch_worker_status(http: httpx.AsyncClient, address: str) -> WorkerStatus:
+    """FastChat's `POST {address}/worker_get_status`, for a worker that registered without a status."""
+
+    def failed(why: str) -> errors.InvalidRequest:
+        return errors.InvalidRequest(
+            f"worker_status was omitted and {address}/worker_get_status failed ({why}); "
+            "send worker_status with the registration",
+            param="worker_status",
+        )
+
+    body = bytearray()
+    try:
+        async with http.stream("POST", address + "/worker_get_status", timeout=CONTROL_TIMEOUT) as resp:
+            if resp.status_code != 200:
+                raise failed(f"HTTP {resp.status_code}")
+            async for chunk in resp.aiter_bytes():
+                body += chunk
+                if len(body) > _MAX_STATUS_BYTES:
+                    raise failed("answer too large")
+    except httpx.HTTPError as exc:
+        raise failed(type(exc).__name__) from exc
+    try:
+        return WorkerStatus.model_validate_json(bytes(body))
+    except ValidationError as exc:
+        raise failed(f"not a worker status: {exc.errors()[0].get('msg', 'invalid')}") from None
+
+
+def create_app(
+    settings: ControllerSettings,
+    *,
+    clock: Callable[[], float] | None = None,
+    http_client: httpx.AsyncClient | None = None,
+    rng: random.Random | None = None,
+) -> FastAPI:
+    """A controller app. `clock` drives heartbeat expiry (default `time.monotonic`); `http_client` is used to
+    fetch FastChat workers' status (default: one pooled client created and closed by the lifespan); `rng`
+    breaks dispatch ties (default: freshly seeded)."""
+    registry = Registry(clock or time.monotonic, settings.heartbeat_expiry_s)
+    state = ControllerState(
+        settings=settings,
+        registry=registry,
+        policy=get_policy(settings.dispatch_policy),
+        rng=rng or random.Random(),
+        networks=settings.networks(),
+        http=http_client,
+    )
+    sweep_every = settings.heartbeat_expiry_s / 4
+
+    async def sweep_forever() -> None:
+        while True:
+            await asyncio.sleep(sweep_every)
+            try:
+                registry.expire()
+            except Exception:  # the sweep must outlive any bug in one pass
+                logger.exception("expiring workers failed")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        owned = make_http_client() if state.http is None else None
+        if owned is not None:
+            state.http = owned
+        sweeper = asyncio.create_task(sweep_forever(), name="lmfleet-controller-expiry")
+        logger.info(
+            "controller ready: policy=%s heartbeat_expiry=%.1fs secret=%s allowed_worker_networks=%s",
+            settings.dispatch_policy,
+            settings.heartbeat_expiry_s,
+            "set" if settings.registration_secret else "none",
+            settings.allowed_worker_networks or "any",
+        )
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+            if owned is not None:
+                state.http = None
+                await owned.aclose()
+
+    def require_secret(request: Request) -> None:
+        secret = settings.registration_secret
+        if secret is None:
+            return
+        token = _bearer_token(request)
+        # latin-1 undoes the header decoding, so the comparison is over the bytes the worker sent
+        if token is None or not hmac.compare_digest(token.encode("latin-1", "replace"), secret.encode("utf-8")):
+            client = request.client.host if request.client else "?"
+            logger.warning("refused %s from %s: missing or wrong registration secret", request.url.path, client)
+            raise errors.AuthenticationFailed(
+                "this controller requires the registration secret: send 'Authorization: Bearer <secret>'"
+            )
+
+    app = FastAPI(title="lmfleet controller", lifespan=lifespan)
+    app.state.controller = state
+    errors.install_handlers(app)
+    writes = [Depends(require_secret)]
+
+    @app.post("/register_worker", dependencies=writes)
+    async def register_worker(req: RegisterWorkerRequest) -> WorkerInfo:
+        address = normalize_worker_address(req.worker_name)
+        if state.networks is not None and not host_allowed(address, state.networks):
+            logger.warning("refused to register %s: not in allowed_worker_networks", address)
+            raise errors.Forbidden(
+                f"worker address {address} is not an IP address inside allowed_worker_networks",
+                param="worker_name",
+            )
+        status = req.worker_status
+        if status is None:
+            if state.http is None:
+                raise errors.ServiceUnavailable("controller is not started")
+            status = await fetch_worker_status(state.http, address)
+        return registry.register(address, status)
+
+    @app.post("/receive_heart_beat", dependencies=writes)
+    async def receive_heart_beat(req: HeartbeatRequest) -> HeartbeatResponse:
+        address = normalize_worker_address(req.worker_name)
+        load: WorkerStatus | int = req.worker_status if req.worker_status is not None else req.queue_length
+        return HeartbeatResponse(exist=registry.heartbeat(address, load))
+
+    @app.post("/unregister_worker", dependencies=writes)
+    async def unregister_worker(req: UnregisterWorkerRequest) -> dict[str, bool]:
+        return {"removed": registry.unregister(normalize_worker_address(req.worker_name))}
+
+    @app.api_route("/list_models", methods=["GET", "POST"])
+    async def list_models() -> dict[str, list[str]]:
+        return {"models": registry.models()}
+
+    @app.post("/get_worker_address")
+    async def get_worker_address(req: WorkerAddressRequest) -> dict[str, str]:
+        workers = registry.workers_for(req.model)
+        return {"address": state.policy(workers, state.rng).address if workers else ""}
+
+    @app.get("/workers")
+    async def workers() -> dict[str, list[WorkerInfo]]:
+        return {"workers": registry.all()}
+
+    @app.post("/refresh_all_workers")
+    async def refresh_all_workers() -> dict[str, list[str]]:
+        return {"removed": registry.expire()}
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok"}
+
+    return app

@@ -1,0 +1,137 @@
+"""The internal wire format we own: API server ↔ worker, worker ↔ controller. Data only (pydantic, no I/O).
+
+Worker ↔ controller uses FastChat's route names and field names (`/register_worker` with `worker_name`,
+`check_heart_beat`, `worker_status`; `/receive_heart_beat` answering `{"exist": bool}`; `/list_models`;
+`/get_worker_address`), so a FastChat model worker can register with an lmfleet controller. lmfleet adds
+optional fields FastChat ignores (running/waiting/tokens in flight, context length, dispatch weight).
+
+API server → worker: `POST /worker/generate` with a `GenerateRequest`; the worker validates before it answers
+(errors come back as a non-200 OpenAI error body), then streams `GenerateChunk`s as NDJSON, one JSON object per
+line. Every chunk carries the token ids it adds, so a stream can be resumed on another replica from the ids the
+API server has already seen (`GenerateRequest.prompt_token_ids` + `resume_token_ids`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+FinishReasonName = Literal["stop", "length", "abort", "error"]
+
+
+class WorkerStatus(BaseModel):
+    """What a worker reports about itself. The first three fields are FastChat's."""
+
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+    model_names: list[str] = Field(min_length=1)
+    speed: float = Field(default=1.0, gt=0, le=1_000_000)  # relative capacity, used by the lottery policy
+    queue_length: int = Field(default=0, ge=0, le=10_000_000)  # running + waiting, FastChat's load number
+    running: int = Field(default=0, ge=0)
+    waiting: int = Field(default=0, ge=0)
+    tokens_in_flight: int = Field(default=0, ge=0)
+    context_length: int | None = Field(default=None, gt=0)
+    engine: str | None = None  # "transformers", "llamacpp", ...
+
+
+class RegisterWorkerRequest(BaseModel):
+    """`POST /register_worker` (FastChat-compatible)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    worker_name: str = Field(min_length=1, max_length=2048)  # the worker's base URL, e.g. http://127.0.0.1:21002
+    check_heart_beat: bool = True
+    worker_status: WorkerStatus | None = None  # FastChat lets the controller fetch it when omitted
+    multimodal: bool = False
+
+
+class HeartbeatRequest(BaseModel):
+    """`POST /receive_heart_beat` (FastChat-compatible; `worker_status` is lmfleet's richer load report)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    worker_name: str = Field(min_length=1, max_length=2048)
+    queue_length: int = Field(default=0, ge=0, le=10_000_000)
+    worker_status: WorkerStatus | None = None
+
+
+class HeartbeatResponse(BaseModel):
+    exist: bool  # False: the controller does not know this worker (it restarted): register again now
+
+
+class WorkerAddressRequest(BaseModel):
+    """`POST /get_worker_address`: answered with `{"address": url}`; `""` when no live worker serves the model."""
+
+    model: str
+
+
+class WorkerInfo(BaseModel):
+    """One live worker as the controller sees it (`GET /workers`), for API-server caching and dashboards."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    address: str
+    status: WorkerStatus
+    last_heartbeat: float  # controller clock, seconds
+
+
+class ChatMessageIn(BaseModel):
+    """A chat message as the worker needs it to render the chat template. Content parts are already text."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: str | None = None
+
+
+class GenerateRequest(BaseModel):
+    """`POST /worker/generate`. Exactly one of `prompt`, `messages`, `prompt_token_ids` is set."""
+
+    request_id: str = Field(min_length=1, max_length=256)
+    model: str | None = None
+    prompt: str | None = None  # completions: raw text, tokenized as is
+    messages: list[ChatMessageIn] | None = None  # chat: rendered with the model's chat template
+    prompt_token_ids: list[int] | None = None  # already tokenized (resume, or a client sending ids)
+    resume_token_ids: list[int] = Field(default_factory=list)  # generated earlier on another replica
+    add_generation_prompt: bool = True
+    max_tokens: int | None = Field(default=None, ge=1)  # None: up to the model's context
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)
+    seed: int | None = None
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    stop: list[str] = Field(default_factory=list)
+    stop_token_ids: list[int] = Field(default_factory=list)
+    ignore_eos: bool = False
+    echo: bool = False  # completions: prepend the prompt text to the output
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> GenerateRequest:
+        given = [f for f in ("prompt", "messages", "prompt_token_ids") if getattr(self, f) is not None]
+        if len(given) != 1:
+            raise ValueError("exactly one of prompt, messages, prompt_token_ids must be given")
+        return self
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str = "upstream_error"
+    param: str | None = None
+    code: str | None = None
+
+
+class GenerateChunk(BaseModel):
+    """One line of the worker's NDJSON stream. The last chunk has `finish_reason` (or `error`) set."""
+
+    request_id: str
+    text: str = ""  # text delta (may be empty while UTF-8 or a possible stop string is held back)
+    token_ids: list[int] = Field(default_factory=list)  # ids generated since the previous chunk
+    finish_reason: FinishReasonName | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # generated so far, resume_token_ids included
+    error: ErrorInfo | None = None
+
+    def to_line(self) -> bytes:
+        return self.model_dump_json(exclude_defaults=False).encode() + b"\n"

@@ -1,0 +1,169 @@
+"""The only place where text meets tokens: prompts in, text deltas out.
+
+Owns: rendering chat messages with the tokenizer's own chat template (or a documented fallback), encoding raw
+prompts, incremental detokenization (no broken UTF-8, never resending text already sent) and stop strings
+(matched across chunk boundaries, cut from the output). Does not own: sampling, batching (the engine) or HTTP
+(worker/app.py). Works with any Hugging Face tokenizer; tests also drive it with a byte tokenizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+# Used when a model ships no chat template: one "role: content" line per message, then "assistant:".
+FALLBACK_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+# Tokens before the first new one that are decoded again each step, so that tokenizers which change a token's
+# text by its left neighbour (SentencePiece's leading space, byte-level pieces) produce the right delta.
+_CONTEXT_TOKENS = 6
+
+
+class Tokenizer(Protocol):
+    """The part of a Hugging Face tokenizer this module uses."""
+
+    chat_template: Any
+
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = ...) -> str: ...
+
+    def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
+
+
+def load_tokenizer(model_path: str) -> Any:
+    """The model's own tokenizer (local folder or hub id), through transformers' Auto class."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+def render_chat(
+    tokenizer: Tokenizer, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True
+) -> list[int]:
+    """Token ids of a chat prompt. Control tokens inside message text are encoded as plain text, so a user
+    cannot forge a role switch by typing the template's special tokens."""
+    kwargs: dict[str, Any] = {}
+    if not getattr(tokenizer, "chat_template", None):
+        kwargs["chat_template"] = FALLBACK_TEMPLATE
+    ids = tokenizer.apply_chat_template(
+        messages,
+        add_generation_prompt=add_generation_prompt,
+        tokenize=True,
+        return_dict=False,
+        sanitize_control_tokens=True,
+        **kwargs,
+    )
+    return list(ids)
+
+
+def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
+    """A completions prompt, tokenized as the model expects a document to start (BOS where the model uses one)."""
+    return list(tokenizer.encode(text, add_special_tokens=True))
+
+
+class IncrementalDetokenizer:
+    """Turns token ids into text deltas as they arrive.
+
+    Decodes a short window (a few tokens of context + the unread ones) rather than the whole sequence, and
+    holds back a delta that ends in U+FFFD: the last token is half of a multi-byte character, and the next one
+    completes it. `flush()` releases whatever is still held when the sequence ends.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, context_ids: Sequence[int] = ()) -> None:
+        self._tok = tokenizer
+        self._ids: list[int] = list(context_ids[-_CONTEXT_TOKENS:])
+        self._prefix = 0  # start of the decode window
+        self._read = len(self._ids)  # ids before this are already in the output
+
+    def push(self, new_ids: Sequence[int]) -> str:
+        if not new_ids:
+            return ""
+        self._ids.extend(new_ids)
+        return self._advance(final=False)
+
+    def flush(self) -> str:
+        return self._advance(final=True)
+
+    def _advance(self, *, final: bool) -> str:
+        if self._read >= len(self._ids):
+            return ""
+        seen = self._tok.decode(self._ids[self._prefix : self._read], skip_special_tokens=True)
+        full = self._tok.decode(self._ids[self._prefix :], skip_special_tokens=True)
+        if not final and (len(full) <= len(seen) or full.endswith("\ufffd")):
+            return ""
+        delta = full[len(seen) :]
+        # Keep a small window: the last few ids give the context the next decode needs.
+        self._prefix = max(self._read, len(self._ids) - _CONTEXT_TOKENS)
+        self._read = len(self._ids)
+        if self._prefix > 4 * _CONTEXT_TOKENS:
+            del self._ids[: self._prefix]
+            self._read -= self._prefix
+            self._prefix = 0
+        return delta
+
+
+class StopStrings:
+    """Finds the first stop string in a stream of text deltas, across delta boundaries.
+
+    `push` returns the text that is safe to send now and whether a stop string was found (the stop string and
+    everything after it are cut). Text that could be the start of a stop string is held until it is decided.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = [s for s in stops if s]
+        self._longest = max((len(s) for s in self._stops), default=0)
+        self._pending = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        if not self._stops:
+            return text, False
+        self._pending += text
+        hits = [i for i in (self._pending.find(s) for s in self._stops) if i >= 0]
+        if hits:
+            out = self._pending[: min(hits)]
+            self._pending = ""
+            return out, True
+        hold = self._held_suffix()
+        cut = len(self._pending) - hold
+        out, self._pending = self._pending[:cut], self._pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self._pending = self._pending, ""
+        return out
+
+    def _held_suffix(self) -> int:
+        """Length of the longest tail of the pending text that begins some stop string."""
+        tail = self._pending[-(self._longest - 1) :] if self._longest > 1 else ""
+        for n in range(len(tail), 0, -1):
+            piece = tail[-n:]
+            if any(s.startswith(piece) for s in self._stops):
+                return n
+        return 0
+
+
+class TextStream:
+    """Per request: generated ids in, text deltas out, with stop strings applied."""
+
+    def __init__(self, tokenizer: Tokenizer, context_ids: Sequence[int], stops: Sequence[str]) -> None:
+        self._detok = IncrementalDetokenizer(tokenizer, context_ids)
+        self._stops = StopStrings(stops)
+        self.stopped = False
+
+    def push(self, new_ids: Sequence[int]) -> str:
+        """Text to send for these ids; sets `stopped` when a stop string ended the output."""
+        if self.stopped:
+            return ""
+        out, self.stopped = self._stops.push(self._detok.push(new_ids))
+        return out
+
+    def finish(self) -> str:
+        """What is still held back once the engine has finished the sequence."""
+        if self.stopped:
+            return ""
+        out, self.stopped = self._stops.push(self._detok.flush())
+        return out if self.stopped else out + self._stops.flush()

@@ -1,0 +1,160 @@
+"""Shared fixtures: tiny models built locally, and real lmfleet processes on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Proc:
+    """A child process whose output goes to a log file that is shown when a test fails."""
+
+    name: str
+    cmd: list[str]
+    log: Path
+    env: dict[str, str] = field(default_factory=dict)
+    popen: subprocess.Popen | None = None
+
+    def start(self) -> Proc:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        self.popen = subprocess.Popen(self.cmd, stdout=self.log.open("ab"), stderr=subprocess.STDOUT, env=env)
+        return self
+
+    def signal(self, sig: int) -> None:
+        if self.popen and self.popen.poll() is None:
+            self.popen.send_signal(sig)
+
+    def stop(self, timeout: float = 10) -> None:
+        if self.popen is None or self.popen.poll() is not None:
+            return
+        self.popen.send_signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+
+    def tail(self, n: int = 40) -> str:
+        lines = self.log.read_text(errors="replace").splitlines() if self.log.exists() else []
+        return f"--- {self.name} ({self.log}) ---\n" + "\n".join(lines[-n:])
+
+
+def wait_until(check, *, timeout: float, procs: list[Proc] = (), what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in procs:
+            if p.popen is not None and p.popen.poll() is not None:
+                raise RuntimeError(f"{p.name} exited with {p.popen.returncode} while waiting for {what}\n{p.tail()}")
+        try:
+            if check():
+                return
+        except (httpx.HTTPError, ValueError, KeyError):
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"timed out waiting for {what}\n" + "\n".join(p.tail() for p in procs))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two different tiny models, built once per session through the real save/load code."""
+    from lmfleet.testmodel import make_test_model
+
+    root = tmp_path_factory.mktemp("models")
+    return {name: make_test_model(root / name, size="tiny", seed=seed) for name, seed in (("alpha", 0), ("beta", 1))}
+
+
+def module_cmd(part: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", f"lmfleet.{part}", *args]
+
+
+@dataclass
+class Fleet:
+    """Controller + workers + API server started as real processes."""
+
+    root: Path
+    controller_port: int = field(default_factory=free_port)
+    api_port: int = field(default_factory=free_port)
+    procs: dict[str, Proc] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def controller_url(self) -> str:
+        return f"http://127.0.0.1:{self.controller_port}"
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def add(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> Proc:
+        proc = Proc(name, cmd, self.root / f"{name}.log", {**self.env, **(env or {})}).start()
+        self.procs[name] = proc
+        return proc
+
+    def controller(self, *args: str) -> Proc:
+        return self.add("controller", module_cmd("controller", "--port", str(self.controller_port),
+                                                 "--heartbeat-expiration", "3", *args))
+
+    def worker(self, name: str, model_path: Path, *args: str, port: int | None = None) -> Proc:
+        port = port or free_port()
+        return self.add(name, module_cmd("worker", "--port", str(port), "--model-path", str(model_path),
+                                         "--controller-address", self.controller_url, "--heartbeat-interval", "0.5",
+                                         *args))
+
+    def api(self, *args: str) -> Proc:
+        return self.add("api", module_cmd("api", "--port", str(self.api_port), "--controller-address",
+                                          self.controller_url, *args))
+
+    def wait_models(self, n: int, timeout: float = 120, headers: dict[str, str] | None = None) -> None:
+        def ready() -> bool:
+            r = httpx.get(self.api_url + "/v1/models", headers=headers, timeout=2)
+            return r.status_code == 200 and len(r.json()["data"]) >= n
+
+        wait_until(ready, timeout=timeout, procs=list(self.procs.values()), what=f"{n} models listed")
+
+    def stop(self) -> None:
+        for p in reversed(list(self.procs.values())):
+            p.stop()
+
+    def logs(self) -> str:
+        return "\n".join(p.tail() for p in self.procs.values())
+
+
+@pytest.fixture
+def fleet_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[callable]:
+    fleets: list[Fleet] = []
+
+    def make(**kw) -> Fleet:
+        f = Fleet(root=tmp_path, **kw)
+        fleets.append(f)
+        return f
+
+    yield make
+    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
+    for f in fleets:
+        f.stop()
+        if failed:
+            print(f.logs())
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    rep = yield
+    setattr(item, "rep_" + rep.when, rep)
+    return rep

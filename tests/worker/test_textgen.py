@@ -1,0 +1,90 @@
+"""Incremental detokenization and stop strings: what a streaming client sees."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmfleet.worker.textgen import IncrementalDetokenizer, StopStrings, TextStream, render_chat
+from tests.fakes import ByteTokenizer
+
+TEXT = "naïve café, 你好 🙂 done"
+
+
+def stream_pieces(ids: list[int], sizes: list[int]) -> list[list[int]]:
+    out, i, k = [], 0, 0
+    while i < len(ids):
+        n = sizes[k % len(sizes)]
+        out.append(ids[i : i + n])
+        i, k = i + n, k + 1
+    return out
+
+
+@pytest.mark.parametrize("sizes", [[1], [2], [3, 1], [5]])
+def test_detokenizer_never_emits_broken_utf8_and_loses_nothing(sizes: list[int]) -> None:
+    tok = ByteTokenizer()
+    detok = IncrementalDetokenizer(tok, tok.encode("prompt: "))
+    deltas = [detok.push(piece) for piece in stream_pieces(tok.encode(TEXT), sizes)]
+    deltas.append(detok.flush())
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == TEXT
+
+
+def test_detokenizer_flush_releases_a_truncated_character() -> None:
+    tok = ByteTokenizer()
+    detok = IncrementalDetokenizer(tok)
+    assert detok.push(tok.encode("ok ")) == "ok "
+    assert detok.push(tok.encode("🙂")[:2]) == ""  # the emoji cut in half by max_tokens: held back
+    assert detok.flush() == "\ufffd"
+
+
+def test_detokenizer_long_stream_keeps_a_small_window() -> None:
+    tok = ByteTokenizer()
+    detok = IncrementalDetokenizer(tok)
+    text = "abcdefghij" * 50
+    assert "".join(detok.push([i]) for i in tok.encode(text)) + detok.flush() == text
+    assert len(detok._ids) < 40
+
+
+@pytest.mark.parametrize(
+    "pieces,stops,expected",
+    [
+        (["Hello wo", "rld. Bye"], ["world"], "Hello "),
+        (["Hel", "lo"], ["lo!"], "Hello"),  # a partial match that never completes is released at the end
+        (["a\n", "\nb"], ["\n\n"], "a"),
+        (["abc"], ["x", "b"], "a"),
+        (["no stop here"], [], "no stop here"),
+    ],
+)
+def test_stop_strings_across_chunks(pieces: list[str], stops: list[str], expected: str) -> None:
+    s = StopStrings(stops)
+    out, stopped = "", False
+    for p in pieces:
+        text, stopped = s.push(p)
+        out += text
+        if stopped:
+            break
+    if not stopped:
+        out += s.flush()
+    assert out == expected
+
+
+def test_stop_strings_hold_back_only_a_possible_prefix() -> None:
+    s = StopStrings(["STOP"])
+    assert s.push("abc ST") == ("abc ", False)
+    assert s.push("ART") == ("START", False)
+
+
+def test_text_stream_stops_inside_a_multibyte_stream() -> None:
+    tok = ByteTokenizer()
+    ts = TextStream(tok, [], ["🙂"])
+    out = ""
+    for piece in stream_pieces(tok.encode(TEXT), [1]):
+        out += ts.push(piece)
+        if ts.stopped:
+            break
+    assert ts.stopped and out == "naïve café, 你好 "
+
+
+def test_render_chat_falls_back_without_a_template() -> None:
+    ids = render_chat(ByteTokenizer(), [{"role": "user", "content": "hi"}])
+    assert ByteTokenizer().decode(ids) == "user: hi\nassistant:"

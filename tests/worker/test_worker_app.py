@@ -1,0 +1,113 @@
+"""The worker's HTTP shell over a scripted engine and a byte tokenizer: validation, streaming, stop strings."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from lmfleet.worker.app import WorkerSettings, create_app
+from tests.fakes import ByteTokenizer, ScriptedEngine
+
+SCRIPT = "Hello wörld 🙂 again."
+
+
+@pytest.fixture
+async def worker() -> AsyncIterator[tuple[httpx.AsyncClient, ScriptedEngine]]:
+    engine = ScriptedEngine(SCRIPT, max_model_len=256)
+    settings = WorkerSettings(model_path="fake", worker_address="http://worker", controller_addresses=[],
+                              max_queued=4)
+    app = create_app(settings, load=lambda _s: (engine, ByteTokenizer()), engine_name="scripted")
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://worker") as client:
+            yield client, engine
+
+
+async def generate(client: httpx.AsyncClient, **body) -> tuple[int, list[dict]]:
+    body.setdefault("request_id", "r1")
+    async with client.stream("POST", "/worker/generate", json=body) as resp:
+        lines = [json.loads(line) async for line in resp.aiter_lines() if line]
+        return resp.status_code, lines
+
+
+async def test_streams_text_and_token_ids(worker) -> None:
+    client, _ = worker
+    status, chunks = await generate(client, prompt="hi")
+    assert status == 200
+    assert "".join(c["text"] for c in chunks) == SCRIPT
+    assert sum((c["token_ids"] for c in chunks), []) == list(SCRIPT.encode())
+    assert [c["finish_reason"] for c in chunks][-1] == "stop"
+    assert all(c["finish_reason"] is None for c in chunks[:-1])
+    assert chunks[-1]["completion_tokens"] == len(SCRIPT.encode())
+    assert chunks[-1]["prompt_tokens"] == 2
+
+
+async def test_chat_messages_use_the_template_and_max_tokens_gives_length(worker) -> None:
+    client, _ = worker
+    status, chunks = await generate(client, messages=[{"role": "user", "content": "hey"}], max_tokens=5)
+    assert status == 200
+    assert "".join(c["text"] for c in chunks) == "Hello"
+    assert chunks[-1]["finish_reason"] == "length"
+    assert chunks[-1]["prompt_tokens"] == len("user: hey\nassistant:")
+
+
+async def test_stop_string_is_cut_and_the_sequence_freed(worker) -> None:
+    client, engine = worker
+    status, chunks = await generate(client, prompt="x", stop=["wörld"], ignore_eos=True, max_tokens=100)
+    assert status == 200
+    assert "".join(c["text"] for c in chunks) == "Hello "
+    assert chunks[-1]["finish_reason"] == "stop"
+    resp = await client.get("/worker/status")
+    assert resp.json()["running"] == 0 and not engine.running
+
+
+async def test_echo_prepends_the_prompt(worker) -> None:
+    client, _ = worker
+    _, chunks = await generate(client, prompt="Say: ", echo=True, max_tokens=5)
+    assert "".join(c["text"] for c in chunks) == "Say: Hello"
+
+
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"prompt": "x" * 300}, "messages"),
+        ({"prompt": "x", "max_tokens": 1000}, "max_tokens"),
+    ],
+)
+async def test_context_length_is_a_400_before_streaming(worker, body, param) -> None:
+    client, _ = worker
+    resp = await client.post("/worker/generate", json={"request_id": "r", **body})
+    assert resp.status_code == 400
+    err = resp.json()["error"]
+    assert err["code"] == "context_length_exceeded" and err["param"] == param
+    assert set(err) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},  # no prompt at all
+        {"prompt": "x", "messages": [{"role": "user", "content": "y"}]},  # two prompts
+        {"prompt": "x", "temperature": -1},
+        {"prompt": "x", "max_tokens": "many"},
+        {"prompt_token_ids": [1, 99999]},  # outside the vocabulary
+        {"messages": []},
+    ],
+)
+async def test_bad_requests_are_openai_shaped_400s(worker, body) -> None:
+    client, _ = worker
+    resp = await client.post("/worker/generate", json={"request_id": "r", **body})
+    assert resp.status_code == 400, resp.text
+    assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
+
+
+async def test_status_routes(worker) -> None:
+    client, _ = worker
+    status = (await client.get("/worker/status")).json()
+    assert status["model_names"] == ["fake"] and status["context_length"] == 256
+    assert status["engine"] == "scripted"
+    fastchat = (await client.post("/worker_get_status")).json()
+    assert fastchat == {"model_names": ["fake"], "speed": 1.0, "queue_length": 0}
+    assert (await client.get("/ready")).json() == {"status": "ready"}
