@@ -9,6 +9,7 @@ these clients; nothing here owns a connection pool or global state. Transport fa
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 
 import httpx
@@ -23,6 +24,8 @@ from lmfleet.protocol.worker import (
     WorkerInfo,
     WorkerStatus,
 )
+
+logger = logging.getLogger("lmfleet.client")
 
 # Connecting must be quick (a dead peer is detected at once); reading a stream may wait for a long prefill.
 DEFAULT_TIMEOUT = httpx.Timeout(connect=3.0, read=300.0, write=30.0, pool=30.0)
@@ -46,7 +49,16 @@ async def _raise_for_error(resp: httpx.Response) -> None:
         body = resp.json()
     except ValueError:
         body = None
-    raise errors.from_body(resp.status_code, body)
+    exc = errors.from_body(resp.status_code, body)
+    if "retry-after" in resp.headers:
+        exc.headers["Retry-After"] = resp.headers["retry-after"]
+    raise exc
+
+
+def _unreachable(cls: type[errors.LmfleetError], what: str, address: str, exc: Exception) -> errors.LmfleetError:
+    """The peer's address goes to the log, not into an error a public client may read."""
+    logger.warning("%s %s: %s: %s", what, address, type(exc).__name__, exc)
+    return cls(f"{what} unavailable ({type(exc).__name__})")
 
 
 class ControllerClient:
@@ -63,7 +75,7 @@ class ControllerClient:
                 self.address + path, json=payload, headers=self._headers, timeout=CONTROL_TIMEOUT
             )
         except httpx.HTTPError as exc:
-            raise errors.ServiceUnavailable(f"controller {self.address} unreachable: {type(exc).__name__}") from exc
+            raise _unreachable(errors.ServiceUnavailable, "controller", self.address, exc) from exc
         await _raise_for_error(resp)
         return resp
 
@@ -92,7 +104,7 @@ class ControllerClient:
         try:
             resp = await self.http.get(self.address + "/workers", headers=self._headers, timeout=CONTROL_TIMEOUT)
         except httpx.HTTPError as exc:
-            raise errors.ServiceUnavailable(f"controller {self.address} unreachable: {type(exc).__name__}") from exc
+            raise _unreachable(errors.ServiceUnavailable, "controller", self.address, exc) from exc
         await _raise_for_error(resp)
         return [WorkerInfo.model_validate(w) for w in resp.json()["workers"]]
 
@@ -107,7 +119,7 @@ class WorkerClient:
         try:
             resp = await self.http.get(address.rstrip("/") + "/worker/status", timeout=CONTROL_TIMEOUT)
         except httpx.HTTPError as exc:
-            raise errors.UpstreamError(f"worker {address} unreachable: {type(exc).__name__}") from exc
+            raise _unreachable(errors.UpstreamError, "worker", address, exc) from exc
         await _raise_for_error(resp)
         return WorkerStatus.model_validate(resp.json())
 
@@ -121,6 +133,13 @@ class WorkerClient:
                 await _raise_for_error(resp)
                 async for line in resp.aiter_lines():
                     if line:
-                        yield GenerateChunk.model_validate(json.loads(line))
+                        yield _parse_chunk(line, address)
         except httpx.HTTPError as exc:
-            raise errors.UpstreamError(f"worker {address} failed: {type(exc).__name__}") from exc
+            raise _unreachable(errors.UpstreamError, "worker", address, exc) from exc
+
+
+def _parse_chunk(line: str, address: str) -> GenerateChunk:
+    try:
+        return GenerateChunk.model_validate(json.loads(line))
+    except ValueError as exc:  # includes pydantic's ValidationError
+        raise _unreachable(errors.UpstreamError, "worker", address, exc) from exc

@@ -1,0 +1,527 @@
+"""The public OpenAI wire format: request and response models for /v1/chat/completions, /v1/completions and
+/v1/models. Data only (pydantic, no I/O).
+
+Owns: parsing a client's request once, at the edge. Every limit is a `Field()` constraint, so a bad value is a
+400 that names the parameter; features lmfleet does not have yet (log probabilities, tools, structured output,
+logit bias, best_of, suffix, audio) are rejected by name rather than silently ignored; fields OpenAI tools send
+that change nothing about the output (`user`, `metadata`, `store`, ...) are ignored. A JSON `null` for a knob
+means its default, as with OpenAI. Each request model carries its own translation to the worker's
+`GenerateRequest`, one per choice, beside the fields it reads.
+
+Does not own: model resolution, worker choice, streaming (lmfleet.api), or the error JSON (lmfleet.errors).
+
+Choices: a request asks for `num_choices` generations. Chat: `n` of one conversation. Completions: `n` for each
+prompt, prompt-major (choice `i` is prompt `i // n`), as OpenAI orders them. With a `seed`, the `j`-th choice
+for a prompt uses `seed + j`, so the choices differ and each is reproducible on its own.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator
+from pydantic_core import PydanticCustomError
+
+from lmfleet.protocol.worker import ChatMessageIn, GenerateRequest
+
+MAX_N = 16  # choices per prompt
+MAX_CHOICES = 64  # choices per request (completions: prompts x n)
+MAX_PROMPTS = 64  # prompts in one completions request
+MAX_MESSAGES = 2048
+MAX_STOP = 4  # stop sequences, as OpenAI
+MAX_STOP_CHARS = 256
+MAX_TOKENS = 1 << 20  # the worker enforces the model's real context length
+MAX_NAME_CHARS = 256  # model names, message names, `user`
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to "what fits"
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 63) - 1
+
+FinishReason = Literal["stop", "length"]
+
+
+def _error(kind: str, message: str) -> PydanticCustomError:
+    return PydanticCustomError(kind, message)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Field shapes that accept several JSON forms and normalize them (the union errors pydantic would give are
+# unreadable, so each form is checked here with one clear message).
+
+
+def _stop_list(value: Any) -> Any:
+    if value is None or isinstance(value, list):
+        return value
+    if isinstance(value, str):
+        return [value]
+    raise _error("stop_type", f"must be a string or a list of up to {MAX_STOP} strings")
+
+
+StopStrings = Annotated[
+    Annotated[list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP)] | None,
+    BeforeValidator(_stop_list),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS},
+                {"type": "array", "maxItems": MAX_STOP, "items": {"type": "string", "maxLength": MAX_STOP_CHARS}},
+                {"type": "null"},
+            ],
+            "description": f"Up to {MAX_STOP} sequences where generation stops; not included in the output.",
+        }
+    ),
+]
+
+
+def _content_text(value: Any) -> Any:
+    """A message's content: a string, or a list of text parts (joined with newlines). Other parts are refused."""
+    if value is None or isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise _error("content_type", "must be a string or a list of {'type': 'text', 'text': ...} parts")
+    texts = []
+    for i, part in enumerate(value):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":
+            raise _error(
+                "unsupported_content_part",
+                f"part {i} has type {kind!r}; only 'text' content parts are supported",
+            )
+        if not isinstance(part.get("text"), str):
+            raise _error("content_type", f"part {i}: 'text' must be a string")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+MessageContent = Annotated[
+    str | None,
+    BeforeValidator(_content_text),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string"},
+                {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+                        "required": ["type", "text"],
+                    },
+                },
+                {"type": "null"},
+            ],
+            "description": "A string, or a list of text parts (joined with newlines). Image and audio parts are "
+            "not supported.",
+        }
+    ),
+]
+
+
+def _is_token_ids(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
+
+
+def _prompt_list(value: Any) -> Any:
+    """`prompt` in any of OpenAI's four forms, as a list of prompts, each a string or a list of token ids."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value:
+        if all(isinstance(p, str) for p in value):
+            return value
+        if _is_token_ids(value):
+            return [value]
+        if all(_is_token_ids(p) and p for p in value):
+            return value
+    raise _error(
+        "prompt_type",
+        "must be a string, a non-empty list of strings, a list of token ids (integers >= 0), "
+        "or a list of non-empty lists of token ids",
+    )
+
+
+Prompts = Annotated[
+    list[str | list[int]],
+    BeforeValidator(_prompt_list),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string"},
+                {"type": "array", "items": {"type": "string"}, "maxItems": MAX_PROMPTS},
+                {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                {"type": "array", "items": {"type": "array", "items": {"type": "integer", "minimum": 0}}},
+            ],
+            "description": "A string, a list of strings (each its own group of `n` choices), a list of token "
+            "ids, or a list of token-id lists.",
+        }
+    ),
+]
+
+# Parameters lmfleet does not support yet: the values that are fine (absent, or saying "off") and what we say
+# otherwise. The 400 names the parameter, so a client learns at once instead of getting a quietly wrong answer.
+_NOT_YET: dict[str, tuple[Any, str]] = {
+    "logprobs": (lambda v: v is None or v is False, "log probabilities are not supported yet"),
+    "top_logprobs": (lambda v: v is None or v == 0, "log probabilities are not supported yet"),
+    "tools": (lambda v: not v, "tools (function calling) are not supported yet"),
+    "tool_choice": (
+        lambda v: v is None or v == "none",
+        "tools (function calling) are not supported yet; only 'none' is accepted",
+    ),
+    "functions": (lambda v: not v, "function calling is not supported yet"),
+    "function_call": (
+        lambda v: v is None or v == "none",
+        "function calling is not supported yet; only 'none' is accepted",
+    ),
+    "response_format": (
+        lambda v: v is None or v.get("type") == "text",
+        "only {'type': 'text'} is supported; JSON mode and structured outputs are not supported yet",
+    ),
+    "logit_bias": (lambda v: not v, "logit_bias is not supported yet"),
+    "modalities": (lambda v: v is None or set(v) <= {"text"}, "only the 'text' modality is supported"),
+    "audio": (lambda v: v is None, "audio output is not supported"),
+    "prediction": (lambda v: v is None, "predicted outputs are not supported"),
+    "best_of": (lambda v: v is None or v == 1, "best_of > 1 is not supported yet"),
+    "suffix": (lambda v: not v, "suffix (insertion) is not supported"),
+}
+
+
+def _reject_unsupported(cls: type, value: Any, info: ValidationInfo) -> Any:
+    """Field validator shared by the request models (pydantic passes the class first)."""
+    fine, why = _NOT_YET[info.field_name]
+    if not fine(value):
+        raise _error("unsupported_parameter", why)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Requests
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = Field(False, strict=True, description="Send a last chunk with `usage` and empty `choices`.")
+
+
+class _GenerationRequest(BaseModel):
+    """The sampling knobs chat and completions share, and their translation to the worker's fields."""
+
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+    model: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_NAME_CHARS,
+        description="May be omitted when the server serves exactly one model or has a default model.",
+    )
+    n: int = Field(1, ge=1, le=MAX_N, description="Choices to generate.")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 means greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=-1, le=1_000_000, description="vLLM extension: 0 or -1 means off.")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    stop: StopStrings = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX, description="Choice j of a prompt uses seed + j.")
+    ignore_eos: bool = Field(False, strict=True, description="vLLM extension: keep generating past end-of-sequence.")
+    stream: bool = Field(False, strict=True)
+    stream_options: StreamOptions | None = Field(None, description="Only with `stream: true`.")
+    user: str | None = Field(None, max_length=MAX_NAME_CHARS, description="Accepted; not used.")
+    logit_bias: dict[str, float] | None = Field(None, description="Not supported yet (only empty).")
+
+    @field_validator(
+        "n",
+        "temperature",
+        "top_p",
+        "top_k",
+        "presence_penalty",
+        "frequency_penalty",
+        "ignore_eos",
+        "stream",
+        mode="before",
+    )
+    @classmethod
+    def _null_means_default(cls, value: Any, info: ValidationInfo) -> Any:
+        return cls.model_fields[info.field_name].default if value is None else value
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise _error("stream_options_without_stream", "is only allowed when stream is true")
+        return value
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def _sampling(self, choice_in_prompt: int) -> dict[str, Any]:
+        """GenerateRequest fields for the `choice_in_prompt`-th choice of a prompt."""
+        seed = None
+        if self.seed is not None:  # wrap around instead of overflowing int64
+            seed = (self.seed + choice_in_prompt - SEED_MIN) % (1 << 64) + SEED_MIN
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": max(self.top_k, 0),
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "stop": list(self.stop or []),
+            "seed": seed,
+            "ignore_eos": self.ignore_eos,
+        }
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: MessageContent = Field(None, validate_default=True)
+    name: str | None = Field(None, max_length=MAX_NAME_CHARS)
+    tool_call_id: str | None = Field(None, max_length=MAX_NAME_CHARS)
+
+    @field_validator("content")
+    @classmethod
+    def _content_required(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None and info.data.get("role", "assistant") != "assistant":
+            raise _error("missing_content", "is required for every role but 'assistant'")
+        return value
+
+    def to_worker(self) -> ChatMessageIn:
+        # Chat templates know "system"; OpenAI's "developer" role means the same thing to a model that has no
+        # separate developer channel.
+        role = "system" if self.role == "developer" else self.role
+        extra = {k: v for k, v in (("name", self.name), ("tool_call_id", self.tool_call_id)) if v is not None}
+        return ChatMessageIn(role=role, content=self.content, **extra)
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    """`POST /v1/chat/completions` (and FastChat's `POST /`)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "my-model",
+                    "messages": [
+                        {"role": "system", "content": "You are a helpful assistant."},
+                        {"role": "user", "content": "What is deep learning?"},
+                    ],
+                    "max_tokens": 100,
+                }
+            ]
+        }
+    )
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_TOKENS,
+        description="Deprecated by OpenAI in favour of max_completion_tokens; default: as many as fit in the context.",
+    )
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS, description="Wins over max_tokens.")
+    logprobs: bool | None = Field(None, description="Not supported yet (only false).")
+    top_logprobs: int | None = Field(None, description="Not supported yet (only 0).")
+    tools: list[dict[str, Any]] | None = Field(None, description="Not supported yet (only empty).")
+    tool_choice: str | dict[str, Any] | None = Field(None, description="Only 'none'.")
+    functions: list[dict[str, Any]] | None = Field(None, description="Deprecated; not supported.")
+    function_call: str | dict[str, Any] | None = Field(None, description="Deprecated; only 'none'.")
+    response_format: dict[str, Any] | None = Field(None, description="Only {'type': 'text'}.")
+    modalities: list[str] | None = Field(None, description="Only ['text'].")
+    audio: dict[str, Any] | None = Field(None, description="Not supported.")
+    prediction: dict[str, Any] | None = Field(None, description="Not supported.")
+
+    check_supported = field_validator(
+        "logprobs",
+        "top_logprobs",
+        "tools",
+        "tool_choice",
+        "functions",
+        "function_call",
+        "response_format",
+        "logit_bias",
+        "modalities",
+        "audio",
+        "prediction",
+    )(_reject_unsupported)
+
+    @property
+    def num_choices(self) -> int:
+        return self.n
+
+    def prompt_index(self, choice: int) -> int:
+        return 0
+
+    def to_generate_request(self, request_id: str, model: str, *, choice: int = 0) -> GenerateRequest:
+        """The worker request for choice `choice` (0 <= choice < num_choices)."""
+        return GenerateRequest(
+            request_id=request_id,
+            model=model,
+            messages=[m.to_worker() for m in self.messages],
+            max_tokens=self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens,
+            **self._sampling(choice),
+        )
+
+
+class CompletionRequest(_GenerationRequest):
+    """`POST /v1/completions` (legacy text completions)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"model": "my-model", "prompt": "Once upon a time", "max_tokens": 32}]}
+    )
+
+    prompt: Prompts
+    max_tokens: int = Field(COMPLETION_DEFAULT_MAX_TOKENS, ge=1, le=MAX_TOKENS)
+    echo: bool = Field(False, strict=True, description="Start each choice's text with its prompt.")
+    logprobs: int | None = Field(None, description="Not supported yet (only null).")
+    best_of: int | None = Field(None, description="Only 1.")
+    suffix: str | None = Field(None, description="Not supported (only empty).")
+
+    check_supported = field_validator("logprobs", "best_of", "suffix", "logit_bias")(_reject_unsupported)
+
+    @field_validator("max_tokens", "echo", mode="before")
+    @classmethod
+    def _null_means_default_too(cls, value: Any, info: ValidationInfo) -> Any:
+        return cls.model_fields[info.field_name].default if value is None else value
+
+    @field_validator("prompt")
+    @classmethod
+    def _bounded_choices(cls, value: list[str | list[int]], info: ValidationInfo) -> list[str | list[int]]:
+        n = info.data.get("n", 1)
+        if len(value) > MAX_PROMPTS:
+            raise _error("too_many_prompts", f"at most {MAX_PROMPTS} prompts per request, got {len(value)}")
+        if len(value) * n > MAX_CHOICES:
+            raise _error(
+                "too_many_choices",
+                f"{len(value)} prompts x n={n} asks for {len(value) * n} choices; at most {MAX_CHOICES} per request",
+            )
+        return value
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.prompt) * self.n
+
+    def prompt_index(self, choice: int) -> int:
+        return choice // self.n
+
+    def to_generate_request(self, request_id: str, model: str, *, choice: int = 0) -> GenerateRequest:
+        """The worker request for choice `choice` (0 <= choice < num_choices): prompt `choice // n`."""
+        prompt = self.prompt[self.prompt_index(choice)]
+        text, ids = (prompt, None) if isinstance(prompt, str) else (None, list(prompt))
+        return GenerateRequest(
+            request_id=request_id,
+            model=model,
+            prompt=text,
+            prompt_token_ids=ids,
+            max_tokens=self.max_tokens,
+            echo=self.echo,
+            **self._sampling(choice % self.n),
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Responses (field names and shapes as in the `openai` package's types)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: FinishReason
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None  # only in the first chunk of each choice
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    finish_reason: FinishReason | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]  # empty in the final usage chunk
+    usage: Usage | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: FinishReason
+    logprobs: None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class CompletionChunkChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: FinishReason | None = None
+    logprobs: None = None
+
+
+class CompletionChunk(BaseModel):
+    """A streamed completions event: the same `object` as a `Completion`, as OpenAI sends it."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]  # empty in the final usage chunk
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "lmfleet"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error on every route has this body."""
+
+    error: ErrorInfo

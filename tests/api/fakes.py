@@ -1,0 +1,343 @@
+"""In-process fakes for the API server's tests: a fake controller, fake workers, and the plumbing to reach them.
+
+* `FakeWorker` answers `POST /worker/generate` with deterministic NDJSON derived from the request: the words of
+  the prompt (chat: the last message), rotated by `seed`, one word per chunk, at most `max_tokens` of them
+  (finish_reason "length") else all of them ("stop"). It can be told to refuse before streaming (`reject`), to
+  stall before the first chunk, or to misbehave after it (`then`): send an error chunk, abort, break the
+  connection, send a line that is not a chunk, or hang until the client goes away. It records the requests it
+  got and the streams the client closed early (`cancelled`).
+* `FakeController` serves `/list_models` and `/get_worker_address` (round robin) from a dict.
+* `StreamingASGITransport`: `httpx.ASGITransport` buffers the whole response and never reports a disconnect; this
+  one streams the body as the app sends it, and closing the response early sends the app `http.disconnect` and
+  waits until the app has finished, so a test can then assert what the app did about it.
+* `serve(fleet, ...)` starts the API app (lifespan included) with all of that wired in and yields clients for it:
+  the official `openai.AsyncOpenAI` (over httpx2), plain httpx, and a streaming httpx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import httpx
+import httpx2
+import openai
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from lmfleet.api.app import ApiSettings, create_app
+from lmfleet.protocol.worker import GenerateChunk, GenerateRequest
+
+API = "http://api.test"
+CONTROLLER = "http://controller.test"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Transports
+
+
+class _Body(httpx.AsyncByteStream):
+    def __init__(self, inbox: asyncio.Queue, gone: asyncio.Event, task: asyncio.Task) -> None:
+        self._inbox, self._gone, self._task = inbox, gone, task
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while True:
+            item = await self._inbox.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise httpx.ReadError(f"the app failed mid-response: {item!r}")
+            if item["type"] == "http.response.body":
+                if item.get("body"):
+                    yield item["body"]
+                if not item.get("more_body", False):
+                    return
+
+    async def aclose(self) -> None:
+        self._gone.set()
+        await self._task  # the app has reacted to the disconnect (or had finished anyway)
+
+
+class StreamingASGITransport(httpx.AsyncBaseTransport):
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        body = await request.aread()
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": request.method,
+            "headers": [(k.lower(), v) for k, v in request.headers.raw],
+            "scheme": request.url.scheme,
+            "path": request.url.path,
+            "raw_path": request.url.raw_path.split(b"?")[0],
+            "query_string": request.url.query,
+            "server": (request.url.host, request.url.port),
+            "client": ("127.0.0.1", 50000),
+            "root_path": "",
+        }
+        inbox: asyncio.Queue[Message | BaseException | None] = asyncio.Queue()
+        gone = asyncio.Event()
+        body_sent = False
+
+        async def receive() -> Message:
+            nonlocal body_sent
+            if not body_sent:
+                body_sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: Message) -> None:
+            if not gone.is_set():
+                inbox.put_nowait(message)
+
+        async def run() -> None:
+            try:
+                await self.app(scope, receive, send)
+            except Exception as exc:
+                inbox.put_nowait(exc)
+            finally:
+                inbox.put_nowait(None)
+
+        task = asyncio.create_task(run())
+        try:
+            start = await inbox.get()
+        except asyncio.CancelledError:  # the client gave up before the answer started: it disconnects
+            gone.set()
+            await task
+            raise
+        if start is None or isinstance(start, BaseException):
+            await task
+            raise httpx.ReadError(f"the app sent no response: {start!r}")
+        return httpx.Response(start["status"], headers=start.get("headers", []), stream=_Body(inbox, gone, task))
+
+
+class Unreachable(httpx.AsyncBaseTransport):
+    """Every host without a fake behind it: connection refused."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError(f"connection refused: {request.url.host}", request=request)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fake controller and workers
+
+
+def prompt_words(req: GenerateRequest) -> list[str]:
+    if req.messages is not None:
+        source = req.messages[-1].content or ""
+    elif req.prompt is not None:
+        source = req.prompt
+    else:
+        source = " ".join(f"t{i}" for i in req.prompt_token_ids or [])
+    return source.split()
+
+
+def expected_reply(words: str, *, max_tokens: int | None = None, seed: int | None = None) -> str:
+    """What a FakeWorker answers for a prompt whose words are `words`."""
+    ws = words.split()
+    shift = (seed or 0) % len(ws)
+    return " ".join((ws[shift:] + ws[:shift])[:max_tokens])
+
+
+Then = Literal["stall", "error_chunk", "abort", "break", "garbage", "hang"]
+
+
+class FakeWorker:
+    def __init__(self, name: str) -> None:
+        self.address = f"http://{name}.test"
+        self.requests: list[GenerateRequest] = []
+        self.reject: tuple[int, dict[str, Any]] | None = None  # answer this (status, body) instead
+        self.then: Then | None = None  # what to do after the first chunk ("stall": hang before it)
+        self.wait_for: asyncio.Event | None = None  # answer only once this is set
+        self.cancelled: list[str] = []  # request ids whose stream the client closed before the end
+        self.hanging = asyncio.Event()  # set once a "stall" or "hang" stream is waiting
+        self.app = self._make_app()
+
+    def chunks(self, req: GenerateRequest) -> list[GenerateChunk]:
+        words = prompt_words(req)
+        base = {"request_id": req.request_id, "prompt_tokens": len(words)}
+        out = [GenerateChunk(text=req.prompt, **base)] if req.echo and req.prompt else []
+        reply = expected_reply(" ".join(words), max_tokens=req.max_tokens, seed=req.seed).split()
+        for i, word in enumerate(reply, 1):
+            out.append(GenerateChunk(text=word if i == 1 else " " + word, token_ids=[i], completion_tokens=i, **base))
+            if i == 1:  # a real worker holds text back at times: an empty chunk
+                out.append(GenerateChunk(completion_tokens=i, **base))
+        out[-1].finish_reason = "length" if len(reply) < len(words) else "stop"
+        return out
+
+    async def _stream(self, req: GenerateRequest) -> AsyncIterator[bytes]:
+        chunks = self.chunks(req)
+        finished = False
+        try:
+            if self.then == "stall":
+                self.hanging.set()
+                await asyncio.Event().wait()
+            yield chunks[0].to_line()
+            if self.then == "error_chunk":
+                err = {"message": "generation failed: engine error", "type": "upstream_error"}
+                yield GenerateChunk(request_id=req.request_id, finish_reason="error", error=err).to_line()
+            elif self.then == "abort":
+                yield GenerateChunk(request_id=req.request_id, finish_reason="abort").to_line()
+            elif self.then == "break":
+                raise RuntimeError("worker crashed mid-stream")
+            elif self.then == "garbage":
+                yield b'{"not": "a chunk"}\n'
+            elif self.then == "hang":
+                self.hanging.set()
+                await asyncio.Event().wait()
+            else:
+                for chunk in chunks[1:]:
+                    yield chunk.to_line()
+            finished = True
+        finally:
+            if not finished:
+                self.cancelled.append(req.request_id)
+
+    def _make_app(self) -> FastAPI:
+        app = FastAPI()
+
+        @app.post("/worker/generate")
+        async def generate(req: GenerateRequest):
+            self.requests.append(req)
+            if self.wait_for is not None:
+                await self.wait_for.wait()
+            if not prompt_words(req):
+                err = {"message": "the prompt is empty", "type": "invalid_request_error", "param": "prompt"}
+                return JSONResponse({"error": {**err, "code": None}}, status_code=400)
+            if self.reject is not None:
+                status, body = self.reject
+                return JSONResponse(body, status_code=status)
+            return StreamingResponse(self._stream(req), media_type="application/x-ndjson")
+
+        return app
+
+
+class FakeController:
+    def __init__(self, models: dict[str, list[str]]) -> None:
+        self.models = models  # model -> worker addresses (an empty list: listed, but no live worker)
+        self._turns: dict[str, itertools.count] = {}
+        self.app = self._make_app()
+
+    def _make_app(self) -> FastAPI:
+        app = FastAPI()
+
+        @app.api_route("/list_models", methods=["GET", "POST"])
+        async def list_models() -> dict[str, list[str]]:
+            return {"models": sorted(self.models)}
+
+        @app.post("/get_worker_address")
+        async def get_worker_address(body: dict[str, Any]) -> dict[str, str]:
+            addresses = self.models.get(body["model"]) or [""]
+            turn = next(self._turns.setdefault(body["model"], itertools.count()))
+            return {"address": addresses[turn % len(addresses)]}
+
+        return app
+
+
+@dataclass
+class Fleet:
+    """A fake controller and its fake workers, reachable through one httpx client (`http_client()`)."""
+
+    models: dict[str, list[str]] = field(default_factory=lambda: {"echo": ["a"]})  # model -> worker names
+    workers: dict[str, FakeWorker] = field(init=False)
+    controller: FakeController = field(init=False)
+
+    def __post_init__(self) -> None:
+        names = sorted({w for ws in self.models.values() for w in ws})
+        self.workers = {name: FakeWorker(name) for name in names}
+        self.controller = FakeController({m: [self.workers[w].address for w in ws] for m, ws in self.models.items()})
+
+    def all_workers(self, **attrs: Any) -> None:
+        for worker in self.workers.values():
+            for key, value in attrs.items():
+                setattr(worker, key, value)
+
+    def http_client(self) -> httpx.AsyncClient:
+        mounts: dict[str, httpx.AsyncBaseTransport] = {CONTROLLER: StreamingASGITransport(self.controller.app)}
+        mounts |= {w.address: StreamingASGITransport(w.app) for w in self.workers.values()}
+        return httpx.AsyncClient(mounts=mounts, transport=Unreachable())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The API under test
+
+
+@contextlib.asynccontextmanager
+async def running(app: FastAPI) -> AsyncIterator[ASGIApp]:
+    """Run the app's lifespan (ASGI transports do not) and hand its state to every request, as a server does."""
+    async with app.router.lifespan_context(app) as state:
+
+        async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] in ("http", "websocket"):
+                scope = {**scope, "state": dict(state or {})}
+            await app(scope, receive, send)
+
+        yield asgi
+
+
+@dataclass
+class Api:
+    asgi: ASGIApp
+    raw: httpx.AsyncClient  # plain httpx (buffered)
+    openai: openai.AsyncOpenAI  # the official client
+    fleet: Fleet
+
+    def streaming(self, **kw: Any) -> httpx.AsyncClient:
+        """An httpx client that streams and can disconnect early."""
+        return httpx.AsyncClient(transport=StreamingASGITransport(self.asgi), base_url=API, **kw)
+
+
+@contextlib.asynccontextmanager
+async def serve(fleet: Fleet | None = None, *, api_key: str = "sk-test", **settings: Any) -> AsyncIterator[Api]:
+    fleet = fleet or Fleet()
+    settings.setdefault("controller_address", CONTROLLER)
+    async with fleet.http_client() as upstream:
+        app = create_app(ApiSettings(**settings), http_client=upstream)
+        async with (
+            running(app) as asgi,
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=asgi), base_url=API) as raw,
+            httpx2.AsyncClient(transport=httpx2.ASGITransport(app=asgi), base_url=API) as h2,
+        ):
+            client = openai.AsyncOpenAI(api_key=api_key, base_url=API + "/v1", http_client=h2, max_retries=0)
+            yield Api(asgi=asgi, raw=raw, openai=client, fleet=fleet)
+
+
+def assert_error(
+    resp: httpx.Response, status: int, *, param: str | None = None, code: str | None = None, type_: str | None = None
+) -> dict[str, Any]:
+    """The response is an OpenAI error with exactly the four fields; returns the inner object."""
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"].startswith("application/json")
+    body = resp.json()
+    assert set(body) == {"error"}, body
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    assert isinstance(err["message"], str) and err["message"]
+    assert err["param"] == param, err
+    if code is not None:
+        assert err["code"] == code, err
+    if type_ is not None:
+        assert err["type"] == type_, err
+    return err
+
+
+def sse_events(text: str) -> list[str]:
+    """The `data:` payloads of an SSE body, in order (blank-line separated events, one data line each)."""
+    events = [e for e in text.split("\n\n") if e.strip()]
+    assert all(e.startswith("data: ") and "\n" not in e for e in events), text
+    return [e[len("data: ") :] for e in events]
+
+
+async def eventually(check: Callable[[], bool]) -> None:
+    """Let the event loop run until `check()` holds (no wall-clock timing: pytest-timeout bounds a hang)."""
+    while not check():
+        await asyncio.sleep(0)
