@@ -48,7 +48,13 @@ class EngineRequest:
 
 @dataclass
 class EngineOutput:
-    """What one step produced for one request. `finish_reason` is set exactly once, on the last output."""
+    """What one step produced for one request. `finish_reason` is set exactly once, on the last output.
+
+    `new_token_ids` never contains the end-of-sequence or stop token that finished a request: a request that
+    stops on one gets a last output with `finish_reason=STOP` and possibly no new ids, so the text layer never
+    sees them. With `ignore_eos`, end-of-sequence ids are ordinary tokens and are returned. `error` is set only
+    with `finish_reason=ERROR`.
+    """
 
     request_id: str
     new_token_ids: list[int]
@@ -80,7 +86,12 @@ class Engine(Protocol):
         ...
 
     def add_request(self, request: EngineRequest) -> None:
-        """Queue a request; it joins the running batch at a later step. Raises ValueError if it can never fit."""
+        """Queue a request; it joins the running batch at a later step.
+
+        Raises `lmfleet.errors.ContextLengthExceeded` if prompt + max_new_tokens exceeds `max_model_len`, and
+        `lmfleet.errors.InvalidRequest` for anything else it cannot run (empty prompt, ids outside the vocabulary,
+        a request id already in use). Never raises for capacity: a request that fits waits its turn.
+        """
         ...
 
     def abort_request(self, request_id: str) -> None:
@@ -88,7 +99,10 @@ class Engine(Protocol):
         ...
 
     def step(self) -> list[EngineOutput]:
-        """Schedule, run one forward pass over the batch, sample, update. Returns one output per request touched."""
+        """Schedule, run one forward pass over the batch, sample, update. Returns one output per request touched.
+
+        A failure of the model fails the affected requests (final output with finish_reason ERROR), not the engine.
+        """
         ...
 
     def has_unfinished_requests(self) -> bool:

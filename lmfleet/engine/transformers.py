@@ -1,0 +1,488 @@
+"""Continuous batching over a Hugging Face causal LM (transformers 5.x, full-attention decoder models).
+
+Owns: the model, one batched KV cache for the running batch, the waiting queue, per-request sampling state
+(a `torch.Generator` per sampled request, token counts for penalties) and the `step()` loop. Speaks token ids only.
+Does not own: threads (see `lmfleet.engine.runner`), text, HTTP.
+
+How the batch is kept (one `DynamicCache` shared by every running sequence):
+
+    column:    0   1   2   3   4   5   6        every row is right-aligned: the newest token of every
+    row 0:     .   .   a0  a1  a2  a3  a4       sequence sits in the last column, so one decode forward
+    row 1:     b0  b1  b2  b3  b4  b5  b6       appends one column for all rows. `pad[i]` counts row i's
+    row 2:     .   .   .   .   c0  c1  c2       leading padding; the 2D mask is `column >= pad[i]`, and
+                                                 each row's position ids count its own tokens only.
+
+One `step()`:
+  1. apply aborts (rows dropped, waiting requests removed; each gets an ABORT output);
+  2. decode: one forward over every running row (`logits_to_keep=1`), sample per request, finish rows on
+     eos / stop ids / max_new_tokens / max_model_len; finished rows leave by index selection and leading columns
+     that are padding in every remaining row are trimmed;
+  3. admit waiting requests (FIFO) up to `max_num_seqs` running and `max_batch_tokens` padded prefill tokens (a
+     single longer prompt is still admitted, alone), prefill them together in a fresh cache, sample their first
+     token, and merge that cache into the running one (the shorter side padded on the left, rows concatenated).
+
+A request's output never depends on its batch companions beyond floating-point rounding: padding is masked,
+positions are per row, and a seeded request draws from its own generator exactly once per token.
+Memory grows with what is cached; nothing is reserved up front. End-of-sequence and stop token ids are never
+returned in `new_token_ids` (see `lmfleet.engine.base`).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from lmfleet.engine.base import EngineOutput, EngineRequest, EngineStats, FinishReason, SamplingParams
+from lmfleet.errors import ContextLengthExceeded, InvalidRequest
+
+logger = logging.getLogger("lmfleet.engine")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(eq=False)
+class _Seq:
+    """One admitted request: what it generated so far and what it needs to sample its next token."""
+
+    request: EngineRequest
+    stop_ids: frozenset[int]
+    generator: torch.Generator | None  # None for greedy requests
+    counts: torch.Tensor | None = None  # generated-token counts over the vocabulary, only when penalties are set
+    num_generated: int = 0
+    last_token: int = -1  # sampled, not yet in the cache
+    finish: FinishReason | None = None
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens of this sequence so far, prompt included (the last sampled one too)."""
+        return len(self.request.prompt_token_ids) + self.num_generated
+
+
+@dataclass
+class _Batch:
+    """The running batch: rows in cache order, the shared cache and each row's left padding."""
+
+    rows: list[_Seq] = field(default_factory=list)
+    cache: DynamicCache | None = None
+    pads: list[int] = field(default_factory=list)
+
+    @property
+    def width(self) -> int:
+        return self.cache.get_seq_length() if self.cache is not None else 0
+
+
+class TransformersEngine:
+    """The `Engine` protocol over a transformers causal LM. Single-threaded: call everything from one thread."""
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        max_num_seqs: int = 32,
+        max_batch_tokens: int = 1024,
+        max_model_len: int | None = None,
+        eos_token_ids: Iterable[int] | None = None,
+    ) -> None:
+        if max_num_seqs < 1 or max_batch_tokens < 1:
+            raise ValueError("max_num_seqs and max_batch_tokens must be positive")
+        model.eval()
+        self._model = model
+        self._config = model.config.get_text_config(decoder=True)
+        self._device = next(model.parameters()).device
+        probe = DynamicCache(config=model.config)
+        if any(type(layer) is not DynamicLayer for layer in probe.layers):
+            raise ValueError(
+                "TransformersEngine supports full-attention decoder models only (no sliding/linear layers)"
+            )
+        limit = getattr(self._config, "max_position_embeddings", None)
+        if max_model_len is None:
+            if limit is None:
+                raise ValueError("the model config has no max_position_embeddings: pass max_model_len")
+            max_model_len = int(limit)
+        elif limit is not None and max_model_len > limit:
+            raise ValueError(f"max_model_len {max_model_len} exceeds the model's max_position_embeddings {limit}")
+        self._max_model_len = int(max_model_len)
+        self._vocab_size = int(self._config.vocab_size)
+        if eos_token_ids is None:
+            eos_token_ids = _ids(getattr(getattr(model, "generation_config", None), "eos_token_id", None)) or _ids(
+                getattr(self._config, "eos_token_id", None)
+            )
+        self._eos = tuple(dict.fromkeys(int(i) for i in eos_token_ids))
+        pad = _ids(getattr(self._config, "pad_token_id", None)) or self._eos or (0,)
+        self._pad_id = pad[0]
+        self.max_num_seqs = max_num_seqs
+        self.max_batch_tokens = max_batch_tokens
+
+        self._waiting: deque[_Seq] = deque()
+        self._ids: set[str] = set()  # every request id waiting or running
+        self._aborts: set[str] = set()
+        self._batch = _Batch()
+        self._greedy_batch = True  # every running row greedy without penalties: one argmax per step
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_path: str,
+        *,
+        dtype: str = "auto",
+        device: str | None = None,
+        max_num_seqs: int = 32,
+        max_batch_tokens: int = 1024,
+        max_model_len: int | None = None,
+    ) -> TransformersEngine:
+        """Load a model directory (or hub id available locally) and build an engine over it."""
+        from transformers import AutoModelForCausalLM
+
+        if dtype != "auto" and dtype not in _DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}")
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES.get(dtype, "auto"))
+        model.to(device)
+        return cls(model, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens, max_model_len=max_model_len)
+
+    # -- the Engine protocol ------------------------------------------------------------------------------------
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self._eos
+
+    @property
+    def model(self) -> Any:
+        return self._model
+
+    def add_request(self, request: EngineRequest) -> None:
+        """Queue a request. Raises ContextLengthExceeded if prompt + max_new_tokens > max_model_len, InvalidRequest
+        for an empty prompt, ids outside the vocabulary, bad parameters or a request id already in use."""
+        prompt, p = request.prompt_token_ids, request.params
+        if request.request_id in self._ids:
+            raise InvalidRequest(f"request id {request.request_id!r} is already in use")
+        if not prompt:
+            raise InvalidRequest("the prompt is empty", param="prompt")
+        if p.max_new_tokens < 1:
+            raise InvalidRequest("max_new_tokens must be at least 1", param="max_tokens")
+        if len(prompt) + p.max_new_tokens > self._max_model_len:
+            raise ContextLengthExceeded(
+                f"this model's maximum context length is {self._max_model_len} tokens; the request asks for "
+                f"{len(prompt) + p.max_new_tokens} ({len(prompt)} in the prompt, {p.max_new_tokens} to generate)",
+                param="max_tokens",
+            )
+        if min(prompt) < 0 or max(prompt) >= self._vocab_size:
+            raise InvalidRequest(f"prompt token ids must be in [0, {self._vocab_size})", param="prompt")
+        if p.temperature < 0 or not 0 < p.top_p <= 1 or p.top_k < 0:
+            raise InvalidRequest("need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+        generator = None
+        if p.temperature > 0:
+            generator = torch.Generator(device=self._device)
+            generator.manual_seed(p.seed if p.seed is not None else secrets.randbits(63))
+        stop = set(p.stop_token_ids)
+        if not p.ignore_eos:
+            stop.update(self._eos)
+        seq = _Seq(request, frozenset(stop), generator)
+        if p.presence_penalty or p.frequency_penalty:
+            seq.counts = torch.zeros(self._vocab_size, dtype=torch.float32, device=self._device)
+        self._ids.add(request.request_id)
+        self._waiting.append(seq)
+
+    def abort_request(self, request_id: str) -> None:
+        if request_id in self._ids:
+            self._aborts.add(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._ids)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            running=len(self._batch.rows),
+            waiting=len(self._waiting),
+            tokens_in_flight=sum(s.num_tokens - 1 for s in self._batch.rows),
+        )
+
+    def step(self) -> list[EngineOutput]:
+        outputs: list[EngineOutput] = []
+        with torch.inference_mode():
+            self._apply_aborts(outputs)
+            if self._batch.rows:
+                self._decode(outputs)
+            admitted = self._admit()
+            if admitted:
+                self._prefill(admitted, outputs)
+        return outputs
+
+    # -- the steps ----------------------------------------------------------------------------------------------
+
+    def _apply_aborts(self, outputs: list[EngineOutput]) -> None:
+        if not self._aborts:
+            return
+        aborts, self._aborts = self._aborts, set()
+        for seq in [s for s in self._waiting if s.request.request_id in aborts]:
+            self._waiting.remove(seq)
+            self._finish(seq, FinishReason.ABORT, outputs)
+        rows = self._batch.rows
+        if any(s.request.request_id in aborts for s in rows):
+            for seq in rows:
+                if seq.request.request_id in aborts:
+                    self._finish(seq, FinishReason.ABORT, outputs)
+            self._drop_finished()
+
+    def _decode(self, outputs: list[EngineOutput]) -> None:
+        b = self._batch
+        rows = b.rows
+        dev = self._device
+        try:
+            input_ids = torch.tensor([[s.last_token] for s in rows], dtype=torch.long, device=dev)
+            position_ids = torch.tensor([[s.num_tokens - 1] for s in rows], dtype=torch.long, device=dev)
+            mask = None
+            if any(b.pads):
+                cols = torch.arange(b.width + 1, device=dev)
+                mask = (cols[None, :] >= torch.tensor(b.pads, device=dev)[:, None]).long()
+            out = self._model(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=position_ids,
+                cache=b.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            tokens = self._sample(out.logits[:, -1, :], rows, self._greedy_batch)
+        except Exception as exc:  # a failed forward fails the batch, never the engine
+            logger.exception("decode step failed; failing %d running requests", len(rows))
+            self._fail(rows, exc, outputs)
+            self._batch, self._greedy_batch = _Batch(), True
+            return
+        for seq, token in zip(rows, tokens, strict=True):
+            self._advance(seq, token, outputs)
+        self._drop_finished()
+
+    def _admit(self) -> list[_Seq]:
+        admitted: list[_Seq] = []
+        longest = 0
+        room = self.max_num_seqs - len(self._batch.rows)
+        while self._waiting and len(admitted) < room:
+            n = len(self._waiting[0].request.prompt_token_ids)
+            if admitted and (len(admitted) + 1) * max(longest, n) > self.max_batch_tokens:
+                break
+            longest = max(longest, n)
+            admitted.append(self._waiting.popleft())
+        return admitted
+
+    def _prefill(self, seqs: list[_Seq], outputs: list[EngineOutput]) -> None:
+        dev = self._device
+        lengths = [len(s.request.prompt_token_ids) for s in seqs]
+        width = max(lengths)
+        pads = [width - n for n in lengths]
+        try:
+            ids = torch.tensor(
+                [[self._pad_id] * p + s.request.prompt_token_ids for s, p in zip(seqs, pads, strict=True)],
+                dtype=torch.long,
+                device=dev,
+            )
+            mask = None
+            position_ids = torch.arange(width, device=dev)[None, :].expand(len(seqs), -1)
+            if any(pads):
+                pad_t = torch.tensor(pads, device=dev)[:, None]
+                mask = (position_ids >= pad_t).long()
+                position_ids = (position_ids - pad_t).clamp(min=0)
+            cache = DynamicCache(config=self._model.config)
+            out = self._model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            tokens = self._sample(out.logits[:, -1, :], seqs, _all_greedy(seqs))
+        except Exception as exc:
+            logger.exception("prefill failed; failing %d new requests", len(seqs))
+            self._fail(seqs, exc, outputs)
+            return
+        for seq, token in zip(seqs, tokens, strict=True):
+            self._advance(seq, token, outputs)
+        try:
+            self._merge(_Batch(seqs, cache, pads))
+        except Exception as exc:
+            logger.exception("merging new requests into the batch failed; failing the batch")
+            self._fail([s for s in self._batch.rows + seqs if s.finish is None], exc, outputs)
+            self._batch, self._greedy_batch = _Batch(), True
+            return
+        self._drop_finished()
+
+    # -- sampling -----------------------------------------------------------------------------------------------
+
+    def _sample(self, logits: torch.Tensor, seqs: Sequence[_Seq], greedy: bool) -> list[int]:
+        """One token per row. `logits` is [rows, vocab] for `seqs` in order."""
+        if greedy:
+            return logits.argmax(dim=-1).tolist()
+        logits = logits.float()
+        penalized = [i for i, s in enumerate(seqs) if s.counts is not None]
+        if penalized:
+            logits = logits.clone()
+            for i in penalized:
+                s = seqs[i]
+                counts = s.counts
+                assert counts is not None
+                logits[i] -= s.params.frequency_penalty * counts + s.params.presence_penalty * (counts > 0).float()
+        tokens = logits.argmax(dim=-1).tolist()
+        sampled = [i for i, s in enumerate(seqs) if s.generator is not None]
+        if sampled:
+            params = [seqs[i].params for i in sampled]
+            x = logits[sampled] / torch.tensor([p.temperature for p in params], device=logits.device)[:, None]
+            if any(p.top_k > 0 or p.top_p < 1 for p in params):
+                x = _top_k_top_p(
+                    x,
+                    torch.tensor([p.top_k for p in params], device=x.device),
+                    torch.tensor([p.top_p for p in params], device=x.device, dtype=x.dtype),
+                )
+            probs = x.softmax(dim=-1)
+            picks = [torch.multinomial(probs[j], 1, generator=seqs[i].generator) for j, i in enumerate(sampled)]
+            for i, t in zip(sampled, torch.cat(picks).tolist(), strict=True):
+                tokens[i] = t
+        return tokens
+
+    # -- bookkeeping --------------------------------------------------------------------------------------------
+
+    def _advance(self, seq: _Seq, token: int, outputs: list[EngineOutput]) -> None:
+        """Record one sampled token for `seq` and emit its output (finishing it if it is done)."""
+        if token in seq.stop_ids:
+            self._finish(seq, FinishReason.STOP, outputs)
+            return
+        seq.num_generated += 1
+        seq.last_token = token
+        if seq.counts is not None:
+            seq.counts[token] += 1
+        if seq.num_generated >= seq.params.max_new_tokens or seq.num_tokens >= self._max_model_len:
+            self._finish(seq, FinishReason.LENGTH, outputs, [token])
+        else:
+            outputs.append(EngineOutput(seq.request.request_id, [token]))
+
+    def _finish(
+        self,
+        seq: _Seq,
+        reason: FinishReason,
+        outputs: list[EngineOutput],
+        tokens: list[int] | None = None,
+        error: str | None = None,
+    ) -> None:
+        seq.finish = reason
+        self._ids.discard(seq.request.request_id)
+        outputs.append(EngineOutput(seq.request.request_id, tokens or [], reason, error))
+
+    def _fail(self, seqs: Iterable[_Seq], exc: Exception, outputs: list[EngineOutput]) -> None:
+        message = f"engine failure: {type(exc).__name__}: {exc}"
+        for seq in seqs:
+            self._finish(seq, FinishReason.ERROR, outputs, error=message)
+
+    def _drop_finished(self) -> None:
+        """Remove finished rows from the batch (index selection) and trim columns that are padding everywhere."""
+        b = self._batch
+        keep = [i for i, s in enumerate(b.rows) if s.finish is None]
+        if len(keep) == len(b.rows):
+            return
+        if not keep:
+            self._batch = _Batch()
+            self._greedy_batch = True
+            return
+        pads = [b.pads[i] for i in keep]
+        trim = min(pads)
+        index = torch.tensor(keep, device=self._device)
+        assert b.cache is not None
+        for layer in b.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, trim:]
+            layer.values = layer.values.index_select(0, index)[:, :, trim:]
+        self._batch = _Batch([b.rows[i] for i in keep], b.cache, [p - trim for p in pads])
+        self._greedy_batch = _all_greedy(self._batch.rows)
+
+    def _merge(self, new: _Batch) -> None:
+        """Append the rows of a freshly prefilled batch to the running one."""
+        old = self._batch
+        if not old.rows:
+            self._batch = new
+        else:
+            assert old.cache is not None and new.cache is not None
+            w_old, w_new = old.width, new.width
+            width = max(w_old, w_new)
+            for lo, ln in zip(old.cache.layers, new.cache.layers, strict=True):
+                lo.keys = torch.cat([_pad_left(lo.keys, width - w_old), _pad_left(ln.keys, width - w_new)])
+                lo.values = torch.cat([_pad_left(lo.values, width - w_old), _pad_left(ln.values, width - w_new)])
+            self._batch = _Batch(
+                old.rows + new.rows,
+                old.cache,
+                [p + width - w_old for p in old.pads] + [p + width - w_new for p in new.pads],
+            )
+        self._greedy_batch = _all_greedy(self._batch.rows)
+
+
+def _ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+def _all_greedy(seqs: Iterable[_Seq]) -> bool:
+    return all(s.generator is None and s.counts is None for s in seqs)
+
+
+def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Pad a [batch, heads, seq, dim] cache tensor with `n` zero columns on the left of the sequence dim."""
+    if n == 0:
+        return t
+    return torch.cat([t.new_zeros(t.shape[0], t.shape[1], n, t.shape[3]), t], dim=2)
+
+
+def _top_k_top_p(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask logits outside each row's top-k, then outside its top-p nucleus (of the top-k renormalized)."""
+    sorted_x, order = x.sort(dim=-1, descending=True)
+    vocab = x.shape[-1]
+    ranks = torch.arange(vocab, device=x.device)[None, :]
+    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab))
+    sorted_x = sorted_x.masked_fill(ranks >= k[:, None], float("-inf"))
+    probs = sorted_x.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # probability mass strictly above each token; the first is always kept
+    sorted_x = sorted_x.masked_fill(before > top_p[:, None], float("-inf"))
+    return torch.empty_like(x).scatter_(-1, order, sorted_x)
+
+
+def raw_decode_throughput(model: Any, batch_size: int, prompt_len: int = 20, new_tokens: int = 64) -> float:
+    """Tokens/s of a plain aligned-batch greedy decode with a KV cache and no scheduler: the model's own limit.
+
+    `batch_size` random prompts of `prompt_len` tokens, one prefill forward then `new_tokens - 1` decode forwards,
+    argmax each step; timed from the prefill to the last token, `batch_size * new_tokens` tokens counted (the
+    engine measured the same way is directly comparable). One untimed warm-up forward runs first.
+    """
+    device = next(model.parameters()).device
+    vocab = int(model.config.get_text_config(decoder=True).vocab_size)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(vocab, (batch_size, prompt_len), generator=gen).to(device)
+    with torch.inference_mode():
+        model(input_ids=ids[:, :4], use_cache=False, logits_to_keep=1)  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+        tokens = out.logits[:, -1, :].argmax(dim=-1).tolist()
+        for _ in range(new_tokens - 1):
+            nxt = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]
+            out = model(input_ids=nxt, cache=cache, use_cache=True, logits_to_keep=1)
+            tokens = out.logits[:, -1, :].argmax(dim=-1).tolist()
+        elapsed = time.perf_counter() - start
+    return batch_size * new_tokens / elapsed
