@@ -73,10 +73,12 @@ def add_worker_args(p: argparse.ArgumentParser, *, serve: bool = False) -> None:
                        help="controller URL(s), comma-separated")
         p.add_argument("--no-register", action="store_true", help="do not register with a controller")
         _secret_flag(p)
+        p.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM the worker leaves its "
+                       "controllers and answers new requests 503; running ones get this many seconds to finish")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together in one batch")
-    p.add_argument("--max-batch-tokens", type=int, default=2048, help="prompt tokens prefilled per step")
+    p.add_argument("--max-batch-tokens", type=int, default=1024, help="prompt tokens prefilled per step")
     p.add_argument("--limit-worker-concurrency", type=int, default=256,
                    help="requests running + queued before the worker answers 429")
     p.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + output tokens")
@@ -88,8 +90,18 @@ def add_worker_args(p: argparse.ArgumentParser, *, serve: bool = False) -> None:
 def add_api_args(p: argparse.ArgumentParser, *, serve: bool = False) -> None:
     if not serve:
         _common(p, 8000)
-        p.add_argument("--controller-address", default=DEFAULT_CONTROLLER, help="controller URL(s), comma-separated")
+        p.add_argument("--controller-address", default=DEFAULT_CONTROLLER, help="controller URL(s), comma-separated; "
+                       "the first that answers gives the list of workers, which is kept while none answers")
         _secret_flag(p)
+        _limit_flags(p)
+        p.add_argument("--dispatch-method", default="shortest_queue",
+                       help="how a worker is picked from the API server's view: shortest_queue (default) or lottery")
+        p.add_argument("--first-token-timeout", type=float, default=60.0, help="seconds a worker may take to send "
+                       "its first chunk (queue + prefill) before the request moves to another worker")
+        p.add_argument("--inter-token-timeout", type=float, default=30.0, help="seconds a worker may stay silent "
+                       "mid-stream before the generation is resumed on another worker")
+        p.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM the server answers new "
+                       "requests 503; running ones get this many seconds to finish")
     p.add_argument("--api-keys", default=None, help="comma-separated keys clients must send as Bearer tokens "
                    "(also $LMFLEET_API_KEYS; prefer --api-key-file to keep keys out of `ps`)")
     p.add_argument("--api-key-file", default=None, help="file with one API key per line")
@@ -98,10 +110,86 @@ def add_api_args(p: argparse.ArgumentParser, *, serve: bool = False) -> None:
                    help="CORS origins, comma-separated (default: CORS off)")
 
 
+def _limit_flags(p: argparse.ArgumentParser) -> None:
+    """The API server's request limits (lmfleet.api.access.RequestLimits); each can only be lowered from its
+    default, which is also the most the API accepts."""
+    from lmfleet.api.access import RequestLimits
+
+    d = RequestLimits()
+    g = p.add_argument_group("request limits (each over-limit request is a 4xx naming the parameter)")
+    g.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024, help="request body size (413 beyond)")
+    g.add_argument("--max-n", type=int, default=d.max_n, help="choices per request (`n`)")
+    g.add_argument("--max-stop", type=int, default=d.max_stop, help="stop sequences per request")
+    g.add_argument("--max-stop-chars", type=int, default=d.max_stop_chars, help="characters per stop sequence")
+    g.add_argument("--max-messages", type=int, default=d.max_messages, help="messages per chat request")
+    g.add_argument("--max-message-chars", type=int, default=d.max_message_chars,
+                   help="characters in one message's content or one prompt")
+
+
+class _NoQueryStrings(logging.Filter):
+    """uvicorn's access log prints each request's query string. No lmfleet route takes one, but a client may put
+    a key there (`?api_key=...`), and a secret must never reach a log: keep the path, drop the query."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str) and "?" in args[2]:
+            record.args = (*args[:2], args[2].split("?", 1)[0] + "?[query removed]", *args[3:])
+        return True
+
+
+def _uvicorn_log_config() -> dict:
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config.setdefault("filters", {})["no_query_strings"] = {"()": _NoQueryStrings}
+    config["handlers"]["access"]["filters"] = ["no_query_strings"]
+    return config
+
+
 def _run_app(app: object, args: argparse.Namespace) -> int:
+    """uvicorn, with a drain phase when the app has one (`app.state.drain`, an async callable): the first SIGTERM
+    or SIGINT awaits it (the app refuses new requests and lets running ones finish) before uvicorn's graceful
+    shutdown; a second signal skips the rest of it."""
+    import asyncio
+
     import uvicorn
 
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=10)
+    drain = getattr(getattr(app, "state", None), "drain", None)
+
+    class Server(uvicorn.Server):
+        _loop: asyncio.AbstractEventLoop | None = None
+        _drain_task: asyncio.Future[None] | None = None
+
+        async def serve(self, sockets=None) -> None:  # noqa: ANN001
+            self._loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+        def handle_exit(self, sig, frame) -> None:  # noqa: ANN001 -- a signal handler, on the loop's thread
+            if drain is None or self._loop is None or self._drain_task is not None or self.should_exit:
+                super().handle_exit(sig, frame)
+                return
+            self._loop.call_soon_threadsafe(self._start_drain, sig)
+
+        def _start_drain(self, sig: int) -> None:
+            if self._drain_task is None:
+                self._drain_task = asyncio.ensure_future(self._drain_then_exit(sig))
+
+        async def _drain_then_exit(self, sig: int) -> None:
+            try:
+                await drain()
+            except Exception:
+                logging.getLogger("lmfleet").exception("drain failed")
+            super().handle_exit(sig, None)
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            log_config=_uvicorn_log_config(),  # no query strings in the access log
+                            timeout_graceful_shutdown=10 if drain is None else 2)
+    server = Server(config)
+    server.run()
+    if not server.started:
+        return 3  # uvicorn's STARTUP_FAILURE
     return 0
 
 
@@ -135,6 +223,7 @@ def worker_settings(args: argparse.Namespace, **overrides: object):  # -> Worker
         max_model_len=args.max_model_len,
         heartbeat_interval_s=args.heartbeat_interval,
         registration_secret=_registration_secret(args),
+        drain_timeout_s=args.drain_timeout,
     )
     fields.update(overrides)
     return WorkerSettings(**fields)  # type: ignore[arg-type]
@@ -146,16 +235,39 @@ def run_worker(args: argparse.Namespace) -> int:
     return _run_app(create_app(worker_settings(args)), args)
 
 
-def run_api(args: argparse.Namespace) -> int:
-    from lmfleet.api.app import ApiSettings, create_app
+def api_settings(args: argparse.Namespace):  # -> ApiSettings
+    from lmfleet.api.access import RequestLimits
+    from lmfleet.api.app import ApiSettings
 
-    settings = ApiSettings(
+    limits = RequestLimits(
+        max_n=args.max_n,
+        max_stop=args.max_stop,
+        max_stop_chars=args.max_stop_chars,
+        max_messages=args.max_messages,
+        max_message_chars=args.max_message_chars,
+    )
+    return ApiSettings(
         controller_address=args.controller_address,
         api_keys=_api_keys(args),
         default_model=args.default_model,
         allow_origins=args.allowed_origins,
         registration_secret=_registration_secret(args),
+        max_request_bytes=args.max_request_bytes,
+        limits=limits,
+        dispatch_policy=args.dispatch_method,
+        first_token_timeout_s=args.first_token_timeout,
+        inter_token_timeout_s=args.inter_token_timeout,
+        drain_timeout_s=args.drain_timeout,
     )
+
+
+def run_api(args: argparse.Namespace) -> int:
+    from lmfleet.api.app import create_app
+
+    try:
+        settings = api_settings(args)
+    except ValueError as exc:
+        raise SystemExit(f"lmfleet api: {exc}") from None
     return _run_app(create_app(settings), args)
 
 
@@ -205,6 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=getattr(args, "log_level", "info").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per internal request drowns the log
     return RUNNERS[args.command](args)
 
 

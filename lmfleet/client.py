@@ -56,8 +56,9 @@ async def _raise_for_error(resp: httpx.Response) -> None:
 
 
 def _unreachable(cls: type[errors.LmfleetError], what: str, address: str, exc: Exception) -> errors.LmfleetError:
-    """The peer's address goes to the log, not into an error a public client may read."""
-    logger.warning("%s %s: %s: %s", what, address, type(exc).__name__, exc)
+    """The peer's address goes to the (debug) log, not into an error a public client may read. Callers log what
+    the failure means once (a worker ejected, a controller down), not every failed call."""
+    logger.debug("%s %s: %s: %s", what, address, type(exc).__name__, exc)
     return cls(f"{what} unavailable ({type(exc).__name__})")
 
 
@@ -122,6 +123,14 @@ class WorkerClient:
             raise _unreachable(errors.UpstreamError, "worker", address, exc) from exc
         await _raise_for_error(resp)
         return WorkerStatus.model_validate(resp.json())
+
+    async def ready(self, address: str, *, timeout: float = 2.0) -> bool:
+        """True when the worker answers `GET /ready` with 200 within `timeout` seconds (it can serve)."""
+        try:
+            resp = await self.http.get(address.rstrip("/") + "/ready", timeout=timeout)
+        except httpx.HTTPError:
+            return False
+        return resp.status_code == 200
 
     async def generate(self, address: str, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         """Stream a generation. Validation errors raise before the first chunk; a broken stream raises

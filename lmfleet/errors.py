@@ -153,6 +153,9 @@ def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
         return "request body is not valid JSON", None
+    if param is None and first.get("type") in ("missing", "model_attributes_type", "dict_type", "model_type"):
+        # the body as a whole: missing, or not an object (e.g. sent as text/plain)
+        return "the request body must be a JSON object sent as Content-Type: application/json", None
     msg = str(first.get("msg", "invalid value"))
     extra = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
     return (f"{param}: {msg}{extra}" if param else f"{msg}{extra}"), param
@@ -181,7 +184,7 @@ def install_handlers(app: Any) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Any, exc: StarletteHTTPException) -> JSONResponse:
         cls = _BY_STATUS.get(exc.status_code, InvalidRequest if exc.status_code < 500 else LmfleetError)
-        err = cls(str(exc.detail))
+        err = cls(str(exc.detail), headers=dict(exc.headers or {}))  # keeps a 405's `Allow`
         err.status = exc.status_code
         return respond(err)
 

@@ -6,25 +6,34 @@ Routes
     POST /v1/chat/completions    ChatCompletionRequest -> ChatCompletion | SSE of ChatCompletionChunk
     POST /v1/completions         CompletionRequest -> Completion | SSE of CompletionChunk
     POST /                       = /v1/chat/completions (FastChat users post here, often without `model`)
-    GET  /health, /docs, /openapi.json
+    GET  /health                 alive (always 200)
+    GET  /ready                  can serve: 200 while some worker is in rotation and the server is not draining
+    GET  /docs, /openapi.json
 
-Owns: the request edge (API keys, body size, CORS), choosing the model (`model` may be omitted when exactly one
-model is served or `default_model` is set), asking the controller for a worker per choice, and turning the
-answer into a response (lmfleet.api.streaming). Knows nothing of tokens: the worker validates prompt length
+Owns: the request edge (API keys, CORS; body size and JSON sanity are lmfleet.guard's, public routes and
+per-request limits lmfleet.api.access's), choosing the model (`model` may be omitted when exactly one
+model is served or `default_model` is set), and turning the answer into a response (lmfleet.api.streaming), with
+a worker per choice picked from a cached view of the fleet that outlives the controller (lmfleet.api.routing),
+failover to another worker before and after the first token (lmfleet.api.streaming), and a graceful drain
+(lmfleet.api.drain). Knows nothing of tokens: the worker validates prompt length
 against the model's context and its errors (400 context_length_exceeded, 429) pass through unchanged.
 
 Errors: every error body is `{"error": {"message", "type", "param", "code"}}` (lmfleet.errors). Unknown model →
-404 model_not_found; a listed model with no live worker → 503 no_worker_available; API key missing or wrong → 401;
-body over `max_request_bytes` → 413 (from Content-Length, or counted while a chunked body arrives). FastAPI's 422
-never appears, in answers or in the OpenAPI schema.
+404 model_not_found; a model served a moment ago with no worker now → 503 no_worker_available (lmfleet.api.routing);
+a worker failure no other worker could make up for → 502 (or an SSE error event once the answer has started); API
+key missing or wrong → 401 (on every route but `access.PUBLIC_PATHS`); body over `max_request_bytes` → 413; a body
+that is not one sane JSON object → 400 (lmfleet.guard); a value over an operator's limit → 400 naming it
+(`access.RequestLimits`). FastAPI's 422 never appears, in answers or in the OpenAPI schema.
 
-Resources (one pooled httpx client, the controller and worker clients) live in the lifespan state; nothing
-happens at import.
+Resources (one pooled httpx client, the controller and worker clients, the router and its refresh task) live in
+the lifespan state; nothing happens at import.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import hashlib
 import hmac
 import logging
 import time
@@ -38,16 +47,20 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import Headers
-from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lmfleet import __version__, errors
+from lmfleet.api.access import RequestLimits, needs_key
+from lmfleet.api.drain import Drain, DrainGate
+from lmfleet.api.routing import Router
 from lmfleet.api.streaming import (
     CHAT,
     COMPLETION,
     ChoiceSpec,
     EventStreamResponse,
     Shape,
+    Timeouts,
+    Upstream,
     cancel_on_disconnect,
     close_all,
     collect,
@@ -55,6 +68,8 @@ from lmfleet.api.streaming import (
     open_choices,
 )
 from lmfleet.client import ControllerClient, WorkerClient, make_http_client
+from lmfleet.controller.dispatch import get_policy
+from lmfleet.guard import RequestGuard
 from lmfleet.protocol.openai import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -75,12 +90,19 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away"; nobody
 class ApiSettings:
     """Everything `lmfleet api` is told on its command line (flags in lmfleet.cli). Secrets never print."""
 
-    controller_address: str = DEFAULT_CONTROLLER  # comma-separated list accepted; the first is used for now
+    controller_address: str = DEFAULT_CONTROLLER  # comma-separated; the first that answers gives the worker view
     api_keys: list[str] | None = field(default=None, repr=False)  # None: no authentication
     default_model: str | None = None  # used when a request names no model
     allow_origins: list[str] | None = None  # CORS origins; None: CORS off
     registration_secret: str | None = field(default=None, repr=False)  # sent to the controller when set
     max_request_bytes: int = 4 * 1024 * 1024
+    limits: RequestLimits = field(default_factory=RequestLimits)  # per-request limits (flags), lmfleet.api.access
+    dispatch_policy: str = "shortest_queue"  # a key of lmfleet.controller.dispatch.POLICIES
+    first_token_timeout_s: float = 60.0  # a worker silent this long before its first chunk has failed
+    inter_token_timeout_s: float = 30.0  # ... or this long between two chunks
+    refresh_interval_s: float = 1.0  # how often the worker view is fetched from the controller
+    eject_backoff_s: float = 1.0  # an ejected worker stays out at least this long
+    drain_timeout_s: float = 30.0  # on SIGTERM: how long requests in progress may take to finish
 
     def __post_init__(self) -> None:
         if not self.controller_addresses:
@@ -89,6 +111,14 @@ class ApiSettings:
             raise ValueError("api_keys must be None or a list of non-empty keys")
         if self.max_request_bytes < 1:
             raise ValueError("max_request_bytes must be positive")
+        get_policy(self.dispatch_policy)
+        self.timeouts()
+        for name in ("refresh_interval_s", "eject_backoff_s", "drain_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive")
+
+    def timeouts(self) -> Timeouts:
+        return Timeouts(first_token_s=self.first_token_timeout_s, inter_token_s=self.inter_token_timeout_s)
 
     @property
     def controller_addresses(self) -> list[str]:
@@ -98,7 +128,8 @@ class ApiSettings:
 class ApiState(TypedDict):
     """The lifespan state every request sees as `request.state`."""
 
-    controller: ControllerClient
+    controller: ControllerClient  # the first of `controller_addresses`
+    router: Router  # the worker view, health and the pick (lmfleet.api.routing)
     workers: WorkerClient
     started: int  # `created` of the model cards
 
@@ -107,27 +138,24 @@ class ApiState(TypedDict):
 # Edge middleware (pure ASGI: they run before any body is read)
 
 
-def _needs_key(scope: Scope) -> bool:
-    path = scope["path"]
-    return path == "/v1" or path.startswith("/v1/") or (path == "/" and scope["method"] == "POST")
-
-
 class ApiKeyGate:
-    """`Authorization: Bearer <key>` on /v1/* and POST /; /health, /docs and /openapi.json stay public. Each key
-    is compared in constant time; the presented key is never logged or echoed."""
+    """`Authorization: Bearer <key>` on every route but `access.PUBLIC_PATHS` (/health, /ready, the docs and
+    /openapi.json), unknown paths included. Each key is compared in constant time; the presented key is never
+    logged or echoed."""
 
     def __init__(self, app: ASGIApp, keys: Sequence[str]) -> None:
         self.app = app
-        self._keys = [k.encode() for k in keys]
+        # Digests, so every comparison is over 32 bytes and not even a key's length shows in the timing.
+        self._keys = [hashlib.sha256(k.encode()).digest() for k in keys]
 
     def _authorized(self, scope: Scope) -> bool:
         scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
-        presented = token.strip().encode("latin-1")
+        presented = hashlib.sha256(token.strip().encode("latin-1")).digest()
         matches = [hmac.compare_digest(presented, key) for key in self._keys]  # no short-circuit
         return scheme.lower() == "bearer" and any(matches)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and _needs_key(scope) and not self._authorized(scope):
+        if scope["type"] == "http" and needs_key(scope) and not self._authorized(scope):
             logger.info("refused %s %s: missing or invalid API key", scope["method"], scope["path"])
             exc = errors.AuthenticationFailed(
                 "Missing or invalid API key: send it as 'Authorization: Bearer <key>'.",
@@ -138,48 +166,16 @@ class ApiKeyGate:
         await self.app(scope, receive, send)
 
 
-class BodyLimit:
-    """413 for a request body over `max_bytes`: at once when Content-Length says so, else as soon as the
-    streamed body passes the limit (the route's body parsing then fails with the 413)."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-        self.message = f"The request body is larger than the limit of {max_bytes} bytes."
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = Headers(scope=scope).get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            exc = errors.PayloadTooLarge(self.message)
-            await JSONResponse(exc.body(), status_code=exc.status)(scope, receive, send)
-            return
-        received = 0
-
-        async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise HTTPException(413, self.message)  # FastAPI re-raises it from body parsing
-            return message
-
-        await self.app(scope, counting_receive, send)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Model and worker resolution
 
 
-async def _resolve_model(controller: ControllerClient, requested: str | None, default: str | None) -> str:
+async def _resolve_model(router: Router, requested: str | None, default: str | None) -> str:
     if requested:
         return requested
     if default:
         return default
-    served = await controller.list_models()
+    served = await router.models()
     if len(served) == 1:
         return served[0]
     if not served:
@@ -189,16 +185,10 @@ async def _resolve_model(controller: ControllerClient, requested: str | None, de
     )
 
 
-async def _worker_for(controller: ControllerClient, model: str) -> str:
-    """A live worker's address. Asked once per choice, so the controller's policy spreads n choices."""
-    address = await controller.get_worker_address(model)
-    if address:
-        return address
-    if model not in await controller.list_models():
-        raise errors.ModelNotFound(f"The model `{model}` does not exist.", param="model")
-    raise errors.NoWorkerAvailable(
-        f"No worker for the model `{model}` is available right now; retry later.", headers={"Retry-After": "1"}
-    )
+async def _cancel(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -222,9 +212,23 @@ def _with_stream(model: type) -> dict[int | str, dict[str, Any]]:
     ok = {
         "description": "The answer; with `stream: true`, server-sent events (`data: {chunk}` ... `data: [DONE]`)",
         "model": model,
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "content": {"text/event-stream": {"schema": _SSE_EVENT}},
     }
     return {200: ok, **_ERRORS}
+
+
+# One server-sent event, as OpenAPI tools (schemathesis; OpenAPI 3.2's `itemSchema`) read an event-stream schema.
+_SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "type": "string",
+            "description": "A chunk as JSON; an error as JSON `{\"error\": {...}}` (the stream then ends); "
+            "`[DONE]` last",
+        }
+    },
+}
 
 
 def _strip_validation_422(app: FastAPI) -> None:
@@ -251,15 +255,30 @@ def create_app(settings: ApiSettings, *, http_client: httpx.AsyncClient | None =
     async def lifespan(_app: FastAPI) -> AsyncIterator[ApiState]:
         async with contextlib.AsyncExitStack() as stack:
             http = http_client or await stack.enter_async_context(make_http_client())
-            controller = ControllerClient(http, settings.controller_addresses[0], secret=settings.registration_secret)
+            controllers = [
+                ControllerClient(http, address, secret=settings.registration_secret)
+                for address in settings.controller_addresses
+            ]
+            workers = WorkerClient(http)
+            router = Router(
+                controllers,
+                workers,
+                policy=settings.dispatch_policy,
+                refresh_interval_s=settings.refresh_interval_s,
+                eject_backoff_s=settings.eject_backoff_s,
+            )
+            refresher = asyncio.create_task(router.run(), name="lmfleet-api-worker-view")
+            stack.push_async_callback(router.aclose)
+            stack.push_async_callback(_cancel, refresher)
             logger.info(
-                "API server ready: controller=%s api_keys=%s cors=%s default_model=%s",
-                controller.address,
+                "API server ready: controllers=%s policy=%s api_keys=%s cors=%s default_model=%s",
+                ",".join(c.address for c in controllers),
+                settings.dispatch_policy,
                 f"{len(settings.api_keys)} key(s)" if settings.api_keys else "off",
                 settings.allow_origins or "off",
                 settings.default_model,
             )
-            yield {"controller": controller, "workers": WorkerClient(http), "started": int(time.time())}
+            yield {"controller": controllers[0], "router": router, "workers": workers, "started": int(time.time())}
 
     app = FastAPI(
         title="lmfleet",
@@ -269,8 +288,8 @@ def create_app(settings: ApiSettings, *, http_client: httpx.AsyncClient | None =
     )
     errors.install_handlers(app)
     _strip_validation_422(app)
-    # Added innermost first: CORS (answers preflights) → API keys → body size → routes.
-    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    # Added innermost first: CORS (answers preflights) → API keys → body size and JSON sanity → routes.
+    app.add_middleware(RequestGuard, max_bytes=settings.max_request_bytes)
     if settings.api_keys:
         app.add_middleware(ApiKeyGate, keys=settings.api_keys)
     if settings.allow_origins:
@@ -280,17 +299,28 @@ def create_app(settings: ApiSettings, *, http_client: httpx.AsyncClient | None =
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type"],
         )
+    # Outermost: counts every request in progress and, once draining, refuses new ones (503).
+    drain = Drain()
+    app.add_middleware(DrainGate, drain=drain)
+
+    async def drain_for_shutdown() -> None:
+        """Called once by the process runner (lmfleet.cli) on SIGTERM, before uvicorn's graceful shutdown."""
+        await drain.drain(settings.drain_timeout_s)
+
+    app.state.drain = drain_for_shutdown
+    timeouts = settings.timeouts()
 
     async def answer(request: Request, body: ChatCompletionRequest | CompletionRequest, shape: Shape) -> Response:
-        controller: ControllerClient = request.state.controller
-        model = await _resolve_model(controller, body.model, settings.default_model)
+        settings.limits.check(body)
+        router: Router = request.state.router
+        model = await _resolve_model(router, body.model, settings.default_model)
         meta = shape.new_meta(model)
         specs = [
             ChoiceSpec(i, body.prompt_index(i), body.to_generate_request(f"{meta.id}-{i}", model, choice=i))
             for i in range(body.num_choices)
         ]
         # Until the first chunk of every choice is in hand (a long prefill, a queue) the client may leave too.
-        opening = open_choices(specs, partial(_worker_for, controller, model), request.state.workers)
+        opening = open_choices(specs, Upstream(router, request.state.workers, model, timeouts))
         streams = await cancel_on_disconnect(request.receive, opening)
         if streams is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
@@ -309,14 +339,26 @@ def create_app(settings: ApiSettings, *, http_client: httpx.AsyncClient | None =
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
+    @app.get("/ready", tags=["ops"], responses={503: {"model": ErrorResponse, "description": "Cannot serve now"}})
+    async def ready(request: Request) -> dict[str, Any]:
+        router: Router = request.state.router
+        if drain.draining:
+            raise errors.ServiceUnavailable("This server is shutting down.")
+        if not router.loaded:
+            await router.refresh(max_age_s=0.2)
+        workers = len(router.healthy())
+        if not workers:
+            raise errors.NoWorkerAvailable("No worker is available right now.", headers={"Retry-After": "1"})
+        return {"status": "ready", "workers": workers, "controller": "up" if router.controller_up else "down"}
+
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS, tags=["openai"])
     async def list_models(request: Request) -> ModelList:
-        names = await request.state.controller.list_models()
+        names = await request.state.router.models()
         return ModelList(data=[ModelCard(id=name, created=request.state.started) for name in names])
 
     @app.get("/v1/models/{model:path}", response_model=ModelCard, responses=_ERRORS, tags=["openai"])
     async def retrieve_model(model: str, request: Request) -> ModelCard:
-        if model not in await request.state.controller.list_models():
+        if model not in await request.state.router.models():
             raise errors.ModelNotFound(f"The model `{model}` does not exist.", param="model")
         return ModelCard(id=model, created=request.state.started)
 

@@ -4,6 +4,10 @@ Owns, for one request already resolved to a model and translated into one `Gener
   * opening every choice on a worker and holding its FIRST chunk before anything is sent (`open_choices`), so an
     early failure (400 context_length_exceeded, 404, 429, 503 from the worker) is a plain JSON error with the right
     status, never a 200 with an error inside;
+  * failover (`ChoiceStream`): a worker that fails before its first chunk is replaced by another worker of the
+    model; one that fails after it (dies, errs, aborts, or goes silent past the timeouts) has its generation
+    resumed on another one from the token ids already received, under the same answer: no duplicate, no gap, and
+    `usage` counts each token once. Only when no worker is left does the client see an error;
   * merging the n choice streams in arrival order (`merge`), with back-pressure towards the workers;
   * spelling the result as SSE (`event_stream`: `data: {json}\\n\\n` ... `data: [DONE]\\n\\n`; an error after the
     200 is sent as `data: {"error": {...}}` then `[DONE]`) or as one JSON answer (`collect`);
@@ -11,8 +15,8 @@ Owns, for one request already resolved to a model and translated into one `Gener
     are closed, which closes their HTTP connections, and the workers abort the sequences.
 The two endpoints differ only in how a chunk is spelled: `CHAT` and `COMPLETION` are the two `Shape` values.
 
-Does not own: parsing requests (lmfleet.protocol.openai), picking workers (the caller passes `pick_worker`),
-the HTTP transport (lmfleet.client).
+Does not own: parsing requests (lmfleet.protocol.openai), the fleet view, health and the pick of a worker
+(lmfleet.api.routing, behind `WorkerPool`), the HTTP transport (lmfleet.client).
 """
 
 from __future__ import annotations
@@ -21,17 +25,19 @@ import asyncio
 import contextlib
 import json
 import logging
+import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from lmfleet import errors
+from lmfleet.api.routing import Lease
 from lmfleet.client import WorkerClient
 from lmfleet.protocol.openai import (
     AssistantMessage,
@@ -52,7 +58,6 @@ from lmfleet.protocol.worker import GenerateChunk, GenerateRequest
 logger = logging.getLogger("lmfleet.api")
 
 T = TypeVar("T")
-PickWorker = Callable[[], Awaitable[str]]  # the address of a live worker for the request's model
 
 DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -135,7 +140,7 @@ COMPLETION = Shape(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# One choice, and the merge of n
+# One choice (with its failover), and the merge of n
 
 
 @dataclass(frozen=True)
@@ -143,6 +148,37 @@ class ChoiceSpec:
     index: int  # the choice's `index` in the answer
     prompt_index: int  # which prompt it continues (usage counts each prompt once)
     request: GenerateRequest
+
+
+class WorkerPool(Protocol):
+    """Where a choice finds its workers (lmfleet.api.routing.Router)."""
+
+    async def acquire(self, model: str, exclude: Collection[str] = ()) -> Lease | None: ...
+
+    def eject(self, address: str, reason: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """How long a worker may stay silent before it counts as failed (hung, not dead). The first chunk comes after
+    the worker's queue and the prompt's prefill, so it gets longer."""
+
+    first_token_s: float = 60.0
+    inter_token_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not (self.first_token_s > 0 and self.inter_token_s > 0):
+            raise ValueError("timeouts must be positive")
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """What every choice of one answer is generated with: the model's worker pool, the worker client, timeouts."""
+
+    pool: WorkerPool
+    workers: WorkerClient
+    model: str
+    timeouts: Timeouts = Timeouts()
 
 
 def _raise_if_failed(chunk: GenerateChunk) -> None:
@@ -153,54 +189,200 @@ def _raise_if_failed(chunk: GenerateChunk) -> None:
         raise errors.UpstreamError(f"the worker ended the generation with finish_reason={chunk.finish_reason!r}")
 
 
-class ChoiceStream:
-    """One choice's worker stream, opened, with its first chunk in hand. Records the token counts it has seen."""
+def _another_worker_may_help(exc: errors.LmfleetError) -> bool:
+    """A worker's failure (5xx, transport, timeout) or its being full (429) — not the client's mistake (4xx)."""
+    return exc.status >= 500 or isinstance(exc, errors.QueueFull)
 
-    def __init__(self, spec: ChoiceSpec, upstream: AsyncIterator[GenerateChunk], first: GenerateChunk) -> None:
+
+def _worse(previous: errors.LmfleetError | None, exc: errors.LmfleetError) -> errors.LmfleetError:
+    """The error to report when no worker is left: "at capacity, retry" (429) says the most, then the latest."""
+    if isinstance(previous, errors.QueueFull) and not isinstance(exc, errors.QueueFull):
+        return previous
+    return exc
+
+
+class ChoiceStream:
+    """One choice's generation, with its first chunk in hand, on whichever worker can carry it.
+
+    Before the first chunk a worker that fails (refused connection, 5xx, 429, no chunk within the first-token
+    timeout) is left for another worker of the model. After it, a failure (broken stream, error or abort chunk,
+    silence past the inter-token timeout) resumes the generation on another worker: the prompt's token ids (from
+    the first chunk), every token id received, and how many characters of text were passed on go to the next
+    worker, which continues under the original `max_tokens` and sends only text not yet sent (protocol.worker).
+    Each worker is tried at most once per choice; a failed one is ejected from the pool. When none is left the
+    last failure is raised. Records the token counts it has seen."""
+
+    def __init__(self, spec: ChoiceSpec, upstream: Upstream) -> None:
         self.spec = spec
-        self._upstream = upstream
-        self._first: GenerateChunk | None = first
+        self._up = upstream
+        self._stream: AsyncIterator[GenerateChunk] | None = None
+        self._lease: Lease | None = None
+        self._first: GenerateChunk | None = None
+        self._tried: set[str] = set()
+        req = spec.request
+        self._echo_chars = len(req.prompt) if req.echo and req.prompt is not None else 0
+        self.prompt_token_ids: list[int] | None = list(req.prompt_token_ids) if req.prompt_token_ids else None
+        self.token_ids: list[int] = []  # every id passed on, in order
+        self.text_chars = 0  # characters passed on (echo included)
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.finish_reason: FinishReason | None = None
+        self.resumes = 0
+
+    @property
+    def address(self) -> str | None:
+        """The worker generating this choice now."""
+        return self._lease.address if self._lease else None
 
     @classmethod
-    async def open(cls, spec: ChoiceSpec, pick_worker: PickWorker, workers: WorkerClient) -> ChoiceStream:
-        address = await pick_worker()
-        upstream = workers.generate(address, spec.request)
+    async def open(cls, spec: ChoiceSpec, upstream: Upstream) -> ChoiceStream:
+        stream = cls(spec, upstream)
         try:
-            first = await _next_chunk(upstream)  # a worker's 4xx/5xx raises here, before any chunk
-            if first is None:
-                raise errors.UpstreamError("the worker closed the stream without sending anything")
-            _raise_if_failed(first)
+            await stream._start(spec.request, None)
         except BaseException:
-            await _aclose(upstream)
+            await stream.aclose()
             raise
-        return cls(spec, upstream, first)
+        return stream
+
+    async def _start(self, request: GenerateRequest, failure: errors.LmfleetError | None) -> None:
+        """Send `request` to a worker this choice has not tried and read its first chunk. `failure`: why the
+        previous worker was given up, raised if no other worker takes the request."""
+        while True:
+            try:
+                lease = await self._up.pool.acquire(self._up.model, self._tried)
+            except errors.LmfleetError:
+                if failure is not None:
+                    raise failure from None
+                raise
+            if lease is None:
+                raise failure or errors.NoWorkerAvailable(
+                    f"No worker for the model `{self._up.model}` is available right now; retry later.",
+                    headers={"Retry-After": "1"},
+                )
+            self._tried.add(lease.address)
+            stream = self._up.workers.generate(lease.address, request)
+            try:
+                first = await _read(stream, self._up.timeouts.first_token_s)
+                if first is None:
+                    raise errors.UpstreamError("the worker closed the stream without sending anything")
+                _raise_if_failed(first)
+            except errors.LmfleetError as exc:
+                await _aclose(stream)
+                lease.release()
+                if not _another_worker_may_help(exc):
+                    raise
+                if not isinstance(exc, errors.QueueFull):  # a full worker is healthy
+                    self._up.pool.eject(lease.address, exc.message)
+                failure = _worse(failure, exc)
+                continue
+            except BaseException:
+                await _aclose(stream)
+                lease.release()
+                raise
+            self._stream, self._lease, self._first = stream, lease, first
+            return
 
     async def chunks(self) -> AsyncIterator[GenerateChunk]:
-        """The chunks, the peeked one first, up to and including the one with `finish_reason`."""
+        """The chunks, the peeked one first, up to and including the one with `finish_reason`, across workers."""
         while True:
             chunk, self._first = self._first, None
-            if chunk is None:
-                chunk = await _next_chunk(self._upstream)
-            if chunk is None:
-                raise errors.UpstreamError("the worker's stream ended before the generation finished")
-            _raise_if_failed(chunk)
-            self.prompt_tokens, self.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
-            self.finish_reason = cast(FinishReason | None, chunk.finish_reason)
+            try:
+                if chunk is None:
+                    assert self._stream is not None
+                    chunk = await _read(self._stream, self._up.timeouts.inter_token_s)
+                    if chunk is None:
+                        raise errors.UpstreamError("the worker's stream ended before the generation finished")
+                _raise_if_failed(chunk)
+            except errors.LmfleetError as exc:
+                chunk = await self._resume(exc)
+            self._record(chunk)
             yield chunk
             if chunk.finish_reason is not None:
                 return
 
+    def _record(self, chunk: GenerateChunk) -> None:
+        if self.prompt_token_ids is None and chunk.prompt_token_ids:
+            self.prompt_token_ids = list(chunk.prompt_token_ids)
+        self.token_ids.extend(chunk.token_ids)
+        self.text_chars += len(chunk.text)
+        self.prompt_tokens, self.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
+        self.finish_reason = cast(FinishReason | None, chunk.finish_reason)
+
+    async def _resume(self, failure: errors.LmfleetError) -> GenerateChunk:
+        """Continue on another worker after `failure` of the current one; the new stream's first chunk."""
+        failed = self.address
+        if failed is not None:
+            self._up.pool.eject(failed, failure.message)
+        await self.aclose()
+        if self.prompt_token_ids is None:  # nothing says what the worker tokenized: start over is all we could do
+            raise failure
+        original = self.spec.request
+        if original.max_tokens is not None and len(self.token_ids) >= original.max_tokens:
+            return GenerateChunk(  # every token is in; only the final chunk was lost
+                request_id=original.request_id,
+                finish_reason="length",
+                prompt_tokens=self.prompt_tokens,
+                completion_tokens=len(self.token_ids),
+            )
+        self.resumes += 1
+        request = original.model_copy(
+            update={
+                "request_id": f"{original.request_id}-r{self.resumes}",
+                "prompt": None,
+                "messages": None,
+                "prompt_token_ids": self.prompt_token_ids,
+                "resume_token_ids": list(self.token_ids),
+                "resume_text_chars": max(self.text_chars - self._echo_chars, 0),
+                "echo": False,
+            }
+        )
+        started = time.monotonic()
+        await self._start(request, failure)
+        logger.info(
+            "%s: resumed on %s after %d token(s) in %.2fs (%s failed: %s)",
+            original.request_id,
+            self.address,
+            len(self.token_ids),
+            time.monotonic() - started,
+            failed,
+            failure.message,
+        )
+        first, self._first = self._first, None
+        assert first is not None
+        return first
+
     async def aclose(self) -> None:
-        """Close the worker's HTTP stream (the worker aborts the sequence). Safe to call more than once."""
-        await _aclose(self._upstream)
+        """Close the worker's HTTP stream (the worker aborts the sequence) and release the worker. Safe to call
+        more than once."""
+        stream, self._stream = self._stream, None
+        lease, self._lease = self._lease, None
+        try:
+            if stream is not None:
+                await _aclose(stream)
+        finally:
+            if lease is not None:
+                lease.release()
 
 
-async def _next_chunk(upstream: AsyncIterator[GenerateChunk]) -> GenerateChunk | None:
+if sys.version_info >= (3, 11):
+
+    async def _within(awaitable: Awaitable[T], timeout_s: float) -> T:
+        """`awaitable` in this task, cancelled after `timeout_s` (TimeoutError). Unlike `wait_for` before 3.12 it
+        never swallows a cancellation of the caller that comes as the result arrives."""
+        async with asyncio.timeout(timeout_s):
+            return await awaitable
+
+else:  # pragma: no cover - Python 3.10 (merge() copes with the cancellation wait_for may swallow)
+    _within = asyncio.wait_for
+
+
+async def _read(upstream: AsyncIterator[GenerateChunk], timeout_s: float) -> GenerateChunk | None:
+    """The next chunk; None at the end of the stream. UpstreamError when the worker sends nothing for `timeout_s`
+    or something that is not a chunk."""
     try:
-        return await anext(upstream, None)
+        return await _within(anext(upstream, None), timeout_s)
+    except asyncio.TimeoutError:
+        raise errors.UpstreamError(f"the worker sent nothing for {timeout_s:g}s") from None
     except ValueError as exc:  # a line that is not a GenerateChunk: the worker's fault, not the client's
         raise errors.UpstreamError("the worker sent a malformed chunk") from exc
 
@@ -216,12 +398,10 @@ async def close_all(streams: Sequence[ChoiceStream]) -> None:
         await stream.aclose()
 
 
-async def open_choices(
-    specs: Sequence[ChoiceSpec], pick_worker: PickWorker, workers: WorkerClient
-) -> list[ChoiceStream]:
+async def open_choices(specs: Sequence[ChoiceSpec], upstream: Upstream) -> list[ChoiceStream]:
     """Open every choice concurrently and wait for each first chunk. If any fails, close the others and raise the
     first error."""
-    tasks = [asyncio.ensure_future(ChoiceStream.open(spec, pick_worker, workers)) for spec in specs]
+    tasks = [asyncio.ensure_future(ChoiceStream.open(spec, upstream)) for spec in specs]
     try:
         return list(await asyncio.gather(*tasks))
     except BaseException:
@@ -259,9 +439,15 @@ async def merge(streams: Sequence[ChoiceStream]) -> AsyncIterator[tuple[ChoiceSt
             else:
                 yield stream, item
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # Stop the pumps. One may miss its cancellation (a timeout racing it) and block on the full queue, so the
+        # queue is emptied and the stragglers cancelled again until every pump has ended.
+        pending = set(tasks)
+        while pending:
+            for task in pending:
+                task.cancel()
+            while not queue.empty():
+                queue.get_nowait()
+            _, pending = await asyncio.wait(pending, timeout=0.1)
         await close_all(streams)
 
 

@@ -17,6 +17,10 @@ Route and field names are FastChat's, so FastChat model workers, its API server 
 this controller. Differences: every worker must heartbeat (FastChat's `check_heart_beat: false` is ignored),
 and `/refresh_all_workers` only expires, it does not re-poll workers.
 
+Bad input: every body passes lmfleet.guard first (over `max_request_bytes` → 413; not one JSON object in UTF-8,
+duplicate keys, deep nesting → 400); then the protocol models bound every field (lmfleet.protocol.worker: a
+negative, NaN, huge or mistyped load report is a 400 naming it, so no report can break dispatch).
+
 Security: with `registration_secret` set, the three write routes need `Authorization: Bearer <secret>` (compared
 in constant time; 401 otherwise and the registry is untouched). Read routes stay open and ignore the header.
 With `allowed_worker_networks` set, only workers whose address is an IP inside one of them may register (403);
@@ -51,6 +55,7 @@ from lmfleet import errors
 from lmfleet.client import CONTROL_TIMEOUT, make_http_client
 from lmfleet.controller.dispatch import DEFAULT_POLICY, Policy, get_policy
 from lmfleet.controller.registry import Registry
+from lmfleet.guard import RequestGuard
 from lmfleet.protocol.worker import (
     HeartbeatRequest,
     HeartbeatResponse,
@@ -77,9 +82,12 @@ class ControllerSettings:
     heartbeat_expiry_s: float = 6.0  # workers heartbeat every 2 s by default; FastChat waits 90 s
     registration_secret: str | None = field(default=None, repr=False)  # never printed
     allowed_worker_networks: list[str] | None = None  # CIDRs, e.g. ["127.0.0.0/8", "10.0.0.0/8"]; None: any
+    max_request_bytes: int = 1 << 20  # a registration is a few hundred bytes (413 beyond; lmfleet.guard)
 
     def __post_init__(self) -> None:
         get_policy(self.dispatch_policy)
+        if self.max_request_bytes < 1:
+            raise ValueError("max_request_bytes must be positive")
         if not self.heartbeat_expiry_s > 0:
             raise ValueError(f"heartbeat_expiry_s must be > 0, got {self.heartbeat_expiry_s!r}")
         if self.registration_secret is not None and not self.registration_secret:
@@ -264,6 +272,7 @@ def create_app(
     app = FastAPI(title="lmfleet controller", lifespan=lifespan)
     app.state.controller = state
     errors.install_handlers(app)
+    app.add_middleware(RequestGuard, max_bytes=settings.max_request_bytes)  # 413; 400 for a body that is not sane JSON
     writes = [Depends(require_secret)]
 
     @app.post("/register_worker", dependencies=writes)

@@ -12,10 +12,10 @@ the controller is down. Keep it dependency-free (standard library only at runtim
     "lottery"         random, weighted by `speed` (FastChat's "lottery"), load ignored.
 
 The load a worker reports is trusted. Its bounds are enforced when it is parsed (`WorkerStatus`: speed in
-(0, 1e6], queue_length <= 1e7) and again here (a non-finite or non-positive speed counts as 1), so no report
-can crash a policy or make it divide by zero; but a worker can still claim to be idle and attract traffic.
-Only registered workers are dispatched to, which is what the controller's registration secret and allowed
-worker networks are for.
+(0, 1e6], queue_length <= 1e7, running and waiting <= 2^40) and again here (a non-finite or non-positive speed counts
+as 1, a load is clamped to [0, 1e7]), so no report can crash a policy, overflow it or make it divide by zero;
+but a worker can still claim to be idle and attract traffic. Only registered workers are dispatched to, which
+is what the controller's registration secret and allowed worker networks are for.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ Policy = Callable[[Sequence["WorkerInfo"], random.Random], "WorkerInfo"]
 
 DEFAULT_POLICY = "shortest_queue"
 _MAX_SPEED = 1_000_000.0
+_MAX_LOAD = 10_000_000  # WorkerStatus's bound; clamped again so no int ever overflows a float division
 
 
 def speed(status: WorkerStatus) -> float:
@@ -44,8 +45,9 @@ def speed(status: WorkerStatus) -> float:
 
 
 def load(status: WorkerStatus) -> int:
-    """Requests the worker holds: running + waiting when it says so, else FastChat's `queue_length`."""
-    return max(int(status.queue_length), int(status.running) + int(status.waiting), 0)
+    """Requests the worker holds: running + waiting when it says so, else FastChat's `queue_length`; in
+    [0, 1e7]."""
+    return min(max(int(status.queue_length), int(status.running) + int(status.waiting), 0), _MAX_LOAD)
 
 
 def _require(workers: Sequence[WorkerInfo]) -> None:
@@ -58,7 +60,7 @@ def shortest_queue(workers: Sequence[WorkerInfo], rng: random.Random) -> WorkerI
 
     def key(w: WorkerInfo) -> tuple[float, float]:
         s = speed(w.status)
-        return (load(w.status) / s, max(int(w.status.waiting), 0) / s)
+        return (load(w.status) / s, min(max(int(w.status.waiting), 0), _MAX_LOAD) / s)
 
     keys = [key(w) for w in workers]
     best = min(keys)

@@ -203,7 +203,8 @@ class StreamOptions(BaseModel):
 class _GenerationRequest(BaseModel):
     """The sampling knobs chat and completions share, and their translation to the worker's fields."""
 
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    # NaN and Infinity (which Python's JSON parser accepts) are refused by every float field, naming it.
+    model_config = ConfigDict(extra="ignore", protected_namespaces=(), allow_inf_nan=False)
 
     model: str | None = Field(
         None,
@@ -211,14 +212,16 @@ class _GenerationRequest(BaseModel):
         max_length=MAX_NAME_CHARS,
         description="May be omitted when the server serves exactly one model or has a default model.",
     )
-    n: int = Field(1, ge=1, le=MAX_N, description="Choices to generate.")
-    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 means greedy.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=-1, le=1_000_000, description="vLLM extension: 0 or -1 means off.")
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    n: int = Field(1, ge=1, le=MAX_N, strict=True, description="Choices to generate.")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, strict=True, description="0 means greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, strict=True)
+    top_k: int = Field(0, ge=-1, le=1_000_000, strict=True, description="vLLM extension: 0 or -1 means off.")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, strict=True)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, strict=True)
     stop: StopStrings = None
-    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX, description="Choice j of a prompt uses seed + j.")
+    seed: int | None = Field(
+        None, ge=SEED_MIN, le=SEED_MAX, strict=True, description="Choice j of a prompt uses seed + j."
+    )
     ignore_eos: bool = Field(False, strict=True, description="vLLM extension: keep generating past end-of-sequence.")
     stream: bool = Field(False, strict=True)
     stream_options: StreamOptions | None = Field(None, description="Only with `stream: true`.")
@@ -314,11 +317,14 @@ class ChatCompletionRequest(_GenerationRequest):
         None,
         ge=1,
         le=MAX_TOKENS,
+        strict=True,
         description="Deprecated by OpenAI in favour of max_completion_tokens; default: as many as fit in the context.",
     )
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS, description="Wins over max_tokens.")
+    max_completion_tokens: int | None = Field(
+        None, ge=1, le=MAX_TOKENS, strict=True, description="Wins over max_tokens."
+    )
     logprobs: bool | None = Field(None, description="Not supported yet (only false).")
-    top_logprobs: int | None = Field(None, description="Not supported yet (only 0).")
+    top_logprobs: int | None = Field(None, ge=0, le=20, strict=True, description="Not supported yet (only 0).")
     tools: list[dict[str, Any]] | None = Field(None, description="Not supported yet (only empty).")
     tool_choice: str | dict[str, Any] | None = Field(None, description="Only 'none'.")
     functions: list[dict[str, Any]] | None = Field(None, description="Deprecated; not supported.")
@@ -368,7 +374,7 @@ class CompletionRequest(_GenerationRequest):
     )
 
     prompt: Prompts
-    max_tokens: int = Field(COMPLETION_DEFAULT_MAX_TOKENS, ge=1, le=MAX_TOKENS)
+    max_tokens: int = Field(COMPLETION_DEFAULT_MAX_TOKENS, ge=1, le=MAX_TOKENS, strict=True)
     echo: bool = Field(False, strict=True, description="Start each choice's text with its prompt.")
     logprobs: int | None = Field(None, description="Not supported yet (only null).")
     best_of: int | None = Field(None, description="Only 1.")

@@ -9,15 +9,30 @@ API server → worker: `POST /worker/generate` with a `GenerateRequest`; the wor
 (errors come back as a non-200 OpenAI error body), then streams `GenerateChunk`s as NDJSON, one JSON object per
 line. Every chunk carries the token ids it adds, so a stream can be resumed on another replica from the ids the
 API server has already seen (`GenerateRequest.prompt_token_ids` + `resume_token_ids`).
+
+Resuming: the first chunk of a stream carries the prompt's token ids (`GenerateChunk.prompt_token_ids`; a chat
+prompt is rendered by the worker, so the API server learns them only there). To continue a generation elsewhere
+the API server sends `prompt_token_ids` = those ids, `resume_token_ids` = every id it received, the original
+`max_tokens` (the worker counts the resumed ids against it) and `resume_text_chars` = how many characters of
+generated text it has passed on. The worker decodes the resumed ids again, through the same stop strings, and
+skips that many characters: text the dead worker was still holding back (half a UTF-8 character, a possible
+stop-string prefix) is sent, nothing is sent twice. Without `resume_text_chars` the resumed ids are only context.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 FinishReasonName = Literal["stop", "length", "abort", "error"]
+
+# Bounds on what a peer may report or ask for, so no message can overflow a float, a tensor or a generator seed.
+MAX_COUNT = 10_000_000  # FastChat's queue length
+MAX_REPORTED = 1 << 40  # running, waiting, tokens in flight, context length
+MAX_TOKEN_ID = (1 << 31) - 1
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_seed takes
+ModelName = Annotated[str, Field(min_length=1, max_length=1024)]
 
 
 class WorkerStatus(BaseModel):
@@ -25,13 +40,13 @@ class WorkerStatus(BaseModel):
 
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
 
-    model_names: list[str] = Field(min_length=1)
+    model_names: list[ModelName] = Field(min_length=1, max_length=256)
     speed: float = Field(default=1.0, gt=0, le=1_000_000)  # relative capacity, used by the lottery policy
-    queue_length: int = Field(default=0, ge=0, le=10_000_000)  # running + waiting, FastChat's load number
-    running: int = Field(default=0, ge=0)
-    waiting: int = Field(default=0, ge=0)
-    tokens_in_flight: int = Field(default=0, ge=0)
-    context_length: int | None = Field(default=None, gt=0)
+    queue_length: int = Field(default=0, ge=0, le=MAX_COUNT)  # running + waiting, FastChat's load number
+    running: int = Field(default=0, ge=0, le=MAX_REPORTED)
+    waiting: int = Field(default=0, ge=0, le=MAX_REPORTED)
+    tokens_in_flight: int = Field(default=0, ge=0, le=MAX_REPORTED)
+    context_length: int | None = Field(default=None, gt=0, le=MAX_REPORTED)
     engine: str | None = None  # "transformers", "llamacpp", ...
 
 
@@ -52,7 +67,7 @@ class HeartbeatRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     worker_name: str = Field(min_length=1, max_length=2048)
-    queue_length: int = Field(default=0, ge=0, le=10_000_000)
+    queue_length: int = Field(default=0, ge=0, le=MAX_COUNT)
     worker_status: WorkerStatus | None = None
 
 
@@ -94,16 +109,18 @@ class GenerateRequest(BaseModel):
     messages: list[ChatMessageIn] | None = None  # chat: rendered with the model's chat template
     prompt_token_ids: list[int] | None = None  # already tokenized (resume, or a client sending ids)
     resume_token_ids: list[int] = Field(default_factory=list)  # generated earlier on another replica
+    # characters of generated text already delivered for resume_token_ids (None: the ids are plain context)
+    resume_text_chars: int | None = Field(default=None, ge=0)
     add_generation_prompt: bool = True
     max_tokens: int | None = Field(default=None, ge=1)  # None: up to the model's context
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)
-    seed: int | None = None
+    top_k: int = Field(default=0, ge=0, le=MAX_TOKEN_ID)
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    stop: list[str] = Field(default_factory=list)
-    stop_token_ids: list[int] = Field(default_factory=list)
+    stop: list[Annotated[str, Field(max_length=4096)]] = Field(default_factory=list, max_length=64)
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]] = Field(default_factory=list, max_length=1024)
     ignore_eos: bool = False
     echo: bool = False  # completions: prepend the prompt text to the output
 
@@ -132,6 +149,7 @@ class GenerateChunk(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0  # generated so far, resume_token_ids included
     error: ErrorInfo | None = None
+    prompt_token_ids: list[int] | None = None  # the prompt as the worker tokenized it: first chunk only
 
     def to_line(self) -> bytes:
         return self.model_dump_json(exclude_defaults=False).encode() + b"\n"

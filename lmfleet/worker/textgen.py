@@ -147,23 +147,42 @@ class StopStrings:
 
 
 class TextStream:
-    """Per request: generated ids in, text deltas out, with stop strings applied."""
+    """Per request: generated ids in, text deltas out, with stop strings applied.
+
+    A generation resumed from another replica (`resume`) first replays the ids generated there, through the same
+    detokenizer and stop strings, and then skips as many characters as that replica had already delivered: the
+    text it was still holding back (half a UTF-8 character, a possible stop-string prefix) comes out here, and
+    nothing comes out twice."""
 
     def __init__(self, tokenizer: Tokenizer, context_ids: Sequence[int], stops: Sequence[str]) -> None:
         self._detok = IncrementalDetokenizer(tokenizer, context_ids)
         self._stops = StopStrings(stops)
+        self._skip = 0  # characters of output already delivered elsewhere
         self.stopped = False
+
+    def resume(self, generated_ids: Sequence[int], delivered_chars: int) -> str:
+        """Replay ids generated earlier of which `delivered_chars` characters of text were delivered; returns their
+        text not delivered yet (possibly empty). Call once, before `push`."""
+        self._skip = delivered_chars
+        return self.push(generated_ids)
 
     def push(self, new_ids: Sequence[int]) -> str:
         """Text to send for these ids; sets `stopped` when a stop string ended the output."""
         if self.stopped:
             return ""
         out, self.stopped = self._stops.push(self._detok.push(new_ids))
-        return out
+        return self._unsent(out)
 
     def finish(self) -> str:
         """What is still held back once the engine has finished the sequence."""
         if self.stopped:
             return ""
         out, self.stopped = self._stops.push(self._detok.flush())
-        return out if self.stopped else out + self._stops.flush()
+        return self._unsent(out if self.stopped else out + self._stops.flush())
+
+    def _unsent(self, text: str) -> str:
+        if self._skip and text:
+            cut = min(self._skip, len(text))
+            self._skip -= cut
+            text = text[cut:]
+        return text

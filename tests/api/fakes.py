@@ -1,15 +1,21 @@
 """In-process fakes for the API server's tests: a fake controller, fake workers, and the plumbing to reach them.
 
 * `FakeWorker` answers `POST /worker/generate` with deterministic NDJSON derived from the request: the words of
-  the prompt (chat: the last message), rotated by `seed`, one word per chunk, at most `max_tokens` of them
-  (finish_reason "length") else all of them ("stop"). It can be told to refuse before streaming (`reject`), to
-  stall before the first chunk, or to misbehave after it (`then`): send an error chunk, abort, break the
-  connection, send a line that is not a chunk, or hang until the client goes away. It records the requests it
-  got and the streams the client closed early (`cancelled`).
-* `FakeController` serves `/list_models` and `/get_worker_address` (round robin) from a dict.
+  the prompt (chat: the last message), rotated by `seed`, one word per chunk (token id = the word's position),
+  at most `max_tokens` of them (finish_reason "length") else all of them ("stop"). Its first chunk carries the
+  prompt's ids (words through the fleet's `Vocab`), and it resumes a generation as a real worker does
+  (`resume_token_ids` count as generated, `resume_text_chars` of the text are skipped). It can be told to refuse
+  before streaming (`reject`), to stall before the first chunk, or to misbehave after `after` chunks (`then`):
+  send an error chunk, abort, break the connection, send a line that is not a chunk, or hang until the client
+  goes away; to hold each word's text back until the next chunk (`holdback`, as a real worker holds half a
+  UTF-8 character); or not to say what the prompt was (`resumable=False`, as a FastChat worker). It records the
+  requests it got and the streams the client closed early (`cancelled`).
+* `FakeController` serves `/list_models`, `/get_worker_address` (round robin) and `/workers` from a dict; a worker
+  in `silent` stops heartbeating (its `last_heartbeat` freezes).
 * `StreamingASGITransport`: `httpx.ASGITransport` buffers the whole response and never reports a disconnect; this
   one streams the body as the app sends it, and closing the response early sends the app `http.disconnect` and
-  waits until the app has finished, so a test can then assert what the app did about it.
+  waits until the app has finished, so a test can then assert what the app did about it. `Switchable` puts a
+  fake behind it, or refuses connections while the fake is `down`.
 * `serve(fleet, ...)` starts the API app (lifespan included) with all of that wired in and yields clients for it:
   the official `openai.AsyncOpenAI` (over httpx2), plain httpx, and a streaming httpx.
 """
@@ -19,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -31,6 +38,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmfleet.api.app import ApiSettings, create_app
+from lmfleet.api.routing import Router
 from lmfleet.protocol.worker import GenerateChunk, GenerateRequest
 
 API = "http://api.test"
@@ -127,17 +135,51 @@ class Unreachable(httpx.AsyncBaseTransport):
         raise httpx.ConnectError(f"connection refused: {request.url.host}", request=request)
 
 
+class Switchable(httpx.AsyncBaseTransport):
+    """A fake's app, or connection refused while the fake is `down` (a killed process)."""
+
+    def __init__(self, fake: Any) -> None:
+        self.fake = fake
+        self.inner = StreamingASGITransport(fake.app)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self.fake.down:
+            raise httpx.ConnectError(f"connection refused: {request.url.host}", request=request)
+        return await self.inner.handle_async_request(request)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Fake controller and workers
 
 
-def prompt_words(req: GenerateRequest) -> list[str]:
+class Vocab:
+    """Words <-> token ids for fake workers: ids below FIRST are spelled `t{id}`; each new word gets the next id."""
+
+    FIRST = 100_000
+
+    def __init__(self) -> None:
+        self._ids: dict[str, int] = {}
+        self._words: dict[int, str] = {}
+
+    def ids(self, words: list[str]) -> list[int]:
+        for w in words:
+            if w not in self._ids:
+                self._ids[w] = self.FIRST + len(self._ids)
+                self._words[self._ids[w]] = w
+        return [self._ids[w] for w in words]
+
+    def word(self, token_id: int) -> str:
+        return self._words.get(token_id, f"t{token_id}")
+
+
+def prompt_words(req: GenerateRequest, vocab: Vocab | None = None) -> list[str]:
     if req.messages is not None:
         source = req.messages[-1].content or ""
     elif req.prompt is not None:
         source = req.prompt
     else:
-        source = " ".join(f"t{i}" for i in req.prompt_token_ids or [])
+        vocab = vocab or Vocab()
+        source = " ".join(vocab.word(i) for i in req.prompt_token_ids or [])
     return source.split()
 
 
@@ -152,26 +194,45 @@ Then = Literal["stall", "error_chunk", "abort", "break", "garbage", "hang"]
 
 
 class FakeWorker:
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, vocab: Vocab | None = None) -> None:
         self.address = f"http://{name}.test"
+        self.vocab = vocab or Vocab()
         self.requests: list[GenerateRequest] = []
         self.reject: tuple[int, dict[str, Any]] | None = None  # answer this (status, body) instead
-        self.then: Then | None = None  # what to do after the first chunk ("stall": hang before it)
+        self.then: Then | None = None  # what to do after `after` chunks ("stall": hang before the first)
+        self.after = 1  # chunks sent before `then` happens
+        self.holdback = False  # each word's text comes with the next chunk
+        self.resumable = True  # the first chunk says what the prompt's token ids are
         self.wait_for: asyncio.Event | None = None  # answer only once this is set
+        self.proceed: asyncio.Event | None = None  # with no `then`: pause after `after` chunks until this is set
+        self.ready = True  # what GET /ready says
+        self.down = False  # refuses connections (see Switchable)
         self.cancelled: list[str] = []  # request ids whose stream the client closed before the end
         self.hanging = asyncio.Event()  # set once a "stall" or "hang" stream is waiting
+        self.streamed = asyncio.Event()  # set once a stream has sent its first `after` chunks
         self.app = self._make_app()
 
     def chunks(self, req: GenerateRequest) -> list[GenerateChunk]:
-        words = prompt_words(req)
+        words = prompt_words(req, self.vocab)
         base = {"request_id": req.request_id, "prompt_tokens": len(words)}
         out = [GenerateChunk(text=req.prompt, **base)] if req.echo and req.prompt else []
         reply = expected_reply(" ".join(words), max_tokens=req.max_tokens, seed=req.seed).split()
-        for i, word in enumerate(reply, 1):
-            out.append(GenerateChunk(text=word if i == 1 else " " + word, token_ids=[i], completion_tokens=i, **base))
+        texts = [word if i == 0 else " " + word for i, word in enumerate(reply)]
+        if self.holdback:  # chunk i sends word i's id and word i-1's text; the last one flushes
+            texts = ["", *texts[:-2], texts[-2] + texts[-1]] if len(texts) > 1 else texts
+        for i, text in enumerate(texts, 1):
+            out.append(GenerateChunk(text=text, token_ids=[i], completion_tokens=i, **base))
             if i == 1:  # a real worker holds text back at times: an empty chunk
                 out.append(GenerateChunk(completion_tokens=i, **base))
         out[-1].finish_reason = "length" if len(reply) < len(words) else "stop"
+        if req.resume_token_ids:  # continue after the chunk that carried the last resumed id
+            done = len(req.resume_token_ids)
+            sent = [c for c in out if not c.token_ids or c.token_ids[-1] <= done]
+            held = "".join(c.text for c in sent)[req.resume_text_chars or 0 :]
+            out = out[len(sent) :] or [GenerateChunk(finish_reason=out[-1].finish_reason, **base)]
+            out[0] = out[0].model_copy(update={"text": held + out[0].text})
+        if self.resumable:
+            out[0] = out[0].model_copy(update={"prompt_token_ids": self.vocab.ids(words)})
         return out
 
     async def _stream(self, req: GenerateRequest) -> AsyncIterator[bytes]:
@@ -181,7 +242,9 @@ class FakeWorker:
             if self.then == "stall":
                 self.hanging.set()
                 await asyncio.Event().wait()
-            yield chunks[0].to_line()
+            for chunk in chunks[: self.after]:
+                yield chunk.to_line()
+            self.streamed.set()
             if self.then == "error_chunk":
                 err = {"message": "generation failed: engine error", "type": "upstream_error"}
                 yield GenerateChunk(request_id=req.request_id, finish_reason="error", error=err).to_line()
@@ -195,7 +258,9 @@ class FakeWorker:
                 self.hanging.set()
                 await asyncio.Event().wait()
             else:
-                for chunk in chunks[1:]:
+                if self.proceed is not None:
+                    await self.proceed.wait()
+                for chunk in chunks[self.after :]:
                     yield chunk.to_line()
             finished = True
         finally:
@@ -210,7 +275,7 @@ class FakeWorker:
             self.requests.append(req)
             if self.wait_for is not None:
                 await self.wait_for.wait()
-            if not prompt_words(req):
+            if not prompt_words(req, self.vocab):
                 err = {"message": "the prompt is empty", "type": "invalid_request_error", "param": "prompt"}
                 return JSONResponse({"error": {**err, "code": None}}, status_code=400)
             if self.reject is not None:
@@ -218,14 +283,35 @@ class FakeWorker:
                 return JSONResponse(body, status_code=status)
             return StreamingResponse(self._stream(req), media_type="application/x-ndjson")
 
+        @app.get("/ready")
+        async def ready() -> JSONResponse:
+            return JSONResponse({"ready": self.ready}, status_code=200 if self.ready else 503)
+
         return app
 
 
 class FakeController:
     def __init__(self, models: dict[str, list[str]]) -> None:
         self.models = models  # model -> worker addresses (an empty list: listed, but no live worker)
+        self.silent: set[str] = set()  # addresses that stopped heartbeating
+        self.down = False  # refuses connections (see Switchable)
+        self.load: dict[str, int] = {}  # address -> the queue length it reports
+        self._heartbeats: dict[str, float] = {}
         self._turns: dict[str, itertools.count] = {}
         self.app = self._make_app()
+
+    def workers(self) -> list[dict[str, Any]]:
+        names: dict[str, list[str]] = {}
+        for model, addresses in sorted(self.models.items()):
+            for address in addresses:
+                names.setdefault(address, []).append(model)
+        out = []
+        for address, models in names.items():
+            if address not in self.silent or address not in self._heartbeats:
+                self._heartbeats[address] = time.monotonic()
+            status = {"model_names": models, "queue_length": self.load.get(address, 0)}
+            out.append({"address": address, "status": status, "last_heartbeat": self._heartbeats[address]})
+        return out
 
     def _make_app(self) -> FastAPI:
         app = FastAPI()
@@ -240,6 +326,10 @@ class FakeController:
             turn = next(self._turns.setdefault(body["model"], itertools.count()))
             return {"address": addresses[turn % len(addresses)]}
 
+        @app.get("/workers")
+        async def workers() -> dict[str, list[dict[str, Any]]]:
+            return {"workers": self.workers()}
+
         return app
 
 
@@ -253,7 +343,8 @@ class Fleet:
 
     def __post_init__(self) -> None:
         names = sorted({w for ws in self.models.values() for w in ws})
-        self.workers = {name: FakeWorker(name) for name in names}
+        self.vocab = Vocab()
+        self.workers = {name: FakeWorker(name, self.vocab) for name in names}
         self.controller = FakeController({m: [self.workers[w].address for w in ws] for m, ws in self.models.items()})
 
     def all_workers(self, **attrs: Any) -> None:
@@ -262,8 +353,8 @@ class Fleet:
                 setattr(worker, key, value)
 
     def http_client(self) -> httpx.AsyncClient:
-        mounts: dict[str, httpx.AsyncBaseTransport] = {CONTROLLER: StreamingASGITransport(self.controller.app)}
-        mounts |= {w.address: StreamingASGITransport(w.app) for w in self.workers.values()}
+        mounts: dict[str, httpx.AsyncBaseTransport] = {CONTROLLER: Switchable(self.controller)}
+        mounts |= {w.address: Switchable(w) for w in self.workers.values()}
         return httpx.AsyncClient(mounts=mounts, transport=Unreachable())
 
 
@@ -272,7 +363,7 @@ class Fleet:
 
 
 @contextlib.asynccontextmanager
-async def running(app: FastAPI) -> AsyncIterator[ASGIApp]:
+async def running(app: FastAPI) -> AsyncIterator[tuple[ASGIApp, dict[str, Any]]]:
     """Run the app's lifespan (ASGI transports do not) and hand its state to every request, as a server does."""
     async with app.router.lifespan_context(app) as state:
 
@@ -281,7 +372,7 @@ async def running(app: FastAPI) -> AsyncIterator[ASGIApp]:
                 scope = {**scope, "state": dict(state or {})}
             await app(scope, receive, send)
 
-        yield asgi
+        yield asgi, dict(state or {})
 
 
 @dataclass
@@ -290,6 +381,8 @@ class Api:
     raw: httpx.AsyncClient  # plain httpx (buffered)
     openai: openai.AsyncOpenAI  # the official client
     fleet: Fleet
+    app: FastAPI
+    router: Router  # the app's worker view (lifespan state)
 
     def streaming(self, **kw: Any) -> httpx.AsyncClient:
         """An httpx client that streams and can disconnect early."""
@@ -303,12 +396,12 @@ async def serve(fleet: Fleet | None = None, *, api_key: str = "sk-test", **setti
     async with fleet.http_client() as upstream:
         app = create_app(ApiSettings(**settings), http_client=upstream)
         async with (
-            running(app) as asgi,
+            running(app) as (asgi, state),
             httpx.AsyncClient(transport=httpx.ASGITransport(app=asgi), base_url=API) as raw,
             httpx2.AsyncClient(transport=httpx2.ASGITransport(app=asgi), base_url=API) as h2,
         ):
             client = openai.AsyncOpenAI(api_key=api_key, base_url=API + "/v1", http_client=h2, max_retries=0)
-            yield Api(asgi=asgi, raw=raw, openai=client, fleet=fleet)
+            yield Api(asgi=asgi, raw=raw, openai=client, fleet=fleet, app=app, router=state["router"])
 
 
 def assert_error(

@@ -60,6 +60,7 @@ async def test_one_choice_failing_closes_the_others() -> None:
     fleet = Fleet({"echo": ["a", "b"]})
     fleet.workers["a"].then = "hang"
     fleet.workers["b"].then = "error_chunk"
+    fleet.workers["b"].resumable = False  # its failure is final: nothing to resume the choice from
     async with serve(fleet) as api:
         resp = await api.raw.post(
             "/v1/chat/completions", json={"model": "echo", "messages": MESSAGES, "n": 2, "stream": True}
@@ -80,3 +81,33 @@ async def test_early_failure_of_one_choice_closes_the_opened_ones() -> None:
         assert resp.status_code == 400
         (req,) = fleet.workers["a"].requests
         assert fleet.workers["a"].cancelled == [req.request_id]
+
+
+async def test_closing_the_merge_ends_a_pump_that_missed_its_cancellation() -> None:
+    """Before Python 3.12 `asyncio.wait_for` can swallow a cancellation that arrives with its result; a pump that
+    misses its cancellation must still end (it used to block forever on the full queue, and the request with it)."""
+    from lmfleet.api.streaming import merge
+    from lmfleet.protocol.worker import GenerateChunk
+
+    class Stubborn:
+        def __init__(self) -> None:
+            self.closed = False
+
+        async def chunks(self):  # noqa: ANN202
+            yield GenerateChunk(request_id="r", text="first")
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                pass  # swallowed once
+            for _ in range(3):  # more than the queue holds
+                yield GenerateChunk(request_id="r", text="late")
+            await asyncio.Event().wait()
+
+        async def aclose(self) -> None:
+            self.closed = True
+
+    stream = Stubborn()
+    merged = merge([stream])  # type: ignore[list-item]
+    assert (await anext(merged))[1].text == "first"
+    await asyncio.wait_for(merged.aclose(), 10)  # the bound only turns a hang into a failure
+    assert stream.closed

@@ -133,8 +133,13 @@ async def test_model_required_when_several_are_served() -> None:
         assert "echo" in err["message"] and "other" in err["message"]
 
 
-async def test_known_model_without_live_worker_is_503() -> None:
-    async with serve(Fleet({"echo": ["a"], "idle": []})) as api:
+async def test_model_whose_workers_are_gone_is_503_not_404() -> None:
+    """A model served a moment ago whose replicas are all gone (restarting) is a retryable 503."""
+    fleet = Fleet({"echo": ["a"], "idle": ["b"]})
+    async with serve(fleet) as api:
+        assert (await api.raw.post("/v1/chat/completions", json={**CHAT, "model": "idle"})).status_code == 200
+        fleet.controller.models["idle"] = []  # its only worker expired
+        await api.router.refresh()
         resp = await api.raw.post("/v1/chat/completions", json={**CHAT, "model": "idle"})
         assert_error(resp, 503, code="no_worker_available", type_="service_unavailable_error")
         assert resp.headers["retry-after"]
@@ -193,12 +198,14 @@ async def test_worker_at_capacity_is_429_with_retry_after() -> None:
         assert resp.headers["retry-after"]
 
 
-async def test_n_choices_fail_together_before_the_answer_starts() -> None:
+async def test_a_full_worker_is_skipped_for_another() -> None:
     fleet = Fleet({"echo": ["a", "b"]})
     fleet.workers["b"].reject = (429, {"error": {"message": "busy", "type": "rate_limit_error"}})
     async with serve(fleet) as api:
         resp = await api.raw.post("/v1/chat/completions", json={**CHAT, "n": 2, "stream": True})
-        assert_error(resp, 429)
+        assert resp.status_code == 200 and sse_events(resp.text)[-1] == "[DONE]"
+        assert len(fleet.workers["a"].requests) == 2  # both choices ended up on `a`
+        assert not api.router.is_ejected(fleet.workers["b"].address)  # full is not broken
 
 
 @pytest.mark.parametrize("then", ["error_chunk", "abort", "break", "garbage"])

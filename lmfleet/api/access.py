@@ -1,0 +1,95 @@
+"""What the API server lets in: which routes are public, and the per-request limits its operator set by flag.
+
+Owns
+  * `PUBLIC_PATHS`: the only routes reachable without an API key (health, readiness, the docs and the schema).
+    Everything else, including any route added later and any unknown path, needs a key when keys are
+    configured: `needs_key` is a deny-by-default test, so a new route cannot be left open by mistake.
+  * `RequestLimits`: limits the operator may tighten with flags (`--max-n`, `--max-stop`, `--max-stop-chars`,
+    `--max-messages`, `--max-message-chars`), checked after the request is parsed. The ceilings are the
+    `Field()` limits of lmfleet.protocol.openai (what `/openapi.json` documents); a limit can be set lower,
+    never higher. Each refusal is a 400 naming the parameter.
+
+Does not own: comparing keys (the gate in lmfleet.api.app), body size and JSON sanity (lmfleet.guard),
+`max_tokens` against the model's context (the worker knows the context; it answers 400
+context_length_exceeded).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from starlette.types import Scope
+
+from lmfleet import errors
+from lmfleet.protocol.openai import MAX_MESSAGES, MAX_N, MAX_STOP, MAX_STOP_CHARS
+
+# Reachable without a key. The docs page loads its assets from a CDN; `/docs/oauth2-redirect` is part of it.
+PUBLIC_PATHS = frozenset({"/health", "/ready", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+
+DEFAULT_MAX_MESSAGE_CHARS = 1_000_000  # one message's (or prompt's) text; ~250k tokens of English
+
+
+def route_path(scope: Scope) -> str:
+    """The path the router matches (without the `root_path` a proxy may mount the app under)."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root):
+        return path[len(root) :] or "/"
+    return path
+
+
+def needs_key(scope: Scope) -> bool:
+    """Deny by default: only `PUBLIC_PATHS` go without a key."""
+    return route_path(scope) not in PUBLIC_PATHS
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Per-request limits, each at most the protocol's ceiling (ValueError otherwise)."""
+
+    max_n: int = MAX_N  # choices per prompt
+    max_stop: int = MAX_STOP  # stop sequences per request
+    max_stop_chars: int = MAX_STOP_CHARS  # characters per stop sequence
+    max_messages: int = MAX_MESSAGES  # chat messages per request
+    max_message_chars: int = DEFAULT_MAX_MESSAGE_CHARS  # characters of one message's content, or one prompt
+
+    def __post_init__(self) -> None:
+        ceilings = {
+            "max_n": MAX_N,
+            "max_stop": MAX_STOP,
+            "max_stop_chars": MAX_STOP_CHARS,
+            "max_messages": MAX_MESSAGES,
+        }
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{f.name} must be a positive integer, got {value!r}")
+            if f.name in ceilings and value > ceilings[f.name]:
+                raise ValueError(f"{f.name} can be at most {ceilings[f.name]}, got {value}")
+
+    def check(self, body: Any) -> None:
+        """InvalidRequest naming the parameter when a parsed ChatCompletionRequest / CompletionRequest passes a
+        limit. The models' own Field limits have already held."""
+        if body.n > self.max_n:
+            raise _over("n", f"at most {self.max_n} choices per request, got {body.n}")
+        stop = body.stop or []
+        if len(stop) > self.max_stop:
+            raise _over("stop", f"at most {self.max_stop} stop sequences, got {len(stop)}")
+        for i, s in enumerate(stop):
+            if len(s) > self.max_stop_chars:
+                raise _over(f"stop.{i}", f"a stop sequence has at most {self.max_stop_chars} characters")
+        messages = getattr(body, "messages", None)
+        if messages is not None:
+            if len(messages) > self.max_messages:
+                raise _over("messages", f"at most {self.max_messages} messages, got {len(messages)}")
+            for i, m in enumerate(messages):
+                if m.content is not None and len(m.content) > self.max_message_chars:
+                    raise _over(f"messages.{i}.content", f"a message has at most {self.max_message_chars} characters")
+        for prompt in getattr(body, "prompt", None) or []:
+            if isinstance(prompt, str) and len(prompt) > self.max_message_chars:
+                raise _over("prompt", f"a prompt has at most {self.max_message_chars} characters")
+
+
+def _over(param: str, why: str) -> errors.InvalidRequest:
+    return errors.InvalidRequest(f"{param}: {why} on this server", param=param)

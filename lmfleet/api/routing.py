@@ -1,0 +1,275 @@
+"""Which worker serves a request: the API server's cached view of the fleet, passive health and local dispatch.
+
+Owns
+  * the view: every live worker as the controller's `GET /workers` lists it, refreshed every
+    `refresh_interval_s` by `run()` (in the app's lifespan) and on demand when a request names a model the view
+    does not know. With several controllers the one that answered last is asked first, then the others; the first
+    answer wins. When none answers the last view stays in use, so the fleet keeps serving while its controllers
+    are down (`controller_up` turns False and the event is logged once).
+  * passive health: a worker that refuses a connection or fails a request is ejected at once (`eject`). It is
+    readmitted once `eject_backoff_s` has passed *and* the controller has received a heartbeat from it since the
+    ejection: the first refresh after the ejection notes its `last_heartbeat`, a later one must show another (a
+    dead or frozen worker keeps its last heartbeat until the controller expires it; a restarted one registers
+    afresh). While no controller answers, an ejected worker is probed on `GET /ready` after the back-off instead.
+  * the pick (`acquire`): a `lmfleet.controller.dispatch` policy over the healthy workers of the model not yet
+    tried for this request, with the requests this server has open on each worker (its `Lease`s) counted as load,
+    since a worker's own report is up to a heartbeat plus a refresh old. When every worker of the model is
+    ejected they are all candidates again: an attempt beats a certain 503 (Envoy calls this panic routing).
+  * which model names exist: those of the workers in the view; a model that was served within `model_memory_s`
+    and has no worker now is 503 no_worker_available (its replicas are restarting: retry), any other 404.
+
+Does not own: the HTTP calls (lmfleet.client), retrying, resuming and timeouts (lmfleet.api.streaming), the
+controller's registry. The clock and the random source are injected so tests drive them. Never imports torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+
+from lmfleet import errors
+from lmfleet.client import ControllerClient, WorkerClient
+from lmfleet.controller.dispatch import DEFAULT_POLICY, Policy, get_policy, load
+from lmfleet.protocol.worker import WorkerInfo
+
+logger = logging.getLogger("lmfleet.api")
+
+PROBE_TIMEOUT_S = 2.0  # a probe of an ejected worker while the controllers are down
+
+
+@dataclass
+class Ejection:
+    since: float  # router clock
+    reason: str
+    heartbeat: float | None = None  # its `last_heartbeat` at the first refresh after the ejection...
+    source: str | None = None  # ...as that controller reported it (another controller's clock is not comparable)
+
+
+class Lease:
+    """One request's hold on a worker: it counts as load on that worker until `release()` (idempotent)."""
+
+    __slots__ = ("address", "_release")
+
+    def __init__(self, address: str, release: Callable[[str], None]) -> None:
+        self.address = address
+        self._release: Callable[[str], None] | None = release
+
+    def release(self) -> None:
+        if self._release is not None:
+            release, self._release = self._release, None
+            release(self.address)
+
+
+class Router:
+    """The cached view of the fleet and the pick of a worker per request. One per API server, made in the
+    lifespan; `run()` keeps the view fresh until cancelled."""
+
+    def __init__(
+        self,
+        controllers: Sequence[ControllerClient],
+        workers: WorkerClient,
+        *,
+        policy: str = DEFAULT_POLICY,
+        refresh_interval_s: float = 1.0,
+        eject_backoff_s: float = 1.0,
+        model_memory_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not controllers:
+            raise ValueError("a router needs at least one controller")
+        self._controllers = list(controllers)
+        self._workers = workers
+        self._policy: Policy = get_policy(policy)
+        self.refresh_interval_s = refresh_interval_s
+        self.eject_backoff_s = eject_backoff_s
+        self.model_memory_s = model_memory_s
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._view: list[WorkerInfo] | None = None  # None until some controller has answered once
+        self._ejected: dict[str, Ejection] = {}
+        self._open: Counter[str] = Counter()  # leases per worker address
+        self._seen: dict[str, float] = {}  # model -> when the view last had a worker for it
+        self._refreshing: asyncio.Future[None] | None = None
+        self._last_attempt = -math.inf
+        self.controller_up: bool | None = None  # None: not asked yet
+
+    # -- the view ------------------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Refresh the view every `refresh_interval_s`, forever (cancel to stop)."""
+        while True:
+            await self.refresh()
+            await asyncio.sleep(self.refresh_interval_s)
+
+    async def refresh(self, *, max_age_s: float = 0.0) -> None:
+        """Ask the controllers for the workers now, unless the last attempt started less than `max_age_s` ago.
+        Concurrent callers share one attempt. Never raises: a failure keeps the last view."""
+        if self._refreshing is None:
+            if self._clock() - self._last_attempt < max_age_s:
+                return
+            self._last_attempt = self._clock()
+            self._refreshing = asyncio.ensure_future(self._refresh_once())
+            self._refreshing.add_done_callback(self._refreshed)
+        await asyncio.shield(self._refreshing)
+
+    def _refreshed(self, _task: asyncio.Future[None]) -> None:
+        self._refreshing = None
+
+    async def _refresh_once(self) -> None:
+        try:
+            fetched = await self._fetch()
+            if fetched is not None:
+                self._apply(*fetched)
+            elif self._view is not None:
+                await self._probe_ejected()
+        except Exception:  # a bug here must not stop the refresh loop, nor fail the request that asked
+            logger.exception("refreshing the worker view failed")
+
+    async def _fetch(self) -> tuple[str, list[WorkerInfo]] | None:
+        for controller in list(self._controllers):
+            try:
+                view = await controller.workers()
+            except (errors.LmfleetError, ValueError, KeyError) as exc:
+                logger.debug("controller %s: %s", controller.address, exc)
+                continue
+            if self._controllers[0] is not controller:  # ask the one that answers first next time
+                self._controllers.remove(controller)
+                self._controllers.insert(0, controller)
+            if self.controller_up is not True:
+                logger.info("worker view from controller %s: %d worker(s)", controller.address, len(view))
+            self.controller_up = True
+            return controller.address, view
+        if self.controller_up is not False:
+            logger.warning(
+                "no controller answers (%s); serving from the last known view of %d worker(s)",
+                ", ".join(c.address for c in self._controllers),
+                len(self._view or []),
+            )
+        self.controller_up = False
+        return None
+
+    def _apply(self, source: str, view: list[WorkerInfo]) -> None:
+        now = self._clock()
+        listed = {w.address: w for w in view}
+        for address, ejection in list(self._ejected.items()):
+            info = listed.get(address)
+            if info is None:  # the controller forgot it (expired, unregistered): a new registration is fresh
+                del self._ejected[address]
+            elif ejection.heartbeat is None or ejection.source != source:
+                ejection.heartbeat, ejection.source = info.last_heartbeat, source
+            elif now - ejection.since >= self.eject_backoff_s and info.last_heartbeat != ejection.heartbeat:
+                del self._ejected[address]
+                logger.info("readmitted worker %s: it heartbeats again", address)
+        for info in view:
+            for name in info.status.model_names:
+                self._seen[name] = now
+        self._view = view
+
+    async def _probe_ejected(self) -> None:
+        now = self._clock()
+        due = [a for a, e in self._ejected.items() if now - e.since >= self.eject_backoff_s]
+        if not due:
+            return
+        answers = await asyncio.gather(*(self._workers.ready(a, timeout=PROBE_TIMEOUT_S) for a in due))
+        for address, ready in zip(due, answers, strict=True):
+            if ready and address in self._ejected:
+                del self._ejected[address]
+                logger.info("readmitted worker %s: it answers /ready (no controller to ask)", address)
+
+    # -- health --------------------------------------------------------------------------------------------------
+
+    def eject(self, address: str, reason: str) -> None:
+        """Take a worker out of rotation now (it refused a connection, failed, hung, or is draining)."""
+        if address not in self._ejected:
+            logger.warning("ejected worker %s: %s", address, reason)
+        self._ejected[address] = Ejection(since=self._clock(), reason=reason)
+
+    def is_ejected(self, address: str) -> bool:
+        return address in self._ejected
+
+    # -- reads ---------------------------------------------------------------------------------------------------
+
+    @property
+    def loaded(self) -> bool:
+        """True once some controller has answered."""
+        return self._view is not None
+
+    def workers(self) -> list[WorkerInfo]:
+        """Every worker in the view, ejected ones included."""
+        return list(self._view or [])
+
+    def healthy(self) -> list[WorkerInfo]:
+        return [w for w in self._view or [] if w.address not in self._ejected]
+
+    def open_requests(self, address: str) -> int:
+        return self._open[address]
+
+    async def models(self) -> list[str]:
+        """Every model some worker in the view serves, sorted. ServiceUnavailable while no controller has ever
+        answered."""
+        await self._ensure_loaded()
+        return sorted({name for w in self._view or [] for name in w.status.model_names})
+
+    async def _ensure_loaded(self) -> None:
+        if self._view is None:
+            await self.refresh(max_age_s=0.2)
+        if self._view is None:
+            raise errors.ServiceUnavailable(
+                "The controller is unreachable and no worker is known yet; retry later.", headers={"Retry-After": "1"}
+            )
+
+    def _serving(self, model: str) -> list[WorkerInfo]:
+        return [w for w in self._view or [] if model in w.status.model_names]
+
+    async def acquire(self, model: str, exclude: Collection[str] = ()) -> Lease | None:
+        """A lease on the worker to send a request for `model` to, among those not in `exclude` (the ones this
+        request already tried); None when every worker of the model is excluded. Raises ModelNotFound (404) for a
+        model nobody serves, NoWorkerAvailable (503) for one whose workers have all gone in the last
+        `model_memory_s`, ServiceUnavailable (503) while no controller has ever answered."""
+        await self._ensure_loaded()
+        serving = self._serving(model)
+        if not serving:  # perhaps a worker registered since the last refresh
+            await self.refresh(max_age_s=0.2)
+            serving = self._serving(model)
+        if not serving:
+            seen = self._seen.get(model)
+            if seen is not None and self._clock() - seen <= self.model_memory_s:
+                raise errors.NoWorkerAvailable(
+                    f"No worker for the model `{model}` is available right now; retry later.",
+                    headers={"Retry-After": "1"},
+                )
+            raise errors.ModelNotFound(f"The model `{model}` does not exist.", param="model")
+        candidates = [w for w in serving if w.address not in exclude]
+        if not candidates:
+            return None
+        healthy = [w for w in candidates if w.address not in self._ejected]
+        chosen = self._policy([self._counting_own(w) for w in healthy or candidates], self._rng)
+        self._open[chosen.address] += 1
+        return Lease(chosen.address, self._release)
+
+    def _release(self, address: str) -> None:
+        self._open[address] -= 1
+        if self._open[address] <= 0:
+            del self._open[address]
+
+    def _counting_own(self, info: WorkerInfo) -> WorkerInfo:
+        """The worker as the policy should see it: at least as loaded as the requests we have open on it."""
+        mine = self._open[info.address]
+        if mine <= load(info.status):
+            return info
+        return info.model_copy(update={"status": info.status.model_copy(update={"queue_length": mine})})
+
+    async def aclose(self) -> None:
+        """Cancel a refresh in flight (the lifespan's end)."""
+        if self._refreshing is not None:
+            self._refreshing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refreshing
