@@ -113,12 +113,15 @@ class ControllerClient:
 class WorkerClient:
     """Talks to any worker; the address is per call because the API server picks a worker per request."""
 
-    def __init__(self, http: httpx.AsyncClient) -> None:
+    def __init__(self, http: httpx.AsyncClient, *, secret: str | None = None) -> None:
         self.http = http
+        self._headers = _auth(secret)  # the fleet's shared secret, when the workers require it
 
     async def status(self, address: str) -> WorkerStatus:
         try:
-            resp = await self.http.get(address.rstrip("/") + "/worker/status", timeout=CONTROL_TIMEOUT)
+            resp = await self.http.get(
+                address.rstrip("/") + "/worker/status", headers=self._headers, timeout=CONTROL_TIMEOUT
+            )
         except httpx.HTTPError as exc:
             raise _unreachable(errors.UpstreamError, "worker", address, exc) from exc
         await _raise_for_error(resp)
@@ -138,7 +141,8 @@ class WorkerClient:
         the worker treats as a cancel."""
         url = address.rstrip("/") + "/worker/generate"
         try:
-            async with self.http.stream("POST", url, json=request.model_dump(exclude_none=True)) as resp:
+            body = request.model_dump(exclude_none=True)
+            async with self.http.stream("POST", url, json=body, headers=self._headers) as resp:
                 await _raise_for_error(resp)
                 async for line in resp.aiter_lines():
                     if line:

@@ -12,6 +12,10 @@ message says what is wrong; it quotes nothing from the body but a duplicated key
 
 `check_json(body)` is the same check as a plain function (tests, and any caller that already holds a body).
 
+`BearerSecrets` is the one comparison of `Authorization: Bearer <token>` against configured secrets (API keys,
+the fleet's registration secret): over SHA-256 digests with `hmac.compare_digest` and no short-circuit, so
+neither a secret's content nor its length shows in the timing.
+
 Does not own: what the fields mean or their limits (pydantic models in lmfleet.protocol parse the body again,
 once it is known to be sane; NaN and Infinity, which Python's JSON accepts, are left to them, so the 400 names
 the parameter), authentication (the API server's key gate runs before this, so an unauthenticated
@@ -24,9 +28,11 @@ not JSON (or empty) pass untouched.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from email.message import Message as _ContentType
 from typing import Any
 
@@ -35,6 +41,24 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmfleet import errors
+
+
+class BearerSecrets:
+    """Does a request's Authorization header carry one of these secrets? Holds digests, never the secrets."""
+
+    def __init__(self, secrets: Sequence[str]) -> None:
+        self._digests = [hashlib.sha256(s.encode("utf-8")).digest() for s in secrets]
+
+    def __bool__(self) -> bool:
+        return bool(self._digests)
+
+    def match(self, authorization: str | None) -> bool:
+        scheme, _, token = (authorization or "").partition(" ")
+        # latin-1 undoes the header decoding, so the comparison is over the bytes the client sent
+        presented = hashlib.sha256(token.strip().encode("latin-1", "replace")).digest()
+        matches = [hmac.compare_digest(presented, d) for d in self._digests]  # no short-circuit
+        return scheme.lower() == "bearer" and any(matches)
+
 
 DEFAULT_MAX_DEPTH = 32  # an OpenAI chat body nests 4 deep; tool schemas (not supported yet) rarely pass 10
 _BOM = b"\xef\xbb\xbf"

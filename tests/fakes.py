@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,8 +35,9 @@ class ByteTokenizer:
 class ScriptedEngine:
     """Answers every prompt with `script` (as bytes), one token per step, then end-of-sequence."""
 
-    def __init__(self, script: str = "Hello wörld 🙂 again.", max_model_len: int = 256) -> None:
+    def __init__(self, script: str = "Hello wörld 🙂 again.", max_model_len: int = 256, step_s: float = 0.0) -> None:
         self.script = list(script.encode())
+        self.step_s = step_s  # a pause per step, so requests stay running while a test looks at them
         self._max_len = max_model_len
         self.running: dict[str, tuple[EngineRequest, int]] = {}
         self.aborted: set[str] = set()
@@ -57,6 +59,8 @@ class ScriptedEngine:
 
     def step(self) -> list[EngineOutput]:
         self.steps += 1
+        if self.step_s:
+            time.sleep(self.step_s)
         outs = []
         for rid, (req, n) in list(self.running.items()):
             if rid in self.aborted:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import ipaddress
 import logging
 import random
@@ -55,7 +54,7 @@ from lmfleet import errors
 from lmfleet.client import CONTROL_TIMEOUT, make_http_client
 from lmfleet.controller.dispatch import DEFAULT_POLICY, Policy, get_policy
 from lmfleet.controller.registry import Registry
-from lmfleet.guard import RequestGuard
+from lmfleet.guard import BearerSecrets, RequestGuard
 from lmfleet.protocol.worker import (
     HeartbeatRequest,
     HeartbeatResponse,
@@ -172,11 +171,6 @@ def host_allowed(address: str, networks: Sequence[IPNetwork]) -> bool:
     return False
 
 
-def _bearer_token(request: Request) -> str | None:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else None
-
-
 async def fetch_worker_status(http: httpx.AsyncClient, address: str) -> WorkerStatus:
     """FastChat's `POST {address}/worker_get_status`, for a worker that registered without a status."""
 
@@ -256,13 +250,10 @@ def create_app(
                 state.http = None
                 await owned.aclose()
 
+    secret = BearerSecrets([settings.registration_secret] if settings.registration_secret else [])
+
     def require_secret(request: Request) -> None:
-        secret = settings.registration_secret
-        if secret is None:
-            return
-        token = _bearer_token(request)
-        # latin-1 undoes the header decoding, so the comparison is over the bytes the worker sent
-        if token is None or not hmac.compare_digest(token.encode("latin-1", "replace"), secret.encode("utf-8")):
+        if secret and not secret.match(request.headers.get("authorization")):
             client = request.client.host if request.client else "?"
             logger.warning("refused %s from %s: missing or wrong registration secret", request.url.path, client)
             raise errors.AuthenticationFailed(

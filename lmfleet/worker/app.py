@@ -28,14 +28,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from lmfleet import errors
 from lmfleet.client import ControllerClient, make_http_client
 from lmfleet.engine.base import Engine, EngineOutput, EngineRequest, FinishReason, SamplingParams
 from lmfleet.engine.runner import AsyncEngine
-from lmfleet.guard import RequestGuard
+from lmfleet.guard import BearerSecrets, RequestGuard
 from lmfleet.protocol.worker import GenerateChunk, GenerateRequest, WorkerStatus
 from lmfleet.worker import textgen
 
@@ -363,7 +363,16 @@ def create_app(
 
     app.state.drain = drain
 
-    @app.post("/worker/generate")
+    secret = BearerSecrets([settings.registration_secret] if settings.registration_secret else [])
+
+    def require_secret(request: Request) -> None:
+        """With a fleet secret configured, only callers holding it (the API servers) may generate."""
+        if secret and not secret.match(request.headers.get("authorization")):
+            raise errors.AuthenticationFailed(
+                "this worker requires the fleet secret: send 'Authorization: Bearer <secret>'"
+            )
+
+    @app.post("/worker/generate", dependencies=[Depends(require_secret)])
     async def generate(body: GenerateRequest, request: Request) -> StreamingResponse:
         worker = worker_of(request)
         first, rest = await worker.generate(body)

@@ -126,7 +126,9 @@ def test_no_secret_in_any_log_or_response(fleet: Fleet) -> None:
     # the worker's own routes
     assert call("GET", wrk + "/worker/status").status_code == 200
     assert call("POST", wrk + "/worker_get_status").status_code == 200
-    error_of(call("POST", wrk + "/worker/generate", json={"request_id": "x"}), 400)
+    error_of(call("POST", wrk + "/worker/generate", json={"request_id": "x"}), 401)  # generating needs the secret
+    error_of(call("POST", wrk + "/worker/generate", json={"request_id": "x"}, headers=bearer(WRONG_SECRET)), 401)
+    error_of(call("POST", wrk + "/worker/generate", json={"request_id": "x"}, headers=bearer(SECRET)), 400)
 
     # whatever /metrics each process has (none yet: then a 404, or a 401 behind the API key)
     for base, headers in ((api, good), (ctl, {}), (wrk, {})):

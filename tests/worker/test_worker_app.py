@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from lmfleet.worker.app import WorkerSettings, create_app
+from tests.api.fakes import StreamingASGITransport
 from tests.fakes import ByteTokenizer, ScriptedEngine
 
 SCRIPT = "Hello wörld 🙂 again."
@@ -22,7 +23,7 @@ async def worker() -> AsyncIterator[tuple[httpx.AsyncClient, ScriptedEngine]]:
                               max_queued=4)
     app = create_app(settings, load=lambda _s: (engine, ByteTokenizer()), engine_name="scripted")
     async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://worker") as client:
+        async with httpx.AsyncClient(transport=StreamingASGITransport(app), base_url="http://worker") as client:
             yield client, engine
 
 
@@ -120,3 +121,20 @@ async def test_status_routes(worker) -> None:
     fastchat = (await client.post("/worker_get_status")).json()
     assert fastchat == {"model_names": ["fake"], "speed": 1.0, "queue_length": 0}
     assert (await client.get("/ready")).json() == {"status": "ready"}
+
+
+async def test_a_full_queue_is_a_429_with_retry_after_at_once(worker) -> None:
+    client, engine = worker
+    engine.step_s = 0.01
+    body = {"prompt": "x", "ignore_eos": True, "max_tokens": 200}
+    streams = [client.stream("POST", "/worker/generate", json={"request_id": f"r{i}", **body}) for i in range(4)]
+    responses = [await s.__aenter__() for s in streams]  # four running: the worker's limit
+    try:
+        assert all(r.status_code == 200 for r in responses)
+        resp = await client.post("/worker/generate", json={"request_id": "r5", **body})
+        assert resp.status_code == 429
+        assert resp.json()["error"]["type"] == "rate_limit_error" and int(resp.headers["retry-after"]) >= 1
+    finally:
+        for s in streams:
+            await s.__aexit__(None, None, None)
+    assert await settles(lambda: not engine.running)  # the hung-up streams were aborted
