@@ -300,6 +300,7 @@ class TransformersEngine:
                 mask = (position_ids >= pad_t).long()
                 position_ids = (position_ids - pad_t).clamp(min=0)
             cache = DynamicCache(config=self._model.config)
+            cache.layers = [_GrowingLayer() for _ in cache.layers]
             out = self._model(
                 input_ids=ids,
                 attention_mask=mask,
@@ -427,6 +428,48 @@ class TransformersEngine:
                 [p + width - w_old for p in old.pads] + [p + width - w_new for p in new.pads],
             )
         self._greedy_batch = _all_greedy(self._batch.rows)
+
+
+class _GrowingLayer(DynamicLayer):
+    """A DynamicLayer whose keys/values are views into a buffer with spare columns.
+
+    `DynamicLayer.update` concatenates, copying the whole cache of every layer at every decode step (about a tenth
+    of a step here); this one writes the new column in place and copies only when the buffer is full, or after the
+    engine has replaced `keys`/`values` (rows merged, dropped or trimmed), when it adopts them into a new buffer.
+    """
+
+    SPARE = 64  # columns added per reallocation
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._kbuf: torch.Tensor | None = None
+        self._vbuf: torch.Tensor | None = None
+        self._used = 0
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        new = key_states.shape[-2]
+        kbuf, vbuf = self._kbuf, self._vbuf
+        adopted = kbuf is not None and self.keys.data_ptr() == kbuf.data_ptr() and self.keys.shape[-2] == self._used
+        if kbuf is None or vbuf is None or not adopted or self._used + new > kbuf.shape[-2]:
+            old_k = self.keys if self.keys.numel() else key_states[..., :0, :]
+            old_v = self.values if self.values.numel() else value_states[..., :0, :]
+            used = old_k.shape[-2]
+            b, h, _, _ = key_states.shape
+            kbuf = key_states.new_empty((b, h, used + new + self.SPARE, key_states.shape[-1]))
+            vbuf = value_states.new_empty((b, h, used + new + self.SPARE, value_states.shape[-1]))
+            kbuf[..., :used, :] = old_k
+            vbuf[..., :used, :] = old_v
+            self._kbuf, self._vbuf, self._used = kbuf, vbuf, used
+        kbuf[..., self._used : self._used + new, :] = key_states
+        vbuf[..., self._used : self._used + new, :] = value_states
+        self._used += new
+        self.keys = kbuf[..., : self._used, :]
+        self.values = vbuf[..., : self._used, :]
+        return self.keys, self.values
 
 
 def _ids(value: Any) -> tuple[int, ...]:
