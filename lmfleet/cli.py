@@ -61,6 +61,29 @@ def add_controller_args(p: argparse.ArgumentParser) -> None:
                    help="comma-separated CIDRs workers may register from, e.g. 10.0.0.0/8,127.0.0.0/8")
 
 
+_FASTCHAT_SWITCHES = {"--load-8bit", "--cpu-offloading", "--embed-in-truncate", "--debug", "--allow-credentials"}
+
+
+def _fastchat_ignored(p: argparse.ArgumentParser, *flags: str) -> None:
+    """FastChat flags with no lmfleet meaning: accepted, so a FastChat command line still starts, and reported
+    once at start-up (`warn_ignored`)."""
+    g = p.add_argument_group("FastChat flags accepted and ignored")
+    for flag in flags:
+        dest = "ignored_" + flag.lstrip("-").replace("-", "_")
+        if flag in _FASTCHAT_SWITCHES:
+            g.add_argument(flag, dest=dest, action="store_true", help=argparse.SUPPRESS)
+        else:
+            g.add_argument(flag, dest=dest, default=None, help=argparse.SUPPRESS)
+
+
+def warn_ignored(args: argparse.Namespace) -> None:
+    for name, value in vars(args).items():
+        if name.startswith("ignored_") and value not in (None, False):
+            flag = "--" + name.removeprefix("ignored_").replace("_", "-")
+            note = " (the model's own chat template is used)" if flag == "--conv-template" else ""
+            logging.getLogger("lmfleet").warning("%s is a FastChat flag lmfleet ignores%s", flag, note)
+
+
 def add_worker_args(p: argparse.ArgumentParser, *, serve: bool = False) -> None:
     if not serve:
         _common(p, 21002)
@@ -83,13 +106,14 @@ def add_worker_args(p: argparse.ArgumentParser, *, serve: bool = False) -> None:
                    help="requests running + queued before the worker answers 429")
     p.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + output tokens")
     p.add_argument("--heartbeat-interval", type=float, default=2.0)
-    p.add_argument("--conv-template", default=None, help="accepted for FastChat compatibility; the model's own "
-                   "chat template is always used")
+    _fastchat_ignored(p, "--conv-template", "--num-gpus", "--gpus", "--max-gpu-memory", "--stream-interval",
+                      "--seed", "--load-8bit", "--cpu-offloading", "--embed-in-truncate", "--debug")
 
 
 def add_api_args(p: argparse.ArgumentParser, *, serve: bool = False) -> None:
     if not serve:
         _common(p, 8000)
+        _fastchat_ignored(p, "--allow-credentials", "--allowed-methods", "--allowed-headers")
         p.add_argument("--controller-address", default=DEFAULT_CONTROLLER, help="controller URL(s), comma-separated; "
                        "the first that answers gives the list of workers, which is kept while none answers")
         _secret_flag(p)
@@ -208,8 +232,6 @@ def run_controller(args: argparse.Namespace) -> int:
 def worker_settings(args: argparse.Namespace, **overrides: object):  # -> WorkerSettings
     from lmfleet.worker.app import WorkerSettings
 
-    if args.conv_template:
-        logging.getLogger("lmfleet").warning("--conv-template is ignored: the model's chat template is used")
     fields = dict(
         model_path=args.model_path,
         model_names=args.model_names,
@@ -318,6 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per internal request drowns the log
+    warn_ignored(args)
     return RUNNERS[args.command](args)
 
 
