@@ -94,12 +94,28 @@ def plan(args: argparse.Namespace) -> list[list[str]]:
     return cmds
 
 
+def served_names(cmds: list[list[str]]) -> set[str]:
+    """The model names the workers in `cmds` (from `plan`) will register: `--model-names`, else `--model-path`.
+    Two workers may serve the same name (replicas), so the API lists each name once."""
+    names: set[str] = set()
+    for cmd in cmds:
+        if "--model-names" in cmd:
+            names.update(cli._csv(cmd[cmd.index("--model-names") + 1]))
+        elif "--model-path" in cmd:
+            names.add(cmd[cmd.index("--model-path") + 1])
+    return names
+
+
 def _wait_ready(
-    api_url: str, procs: list[subprocess.Popen], key: str | None, stopping: Callable[[], bool], timeout_s: float = 600
+    api_url: str,
+    procs: list[subprocess.Popen],
+    key: str | None,
+    stopping: Callable[[], bool],
+    expected: set[str],
+    timeout_s: float = 600,
 ) -> list[str] | None:
-    """Wait until the API lists a model from every worker; fail fast if a child dies. None: asked to stop."""
+    """Wait until the API lists every model name in `expected`; fail fast if a child dies. None: asked to stop."""
     deadline = time.monotonic() + timeout_s
-    expected = len(procs) - 2
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     while time.monotonic() < deadline:
         if stopping():
@@ -108,7 +124,7 @@ def _wait_ready(
             raise SystemExit("lmfleet serve: a process exited during start-up (see its log above)")
         try:
             models = httpx.get(api_url + "/v1/models", headers=headers, timeout=2).json().get("data", [])
-            if len(models) >= expected:
+            if expected <= {m["id"] for m in models}:
                 return [m["id"] for m in models]
         except (httpx.HTTPError, ValueError):
             pass
@@ -137,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
             procs.append(subprocess.Popen(cmd, env=env))
         host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         api_url = f"http://{host}:{args.port}"
-        names = _wait_ready(api_url, procs, keys[0] if keys else None, lambda: stopping)
+        names = _wait_ready(api_url, procs, keys[0] if keys else None, lambda: stopping, served_names(cmds))
         if names is None:
             return 0
         print(f"\nlmfleet is serving {', '.join(names)} at {api_url}/v1  (Ctrl-C stops everything)\n", flush=True)

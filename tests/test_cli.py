@@ -43,3 +43,27 @@ def test_fastchat_api_and_controller_command_lines_parse() -> None:
 def test_tls_is_not_silently_ignored() -> None:
     with pytest.raises(SystemExit):  # FastChat's --ssl would mean TLS; lmfleet expects a terminator in front
         cli.build_parser().parse_args(["api", "--ssl"])
+
+
+def test_serve_waits_for_model_names_not_a_count_of_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two replicas of one model register one name: `serve` must not wait for a second name that never comes."""
+    from lmfleet import serve
+
+    parse = cli.build_parser().parse_args
+    named = parse(["serve", "--model-path", "/m/a", "--model-names", "x,y", "--model-path", "/m/b"])
+    assert serve.served_names(serve.plan(named)) == {"x", "y", "/m/b"}
+    replicas = parse(["serve", "--model-path", "/m/a", "--model-path", "/m/a"])
+    expected = serve.served_names(serve.plan(replicas))
+    assert expected == {"/m/a"}
+
+    class Listing:
+        def json(self) -> dict:
+            return {"data": [{"id": "/m/a"}]}
+
+    class Alive:
+        def poll(self) -> None:
+            return None
+
+    monkeypatch.setattr(serve.httpx, "get", lambda *a, **k: Listing())
+    procs = [Alive() for _ in range(4)]  # controller, two workers, API server
+    assert serve._wait_ready("http://api", procs, None, lambda: False, expected, timeout_s=5) == ["/m/a"]

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from lmfleet.errors import InvalidRequest
+
 # Used when a model ships no chat template: one "role: content" line per message, then "assistant:".
 FALLBACK_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -49,14 +51,20 @@ def render_chat(
     kwargs: dict[str, Any] = {}
     if not getattr(tokenizer, "chat_template", None):
         kwargs["chat_template"] = FALLBACK_TEMPLATE
-    ids = tokenizer.apply_chat_template(
-        messages,
-        add_generation_prompt=add_generation_prompt,
-        tokenize=True,
-        return_dict=False,
-        sanitize_control_tokens=True,
-        **kwargs,
-    )
+    from jinja2 import TemplateError
+
+    try:
+        ids = tokenizer.apply_chat_template(
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=True,
+            return_dict=False,
+            sanitize_control_tokens=True,
+            **kwargs,
+        )
+    except TemplateError as exc:  # the template refuses these messages (roles, order): the client's mistake
+        message = f"the model's chat template cannot render these messages: {exc}"
+        raise InvalidRequest(message, param="messages") from exc
     return list(ids)
 
 

@@ -301,3 +301,11 @@ async def test_cors_only_when_origins_are_set() -> None:
     async with serve() as api:
         resp = await api.raw.post("/v1/chat/completions", json=CHAT, headers={"Origin": "https://app.example"})
         assert "access-control-allow-origin" not in resp.headers
+
+
+async def test_echo_with_token_id_prompts_is_refused_not_ignored() -> None:
+    from lmfleet.protocol.openai import CompletionRequest
+
+    with pytest.raises(ValueError, match="echo"):
+        CompletionRequest.model_validate({"model": "m", "prompt": [1, 2, 3], "echo": True})
+    assert CompletionRequest.model_validate({"model": "m", "prompt": "ab", "echo": True}).echo

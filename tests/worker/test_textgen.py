@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from lmfleet.errors import InvalidRequest
 from lmfleet.worker.textgen import IncrementalDetokenizer, StopStrings, TextStream, render_chat
 from tests.fakes import ByteTokenizer
 
@@ -99,3 +100,23 @@ def test_users_cannot_forge_control_tokens_in_a_real_chat_template(tiny_models) 
     im_start = tok.convert_tokens_to_ids("<|im_start|>")
     assert forged.count(im_start) == honest.count(im_start) == 2  # the user turn and the assistant prompt
     assert "<|im_start|>system" in tok.decode(forged)
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "system", "content": "be brief"}],  # the template raises: it wants a user turn first
+        [{"role": "user", "content": "hi"}, {"role": "assistant"}],  # no content: undefined in the template
+    ],
+)
+def test_messages_a_chat_template_refuses_are_a_400_not_a_500(tiny_models, messages) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["alpha"])
+    tok.chat_template = (
+        "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversations must start with a user turn') }}"
+        "{% endif %}" + tok.chat_template
+    )
+    with pytest.raises(InvalidRequest) as err:
+        render_chat(tok, messages)
+    assert err.value.status == 400 and err.value.param == "messages"
