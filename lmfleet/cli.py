@@ -117,21 +117,25 @@ def add_api_args(p: argparse.ArgumentParser, *, serve: bool = False) -> None:
         p.add_argument("--controller-address", default=DEFAULT_CONTROLLER, help="controller URL(s), comma-separated; "
                        "the first that answers gives the list of workers, which is kept while none answers")
         _secret_flag(p)
-        _limit_flags(p)
         p.add_argument("--dispatch-method", default="shortest_queue",
                        help="how a worker is picked from the API server's view: shortest_queue (default) or lottery")
-        p.add_argument("--first-token-timeout", type=float, default=60.0, help="seconds a worker may take to send "
-                       "its first chunk (queue + prefill) before the request moves to another worker")
-        p.add_argument("--inter-token-timeout", type=float, default=30.0, help="seconds a worker may stay silent "
-                       "mid-stream before the generation is resumed on another worker")
         p.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM the server answers new "
                        "requests 503; running ones get this many seconds to finish")
+    _limit_flags(p)
+    p.add_argument("--first-token-timeout", type=float, default=60.0, help="seconds a worker may take to send "
+                   "its first chunk (queue + prefill) before the request moves to another worker")
+    p.add_argument("--inter-token-timeout", type=float, default=30.0, help="seconds a worker may stay silent "
+                   "mid-stream before the generation is resumed on another worker")
     p.add_argument("--api-keys", default=None, help="comma-separated keys clients must send as Bearer tokens "
                    "(also $LMFLEET_API_KEYS; prefer --api-key-file to keep keys out of `ps`)")
     p.add_argument("--api-key-file", default=None, help="file with one API key per line")
     p.add_argument("--default-model", default=None, help="model used when a request names none")
     p.add_argument("--allowed-origins", "--allow-origins", dest="allowed_origins", type=_csv, default=None,
                    help="CORS origins, comma-separated (default: CORS off)")
+
+
+API_PASSTHROUGH = ("max_request_bytes", "max_n", "max_stop", "max_stop_chars", "max_messages", "max_message_chars",
+                   "first_token_timeout", "inter_token_timeout")  # what `lmfleet serve` forwards to its API server
 
 
 def _limit_flags(p: argparse.ArgumentParser) -> None:

@@ -90,6 +90,8 @@ def plan(args: argparse.Namespace) -> list[list[str]]:
         api += ["--default-model", args.default_model]
     if args.allowed_origins:
         api += ["--allowed-origins", ",".join(args.allowed_origins)]
+    for name in cli.API_PASSTHROUGH:
+        api += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     cmds.append(api + log)
     return cmds
 

@@ -67,3 +67,13 @@ def test_serve_waits_for_model_names_not_a_count_of_workers(monkeypatch: pytest.
     monkeypatch.setattr(serve.httpx, "get", lambda *a, **k: Listing())
     procs = [Alive() for _ in range(4)]  # controller, two workers, API server
     assert serve._wait_ready("http://api", procs, None, lambda: False, expected, timeout_s=5) == ["/m/a"]
+
+
+def test_serve_forwards_the_api_limits_and_timeouts() -> None:
+    from lmfleet import serve
+
+    args = cli.build_parser().parse_args(["serve", "--model-path", "m", "--max-n", "4", "--inter-token-timeout", "5"])
+    api = serve.plan(args)[-1]
+    assert api[api.index("--max-n") + 1] == "4"
+    assert api[api.index("--inter-token-timeout") + 1] == "5.0"
+    assert cli.api_settings(cli.build_parser().parse_args(["api", *api[api.index("--host"):]])).limits.max_n == 4
