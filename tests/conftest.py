@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,31 +129,24 @@ class Fleet:
 
     def stop(self) -> None:
         for p in reversed(list(self.procs.values())):
+            p.signal(signal.SIGCONT)  # a drill may have stopped it; a stopped process cannot act on SIGTERM
             p.stop()
+
+    def __enter__(self) -> Fleet:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is not None:  # start-up failed: show what the processes said
+            print(self.logs())
+        self.stop()
 
     def logs(self) -> str:
         return "\n".join(p.tail() for p in self.procs.values())
 
 
-@pytest.fixture
-def fleet_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[callable]:
-    fleets: list[Fleet] = []
-
-    def make(**kw) -> Fleet:
-        f = Fleet(root=tmp_path, **kw)
-        fleets.append(f)
-        return f
-
-    yield make
-    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
-    for f in fleets:
-        f.stop()
-        if failed:
-            print(f.logs())
-
-
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the test item, so a fixture can show process logs when its test failed."""
     rep = yield
     setattr(item, "rep_" + rep.when, rep)
     return rep

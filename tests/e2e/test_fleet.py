@@ -18,8 +18,7 @@ pytestmark = pytest.mark.timeout(240)
 
 @pytest.fixture(scope="module")
 def fleet(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    f = Fleet(root=tmp_path_factory.mktemp("fleet"))
-    try:
+    with Fleet(root=tmp_path_factory.mktemp("fleet")) as f:
         f.controller()
         f.alpha_port = free_port()
         f.worker("worker-alpha", tiny_models["alpha"], "--model-names", "alpha", port=f.alpha_port)
@@ -27,11 +26,6 @@ def fleet(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
         f.api("--default-model", "alpha")
         f.wait_models(2)
         yield f
-    except BaseException:
-        print(f.logs())
-        raise
-    finally:
-        f.stop()
 
 
 @pytest.fixture
@@ -154,16 +148,13 @@ def test_errors_are_openai_shaped(fleet: Fleet, client: openai.OpenAI) -> None:
 
 
 def test_no_live_worker_is_503(tiny_models: dict[str, Path], tmp_path: Path) -> None:
-    f = Fleet(root=tmp_path)  # an API server whose controller is not running
-    try:
+    with Fleet(root=tmp_path) as f:  # an API server whose controller is not running
         f.api()
         wait_until(lambda: httpx.get(f.api_url + "/health").status_code == 200, timeout=60, procs=[f.procs["api"]],
                    what="api health")
         r = httpx.post(f.api_url + "/v1/chat/completions",
                        json={"model": "alpha", "messages": [{"role": "user", "content": "hi"}]}, timeout=30)
         assert error_of(r, 503)
-    finally:
-        f.stop()
 
 
 async def test_client_disconnect_frees_the_sequence(fleet: Fleet) -> None:

@@ -51,22 +51,14 @@ class Drill:
 
 @pytest.fixture(scope="module")
 def drill(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Drill]:
-    f = Fleet(root=tmp_path_factory.mktemp("resilience"), env={"OMP_NUM_THREADS": "1"})
-    d = Drill(f, tiny_models["alpha"], {"w1": free_port(), "w2": free_port()})
-    try:
+    with Fleet(root=tmp_path_factory.mktemp("resilience"), env={"OMP_NUM_THREADS": "1"}) as f:
+        d = Drill(f, tiny_models["alpha"], {"w1": free_port(), "w2": free_port()})
         f.controller()
         d.start_worker("w1")
         d.start_worker("w2")
         f.api("--first-token-timeout", "10", "--inter-token-timeout", str(INTER_TOKEN_TIMEOUT_S))
         f.wait_models(1)
         yield d
-    except BaseException:
-        print(f.logs())
-        raise
-    finally:
-        for p in f.procs.values():
-            p.signal(signal.SIGCONT)
-        f.stop()
 
 
 @pytest.fixture

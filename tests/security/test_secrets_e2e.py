@@ -45,10 +45,9 @@ def fleet(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
     root = tmp_path_factory.mktemp("canary")
     key_file = root / "keys.txt"
     key_file.write_text(KEY_FILE + "\n")
-    f = Fleet(root=root)
     debug = ["--log-level", "debug"]
     worker_port = free_port()
-    try:
+    with Fleet(root=root) as f:
         # the secret by flag to the controller and the API server, by environment to the worker
         f.controller("--registration-secret", SECRET, *debug)
         f.add(
@@ -68,11 +67,6 @@ def fleet(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
         f.worker_url = f"http://127.0.0.1:{worker_port}"
         f.wait_models(1, headers={"Authorization": f"Bearer {KEY_FLAG}"})
         yield f
-    except BaseException:
-        print(f.logs())
-        raise
-    finally:
-        f.stop()
 
 
 def bearer(token: str) -> dict[str, str]:
