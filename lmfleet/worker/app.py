@@ -203,21 +203,23 @@ class Worker:
                 yield chunk(pending, finish_reason="stop")
                 return
             while out is not None:
-                done += len(out.new_token_ids)
-                delta, pending = pending + text.push(out.new_token_ids), ""
+                piece, used = text.push_counted(out.new_token_ids)
+                ids = out.new_token_ids[:used]  # a stop string may end the completion inside a merged output
+                done += used
+                delta, pending = pending + piece, ""
                 if text.stopped:
-                    yield chunk(delta, out.new_token_ids, finish_reason="stop")
+                    yield chunk(delta, ids, finish_reason="stop")
                     return  # closing `outputs` in finally aborts the sequence in the engine
                 if out.finish_reason is FinishReason.ERROR:
                     err = errors.UpstreamError(f"generation failed: {out.error or 'engine error'}")
-                    yield chunk(delta, out.new_token_ids, finish_reason="error", error=err.body()["error"])
+                    yield chunk(delta, ids, finish_reason="error", error=err.body()["error"])
                     return
                 if out.finished:
                     delta += text.finish()
                     reason = "stop" if text.stopped else out.finish_reason.value  # type: ignore[union-attr]
-                    yield chunk(delta, out.new_token_ids, finish_reason=reason)
+                    yield chunk(delta, ids, finish_reason=reason)
                     return
-                yield chunk(delta, out.new_token_ids)
+                yield chunk(delta, ids)
                 out = await anext(outputs, None)
             err = errors.UpstreamError("engine ended the stream early")
             yield chunk(finish_reason="error", error=err.body()["error"])

@@ -144,6 +144,10 @@ class StopStrings:
         out, self._pending = self._pending, ""
         return out
 
+    @property
+    def active(self) -> bool:
+        return bool(self._stops)
+
     def _held_suffix(self) -> int:
         """Length of the longest tail of the pending text that begins some stop string."""
         tail = self._pending[-(self._longest - 1) :] if self._longest > 1 else ""
@@ -180,6 +184,18 @@ class TextStream:
             return ""
         out, self.stopped = self._stops.push(self._detok.push(new_ids))
         return self._unsent(out)
+
+    def push_counted(self, new_ids: Sequence[int]) -> tuple[str, int]:
+        """`push`, also saying how many of `new_ids` the output took: when a stop string ends it inside a run of
+        several ids, the ids after the one that completed the stop string are not part of the completion."""
+        if not self._stops.active or len(new_ids) <= 1:
+            return self.push(new_ids), len(new_ids)
+        out = ""
+        for used, token in enumerate(new_ids, start=1):
+            out += self.push([token])
+            if self.stopped:
+                return out, used
+        return out, len(new_ids)
 
     def finish(self) -> str:
         """What is still held back once the engine has finished the sequence."""

@@ -120,3 +120,14 @@ def test_messages_a_chat_template_refuses_are_a_400_not_a_500(tiny_models, messa
     with pytest.raises(InvalidRequest) as err:
         render_chat(tok, messages)
     assert err.value.status == 400 and err.value.param == "messages"
+
+
+def test_a_stop_string_inside_a_merged_run_of_ids_counts_only_the_ids_it_took() -> None:
+    tok = ByteTokenizer()
+    ts = TextStream(tok, [], ["wö"])
+    ids = tok.encode("Hello wörld again")
+    text, used = ts.push_counted(ids)  # a slow reader: the engine's outputs arrive merged
+    assert ts.stopped and text == "Hello "
+    assert used == len("Hello wö".encode())  # the id that completed "wö"; the rest is not in the completion
+    plain = TextStream(tok, [], [])
+    assert plain.push_counted(ids) == ("Hello wörld again", len(ids))
