@@ -93,14 +93,6 @@ class ControllerClient:
     async def unregister(self, worker_address: str) -> None:
         await self._post("/unregister_worker", {"worker_name": worker_address})
 
-    async def list_models(self) -> list[str]:
-        resp = await self._post("/list_models", {})
-        return list(resp.json()["models"])
-
-    async def get_worker_address(self, model: str) -> str | None:
-        resp = await self._post("/get_worker_address", {"model": model})
-        return resp.json().get("address") or None
-
     async def workers(self) -> list[WorkerInfo]:
         try:
             resp = await self.http.get(self.address + "/workers", headers=self._headers, timeout=CONTROL_TIMEOUT)

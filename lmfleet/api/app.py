@@ -1,7 +1,7 @@
 """The OpenAI-compatible API server: the public data plane. Never imports torch.
 
 Routes
-    GET  /v1/models              the controller's `/list_models`, as OpenAI model cards
+    GET  /v1/models              the models of the live workers in the cached view, as OpenAI model cards
     GET  /v1/models/{model}      one card, or 404 model_not_found
     POST /v1/chat/completions    ChatCompletionRequest -> ChatCompletion | SSE of ChatCompletionChunk
     POST /v1/completions         CompletionRequest -> Completion | SSE of CompletionChunk

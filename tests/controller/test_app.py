@@ -101,12 +101,12 @@ async def test_worker_re_registers_after_controller_restart() -> None:
     async with controller() as (c, _):  # a fresh controller knows nobody
         worker_side = ControllerClient(c, BASE)
         assert await worker_side.heartbeat(W1, status) is False
-        assert await worker_side.list_models() == []
+        assert await worker_side.workers() == []
         await worker_side.register(W1, status)
         assert await worker_side.heartbeat(W1, status) is True
-        assert await worker_side.get_worker_address("m") == W1
+        assert [w.address for w in await worker_side.workers()] == [W1]
         await worker_side.unregister(W1)
-        assert await worker_side.list_models() == []
+        assert await worker_side.workers() == []
         assert await worker_side.heartbeat(W1, status) is False
 
 
