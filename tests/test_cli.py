@@ -9,10 +9,12 @@ import pytest
 from lmfleet import cli
 
 
-def test_fastchat_worker_command_line_parses_with_the_same_meaning() -> None:
+def test_fastchat_worker_command_line_parses_with_the_same_meaning(tmp_path) -> None:
+    (tmp_path / "vicuna").mkdir()
+    (tmp_path / "vicuna" / "config.json").write_text("{}")
     args = cli.build_parser().parse_args([
         "worker", "--host", "127.0.0.1", "--port", "21003", "--worker-address", "http://127.0.0.1:21003",
-        "--controller-address", "http://127.0.0.1:21001", "--model-path", "/models/vicuna", "--model-names",
+        "--controller-address", "http://127.0.0.1:21001", "--model-path", str(tmp_path / "vicuna"), "--model-names",
         "vicuna-7b,gpt-3.5-turbo", "--device", "cpu", "--num-gpus", "1", "--conv-template", "vicuna_v1.1",
         "--limit-worker-concurrency", "5", "--stream-interval", "2", "--load-8bit",
     ])
@@ -20,6 +22,38 @@ def test_fastchat_worker_command_line_parses_with_the_same_meaning() -> None:
     assert settings.model_names == ["vicuna-7b", "gpt-3.5-turbo"]
     assert settings.max_queued == 5 and settings.worker_address == "http://127.0.0.1:21003"
     assert settings.controller_addresses == ["http://127.0.0.1:21001"]
+    assert settings.engine == "transformers" and settings.engine_settings.device == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("files", "name", "engine", "expected"),
+    [
+        ({}, "nothing-here", "auto", "does not exist"),
+        ({"m.bin": "x"}, "m.bin", "auto", "not a .gguf file"),
+        ({}, "", "auto", "neither a config.json nor a .gguf"),
+        ({"a.gguf": "", "b.gguf": ""}, "", "auto", "several .gguf files (a.gguf, b.gguf)"),
+        ({"config.json": "{}"}, "", "llamacpp", "reads .gguf files"),
+    ],
+)
+def test_a_model_path_that_names_nothing_loadable_is_one_line_at_once(tmp_path, files, name, engine, expected):
+    for file, text in files.items():
+        (tmp_path / file).write_text(text)
+    args = cli.build_parser().parse_args(["worker", "--model-path", str(tmp_path / name), "--engine", engine])
+    with pytest.raises(SystemExit) as exit_:
+        cli.worker_settings(args)
+    message = str(exit_.value)
+    assert expected in message and "\n" not in message and message.startswith("lmfleet worker: ")
+
+
+def test_a_gguf_file_or_its_folder_picks_llamacpp_and_answers_to_its_name(tmp_path) -> None:
+    (tmp_path / "SmolLM2.Q4.gguf").write_bytes(b"GGUF")
+    for path in (tmp_path / "SmolLM2.Q4.gguf", tmp_path):
+        settings = cli.worker_settings(cli.build_parser().parse_args(["worker", "--model-path", str(path)]))
+        assert settings.engine == "llamacpp" and settings.names == [str(path)]
+    settings = cli.worker_settings(cli.build_parser().parse_args(
+        ["worker", "--model-path", str(tmp_path / "SmolLM2.Q4.gguf"), "--engine", "transformers", "--threads", "3"]
+    ))
+    assert settings.engine == "transformers" and settings.aliases == ["SmolLM2.Q4"]
 
 
 def test_ignored_fastchat_flags_are_reported(caplog: pytest.LogCaptureFixture) -> None:
@@ -35,7 +69,7 @@ def test_fastchat_api_and_controller_command_lines_parse() -> None:
         "api", "--host", "127.0.0.1", "--port", "8000", "--controller-address", "http://127.0.0.1:21001",
         "--allow-credentials", "--allowed-origins", "http://a.example", "--api-keys", "k1,k2",
     ])
-    assert api.allowed_origins == ["http://a.example"] and cli._api_keys(api) == ["k1", "k2"]
+    assert api.allowed_origins == ["http://a.example"] and cli.api_keys(api) == ["k1", "k2"]
     ctl = cli.build_parser().parse_args(["controller", "--dispatch-method", "lottery"])
     assert ctl.dispatch_method == "lottery" and ctl.host == "127.0.0.1"
 
@@ -45,35 +79,49 @@ def test_tls_is_not_silently_ignored() -> None:
         cli.build_parser().parse_args(["api", "--ssl"])
 
 
-def test_serve_waits_for_model_names_not_a_count_of_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_serve_waits_for_model_names_not_a_count_of_workers(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     """Two replicas of one model register one name: `serve` must not wait for a second name that never comes."""
     from lmfleet import serve
 
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    a.write_bytes(b"GGUF")
+    b.write_bytes(b"GGUF")
     parse = cli.build_parser().parse_args
-    named = parse(["serve", "--model-path", "/m/a", "--model-names", "x,y", "--model-path", "/m/b"])
-    assert serve.served_names(serve.plan(named)) == {"x", "y", "/m/b"}
-    replicas = parse(["serve", "--model-path", "/m/a", "--model-path", "/m/a"])
-    expected = serve.served_names(serve.plan(replicas))
-    assert expected == {"/m/a"}
+    named = cli.serve_plan(parse(["serve", "--model-path", str(a), "--model-names", "x,y", "--model-path", str(b)]))
+    assert named.models == {"x", "y", str(b)}
+    replicas = cli.serve_plan(parse(["serve", "--model-path", str(a), "--model-path", str(a)]))
+    assert replicas.models == {str(a)} and len(replicas.children) == 4
 
     class Listing:
         def json(self) -> dict:
-            return {"data": [{"id": "/m/a"}]}
+            return {"data": [{"id": str(a)}]}
 
     class Alive:
         def poll(self) -> None:
             return None
 
     monkeypatch.setattr(serve.httpx, "get", lambda *a, **k: Listing())
-    procs = [Alive() for _ in range(4)]  # controller, two workers, API server
-    assert serve._wait_ready("http://api", procs, None, lambda: False, expected, timeout_s=5) == ["/m/a"]
+    replicas.ready_timeout_s = 5
+    assert serve.wait_ready(replicas, [Alive() for _ in range(4)], lambda: False) == [str(a)]
 
 
-def test_serve_forwards_the_api_limits_and_timeouts() -> None:
-    from lmfleet import serve
-
-    args = cli.build_parser().parse_args(["serve", "--model-path", "m", "--max-n", "4", "--inter-token-timeout", "5"])
-    api = serve.plan(args)[-1]
+def test_serve_forwards_the_engine_flags_and_the_api_limits_and_timeouts(tmp_path) -> None:
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    args = cli.build_parser().parse_args(
+        ["serve", "--model-path", str(tmp_path / "m.gguf"), "--max-n", "4", "--inter-token-timeout", "5",
+         "--threads", "2", "--max-num-seqs", "8"]
+    )
+    plan = cli.serve_plan(args)
+    worker, api = plan.children[1].argv, plan.children[-1].argv
+    assert worker[worker.index("--threads") + 1] == "2" and worker[worker.index("--max-num-seqs") + 1] == "8"
     assert api[api.index("--max-n") + 1] == "4"
     assert api[api.index("--inter-token-timeout") + 1] == "5.0"
     assert cli.api_settings(cli.build_parser().parse_args(["api", *api[api.index("--host"):]])).limits.max_n == 4
+    worker_args = cli.build_parser().parse_args(["worker", *worker[worker.index("--port"):]])
+    assert cli.worker_settings(worker_args).engine_settings.n_threads == 2
+    assert "LMFLEET_REGISTRATION_SECRET" in plan.env and not any("SECRET" in a for a in worker + api)
+
+
+def test_serve_with_a_model_path_that_names_nothing_says_so_before_starting_anything(tmp_path) -> None:
+    with pytest.raises(SystemExit, match="does not exist"):
+        cli.serve_plan(cli.build_parser().parse_args(["serve", "--model-path", str(tmp_path / "nope")]))

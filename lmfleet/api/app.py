@@ -15,7 +15,7 @@ per-request limits lmfleet.api.access's), choosing the model (`model` may be omi
 model is served or `default_model` is set), and turning the answer into a response (lmfleet.api.streaming), with
 a worker per choice picked from a cached view of the fleet that outlives the controller (lmfleet.api.routing),
 failover to another worker before and after the first token (lmfleet.api.streaming), and a graceful drain
-(lmfleet.api.drain). Knows nothing of tokens: the worker validates prompt length
+(lmfleet.drain). Knows nothing of tokens: the worker validates prompt length
 against the model's context and its errors (400 context_length_exceeded, 429) pass through unchanged.
 
 Errors: every error body is `{"error": {"message", "type", "param", "code"}}` (lmfleet.errors). Unknown model →
@@ -49,7 +49,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lmfleet import __version__, errors
 from lmfleet.api.access import RequestLimits, needs_key
-from lmfleet.api.drain import Drain, DrainGate
 from lmfleet.api.routing import Router
 from lmfleet.api.streaming import (
     CHAT,
@@ -65,22 +64,22 @@ from lmfleet.api.streaming import (
     event_stream,
     open_choices,
 )
-from lmfleet.client import ControllerClient, WorkerClient, make_http_client
-from lmfleet.controller.dispatch import get_policy
-from lmfleet.guard import BearerSecrets, RequestGuard
+from lmfleet.client import DEFAULT_CONTROLLER, ControllerClient, WorkerClient, make_http_client
+from lmfleet.drain import DEFAULT_TIMEOUT_S, Drain, DrainGate
+from lmfleet.dispatch import DEFAULT_POLICY, get_policy
+from lmfleet.guard import BearerSecrets, ParsedBodyRoute, RequestGuard
+from lmfleet.protocol.errors import ErrorResponse
 from lmfleet.protocol.openai import (
     ChatCompletion,
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
-    ErrorResponse,
     ModelCard,
     ModelList,
 )
 
 logger = logging.getLogger("lmfleet.api")
 
-DEFAULT_CONTROLLER = "http://127.0.0.1:21001"
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away"; nobody reads it
 
 
@@ -95,12 +94,12 @@ class ApiSettings:
     registration_secret: str | None = field(default=None, repr=False)  # sent to the controller when set
     max_request_bytes: int = 4 * 1024 * 1024
     limits: RequestLimits = field(default_factory=RequestLimits)  # per-request limits (flags), lmfleet.api.access
-    dispatch_policy: str = "shortest_queue"  # a key of lmfleet.controller.dispatch.POLICIES
+    dispatch_policy: str = DEFAULT_POLICY  # a key of lmfleet.dispatch.POLICIES
     first_token_timeout_s: float = 60.0  # a worker silent this long before its first chunk has failed
     inter_token_timeout_s: float = 30.0  # ... or this long between two chunks
     refresh_interval_s: float = 1.0  # how often the worker view is fetched from the controller
     eject_backoff_s: float = 1.0  # an ejected worker stays out at least this long
-    drain_timeout_s: float = 30.0  # on SIGTERM: how long requests in progress may take to finish
+    drain_timeout_s: float = DEFAULT_TIMEOUT_S  # on SIGTERM: how long requests in progress may take to finish
 
     def __post_init__(self) -> None:
         if not self.controller_addresses:
@@ -165,11 +164,9 @@ class ApiKeyGate:
 
 
 async def _resolve_model(router: Router, requested: str | None, default: str | None) -> str:
-    if requested:
-        return requested
-    if default:
-        return default
     served = await router.models()
+    if requested or default:
+        return router.resolve(requested or default or "")
     if len(served) == 1:
         return served[0]
     if not served:
@@ -242,8 +239,12 @@ def _strip_validation_422(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def create_app(settings: ApiSettings, *, http_client: httpx.AsyncClient | None = None) -> FastAPI:
-    """The API server. `http_client` (for tests, or to share a pool) is used as given and not closed."""
+def create_app(
+    settings: ApiSettings, *, drain: Drain | None = None, http_client: httpx.AsyncClient | None = None
+) -> FastAPI:
+    """The API server. `drain` is the one the process runner awaits on SIGTERM (lmfleet.server); `http_client` (for
+    tests, or to share a pool) is used as given and not closed."""
+    drain = drain or Drain(settings.drain_timeout_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[ApiState]:
@@ -280,6 +281,7 @@ def create_app(settings: ApiSettings, *, http_client: httpx.AsyncClient | None =
         version=__version__,
         lifespan=lifespan,
     )
+    app.router.route_class = ParsedBodyRoute  # bodies are parsed once, by the guard
     errors.install_handlers(app)
     _strip_validation_422(app)
     # Added innermost first: CORS (answers preflights) → API keys → body size and JSON sanity → routes.
@@ -294,14 +296,7 @@ def create_app(settings: ApiSettings, *, http_client: httpx.AsyncClient | None =
             allow_headers=["Authorization", "Content-Type"],
         )
     # Outermost: counts every request in progress and, once draining, refuses new ones (503).
-    drain = Drain()
     app.add_middleware(DrainGate, drain=drain)
-
-    async def drain_for_shutdown() -> None:
-        """Called once by the process runner (lmfleet.cli) on SIGTERM, before uvicorn's graceful shutdown."""
-        await drain.drain(settings.drain_timeout_s)
-
-    app.state.drain = drain_for_shutdown
     timeouts = settings.timeouts()
 
     async def answer(request: Request, body: ChatCompletionRequest | CompletionRequest, shape: Shape) -> Response:
@@ -352,9 +347,11 @@ def create_app(settings: ApiSettings, *, http_client: httpx.AsyncClient | None =
 
     @app.get("/v1/models/{model:path}", response_model=ModelCard, responses=_ERRORS, tags=["openai"])
     async def retrieve_model(model: str, request: Request) -> ModelCard:
-        if model not in await request.state.router.models():
+        router: Router = request.state.router
+        name = router.resolve(model)
+        if name not in await router.models():
             raise errors.ModelNotFound(f"The model `{model}` does not exist.", param="model")
-        return ModelCard(id=model, created=request.state.started)
+        return ModelCard(id=name, created=request.state.started)
 
     @app.post(
         "/v1/chat/completions", response_model=ChatCompletion, responses=_with_stream(ChatCompletion), tags=["openai"]

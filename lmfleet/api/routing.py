@@ -11,12 +11,14 @@ Owns
     ejection: the first refresh after the ejection notes its `last_heartbeat`, a later one must show another (a
     dead or frozen worker keeps its last heartbeat until the controller expires it; a restarted one registers
     afresh). While no controller answers, an ejected worker is probed on `GET /ready` after the back-off instead.
-  * the pick (`acquire`): a `lmfleet.controller.dispatch` policy over the healthy workers of the model not yet
+  * the pick (`acquire`): a `lmfleet.dispatch` policy over the healthy workers of the model not yet
     tried for this request, with the requests this server has open on each worker (its `Lease`s) counted as load,
     since a worker's own report is up to a heartbeat plus a refresh old. When every worker of the model is
     ejected they are all candidates again: an attempt beats a certain 503 (Envoy calls this panic routing).
   * which model names exist: those of the workers in the view; a model that was served within `model_memory_s`
-    and has no worker now is 503 no_worker_available (its replicas are restarting: retry), any other 404.
+    and has no worker now is 503 no_worker_available (its replicas are restarting: retry), any other 404. A name
+    no worker serves but exactly one model's workers give as an alias (the file or folder name of an unnamed
+    model) resolves to that model (`resolve`).
 
 Does not own: the HTTP calls (lmfleet.client), retrying, resuming and timeouts (lmfleet.api.streaming), the
 controller's registry. The clock and the random source are injected so tests drive them. Never imports torch.
@@ -36,7 +38,7 @@ from dataclasses import dataclass
 
 from lmfleet import errors
 from lmfleet.client import ControllerClient, WorkerClient
-from lmfleet.controller.dispatch import DEFAULT_POLICY, Policy, get_policy, load
+from lmfleet.dispatch import DEFAULT_POLICY, Policy, get_policy, load
 from lmfleet.protocol.worker import WorkerInfo
 
 logger = logging.getLogger("lmfleet.api")
@@ -100,6 +102,7 @@ class Router:
         self._refreshing: asyncio.Future[None] | None = None
         self._last_attempt = -math.inf
         self.controller_up: bool | None = None  # None: not asked yet
+        self._ever_up = False
 
     # -- the view ------------------------------------------------------------------------------------------------
 
@@ -145,14 +148,19 @@ class Router:
                 self._controllers.insert(0, controller)
             if self.controller_up is not True:
                 logger.info("worker view from controller %s: %d worker(s)", controller.address, len(view))
+            self._ever_up = True
             self.controller_up = True
             return controller.address, view
         if self.controller_up is not False:
-            logger.warning(
-                "no controller answers (%s); serving from the last known view of %d worker(s)",
-                ", ".join(c.address for c in self._controllers),
-                len(self._view or []),
-            )
+            addresses = ", ".join(c.address for c in self._controllers)
+            if self._ever_up:
+                logger.warning(
+                    "no controller answers (%s); serving from the last known view of %d worker(s)",
+                    addresses,
+                    len(self._view or []),
+                )
+            else:  # starting together with the controller (lmfleet serve): not a failure yet
+                logger.info("waiting for a controller to answer (%s)", addresses)
         self.controller_up = False
         return None
 
@@ -228,6 +236,16 @@ class Router:
 
     def _serving(self, model: str) -> list[WorkerInfo]:
         return [w for w in self._view or [] if model in w.status.model_names]
+
+    def resolve(self, model: str) -> str:
+        """The model name `model` means: itself when some worker serves it, else the one model whose workers give it
+        as an alias (a model served as `/models/x.gguf` answers to `x`), else itself (acquire then says 404)."""
+        if self._serving(model):
+            return model
+        claimed = {
+            w.status.model_names[0] for w in self._view or [] if model in w.status.aliases and w.status.model_names
+        }
+        return claimed.pop() if len(claimed) == 1 else model
 
     async def acquire(self, model: str, exclude: Collection[str] = ()) -> Lease | None:
         """A lease on the worker to send a request for `model` to, among those not in `exclude` (the ones this

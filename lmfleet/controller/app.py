@@ -43,7 +43,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 from urllib.parse import urlsplit
 
 import httpx
@@ -52,9 +52,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lmfleet import errors
 from lmfleet.client import CONTROL_TIMEOUT, make_http_client
-from lmfleet.controller.dispatch import DEFAULT_POLICY, Policy, get_policy
 from lmfleet.controller.registry import Registry
-from lmfleet.guard import BearerSecrets, RequestGuard
+from lmfleet.dispatch import DEFAULT_POLICY, get_policy
+from lmfleet.guard import BearerSecrets, ParsedBodyRoute, RequestGuard
 from lmfleet.protocol.worker import (
     HeartbeatRequest,
     HeartbeatResponse,
@@ -114,16 +114,10 @@ class UnregisterWorkerRequest(BaseModel):
     worker_name: str = Field(min_length=1, max_length=2048)
 
 
-@dataclass
-class ControllerState:
-    """What one controller app holds; reachable as `app.state.controller` (tests, introspection)."""
+class ControllerState(TypedDict):
+    """The lifespan state every request sees as `request.state`."""
 
-    settings: ControllerSettings
-    registry: Registry
-    policy: Policy
-    rng: random.Random
-    networks: list[IPNetwork] | None
-    http: httpx.AsyncClient | None  # injected, or created by the lifespan
+    http: httpx.AsyncClient  # fetches a FastChat worker's status when it registers without one
 
 
 def normalize_worker_address(raw: str) -> str:
@@ -209,14 +203,9 @@ def create_app(
     fetch FastChat workers' status (default: one pooled client created and closed by the lifespan); `rng`
     breaks dispatch ties (default: freshly seeded)."""
     registry = Registry(clock or time.monotonic, settings.heartbeat_expiry_s)
-    state = ControllerState(
-        settings=settings,
-        registry=registry,
-        policy=get_policy(settings.dispatch_policy),
-        rng=rng or random.Random(),
-        networks=settings.networks(),
-        http=http_client,
-    )
+    policy = get_policy(settings.dispatch_policy)
+    dispatch_rng = rng or random.Random()
+    networks = settings.networks()
     sweep_every = settings.heartbeat_expiry_s / 4
 
     async def sweep_forever() -> None:
@@ -228,27 +217,19 @@ def create_app(
                 logger.exception("expiring workers failed")
 
     @contextlib.asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        owned = make_http_client() if state.http is None else None
-        if owned is not None:
-            state.http = owned
-        sweeper = asyncio.create_task(sweep_forever(), name="lmfleet-controller-expiry")
-        logger.info(
-            "controller ready: policy=%s heartbeat_expiry=%.1fs secret=%s allowed_worker_networks=%s",
-            settings.dispatch_policy,
-            settings.heartbeat_expiry_s,
-            "set" if settings.registration_secret else "none",
-            settings.allowed_worker_networks or "any",
-        )
-        try:
-            yield
-        finally:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
-            if owned is not None:
-                state.http = None
-                await owned.aclose()
+    async def lifespan(_app: FastAPI) -> AsyncIterator[ControllerState]:
+        async with contextlib.AsyncExitStack() as stack:
+            http = http_client or await stack.enter_async_context(make_http_client())
+            sweeper = asyncio.create_task(sweep_forever(), name="lmfleet-controller-expiry")
+            stack.push_async_callback(_cancel, sweeper)
+            logger.info(
+                "controller ready: policy=%s heartbeat_expiry=%.1fs secret=%s allowed_worker_networks=%s",
+                settings.dispatch_policy,
+                settings.heartbeat_expiry_s,
+                "set" if settings.registration_secret else "none",
+                settings.allowed_worker_networks or "any",
+            )
+            yield {"http": http}
 
     secret = BearerSecrets([settings.registration_secret] if settings.registration_secret else [])
 
@@ -261,15 +242,15 @@ def create_app(
             )
 
     app = FastAPI(title="lmfleet controller", lifespan=lifespan)
-    app.state.controller = state
+    app.router.route_class = ParsedBodyRoute
     errors.install_handlers(app)
     app.add_middleware(RequestGuard, max_bytes=settings.max_request_bytes)  # 413; 400 for a body that is not sane JSON
     writes = [Depends(require_secret)]
 
     @app.post("/register_worker", dependencies=writes)
-    async def register_worker(req: RegisterWorkerRequest) -> WorkerInfo:
+    async def register_worker(req: RegisterWorkerRequest, request: Request) -> WorkerInfo:
         address = normalize_worker_address(req.worker_name)
-        if state.networks is not None and not host_allowed(address, state.networks):
+        if networks is not None and not host_allowed(address, networks):
             logger.warning("refused to register %s: not in allowed_worker_networks", address)
             raise errors.Forbidden(
                 f"worker address {address} is not an IP address inside allowed_worker_networks",
@@ -277,9 +258,7 @@ def create_app(
             )
         status = req.worker_status
         if status is None:
-            if state.http is None:
-                raise errors.ServiceUnavailable("controller is not started")
-            status = await fetch_worker_status(state.http, address)
+            status = await fetch_worker_status(request.state.http, address)
         return registry.register(address, status)
 
     @app.post("/receive_heart_beat", dependencies=writes)
@@ -299,7 +278,7 @@ def create_app(
     @app.post("/get_worker_address")
     async def get_worker_address(req: WorkerAddressRequest) -> dict[str, str]:
         workers = registry.workers_for(req.model)
-        return {"address": state.policy(workers, state.rng).address if workers else ""}
+        return {"address": policy(workers, dispatch_rng).address if workers else ""}
 
     @app.get("/workers")
     async def workers() -> dict[str, list[WorkerInfo]]:
@@ -314,3 +293,9 @@ def create_app(
         return {"status": "ok"}
 
     return app
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -1,42 +1,95 @@
 """The engine boundary: token ids in, token ids out.
 
-An engine owns a model and a scheduler. It knows nothing of HTTP, JSON, text or tokenizers: callers hand it
-prompt token ids with per-request sampling parameters, call `step()` repeatedly, and get back, per request,
-the token ids generated since the last step and, once, why the request finished.
+An engine owns a model and a scheduler. It knows nothing of HTTP, JSON or text: callers hand it prompt token ids
+with per-request sampling parameters, call `step()` repeatedly, and get back, per request, the token ids generated
+since the last step and, once, why the request finished.
 
 An engine is single-threaded: `add_request`, `abort_request` and `step` are called from one thread.
 `lmfleet.engine.runner.AsyncEngine` is the one wrapper that owns that thread and bridges it to asyncio.
+
+Whether a request fits (a non-empty prompt, ids inside the vocabulary, prompt + max_new_tokens within
+`max_model_len`, a request id not in use) is checked once, by the worker, before the request reaches the engine;
+the engine only asserts it. An engine refuses what it cannot run with `EngineRejected` and a `Rejection`; the
+worker maps the reason to the public error.
+
+A loader (`lmfleet.engine.registry`) hands the worker a `LoadedModel`: the engine and the `Tokenizer` that goes
+with its vocabulary.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class FinishReason(str, enum.Enum):
-    """Why a request left the engine."""
+    """Why a request left the engine. The one set of finish reasons: the worker's wire format spells these."""
 
-    STOP = "stop"  # an end-of-sequence or stop token was sampled
+    STOP = "stop"  # an end-of-sequence or stop token was sampled (or, above the engine, a stop string matched)
     LENGTH = "length"  # max_new_tokens reached, or the model's context is full
     ABORT = "abort"  # abort_request() was called (client gone, stop string matched above the engine)
     ERROR = "error"  # the engine failed this request
 
 
+class Rejection(str, enum.Enum):
+    """Why an engine, or the runner in front of it, refuses a request at admission."""
+
+    QUEUE_FULL = "queue_full"  # capacity: as many requests as allowed are in flight; retry later
+    NOT_RUNNING = "not_running"  # the engine is stopping or has failed
+    DUPLICATE_ID = "duplicate_id"  # a request with this id is in flight
+    UNSUPPORTED = "unsupported"  # a parameter this engine cannot honour
+
+
+class EngineRejected(Exception):
+    """An engine's refusal of one request: a `Rejection` and a sentence for the log and the client."""
+
+    def __init__(self, reason: Rejection, detail: str = "") -> None:
+        super().__init__(detail or reason.value)
+        self.reason = reason
+        self.detail = detail or reason.value
+
+
+# The largest seed every engine takes (torch.Generator and llama.cpp's samplers take 64 bits; llama.cpp's
+# LLAMA_DEFAULT_SEED, 0xFFFFFFFF, means "random", so engines fold seeds into their own range).
+SEED_MAX = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """The scheduling limits every batching engine takes; each engine's settings extend these."""
+
+    max_num_seqs: int = 16  # sequences decoded together in one step
+    max_batch_tokens: int = 1024  # prompt tokens prefilled per step
+    max_model_len: int | None = None  # cap on prompt + output tokens; None: the model's own context
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1 or self.max_batch_tokens < 1:
+            raise ValueError("max_num_seqs and max_batch_tokens must be positive")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError("max_model_len must be at least 2")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-request sampling. `temperature == 0` means greedy; `top_k == 0` and `top_p == 1` mean off."""
+    """Per-request sampling. `temperature == 0` means greedy; `top_k == 0`, `top_p == 1`, `min_p == 0` mean off."""
 
     max_new_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    seed: int | None = None
+    min_p: float = 0.0
+    seed: int | None = None  # 0 <= seed <= SEED_MAX
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     stop_token_ids: tuple[int, ...] = ()  # in addition to the model's end-of-sequence ids
     ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
 
 
 @dataclass
@@ -82,16 +135,17 @@ class Engine(Protocol):
         ...
 
     @property
-    def eos_token_ids(self) -> tuple[int, ...]:
+    def vocab_size(self) -> int:
+        """Token ids run from 0 to vocab_size - 1."""
         ...
 
-    def add_request(self, request: EngineRequest) -> None:
-        """Queue a request; it joins the running batch at a later step.
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]: ...
 
-        Raises `lmfleet.errors.ContextLengthExceeded` if prompt + max_new_tokens exceeds `max_model_len`, and
-        `lmfleet.errors.InvalidRequest` for anything else it cannot run (empty prompt, ids outside the vocabulary,
-        a request id already in use). Never raises for capacity: a request that fits waits its turn.
-        """
+    def add_request(self, request: EngineRequest) -> None:
+        """Queue a request; it joins the running batch at a later step. The request fits (see the module
+        docstring); raises `EngineRejected` for anything else it cannot run. Never refuses for capacity: a request
+        that fits waits its turn."""
         ...
 
     def abort_request(self, request_id: str) -> None:
@@ -105,8 +159,48 @@ class Engine(Protocol):
         """
         ...
 
-    def has_unfinished_requests(self) -> bool:
+    def has_unfinished_requests(self) -> bool: ...
+
+    def stats(self) -> EngineStats: ...
+
+
+# The chat template of a model that ships none: one "role: content" line per message, then "assistant:".
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+class ChatTemplateError(ValueError):
+    """The model's chat template refuses these messages (a role it does not know, a bad order)."""
+
+
+class Tokenizer(Protocol):
+    """Text ↔ token ids for one model: what the worker's text layer (lmfleet.worker.textgen) uses, and what every
+    loader hands it beside the engine. Special tokens typed inside message text never become control tokens."""
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]: ...
+
+    def __len__(self) -> int: ...
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """A document's ids (BOS first where the model uses one when `add_special_tokens`)."""
         ...
 
-    def stats(self) -> EngineStats:
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str: ...
+
+    def render_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> list[int]:
+        """The ids of a chat prompt through the model's own chat template (or a documented fallback). Raises
+        `ChatTemplateError` when the template refuses the messages."""
         ...
+
+
+@dataclass
+class LoadedModel:
+    """What a loader returns: the engine, its tokenizer, and one line saying what was loaded."""
+
+    engine: Engine
+    tokenizer: Tokenizer
+    description: str = ""  # one line for the log: engine, model, dtype or quantization, context, size
+    engine_name: str = ""  # the registry's name for the engine (lmfleet.engine.registry sets it)

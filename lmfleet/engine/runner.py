@@ -1,7 +1,7 @@
 """The one bridge between a single-threaded `Engine` and asyncio.
 
 Owns: the engine thread (it alone calls `add_request`, `abort_request`, `step`), a thread-safe inbox of adds
-and aborts drained before every step, one collector per request, the admission limit (`QueueFull`) and the
+and aborts drained before every step, one collector per request, the admission limit (`Rejection.QUEUE_FULL`) and the
 failure policy. Does not own: the engine's scheduling, text, HTTP. Imports no torch.
 
     event loop thread                                  engine thread
@@ -27,12 +27,20 @@ from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
-from lmfleet.engine.base import Engine, EngineOutput, EngineRequest, EngineStats, FinishReason
-from lmfleet.errors import ContextLengthExceeded, InvalidRequest, LmfleetError, QueueFull, ServiceUnavailable
+from lmfleet.engine.base import (
+    Engine,
+    EngineOutput,
+    EngineRejected,
+    EngineRequest,
+    EngineStats,
+    FinishReason,
+    Rejection,
+)
 
 logger = logging.getLogger("lmfleet.engine")
 
 _MAX_CONSECUTIVE_FAILURES = 3
+DEFAULT_MAX_QUEUED = 256  # requests running + waiting before new ones are refused (QUEUE_FULL)
 
 
 class _Collector:
@@ -88,7 +96,7 @@ class AsyncEngine:
     `start()` once, from anywhere; `generate()` from an event loop; `await stop()` (or `close()`) at shutdown.
     """
 
-    def __init__(self, engine: Engine, *, max_queued: int = 256) -> None:
+    def __init__(self, engine: Engine, *, max_queued: int = DEFAULT_MAX_QUEUED) -> None:
         if max_queued < 1:
             raise ValueError("max_queued must be positive")
         self.engine = engine
@@ -144,28 +152,23 @@ class AsyncEngine:
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         """Yield this request's outputs (merged when the reader is slow) until one has `finish_reason` set.
 
-        Raises before the first output: `ContextLengthExceeded` if the request can never fit, `QueueFull` when
-        `max_queued` requests are already in flight, `InvalidRequest` if the engine rejects it,
-        `ServiceUnavailable` if the engine is not running. Closing the generator early aborts the request.
+        Raises `EngineRejected` before the first output: QUEUE_FULL when `max_queued` requests are already in
+        flight, DUPLICATE_ID, NOT_RUNNING when the engine is not running, or the engine's own refusal. The request
+        fits the model (lmfleet.engine.base): the worker checked. Closing the generator early aborts the request.
         """
         if not self.ready:
-            raise ServiceUnavailable(f"engine is not running{': ' + self._failed if self._failed else ''}")
-        need = len(request.prompt_token_ids) + request.params.max_new_tokens
-        if need > self.engine.max_model_len:
-            raise ContextLengthExceeded(
-                f"this model's maximum context length is {self.engine.max_model_len} tokens; the request asks for "
-                f"{need} ({len(request.prompt_token_ids)} in the prompt, {request.params.max_new_tokens} to generate)",
-                param="max_tokens",
+            raise EngineRejected(
+                Rejection.NOT_RUNNING, f"engine is not running{': ' + self._failed if self._failed else ''}"
             )
         rid = request.request_id
         collector = _Collector(asyncio.get_running_loop())
         with self._cond:
             if self._stopping:  # checked under the lock the thread drains the inbox under when it exits
-                raise ServiceUnavailable("engine is shutting down")
+                raise EngineRejected(Rejection.NOT_RUNNING, "engine is shutting down")
             if rid in self._in_flight:
-                raise InvalidRequest(f"request id {rid!r} is already in use")
+                raise EngineRejected(Rejection.DUPLICATE_ID, f"request id {rid!r} is already in use")
             if len(self._in_flight) >= self.max_queued:
-                raise QueueFull()
+                raise EngineRejected(Rejection.QUEUE_FULL, "server is at capacity, retry later")
             self._in_flight.add(rid)
             self._inbox.append(("add", request, collector))
             self._cond.notify()
@@ -175,7 +178,7 @@ class AsyncEngine:
                 out = await collector.get()
                 finished = out.finished
                 yield out
-        except LmfleetError:
+        except EngineRejected:
             finished = True  # rejected by the engine: nothing to abort
             raise
         finally:
@@ -238,8 +241,10 @@ class AsyncEngine:
                 rid = payload.request_id
                 try:
                     self.engine.add_request(payload)
-                except Exception as exc:
-                    err = exc if isinstance(exc, LmfleetError) else InvalidRequest(str(exc))
+                except Exception as exc:  # an assertion (a bug upstream) fails only this request
+                    err = exc if isinstance(exc, EngineRejected) else EngineRejected(Rejection.UNSUPPORTED, repr(exc))
+                    if not isinstance(exc, EngineRejected):
+                        logger.exception("add_request(%r) failed", rid)
                     self._release(rid)
                     self._send([(collector, err)])
                 else:

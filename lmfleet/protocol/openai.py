@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator
 from pydantic_core import PydanticCustomError
 
+from lmfleet.protocol.worker import SEED_MAX as WORKER_SEED_MAX
 from lmfleet.protocol.worker import ChatMessageIn, GenerateRequest
 
 MAX_N = 16  # choices per prompt
@@ -257,8 +258,8 @@ class _GenerationRequest(BaseModel):
     def _sampling(self, choice_in_prompt: int) -> dict[str, Any]:
         """GenerateRequest fields for the `choice_in_prompt`-th choice of a prompt."""
         seed = None
-        if self.seed is not None:  # wrap around instead of overflowing int64
-            seed = (self.seed + choice_in_prompt - SEED_MIN) % (1 << 64) + SEED_MIN
+        if self.seed is not None:  # OpenAI's seeds are signed 64-bit; the worker's unsigned: wrap around
+            seed = (self.seed + choice_in_prompt) % (WORKER_SEED_MAX + 1)
         return {
             "temperature": self.temperature,
             "top_p": self.top_p,
@@ -525,16 +526,3 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
-
-
-class ErrorInfo(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    """Every error on every route has this body."""
-
-    error: ErrorInfo

@@ -25,13 +25,17 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-FinishReasonName = Literal["stop", "length", "abort", "error"]
+from lmfleet.protocol.errors import ErrorInfo
+
+# lmfleet.engine.base.FinishReason's values, as the wire spells them.
+FinishReason = Literal["stop", "length", "abort", "error"]
 
 # Bounds on what a peer may report or ask for, so no message can overflow a float, a tensor or a generator seed.
 MAX_COUNT = 10_000_000  # FastChat's queue length
 MAX_REPORTED = 1 << 40  # running, waiting, tokens in flight, context length
 MAX_TOKEN_ID = (1 << 31) - 1
-SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_seed takes
+SEED_MAX = (1 << 64) - 1  # seeds are unsigned 64-bit, as every engine takes them (lmfleet.engine.base.SEED_MAX)
+MAX_LOGIT_BIAS = 1024  # entries; OpenAI allows 300
 ModelName = Annotated[str, Field(min_length=1, max_length=1024)]
 
 
@@ -41,6 +45,7 @@ class WorkerStatus(BaseModel):
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
 
     model_names: list[ModelName] = Field(min_length=1, max_length=256)
+    aliases: list[ModelName] = Field(default_factory=list, max_length=256)  # answered to when no other model claims it
     speed: float = Field(default=1.0, gt=0, le=1_000_000)  # relative capacity, used by the lottery policy
     queue_length: int = Field(default=0, ge=0, le=MAX_COUNT)  # running + waiting, FastChat's load number
     running: int = Field(default=0, ge=0, le=MAX_REPORTED)
@@ -116,9 +121,13 @@ class GenerateRequest(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0, le=MAX_TOKEN_ID)
-    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=0, le=SEED_MAX)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)], Annotated[float, Field(ge=-100, le=100)]] = Field(
+        default_factory=dict, max_length=MAX_LOGIT_BIAS
+    )
     stop: list[Annotated[str, Field(max_length=4096)]] = Field(default_factory=list, max_length=64)
     stop_token_ids: list[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]] = Field(default_factory=list, max_length=1024)
     ignore_eos: bool = False
@@ -132,20 +141,13 @@ class GenerateRequest(BaseModel):
         return self
 
 
-class ErrorInfo(BaseModel):
-    message: str
-    type: str = "upstream_error"
-    param: str | None = None
-    code: str | None = None
-
-
 class GenerateChunk(BaseModel):
     """One line of the worker's NDJSON stream. The last chunk has `finish_reason` (or `error`) set."""
 
     request_id: str
     text: str = ""  # text delta (may be empty while UTF-8 or a possible stop string is held back)
     token_ids: list[int] = Field(default_factory=list)  # ids generated since the previous chunk
-    finish_reason: FinishReasonName | None = None
+    finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0  # generated so far, resume_token_ids included
     error: ErrorInfo | None = None

@@ -1,21 +1,21 @@
 """The model worker's HTTP shell: one process, one model.
 
-Owns: loading the tokenizer and the engine (in the lifespan, off the event loop), the `/worker/*` routes that
-turn a `GenerateRequest` into an NDJSON stream of `GenerateChunk`s (the first one carries the prompt's token ids,
-so the API server can resume the generation elsewhere; a resumed request's text starts where the client's
-stopped: protocol.worker), registration + heartbeats to one or more controllers (re-registering at once when a
-controller has forgotten it; leaving them while the engine is not running), readiness, and the drain.
+Owns: loading the model through its engine's loader (lmfleet.engine.registry; in the lifespan, off the event
+loop), the one check that a request fits the model, the `/worker/*` routes that turn a `GenerateRequest` into an
+NDJSON stream of `GenerateChunk`s (the first one carries the prompt's token ids, so the API server can resume the
+generation elsewhere; a resumed request's text starts where the client's stopped: protocol.worker), mapping an
+engine's refusal (`Rejection`) to the public error, and readiness.
 
     POST /worker/generate     GenerateRequest -> NDJSON GenerateChunks (503 while draining)
     GET  /worker/status       WorkerStatus;  POST /worker_get_status: FastChat's shape
     GET  /health              alive;  GET /ready: 200 while the engine steps and the worker is not draining
 
-Drain (`Worker.drain`, awaited by the process runner in lmfleet.cli on the first SIGTERM): leave every controller,
-answer new requests 503, let the open streams finish for up to `drain_timeout_s`; then uvicorn's graceful shutdown
-closes what is left, and the API server resumes those generations on another replica.
+Drain (lmfleet.drain, awaited by the process runner on the first SIGTERM): leave every controller
+(worker/registration.py), answer new requests 503, let the open streams finish for up to `drain_timeout_s`; then
+uvicorn's graceful shutdown closes what is left, and the API server resumes those generations on another replica.
 
-Does not own: batching and sampling (lmfleet.engine), text handling (worker/textgen.py), OpenAI semantics
-(lmfleet.api).
+Does not own: batching and sampling (lmfleet.engine), text handling (worker/textgen.py), fleet membership
+(worker/registration.py), OpenAI semantics (lmfleet.api).
 """
 
 from __future__ import annotations
@@ -24,22 +24,38 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from pathlib import PurePath
+from typing import Any, TypedDict
 
 import httpx
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from lmfleet import errors
-from lmfleet.client import ControllerClient, make_http_client
-from lmfleet.engine.base import Engine, EngineOutput, EngineRequest, FinishReason, SamplingParams
-from lmfleet.engine.runner import AsyncEngine
-from lmfleet.guard import BearerSecrets, RequestGuard
+from lmfleet.client import DEFAULT_CONTROLLER, ControllerClient, make_http_client
+from lmfleet.drain import DEFAULT_EXEMPT, DEFAULT_TIMEOUT_S, Drain, DrainGate
+from lmfleet.engine import registry
+from lmfleet.engine.base import (
+    BatchSettings,
+    EngineOutput,
+    EngineRejected,
+    EngineRequest,
+    FinishReason,
+    LoadedModel,
+    Rejection,
+    SamplingParams,
+    Tokenizer,
+)
+from lmfleet.engine.runner import DEFAULT_MAX_QUEUED, AsyncEngine
+from lmfleet.guard import BearerSecrets, ParsedBodyRoute, RequestGuard
 from lmfleet.protocol.worker import GenerateChunk, GenerateRequest, WorkerStatus
 from lmfleet.worker import textgen
+from lmfleet.worker.registration import Registration
 
 logger = logging.getLogger("lmfleet.worker")
+
+DRAIN_EXEMPT = DEFAULT_EXEMPT | {"/worker/status", "/worker_get_status"}  # readable while draining
 
 
 @dataclass
@@ -47,69 +63,80 @@ class WorkerSettings:
     model_path: str
     worker_address: str  # the URL other processes reach this worker at
     model_names: list[str] | None = None  # default: [model_path] exactly as given
-    controller_addresses: list[str] = field(default_factory=lambda: ["http://127.0.0.1:21001"])  # [] = no register
-    dtype: str = "auto"
-    device: str | None = None  # None: cuda when available, else cpu
-    max_num_seqs: int = 16
-    max_batch_tokens: int = 1024
-    max_queued: int = 256  # running + waiting beyond this → 429
-    max_model_len: int | None = None
+    controller_addresses: list[str] = field(default_factory=lambda: [DEFAULT_CONTROLLER])  # [] = no register
+    engine: str = registry.AUTO  # a key of lmfleet.engine.registry.ENGINES, or "auto"
+    engine_settings: BatchSettings | None = None  # None: the engine's defaults
+    max_queued: int = DEFAULT_MAX_QUEUED  # running + waiting beyond this → 429
     heartbeat_interval_s: float = 2.0
     registration_secret: str | None = field(default=None, repr=False)  # never printed
     speed: float = 1.0
     max_request_bytes: int = 32 << 20  # a GenerateRequest body (413 beyond; lmfleet.guard)
-    drain_timeout_s: float = 30.0  # on SIGTERM: how long open streams may take to finish
+    drain_timeout_s: float = DEFAULT_TIMEOUT_S  # on SIGTERM: how long open streams may take to finish
 
     @property
     def names(self) -> list[str]:
         return self.model_names or [self.model_path]
 
+    @property
+    def aliases(self) -> list[str]:
+        """Without `model_names`: the model's file name without `.gguf`, or its folder's name, which the API server
+        also answers to when no other model claims it."""
+        if self.model_names:
+            return []
+        path = PurePath(self.model_path.rstrip("/"))
+        alias = path.stem if path.suffix.lower() == ".gguf" else path.name
+        return [alias] if alias and alias != self.model_path else []
 
-EngineFactory = Callable[[WorkerSettings], tuple[Engine, Any]]  # → (engine, tokenizer)
+
+Loader = Callable[[WorkerSettings], LoadedModel]
 
 
-def load_transformers(settings: WorkerSettings) -> tuple[Engine, Any]:
-    """Load the tokenizer and a TransformersEngine from a local folder or a hub id."""
-    from lmfleet.engine.transformers import TransformersEngine
+def load_model(settings: WorkerSettings) -> LoadedModel:
+    """Locate the model, pick its engine (`settings.engine`) and load both engine and tokenizer."""
+    source = registry.locate(settings.model_path)
+    entry = registry.choose(source, settings.engine)
+    given = settings.engine_settings
+    if not isinstance(given, entry.settings):  # shared limits carried over to the chosen engine's settings
+        names = {f.name for f in fields(entry.settings)}
+        given = entry.settings(
+            **({f.name: getattr(given, f.name) for f in fields(given) if f.name in names} if given is not None else {})
+        )
+    return registry.load(source, entry, given)
 
-    tokenizer = textgen.load_tokenizer(settings.model_path)
-    engine = TransformersEngine.from_pretrained(
-        settings.model_path,
-        dtype=settings.dtype,
-        device=settings.device,
-        max_num_seqs=settings.max_num_seqs,
-        max_batch_tokens=settings.max_batch_tokens,
-        max_model_len=settings.max_model_len,
-    )
-    return engine, tokenizer
+
+_REJECTIONS: dict[Rejection, Callable[[str], errors.LmfleetError]] = {
+    Rejection.QUEUE_FULL: lambda detail: errors.QueueFull(detail),
+    Rejection.NOT_RUNNING: lambda detail: errors.ServiceUnavailable(detail),
+    Rejection.DUPLICATE_ID: lambda detail: errors.InvalidRequest(detail, param="request_id"),
+    Rejection.UNSUPPORTED: lambda detail: errors.InvalidRequest(detail),
+}
 
 
 class Worker:
-    """Per-process state, created in the lifespan: the running engine, the tokenizer and the controller links."""
+    """Per-process state, created in the lifespan: the running engine, its tokenizer, the drain and the fleet
+    membership."""
 
     def __init__(
-        self, settings: WorkerSettings, engine: AsyncEngine, tokenizer: Any, *, max_model_len: int, engine_name: str
+        self, settings: WorkerSettings, runner: AsyncEngine, tokenizer: Tokenizer, drain: Drain, engine_name: str
     ) -> None:
         self.settings = settings
-        self.engine = engine
+        self.runner = runner
         self.tokenizer = tokenizer
+        self.drain = drain
         self.engine_name = engine_name
-        self.max_model_len = max_model_len
-        self.vocab_size = len(tokenizer)
-        self.draining = False
-        self.open_streams = 0  # generate responses in progress (counted by _NdjsonStream)
-        self.controllers: list[ControllerClient] = []
-        self.registration: asyncio.Task[None] | None = None
+        self.max_model_len = runner.engine.max_model_len
+        self.vocab_size = min(runner.engine.vocab_size, len(tokenizer))  # ids both can handle
 
     @property
     def serving(self) -> bool:
         """Takes requests: the engine runs and the worker is not draining."""
-        return self.engine.ready and not self.draining
+        return self.runner.ready and not self.drain.draining
 
     def status(self) -> WorkerStatus:
-        s = self.engine.stats()
+        s = self.runner.stats()
         return WorkerStatus(
             model_names=self.settings.names,
+            aliases=self.settings.aliases,
             speed=self.settings.speed,
             queue_length=s.running + s.waiting,
             running=s.running,
@@ -127,17 +154,18 @@ class Worker:
             return textgen.render_chat(self.tokenizer, messages, add_generation_prompt=req.add_generation_prompt)
         if req.prompt is not None:
             return textgen.encode_prompt(self.tokenizer, req.prompt)
-        ids = list(req.prompt_token_ids or [])
-        if any(not 0 <= i < self.vocab_size for i in ids):
-            raise errors.InvalidRequest(f"token ids must be in [0, {self.vocab_size})", param="prompt")
-        return ids
+        return list(req.prompt_token_ids or [])
 
     def engine_request(self, req: GenerateRequest, prompt: list[int]) -> EngineRequest:
-        """Check lengths against the context and build the engine's request (prompt + any resumed ids)."""
+        """The one check that a request fits the model (a prompt, ids inside the vocabulary, prompt + resumed ids +
+        max_tokens within the context), then the engine's request (prompt + any resumed ids)."""
         if not prompt:
             raise errors.InvalidRequest("the prompt is empty", param="prompt")
-        if any(not 0 <= i < self.vocab_size for i in req.resume_token_ids):
-            raise errors.InvalidRequest(f"token ids must be in [0, {self.vocab_size})", param="resume_token_ids")
+        for name, ids in (("prompt", prompt), ("resume_token_ids", req.resume_token_ids)):
+            if ids and not (0 <= min(ids) and max(ids) < self.vocab_size):
+                raise errors.InvalidRequest(f"token ids must be in [0, {self.vocab_size})", param=name)
+        if any(not 0 <= t < self.vocab_size for t in req.logit_bias):
+            raise errors.InvalidRequest(f"logit_bias token ids must be in [0, {self.vocab_size})", param="logit_bias")
         context = prompt + list(req.resume_token_ids)
         room = self.max_model_len - len(context)
         wanted = (req.max_tokens - len(req.resume_token_ids)) if req.max_tokens is not None else room
@@ -153,9 +181,11 @@ class Worker:
             temperature=req.temperature,
             top_p=req.top_p,
             top_k=req.top_k,
+            min_p=req.min_p,
             seed=req.seed,
             presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
+            logit_bias=tuple(sorted(req.logit_bias.items())),
             stop_token_ids=tuple(req.stop_token_ids),
             ignore_eos=req.ignore_eos,
         )
@@ -163,12 +193,11 @@ class Worker:
 
     async def generate(self, req: GenerateRequest) -> tuple[GenerateChunk, AsyncGenerator[GenerateChunk, None]]:
         """Validate, admit, and produce the first chunk; then the rest. Errors before the first chunk raise (the
-        caller answers with JSON): 503 while draining, 400, 429 QueueFull."""
-        if self.draining:
-            raise errors.ServiceUnavailable("this worker is draining: send the request to another one")
+        caller answers with JSON): 400, 429 queue full, 503 engine not running (the drain gate answers 503 while
+        draining)."""
         prompt = self.prompt_ids(req)
         engine_req = self.engine_request(req, prompt)
-        chunks = self._chunks(req, prompt, self.engine.generate(engine_req))
+        chunks = self._chunks(req, prompt, self.runner.generate(engine_req))
         try:
             first = await anext(chunks)  # the engine's first output: QueueFull / ContextLengthExceeded raise here
         except BaseException:
@@ -196,7 +225,10 @@ class Worker:
             return GenerateChunk(text=delta, token_ids=ids or [], completion_tokens=done, **base, **extra, **kw)
 
         try:
-            out: EngineOutput | None = await anext(outputs)  # admission errors raise before anything is yielded
+            try:
+                out: EngineOutput | None = await anext(outputs)  # admission errors raise before anything is yielded
+            except EngineRejected as exc:
+                raise _REJECTIONS[exc.reason](exc.detail) from None
             if req.echo and req.prompt is not None:
                 yield chunk(req.prompt)
             if text.stopped:  # the resumed ids already end in a stop string
@@ -226,51 +258,14 @@ class Worker:
         finally:
             await outputs.aclose()
 
-    def start_registration(self, controllers: list[ControllerClient]) -> None:
-        self.controllers = controllers
-        if controllers:
-            self.registration = asyncio.create_task(_keep_registered(self, controllers), name="lmfleet-heartbeat")
-
-    async def leave_controllers(self) -> None:
-        """Stop heartbeating and unregister from every controller (concurrently; failures are only logged)."""
-        if self.registration is not None:
-            self.registration.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.registration
-            self.registration = None
-        address = self.settings.worker_address
-        results = await asyncio.gather(*(c.unregister(address) for c in self.controllers), return_exceptions=True)
-        for c, result in zip(self.controllers, results, strict=True):
-            if isinstance(result, Exception):
-                logger.warning("could not unregister from controller %s: %s", c.address, result)
-        self.controllers = []
-
-    async def drain(self, timeout_s: float) -> bool:
-        """Take no new request (503), leave the controllers, and wait until no stream is open (True) or `timeout_s`
-        has passed (False)."""
-        if not self.draining:
-            logger.info("draining: leaving the controllers, %d stream(s) open", self.open_streams)
-        self.draining = True
-        await self.leave_controllers()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while self.open_streams and loop.time() < deadline:
-            await asyncio.sleep(0.05)
-        if self.open_streams:
-            logger.warning("drain timeout (%gs): %d stream(s) still open", timeout_s, self.open_streams)
-            return False
-        logger.info("drained: no stream open")
-        return True
-
 
 class _NdjsonStream(StreamingResponse):
     """A generation as NDJSON. However the response ends (finished, client gone, cancelled) the generation is
-    closed, which aborts it in the engine, and it stops counting as an open stream."""
+    closed, which aborts it in the engine."""
 
-    def __init__(self, worker: Worker, first: GenerateChunk, rest: AsyncGenerator[GenerateChunk, None]) -> None:
+    def __init__(self, first: GenerateChunk, rest: AsyncGenerator[GenerateChunk, None]) -> None:
         super().__init__(self._lines(first, rest), media_type="application/x-ndjson")
-        self._worker, self._rest = worker, rest
-        worker.open_streams += 1
+        self._rest = rest
 
     @staticmethod
     async def _lines(first: GenerateChunk, rest: AsyncGenerator[GenerateChunk, None]) -> AsyncIterator[bytes]:
@@ -282,88 +277,62 @@ class _NdjsonStream(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            try:
-                await self.body_iterator.aclose()  # type: ignore[attr-defined]
-                await self._rest.aclose()
-            finally:
-                self._worker.open_streams -= 1
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            await self._rest.aclose()
 
 
-async def _keep_registered(worker: Worker, controllers: list[ControllerClient]) -> None:
-    """Heartbeat every interval; register when a controller does not know us (first start, or it restarted).
-    While the engine is not running, leave the controllers (so no traffic comes) and stop heartbeating."""
-    address = worker.settings.worker_address
-    known = {c.address: False for c in controllers}
-    failing: set[str] = set()
-    while True:
-        if not worker.serving:
-            for c in controllers:
-                if known[c.address]:
-                    logger.warning("engine is not running: leaving controller %s", c.address)
-                    known[c.address] = False
-                    with contextlib.suppress(errors.LmfleetError):
-                        await c.unregister(address)
-            await asyncio.sleep(worker.settings.heartbeat_interval_s)
-            continue
-        for c in controllers:
-            try:
-                if known[c.address]:
-                    known[c.address] = await c.heartbeat(address, worker.status())
-                if not known[c.address]:
-                    await c.register(address, worker.status())
-                    known[c.address] = True
-                    logger.info("registered %s (%s) with controller %s", address, worker.settings.names, c.address)
-                failing.discard(c.address)
-            except errors.LmfleetError as exc:
-                known[c.address] = False
-                if c.address not in failing:
-                    logger.warning("controller %s: %s; retrying every %.1fs", c.address, exc.message,
-                                   worker.settings.heartbeat_interval_s)
-                    failing.add(c.address)
-        await asyncio.sleep(worker.settings.heartbeat_interval_s)
+class WorkerState(TypedDict):
+    """The lifespan state every request sees as `request.state`."""
+
+    worker: Worker
 
 
 def create_app(
     settings: WorkerSettings,
     *,
-    load: EngineFactory = load_transformers,
-    engine_name: str = "transformers",
+    load: Loader = load_model,
+    drain: Drain | None = None,
     http_client: httpx.AsyncClient | None = None,
 ) -> FastAPI:
+    """The worker app. `load` builds the engine and tokenizer (off the event loop, in the lifespan); `drain` is
+    the one the process runner awaits on SIGTERM (lmfleet.server); `http_client` (tests, or a shared pool) is
+    used as given and not closed."""
+    drain = drain or Drain(settings.drain_timeout_s)
+
     @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine, tokenizer = await asyncio.to_thread(load, settings)
-        runner = AsyncEngine(engine, max_queued=settings.max_queued)
+    async def lifespan(_app: FastAPI) -> AsyncIterator[WorkerState]:
+        loaded = await asyncio.to_thread(load, settings)
+        if loaded.description:
+            logger.info("loaded %s", loaded.description)
+        runner = AsyncEngine(loaded.engine, max_queued=settings.max_queued)
         runner.start()
-        worker = Worker(settings, runner, tokenizer, max_model_len=engine.max_model_len, engine_name=engine_name)
-        app.state.worker = worker
-        http = http_client or make_http_client()
-        worker.start_registration(
-            [ControllerClient(http, a, secret=settings.registration_secret) for a in settings.controller_addresses]
+        worker = Worker(
+            settings, runner, loaded.tokenizer, drain, engine_name=loaded.engine_name or type(loaded.engine).__name__
         )
-        logger.info("worker for %s ready at %s", settings.names, settings.worker_address)
-        try:
-            yield
-        finally:
-            await worker.leave_controllers()
-            await runner.stop()
-            if http_client is None:
-                await http.aclose()
+        async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_callback(runner.stop)
+            http = http_client or await stack.enter_async_context(make_http_client())
+            controllers = [
+                ControllerClient(http, a, secret=settings.registration_secret) for a in settings.controller_addresses
+            ]
+            membership = Registration(
+                controllers,
+                settings.worker_address,
+                status=worker.status,
+                serving=lambda: worker.serving,
+                interval_s=settings.heartbeat_interval_s,
+            )
+            stack.push_async_callback(membership.leave)
+            drain.on_start(membership.leave)
+            membership.start()
+            logger.info("worker for %s ready at %s", settings.names, settings.worker_address)
+            yield {"worker": worker}
 
     app = FastAPI(title="lmfleet model worker", lifespan=lifespan)
+    app.router.route_class = ParsedBodyRoute
     errors.install_handlers(app)
     app.add_middleware(RequestGuard, max_bytes=settings.max_request_bytes)  # 413; 400 for a body that is not sane JSON
-
-    def worker_of(request: Request) -> Worker:
-        return request.app.state.worker
-
-    async def drain() -> None:
-        """Called once by the process runner (lmfleet.cli) on SIGTERM, before uvicorn's graceful shutdown."""
-        worker = getattr(app.state, "worker", None)
-        if worker is not None:
-            await worker.drain(settings.drain_timeout_s)
-
-    app.state.drain = drain
+    app.add_middleware(DrainGate, drain=drain, exempt=DRAIN_EXEMPT)  # outermost: 503 once draining
 
     secret = BearerSecrets([settings.registration_secret] if settings.registration_secret else [])
 
@@ -376,17 +345,16 @@ def create_app(
 
     @app.post("/worker/generate", dependencies=[Depends(require_secret)])
     async def generate(body: GenerateRequest, request: Request) -> StreamingResponse:
-        worker = worker_of(request)
-        first, rest = await worker.generate(body)
-        return _NdjsonStream(worker, first, rest)
+        first, rest = await request.state.worker.generate(body)
+        return _NdjsonStream(first, rest)
 
     @app.get("/worker/status")
     async def status(request: Request) -> WorkerStatus:
-        return worker_of(request).status()
+        return request.state.worker.status()
 
     @app.post("/worker_get_status")  # FastChat's route and shape
     async def fastchat_status(request: Request) -> dict[str, Any]:
-        s = worker_of(request).status()
+        s = request.state.worker.status()
         return {"model_names": s.model_names, "speed": s.speed, "queue_length": s.queue_length}
 
     @app.get("/health")
@@ -395,10 +363,10 @@ def create_app(
 
     @app.get("/ready")
     async def ready(request: Request) -> dict[str, str]:
-        worker = worker_of(request)
-        if worker.draining:
+        worker: Worker = request.state.worker
+        if drain.draining:
             raise errors.ServiceUnavailable("worker is draining")
-        if not worker.engine.ready:
+        if not worker.runner.ready:
             raise errors.ServiceUnavailable("engine is not running")
         return {"status": "ready"}
 

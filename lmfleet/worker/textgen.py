@@ -1,76 +1,40 @@
 """The only place where text meets tokens: prompts in, text deltas out.
 
-Owns: rendering chat messages with the tokenizer's own chat template (or a documented fallback), encoding raw
+Owns: asking the tokenizer (lmfleet.engine.base.Tokenizer, from the engine's loader) for chat and completion
 prompts, incremental detokenization (no broken UTF-8, never resending text already sent) and stop strings
-(matched across chunk boundaries, cut from the output). Does not own: sampling, batching (the engine) or HTTP
-(worker/app.py). Works with any Hugging Face tokenizer; tests also drive it with a byte tokenizer.
+(matched across chunk boundaries, cut from the output). Does not own: the chat template itself (the tokenizer
+renders its own), sampling, batching (the engine) or HTTP (worker/app.py). Tests drive it with a byte tokenizer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
+from lmfleet.engine.base import ChatTemplateError, Tokenizer
 from lmfleet.errors import InvalidRequest
-
-# Used when a model ships no chat template: one "role: content" line per message, then "assistant:".
-FALLBACK_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
 
 # Tokens before the first new one that are decoded again each step, so that tokenizers which change a token's
 # text by its left neighbour (SentencePiece's leading space, byte-level pieces) produce the right delta.
 _CONTEXT_TOKENS = 6
 
 
-class Tokenizer(Protocol):
-    """The part of a Hugging Face tokenizer this module uses."""
-
-    chat_template: Any
-
-    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = ...) -> str: ...
-
-    def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
-
-
-def load_tokenizer(model_path: str) -> Any:
-    """The model's own tokenizer (local folder or hub id), through transformers' Auto class."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_path)
-
-
 def render_chat(
     tokenizer: Tokenizer, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True
 ) -> list[int]:
-    """Token ids of a chat prompt. Control tokens inside message text are encoded as plain text, so a user
-    cannot forge a role switch by typing the template's special tokens."""
-    kwargs: dict[str, Any] = {}
-    if not getattr(tokenizer, "chat_template", None):
-        kwargs["chat_template"] = FALLBACK_TEMPLATE
-    from jinja2 import TemplateError
-
+    """Token ids of a chat prompt through the model's chat template; InvalidRequest when the template refuses the
+    messages (the client's mistake, not the worker's)."""
     try:
-        ids = tokenizer.apply_chat_template(
-            messages,
-            add_generation_prompt=add_generation_prompt,
-            tokenize=True,
-            return_dict=False,
-            sanitize_control_tokens=True,
-            **kwargs,
-        )
-    except TemplateError as exc:  # the template refuses these messages (roles, order): the client's mistake
-        message = f"the model's chat template cannot render these messages: {exc}"
-        raise InvalidRequest(message, param="messages") from exc
-    return list(ids)
+        return tokenizer.render_chat(messages, add_generation_prompt=add_generation_prompt)
+    except ChatTemplateError as exc:
+        raise InvalidRequest(
+            f"the model's chat template cannot render these messages: {exc}", param="messages"
+        ) from exc
 
 
 def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
     """A completions prompt, tokenized as the model expects a document to start (BOS where the model uses one)."""
-    return list(tokenizer.encode(text, add_special_tokens=True))
+    return tokenizer.encode(text, add_special_tokens=True)
 
 
 class IncrementalDetokenizer:

@@ -39,6 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmfleet.api.app import ApiSettings, create_app
 from lmfleet.api.routing import Router
+from lmfleet.drain import Drain
 from lmfleet.protocol.worker import GenerateChunk, GenerateRequest
 
 API = "http://api.test"
@@ -383,6 +384,7 @@ class Api:
     fleet: Fleet
     app: FastAPI
     router: Router  # the app's worker view (lifespan state)
+    drain: Drain  # what the process runner awaits on SIGTERM
 
     def streaming(self, **kw: Any) -> httpx.AsyncClient:
         """An httpx client that streams and can disconnect early."""
@@ -394,14 +396,15 @@ async def serve(fleet: Fleet | None = None, *, api_key: str = "sk-test", **setti
     fleet = fleet or Fleet()
     settings.setdefault("controller_address", CONTROLLER)
     async with fleet.http_client() as upstream:
-        app = create_app(ApiSettings(**settings), http_client=upstream)
+        drain = Drain()
+        app = create_app(ApiSettings(**settings), drain=drain, http_client=upstream)
         async with (
             running(app) as (asgi, state),
             httpx.AsyncClient(transport=httpx.ASGITransport(app=asgi), base_url=API) as raw,
             httpx2.AsyncClient(transport=httpx2.ASGITransport(app=asgi), base_url=API) as h2,
         ):
             client = openai.AsyncOpenAI(api_key=api_key, base_url=API + "/v1", http_client=h2, max_retries=0)
-            yield Api(asgi=asgi, raw=raw, openai=client, fleet=fleet, app=app, router=state["router"])
+            yield Api(asgi=asgi, raw=raw, openai=client, fleet=fleet, app=app, router=state["router"], drain=drain)
 
 
 def assert_error(

@@ -194,7 +194,7 @@ async def test_drain_finishes_requests_in_progress_and_refuses_new_ones() -> Non
 
         in_progress = asyncio.create_task(one_stream())
         await worker.streamed.wait()
-        drain = asyncio.create_task(api.app.state.drain())
+        drain = asyncio.create_task(api.drain.drain())
         await asyncio.sleep(0)  # the drain starts: from now on new requests are refused
         refused = await api.raw.post("/v1/chat/completions", json=CHAT)
         assert_error(refused, 503, type_="service_unavailable_error")

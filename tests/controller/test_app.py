@@ -17,6 +17,7 @@ from lmfleet import errors
 from lmfleet.client import ControllerClient
 from lmfleet.controller.app import ControllerSettings, create_app
 from lmfleet.protocol.worker import WorkerStatus
+from tests.fakes import running
 
 BASE = "http://controller"
 W1 = "http://127.0.0.1:31001"
@@ -39,8 +40,8 @@ async def controller(
     """A started controller (lifespan run) and an HTTP client for it."""
     clock = clock or FakeClock()
     app = app or create_app(settings or ControllerSettings(), clock=clock, http_client=http_client)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
+    async with running(app) as (asgi, _):
+        transport = httpx.ASGITransport(app=asgi)
         async with httpx.AsyncClient(transport=transport, base_url=BASE) as client:
             yield client, clock
 

@@ -11,9 +11,16 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from lmfleet.engine.base import EngineOutput, EngineRequest, EngineStats, FinishReason, SamplingParams
+from lmfleet.engine.base import (
+    EngineOutput,
+    EngineRejected,
+    EngineRequest,
+    EngineStats,
+    FinishReason,
+    Rejection,
+    SamplingParams,
+)
 from lmfleet.engine.runner import AsyncEngine
-from lmfleet.errors import ContextLengthExceeded, InvalidRequest, QueueFull, ServiceUnavailable
 
 pytestmark = pytest.mark.timeout(30)  # a bug here shows up as a hang
 
@@ -46,8 +53,8 @@ class FakeEngine:
             self._permits.release()
 
     def add_request(self, request: EngineRequest) -> None:
-        if not request.prompt_token_ids:
-            raise InvalidRequest("the prompt is empty")
+        if request.params.temperature > 1.5:
+            raise EngineRejected(Rejection.UNSUPPORTED, "too hot")
         self.running[request.request_id] = [request, 0]
 
     def abort_request(self, request_id: str) -> None:
@@ -91,8 +98,9 @@ class FakeEngine:
         return EngineStats(len(self.running), 0, sum(len(r.prompt_token_ids) + n for r, n in self.running.values()))
 
 
-def req(rid: str, max_new_tokens: int = 5, prompt: list[int] | None = None) -> EngineRequest:
-    return EngineRequest(rid, [1, 2, 3] if prompt is None else prompt, SamplingParams(max_new_tokens=max_new_tokens))
+def req(rid: str, max_new_tokens: int = 5, prompt: list[int] | None = None, temperature: float = 1.0) -> EngineRequest:
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
+    return EngineRequest(rid, [1, 2, 3] if prompt is None else prompt, params)
 
 
 @asynccontextmanager
@@ -181,9 +189,9 @@ async def test_queue_full_at_once_and_room_again_after():
         gens = [runner.generate(req(str(i), max_new_tokens=1)) for i in range(2)]
         tasks = [asyncio.create_task(anext(g)) for g in gens]
         await asyncio.sleep(0)  # both generators registered before their first await
-        with pytest.raises(QueueFull) as info:
+        with pytest.raises(EngineRejected) as info:
             await anext(runner.generate(req("x")))
-        assert info.value.headers["Retry-After"]
+        assert info.value.reason is Rejection.QUEUE_FULL
         assert runner.stats().running + runner.stats().waiting == 2
         engine.allow(2)  # permits left over are harmless
         assert [(await t).finish_reason for t in tasks] == [FinishReason.LENGTH] * 2
@@ -196,10 +204,9 @@ async def test_queue_full_at_once_and_room_again_after():
 async def test_rejections_raise_before_any_output():
     engine = FakeEngine()
     async with running(engine) as runner:
-        with pytest.raises(ContextLengthExceeded):
-            await anext(runner.generate(req("long", max_new_tokens=99_998)))  # 3 + 99_998 > 100_000
-        with pytest.raises(InvalidRequest, match="empty"):  # raised by the engine on its thread
-            await anext(runner.generate(req("empty", prompt=[])))
+        with pytest.raises(EngineRejected, match="too hot") as info:  # raised by the engine on its thread
+            await anext(runner.generate(req("hot", temperature=2.0)))
+        assert info.value.reason is Rejection.UNSUPPORTED
         assert runner.stats().waiting == 0
         assert tokens(await collect(runner, req("ok", max_new_tokens=2))) == [100, 101]
 
@@ -209,8 +216,9 @@ async def test_duplicate_request_id_is_rejected():
     async with running(engine) as runner:
         task = asyncio.create_task(collect(runner, req("a", max_new_tokens=1)))
         await asyncio.sleep(0)
-        with pytest.raises(InvalidRequest):
+        with pytest.raises(EngineRejected) as info:
             await anext(runner.generate(req("a")))
+        assert info.value.reason is Rejection.DUPLICATE_ID
         engine.allow(1)
         assert tokens(await task) == [100]
 
@@ -234,7 +242,7 @@ async def test_an_engine_that_keeps_failing_fails_everything_and_is_not_ready():
         # the aborted request keeps the engine busy, its steps keep failing: the third failure in a row is final
         await asyncio.to_thread(runner._thread.join, 10)
         assert not runner.ready
-        with pytest.raises(ServiceUnavailable):
+        with pytest.raises(EngineRejected, match="not running|shutting down"):
             await anext(runner.generate(req("c")))
 
 
@@ -248,14 +256,14 @@ async def test_stop_fails_pending_requests():
     rest = [o async for o in gen]
     assert rest[-1].finish_reason == FinishReason.ERROR and "stopped" in (rest[-1].error or "")
     assert not runner.ready
-    with pytest.raises(ServiceUnavailable):
+    with pytest.raises(EngineRejected, match="not running|shutting down"):
         await anext(runner.generate(req("b")))
 
 
 async def test_not_started_is_not_ready():
     runner = AsyncEngine(FakeEngine())
     assert not runner.ready
-    with pytest.raises(ServiceUnavailable):
+    with pytest.raises(EngineRejected, match="not running|shutting down"):
         await anext(runner.generate(req("a")))
 
 

@@ -11,8 +11,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from lmfleet.engine.base import EngineOutput, EngineRequest, FinishReason, SamplingParams  # noqa: E402
-from lmfleet.engine.transformers import TransformersEngine, raw_decode_throughput  # noqa: E402
-from lmfleet.errors import ContextLengthExceeded, InvalidRequest  # noqa: E402
+from lmfleet.engine.base import EngineRejected, Rejection  # noqa: E402
+from lmfleet.engine.transformers.engine import TransformersEngine  # noqa: E402
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -182,19 +182,15 @@ def test_abort_running_and_waiting(model):
     assert engine.step() == []
 
 
-def test_rejects_what_can_never_run(model):
+def test_refuses_what_it_cannot_run_and_asserts_what_the_worker_checks(model):
     engine = TransformersEngine(model, max_model_len=64)
-    with pytest.raises(ContextLengthExceeded):
-        engine.add_request(req("a", [5] * 60, max_new_tokens=5))
-    with pytest.raises(InvalidRequest):
-        engine.add_request(req("b", []))
-    with pytest.raises(InvalidRequest):
-        engine.add_request(req("c", [5, 1024]))  # outside the vocabulary
-    with pytest.raises(InvalidRequest):
-        engine.add_request(req("d", [5], max_new_tokens=0))
+    with pytest.raises(EngineRejected) as info:
+        engine.add_request(req("a", [5], top_p=0.0))
+    assert info.value.reason is Rejection.UNSUPPORTED
+    for unchecked in (req("b", [5] * 60, max_new_tokens=5), req("c", []), req("d", [5, 1024])):
+        with pytest.raises(AssertionError):  # the worker refuses these before they reach an engine
+            engine.add_request(unchecked)
     engine.add_request(req("e", [5]))
-    with pytest.raises(InvalidRequest):
-        engine.add_request(req("e", [6]))  # id in use
     assert engine.stats().waiting == 1
     with pytest.raises(ValueError):
         TransformersEngine(model, max_model_len=100_000)
@@ -259,17 +255,32 @@ def test_a_failed_forward_fails_its_requests_not_the_engine(model):
     assert final["c"].finish_reason == FinishReason.LENGTH and len(tokens["c"]) == 4
 
 
-def test_from_pretrained_and_bfloat16(model_dir):
-    engine = TransformersEngine.from_pretrained(str(model_dir), dtype="bfloat16", device="cpu", max_num_seqs=4)
-    assert next(engine.model.parameters()).dtype == torch.bfloat16
+def test_the_loader_and_bfloat16(model_dir):
+    from lmfleet.engine import registry
+    from lmfleet.engine.transformers import TransformersSettings
+
+    source = registry.locate(str(model_dir))
+    settings = TransformersSettings(dtype="bfloat16", device="cpu", max_num_seqs=4)
+    loaded = registry.load(source, registry.choose(source), settings)
+    engine = loaded.engine
+    assert loaded.engine_name == "transformers" and "dtype=bfloat16" in loaded.description
+    assert next(engine.model.parameters()).dtype == torch.bfloat16 and engine.max_num_seqs == 4
+    assert loaded.tokenizer.decode(loaded.tokenizer.encode("hello world", add_special_tokens=False)) == "hello world"
     requests = [req(str(i), p, max_new_tokens=6, temperature=0.9, seed=i) for i, p in enumerate(prompts(6, 9))]
     tokens, final = drive(engine, requests, [0, 0, 1, 2, 2, 5])
     assert all(f.finish_reason in (FinishReason.LENGTH, FinishReason.STOP) for f in final.values())
     assert all(len(t) <= 6 for t in tokens.values())
 
 
-def test_raw_decode_throughput_runs(model):
-    assert raw_decode_throughput(model, 2, prompt_len=4, new_tokens=3) > 0
+def test_the_raw_decode_baseline_decodes_what_the_engine_decodes(model):
+    """`lmfleet bench --raw` is a fair ceiling only if it does the engine's work: the same greedy tokens."""
+    from lmfleet.bench.raw import raw_decode
+
+    run = raw_decode(model, 3, prompt_len=6, new_tokens=5, seed=3)
+    assert run.tokens == 15 and run.seconds > 0
+    requests = [req(str(i), p, max_new_tokens=5, **GREEDY) for i, p in enumerate(run.prompts)]
+    tokens, _ = drive(TransformersEngine(model), requests)
+    assert [tokens[str(i)] for i in range(3)] == run.token_ids
 
 
 async def test_served_through_the_async_runner(model):

@@ -17,7 +17,7 @@ from lmfleet.controller.app import create_app as create_controller
 from lmfleet.worker.app import WorkerSettings
 from lmfleet.worker.app import create_app as create_worker
 from tests.api.fakes import CONTROLLER, Fleet, assert_error, running, serve
-from tests.fakes import ByteTokenizer, ScriptedEngine
+from tests.fakes import ScriptedEngine, loaded
 
 INTERNAL = "SECRET-INTERNAL-DETAIL /srv/lmfleet/secret_module.py line 42"
 
@@ -27,7 +27,7 @@ def _apps(fleet: Fleet) -> dict[str, FastAPI]:
     return {
         "api": create_api(ApiSettings(controller_address=CONTROLLER), http_client=fleet.http_client()),
         "controller": create_controller(ControllerSettings()),
-        "worker": create_worker(worker, load=lambda _s: (ScriptedEngine(), ByteTokenizer()), engine_name="scripted"),
+        "worker": create_worker(worker, load=lambda _s: loaded(ScriptedEngine())),
     }
 
 

@@ -17,7 +17,7 @@ from lmfleet.guard import RequestGuard, check_json
 from lmfleet.worker.app import WorkerSettings
 from lmfleet.worker.app import create_app as create_worker
 from tests.api.fakes import assert_error, serve
-from tests.fakes import ByteTokenizer, ScriptedEngine
+from tests.fakes import ScriptedEngine, loaded, running
 
 CHAT = b'{"model": "echo", "messages": [{"role": "user", "content": "hello there"}]}'
 JSON = {"content-type": "application/json"}
@@ -107,8 +107,8 @@ async def test_api_body_limit_counts_declared_and_streamed_bodies() -> None:
 @contextlib.asynccontextmanager
 async def started_controller() -> AsyncIterator[httpx.AsyncClient]:
     app = create_controller(ControllerSettings(max_request_bytes=4096))
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://controller") as c:
+    async with running(app) as (asgi, _):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=asgi), base_url="http://controller") as c:
             yield c
 
 
@@ -117,9 +117,9 @@ async def started_worker(max_request_bytes: int = 4096) -> AsyncIterator[httpx.A
     settings = WorkerSettings(
         model_path="fake", worker_address="http://worker", controller_addresses=[], max_request_bytes=max_request_bytes
     )
-    app = create_worker(settings, load=lambda _s: (ScriptedEngine(), ByteTokenizer()), engine_name="scripted")
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://worker") as c:
+    app = create_worker(settings, load=lambda _s: loaded(ScriptedEngine()))
+    async with running(app) as (asgi, _):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=asgi), base_url="http://worker") as c:
             yield c
 
 

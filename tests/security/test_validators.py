@@ -31,6 +31,7 @@ from lmfleet.protocol.openai import (
     ChatCompletionRequest,
     CompletionRequest,
 )
+from lmfleet.protocol.worker import SEED_MAX as WORKER_SEED_MAX
 from lmfleet.protocol.worker import GenerateRequest
 
 PROPERTY = settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -167,7 +168,7 @@ def _check_accepted(req: ChatCompletionRequest | CompletionRequest) -> None:
         gen = req.to_generate_request(f"r-{choice}", "m", choice=choice)  # valid for the worker, or it raises
         GenerateRequest.model_validate(json.loads(gen.model_dump_json()))  # and survives the wire
         if gen.seed is not None:
-            assert SEED_MIN <= gen.seed <= SEED_MAX
+            assert 0 <= gen.seed <= WORKER_SEED_MAX  # OpenAI's signed seeds fold into the engines' unsigned range
             seeds.add((req.prompt_index(choice), gen.seed))
     if req.seed is not None:
         assert len(seeds) == req.num_choices  # every choice of a prompt has its own seed

@@ -15,11 +15,12 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from lmfleet.drain import Drain
 from lmfleet.engine.base import EngineOutput, EngineRequest, EngineStats, FinishReason
 from lmfleet.worker.app import WorkerSettings, create_app
 from lmfleet.worker.textgen import TextStream
 from tests.api.fakes import StreamingASGITransport
-from tests.fakes import EOS, ByteTokenizer, ScriptedEngine
+from tests.fakes import EOS, ByteTokenizer, ScriptedEngine, loaded, running
 
 SCRIPT = "Hello wörld 🙂 again."
 SCRIPT_IDS = list(SCRIPT.encode())
@@ -37,6 +38,7 @@ class ContinuingEngine:
 
     max_model_len = 256
     eos_token_ids = (EOS,)
+    vocab_size = EOS + 1
 
     def add_request(self, request: EngineRequest) -> None:
         self.running[request.request_id] = (request, len(request.prompt_token_ids) - self.prompt_len, 0)
@@ -109,11 +111,12 @@ async def make_worker():
         async def make(engine: Any, http: httpx.AsyncClient | None = None, **settings: Any) -> httpx.AsyncClient:
             settings.setdefault("controller_addresses", [])
             s = WorkerSettings(model_path="fake", worker_address="http://worker", **settings)
-            app = create_app(s, load=lambda _s: (engine, ByteTokenizer()), engine_name="test", http_client=http)
-            await stack.enter_async_context(app.router.lifespan_context(app))
-            client = httpx.AsyncClient(transport=StreamingASGITransport(app), base_url="http://worker")
+            drain = Drain(s.drain_timeout_s)
+            app = create_app(s, load=lambda _s: loaded(engine, "test"), drain=drain, http_client=http)
+            asgi, _ = await stack.enter_async_context(running(app))
+            client = httpx.AsyncClient(transport=StreamingASGITransport(asgi), base_url="http://worker")
             await stack.enter_async_context(client)
-            client.app = app  # type: ignore[attr-defined]
+            client.drain = drain  # type: ignore[attr-defined]
             return client
 
         yield make
@@ -236,7 +239,7 @@ async def test_drain_leaves_the_controllers_refuses_new_requests_and_waits_for_o
         in_progress = asyncio.create_task(one_stream())
         while not engine.running:
             await asyncio.sleep(0.01)
-        drain = asyncio.create_task(client.app.state.drain())
+        drain = asyncio.create_task(client.drain.drain())
         while "unregister" not in calls:
             await asyncio.sleep(0.01)
         refused = await client.post("/worker/generate", json={"request_id": "r2", "prompt": "x"})
@@ -248,7 +251,7 @@ async def test_drain_leaves_the_controllers_refuses_new_requests_and_waits_for_o
         engine.release.set()
         chunks = await in_progress
         assert chunks[-1]["finish_reason"] == "length" and chunks[-1]["completion_tokens"] == 10
-        assert await drain is None
+        assert await drain is True
         assert calls.count("unregister") == 1
         heartbeats = calls.count("heartbeat")
         await asyncio.sleep(0.05)
@@ -265,10 +268,10 @@ async def test_drain_gives_up_after_its_timeout(make_worker) -> None:
         in_progress = asyncio.create_task(generate(client, prompt="x", max_tokens=10, ignore_eos=True))
         while not engine.running:
             await asyncio.sleep(0.01)
-        worker = client.app.state.worker
-        assert await worker.drain(0.2) is False
-        assert worker.open_streams == 1
+        drain = client.drain
+        assert await drain.drain(0.2) is False
+        assert drain.in_progress == 1
     finally:
         engine.release.set()
     await in_progress
-    assert worker.open_streams == 0
+    assert drain.in_progress == 0

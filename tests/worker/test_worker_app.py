@@ -11,7 +11,7 @@ import pytest
 
 from lmfleet.worker.app import WorkerSettings, create_app
 from tests.api.fakes import StreamingASGITransport
-from tests.fakes import ByteTokenizer, ScriptedEngine
+from tests.fakes import ScriptedEngine, loaded, running
 
 SCRIPT = "Hello wörld 🙂 again."
 
@@ -21,9 +21,9 @@ async def worker() -> AsyncIterator[tuple[httpx.AsyncClient, ScriptedEngine]]:
     engine = ScriptedEngine(SCRIPT, max_model_len=256)
     settings = WorkerSettings(model_path="fake", worker_address="http://worker", controller_addresses=[],
                               max_queued=4)
-    app = create_app(settings, load=lambda _s: (engine, ByteTokenizer()), engine_name="scripted")
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=StreamingASGITransport(app), base_url="http://worker") as client:
+    app = create_app(settings, load=lambda _s: loaded(engine))
+    async with running(app) as (asgi, _):
+        async with httpx.AsyncClient(transport=StreamingASGITransport(asgi), base_url="http://worker") as client:
             yield client, engine
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -40,12 +39,18 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from lmfleet.engine.base import EngineOutput, EngineRequest, EngineStats, FinishReason, SamplingParams
-from lmfleet.errors import ContextLengthExceeded, InvalidRequest
+from lmfleet.engine.base import (
+    BatchSettings,
+    EngineOutput,
+    EngineRejected,
+    EngineRequest,
+    EngineStats,
+    FinishReason,
+    Rejection,
+    SamplingParams,
+)
 
 logger = logging.getLogger("lmfleet.engine")
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(eq=False)
@@ -90,8 +95,8 @@ class TransformersEngine:
         self,
         model: Any,
         *,
-        max_num_seqs: int = 32,
-        max_batch_tokens: int = 1024,
+        max_num_seqs: int = BatchSettings.max_num_seqs,
+        max_batch_tokens: int = BatchSettings.max_batch_tokens,
         max_model_len: int | None = None,
         eos_token_ids: Iterable[int] | None = None,
     ) -> None:
@@ -131,28 +136,6 @@ class TransformersEngine:
         self._batch = _Batch()
         self._greedy_batch = True  # every running row greedy without penalties: one argmax per step
 
-    @classmethod
-    def from_pretrained(
-        cls,
-        model_path: str,
-        *,
-        dtype: str = "auto",
-        device: str | None = None,
-        max_num_seqs: int = 32,
-        max_batch_tokens: int = 1024,
-        max_model_len: int | None = None,
-    ) -> TransformersEngine:
-        """Load a model directory (or hub id available locally) and build an engine over it."""
-        from transformers import AutoModelForCausalLM
-
-        if dtype != "auto" and dtype not in _DTYPES:
-            raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}")
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES.get(dtype, "auto"))
-        model.to(device)
-        return cls(model, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens, max_model_len=max_model_len)
-
     # -- the Engine protocol ------------------------------------------------------------------------------------
 
     @property
@@ -167,26 +150,23 @@ class TransformersEngine:
     def model(self) -> Any:
         return self._model
 
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
     def add_request(self, request: EngineRequest) -> None:
-        """Queue a request. Raises ContextLengthExceeded if prompt + max_new_tokens > max_model_len, InvalidRequest
-        for an empty prompt, ids outside the vocabulary, bad parameters or a request id already in use."""
+        """Queue a request that fits (lmfleet.engine.base); EngineRejected for a sampling option it cannot run."""
         prompt, p = request.prompt_token_ids, request.params
-        if request.request_id in self._ids:
-            raise InvalidRequest(f"request id {request.request_id!r} is already in use")
-        if not prompt:
-            raise InvalidRequest("the prompt is empty", param="prompt")
-        if p.max_new_tokens < 1:
-            raise InvalidRequest("max_new_tokens must be at least 1", param="max_tokens")
-        if len(prompt) + p.max_new_tokens > self._max_model_len:
-            raise ContextLengthExceeded(
-                f"this model's maximum context length is {self._max_model_len} tokens; the request asks for "
-                f"{len(prompt) + p.max_new_tokens} ({len(prompt)} in the prompt, {p.max_new_tokens} to generate)",
-                param="max_tokens",
+        assert request.request_id not in self._ids, "request ids are unique"
+        assert prompt and p.max_new_tokens >= 1, "a request has a prompt and room to generate"
+        assert len(prompt) + p.max_new_tokens <= self._max_model_len, "the request fits the context"
+        assert 0 <= min(prompt) and max(prompt) < self._vocab_size, "prompt ids are in the vocabulary"
+        if p.temperature < 0 or not 0 < p.top_p <= 1 or p.top_k < 0 or not 0 <= p.min_p <= 1:
+            raise EngineRejected(
+                Rejection.UNSUPPORTED, "need temperature >= 0, 0 < top_p <= 1, top_k >= 0, 0 <= min_p <= 1"
             )
-        if min(prompt) < 0 or max(prompt) >= self._vocab_size:
-            raise InvalidRequest(f"prompt token ids must be in [0, {self._vocab_size})", param="prompt")
-        if p.temperature < 0 or not 0 < p.top_p <= 1 or p.top_k < 0:
-            raise InvalidRequest("need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+        if any(not 0 <= t < self._vocab_size for t, _ in p.logit_bias):
+            raise EngineRejected(Rejection.UNSUPPORTED, f"logit_bias token ids must be in [0, {self._vocab_size})")
         generator = None
         if p.temperature > 0:
             generator = torch.Generator(device=self._device)
@@ -340,6 +320,12 @@ class TransformersEngine:
                 counts = s.counts
                 assert counts is not None
                 logits[i] -= s.params.frequency_penalty * counts + s.params.presence_penalty * (counts > 0).float()
+        biased = [i for i, s in enumerate(seqs) if s.params.logit_bias]
+        if biased:
+            logits = logits.clone() if not penalized else logits
+            for i in biased:
+                ids, values = zip(*seqs[i].params.logit_bias, strict=True)
+                logits[i, list(ids)] += torch.tensor(values, dtype=logits.dtype, device=logits.device)
         tokens = logits.argmax(dim=-1).tolist()
         sampled = [i for i, s in enumerate(seqs) if s.generator is not None]
         if sampled:
@@ -352,6 +338,9 @@ class TransformersEngine:
                     torch.tensor([p.top_p for p in params], device=x.device, dtype=x.dtype),
                 )
             probs = x.softmax(dim=-1)
+            if any(p.min_p > 0 for p in params):
+                min_p = torch.tensor([p.min_p for p in params], device=x.device, dtype=probs.dtype)[:, None]
+                probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
             picks = [torch.multinomial(probs[j], 1, generator=seqs[i].generator) for j, i in enumerate(sampled)]
             for i, t in zip(sampled, torch.cat(picks).tolist(), strict=True):
                 tokens[i] = t
@@ -481,7 +470,8 @@ def _ids(value: Any) -> tuple[int, ...]:
 
 
 def _all_greedy(seqs: Iterable[_Seq]) -> bool:
-    return all(s.generator is None and s.counts is None for s in seqs)
+    """Every row takes the plain argmax of its logits: one argmax for the whole batch."""
+    return all(s.generator is None and s.counts is None and not s.params.logit_bias for s in seqs)
 
 
 def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -502,30 +492,3 @@ def _top_k_top_p(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> t
     before = probs.cumsum(dim=-1) - probs  # probability mass strictly above each token; the first is always kept
     sorted_x = sorted_x.masked_fill(before > top_p[:, None], float("-inf"))
     return torch.empty_like(x).scatter_(-1, order, sorted_x)
-
-
-def raw_decode_throughput(model: Any, batch_size: int, prompt_len: int = 20, new_tokens: int = 64) -> float:
-    """Tokens/s of a plain aligned-batch greedy decode with a KV cache and no scheduler: the model's own limit.
-
-    `batch_size` random prompts of `prompt_len` tokens, one prefill forward then `new_tokens - 1` decode forwards,
-    argmax each step; timed from the prefill to the last token, `batch_size * new_tokens` tokens counted (the
-    engine measured the same way is directly comparable). One untimed warm-up forward runs first.
-    """
-    device = next(model.parameters()).device
-    vocab = int(model.config.get_text_config(decoder=True).vocab_size)
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(vocab, (batch_size, prompt_len), generator=gen).to(device)
-    with torch.inference_mode():
-        model(input_ids=ids[:, :4], use_cache=False, logits_to_keep=1)  # warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        cache = DynamicCache(config=model.config)
-        out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-        tokens = out.logits[:, -1, :].argmax(dim=-1).tolist()
-        for _ in range(new_tokens - 1):
-            nxt = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]
-            out = model(input_ids=nxt, cache=cache, use_cache=True, logits_to_keep=1)
-            tokens = out.logits[:, -1, :].argmax(dim=-1).tolist()
-        elapsed = time.perf_counter() - start
-    return batch_size * new_tokens / elapsed

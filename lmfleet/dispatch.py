@@ -1,9 +1,9 @@
 """Dispatch policies: given the live workers for a model, pick one. Policies are values, chosen by name.
 
 A policy is a pure function `(workers, rng) -> WorkerInfo`: no I/O, no clock, no state beyond the `rng` it is
-handed, so the same inputs and the same seed give the same pick. The controller uses it for
-`/get_worker_address`; the API server imports this module too, to dispatch from its cached `/workers` view when
-the controller is down. Keep it dependency-free (standard library only at runtime).
+handed, so the same inputs and the same seed give the same pick. It belongs to neither side: the controller uses
+it for `/get_worker_address`, and the API server dispatches with it from its cached `/workers` view (so it keeps
+serving while the controller is down). Keep it dependency-free (standard library only at runtime).
 
     "shortest_queue"  (default) the least load per unit of speed; ties broken at random, so idle replicas share
                       the traffic. Load is `max(queue_length, running + waiting)`: a FastChat worker only

@@ -5,8 +5,7 @@ Owns: the benchmark command line (`build_parser`, `main`), one sweep over concur
 its own SSE parsing, the per-level summary (requests ok / failed, output tokens, output tok/s, request/s, time to
 first token, inter-token latency and end-to-end latency percentiles), the terminal table and the JSON report.
 With ``--raw`` it instead measures a model's own aligned-batch greedy decode in process, one batch size per level,
-through `lmfleet.engine.transformers.raw_decode_throughput` (imported only then: this module never imports torch
-at import time).
+through `lmfleet.bench.raw` (imported only then: this module never imports torch at import time).
 
 Does not own: any server. It is bounded by construction: each level sends a fixed number of requests, each with a
 deadline, then stops. Output tokens come from the server's ``usage`` (streams request
@@ -616,35 +615,25 @@ async def run_http(settings: BenchSettings, *, http_client: httpx.AsyncClient | 
 
 
 def run_raw(settings: BenchSettings) -> BenchReport:
-    """Measure `raw_decode_throughput` at each level as the batch size, on the model at --model-path."""
+    """Measure the raw decode (lmfleet.bench.raw) at each level as the batch size, on the model at --model-path."""
     if not settings.model_path:
         raise BenchError("--raw needs --model-path")
     try:
-        from lmfleet.engine import transformers as engine_module
-    except ImportError as exc:
-        raise BenchError(f"--raw needs the worker extras (pip install 'lmfleet[worker]'): {exc}") from None
-    raw_decode_throughput = getattr(engine_module, "raw_decode_throughput", None)
-    if raw_decode_throughput is None:
-        raise BenchError("lmfleet.engine.transformers has no raw_decode_throughput()")
-    _status(settings, f"loading {settings.model_path} ({settings.dtype}, {settings.device})")
-    engine_cls = getattr(engine_module, "TransformersEngine", None)
-    if engine_cls is not None and hasattr(engine_cls, "from_pretrained"):
-        model = engine_cls.from_pretrained(settings.model_path, dtype=settings.dtype, device=settings.device).model
-    else:
-        import torch
-        from transformers import AutoModelForCausalLM
+        from lmfleet.bench.raw import load_model, raw_decode
 
-        model = AutoModelForCausalLM.from_pretrained(settings.model_path, dtype=getattr(torch, settings.dtype))
-        model = model.to(settings.device).eval()
+        _status(settings, f"loading {settings.model_path} ({settings.dtype}, {settings.device})")
+        model = load_model(settings.model_path, dtype=settings.dtype, device=settings.device)
+    except ImportError as exc:
+        raise BenchError(f"--raw needs torch and transformers (pip install 'lmfleet[transformers]'): {exc}") from None
 
     prompt_len, new_tokens = settings.prompt_tokens, settings.max_tokens
     if settings.warmup:
-        raw_decode_throughput(model, 1, prompt_len=prompt_len, new_tokens=min(new_tokens, 8))
+        raw_decode(model, 1, prompt_len=prompt_len, new_tokens=min(new_tokens, 8))
     levels = []
     with _progress(len(settings.concurrency), "raw decode", settings) as bar:
         for batch in settings.concurrency:
-            tok_s = float(raw_decode_throughput(model, batch, prompt_len=prompt_len, new_tokens=new_tokens))
-            out = batch * new_tokens
+            run = raw_decode(model, batch, prompt_len=prompt_len, new_tokens=new_tokens)
+            tok_s, out = run.tok_s, run.tokens
             levels.append(
                 LevelResult(
                     concurrency=batch,

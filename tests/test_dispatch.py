@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from lmfleet.controller.dispatch import POLICIES, get_policy, load, lottery, shortest_queue, speed
+from lmfleet.dispatch import POLICIES, get_policy, load, lottery, shortest_queue, speed
 from lmfleet.protocol.worker import WorkerInfo, WorkerStatus
 
 

@@ -1,0 +1,143 @@
+"""Which engine serves a model, and where the model's files are.
+
+Owns
+  * `locate(model_path)`: what `--model-path` names, checked before anything loads, with one line saying what was
+    expected when it names nothing usable: a `.gguf` file, a folder holding one `.gguf`, a Hugging Face model
+    folder (`config.json`), or a hub id (`org/name`) for transformers to find in its cache.
+  * `ENGINES`: engines by name (`--engine NAME`), each owning its settings and its loader; `auto` picks llama.cpp
+    for GGUF and transformers for Hugging Face folders and hub ids. `--engine transformers` on a GGUF loads it
+    through transformers, dequantized.
+
+Adding an engine is adding an entry: a package `lmfleet.engine.<name>` whose `__init__` defines a settings
+dataclass (extending `BatchSettings`) and `load(source, settings) -> LoadedModel`, and imports nothing heavy, so
+the CLI can build settings without loading torch or llama.cpp.
+
+Larger than one host (design note, no code path here): a GPU engine such as vLLM would be one more entry whose
+`load` starts vLLM's own multi-node executor (Ray or its multiprocessing backend, tensor and pipeline parallel
+across hosts) and exposes its scheduler through the same `Engine` protocol; the whole multi-host model then
+registers as one worker. The README's "Models larger than one host" section says what it would take and test.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from lmfleet.engine import llamacpp, transformers
+from lmfleet.engine.base import BatchSettings, LoadedModel
+
+AUTO = "auto"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelError(ValueError):
+    """The model cannot be served as asked (nothing loadable at the path, its engine not installed); the message
+    says in one line what was expected."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What `--model-path` names: a GGUF file, a Hugging Face folder or a hub id."""
+
+    given: str  # as the user wrote it (FastChat names a model by it)
+    kind: Literal["gguf", "folder", "hub"]
+    path: Path | None = None  # the .gguf file, or the folder; None for a hub id
+
+    @property
+    def display(self) -> str:
+        return str(self.path) if self.path is not None else self.given
+
+    @property
+    def short_name(self) -> str:
+        """The file name without `.gguf`, or the folder's (or hub id's last part's) name: the name a user types."""
+        if self.kind == "gguf" and self.path is not None:
+            return self.path.stem
+        return (self.path.name if self.path is not None else self.given.rsplit("/", 1)[-1]) or self.given
+
+    def transformers_args(self) -> tuple[str, str | None]:
+        """(what `from_pretrained` takes, its `gguf_file=`)."""
+        if self.kind == "gguf" and self.path is not None:
+            return str(self.path.parent), self.path.name
+        return self.display, None
+
+
+def locate(model_path: str) -> ModelSource:
+    """The model `model_path` names; ModelError (one line) when it names nothing loadable."""
+    expected = "expected a .gguf file, a folder holding one, a Hugging Face model folder, or a hub id (org/name)"
+    path = Path(model_path).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelError(f"{model_path} is a file but not a .gguf file: {expected}")
+        return ModelSource(model_path, "gguf", path.resolve())
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return ModelSource(model_path, "folder", path.resolve())
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ModelSource(model_path, "gguf", ggufs[0].resolve())
+        if ggufs:
+            names = ", ".join(g.name for g in ggufs)
+            raise ModelError(f"{model_path} holds several .gguf files ({names}): name one of them")
+        raise ModelError(f"{model_path} has neither a config.json nor a .gguf file: {expected}")
+    if _HUB_ID.match(model_path) and not model_path.startswith((".", "~")):
+        return ModelSource(model_path, "hub")
+    raise ModelError(f"{model_path} does not exist: {expected}")
+
+
+@dataclass(frozen=True)
+class EngineEntry:
+    name: str
+    settings: type[Any]  # a dataclass with BatchSettings' fields
+    load: Callable[[ModelSource, Any], LoadedModel]
+    auto_for: frozenset[str]  # the ModelSource kinds `--engine auto` gives this engine
+    requires: str  # the module it needs at load time, and the extra that installs it
+    extra: str
+
+
+ENGINES: dict[str, EngineEntry] = {
+    "llamacpp": EngineEntry(
+        "llamacpp",
+        llamacpp.LlamaCppSettings,
+        lambda source, settings: llamacpp.load(str(source.path), settings),
+        frozenset({"gguf"}),
+        "llama_cpp",
+        "llamacpp",
+    ),
+    "transformers": EngineEntry(
+        "transformers",
+        transformers.TransformersSettings,
+        transformers.load,
+        frozenset({"folder", "hub"}),
+        "torch",
+        "transformers",
+    ),
+}
+
+
+def choose(source: ModelSource, engine: str = AUTO) -> EngineEntry:
+    """The engine for `source`: the one named, or under `auto` the one for its kind. ValueError for an unknown
+    name or a pairing that cannot work (llama.cpp reads GGUF only)."""
+    if engine == AUTO:
+        return next(e for e in ENGINES.values() if source.kind in e.auto_for)
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {AUTO}, {', '.join(ENGINES)}")
+    entry = ENGINES[engine]
+    if entry.name == "llamacpp" and source.kind != "gguf":
+        raise ModelError(f"the llamacpp engine reads .gguf files; {source.given} is a {source.kind}")
+    return entry
+
+
+def load(source: ModelSource, entry: EngineEntry, settings: BatchSettings) -> LoadedModel:
+    """Load `source` with `entry`; ModelError naming the extra to install when the engine's library is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec(entry.requires) is None:
+        raise ModelError(
+            f"the {entry.name} engine needs the {entry.requires!r} package: pip install 'lmfleet[{entry.extra}]'"
+        )
+    loaded = entry.load(source, settings)
+    loaded.engine_name = loaded.engine_name or entry.name
+    return loaded

@@ -1,0 +1,68 @@
+"""The transformers engine: continuous batching over a Hugging Face causal LM, in PyTorch.
+
+Owns its settings (`TransformersSettings`) and `load`, which reads a model folder, a hub id available locally, or a
+GGUF file (dequantized by transformers) and returns the engine with its tokenizer. This module imports no torch:
+`engine` (the batching engine) and `tokenizer` do, when `load` runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from lmfleet.engine.base import BatchSettings, LoadedModel
+
+if TYPE_CHECKING:
+    from lmfleet.engine.registry import ModelSource
+
+logger = logging.getLogger("lmfleet.engine")
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class TransformersSettings(BatchSettings):
+    dtype: str = "auto"  # "auto": the checkpoint's own dtype
+    device: str | None = None  # None: cuda when available, else cpu
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
+        if self.device is not None and self.device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}")
+
+
+def load(source: ModelSource, settings: TransformersSettings) -> LoadedModel:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lmfleet.engine.transformers.engine import TransformersEngine
+    from lmfleet.engine.transformers.tokenizer import HFTokenizer
+
+    started = time.monotonic()
+    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = "auto" if settings.dtype == "auto" else getattr(torch, settings.dtype)
+    folder, gguf_file = source.transformers_args()
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+    model.to(device)
+    engine = TransformersEngine(
+        model,
+        max_num_seqs=settings.max_num_seqs,
+        max_batch_tokens=settings.max_batch_tokens,
+        max_model_len=settings.max_model_len,
+    )
+    tokenizer = HFTokenizer.load(folder, gguf_file=gguf_file, eos_token_ids=engine.eos_token_ids)
+    params = sum(p.numel() for p in model.parameters())
+    size_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6
+    dtype_name = str(next(model.parameters()).dtype).removeprefix("torch.")
+    description = (
+        f"engine=transformers model={source.display} dtype={dtype_name} "
+        f"device={device} context={engine.max_model_len} parameters={params / 1e6:.0f}M weights={size_mb:.0f}MB "
+        f"max_num_seqs={settings.max_num_seqs} loaded in {time.monotonic() - started:.1f}s"
+    )
+    return LoadedModel(engine, tokenizer, description)

@@ -1,0 +1,149 @@
+"""The whole stack in one process: the real API app over two real worker apps over scripted engines, with the
+real controller app between them, all over ASGI. What the failover tests check against fake workers is checked
+here against the worker's own resume code: a stream cut mid-way continues on the other replica with no gap, no
+duplicate, the same id and usage counted once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+import httpx2
+import openai
+import pytest
+
+from lmfleet.api.app import ApiSettings
+from lmfleet.api.app import create_app as create_api
+from lmfleet.controller.app import ControllerSettings
+from lmfleet.controller.app import create_app as create_controller
+from lmfleet.worker.app import WorkerSettings
+from lmfleet.worker.app import create_app as create_worker
+from tests.api.fakes import StreamingASGITransport
+from tests.fakes import ScriptedEngine, loaded, running
+
+pytestmark = pytest.mark.timeout(60)
+
+CONTROLLER, API = "http://controller", "http://api"
+SCRIPT = "Once upon a tïme, a wörker 🙂 died mid-sentence; its twin went on. "
+
+
+class Hosts(httpx.AsyncBaseTransport):
+    """Routes each request by `scheme://host` to an app's transport; any other host refuses the connection."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, httpx.AsyncBaseTransport] = {}
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        route = self.routes.get(f"{request.url.scheme}://{request.url.host}")
+        if route is None:
+            raise httpx.ConnectError(f"connection refused: {request.url.host}", request=request)
+        return await route.handle_async_request(request)
+
+
+@dataclass
+class Cut:
+    """One planned failure: the first generate stream to pass `after_lines` NDJSON lines breaks, and its worker
+    refuses connections from then on, as a killed process would."""
+
+    after_lines: int | None = None
+    victim: str | None = None
+
+
+class Link(httpx.AsyncBaseTransport):
+    def __init__(self, name: str, inner: httpx.AsyncBaseTransport, cut: Cut) -> None:
+        self.name, self.inner, self.cut = name, inner, cut
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self.cut.victim == self.name:
+            raise httpx.ConnectError("connection refused", request=request)
+        response = await self.inner.handle_async_request(request)
+        if request.url.path != "/worker/generate":
+            return response
+        return httpx.Response(response.status_code, headers=response.headers, stream=self._watched(response))
+
+    def _watched(self, response: httpx.Response) -> httpx.AsyncByteStream:
+        inner, link = response.stream, self
+
+        class Watched(httpx.AsyncByteStream):
+            async def __aiter__(self) -> AsyncIterator[bytes]:
+                lines = 0
+                async for part in inner:  # type: ignore[union-attr]
+                    cut = link.cut
+                    if cut.victim is None and cut.after_lines is not None and lines >= cut.after_lines:
+                        cut.victim = link.name
+                        raise httpx.ReadError("connection reset by peer")
+                    lines += part.count(b"\n")
+                    yield part
+
+            async def aclose(self) -> None:
+                await inner.aclose()  # type: ignore[union-attr]
+
+        return Watched()
+
+
+@pytest.fixture
+async def fleet() -> AsyncIterator[tuple[openai.AsyncOpenAI, Cut]]:
+    cut = Cut()
+    hosts = Hosts()
+    async with contextlib.AsyncExitStack() as exits:
+        http = await exits.enter_async_context(httpx.AsyncClient(transport=hosts))
+        controller, _ = await exits.enter_async_context(running(create_controller(ControllerSettings())))
+        hosts.routes[CONTROLLER] = StreamingASGITransport(controller)
+        for name in ("http://worker-a", "http://worker-b"):
+            engine = ScriptedEngine(SCRIPT, max_model_len=512, step_s=0.002, continuing=True)
+            settings = WorkerSettings(model_path="story", worker_address=name, controller_addresses=[CONTROLLER],
+                                      heartbeat_interval_s=0.05)
+            worker = create_worker(settings, load=lambda _s, e=engine: loaded(e), http_client=http)
+            app, _ = await exits.enter_async_context(running(worker))
+            hosts.routes[name] = Link(name, StreamingASGITransport(app), cut)
+        api_settings = ApiSettings(controller_address=CONTROLLER, refresh_interval_s=0.05)
+        api, state = await exits.enter_async_context(running(create_api(api_settings, http_client=http)))
+        for _ in range(200):
+            if len(state["router"].healthy()) == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert len(state["router"].healthy()) == 2, "both workers registered and in the API server's view"
+        h2 = await exits.enter_async_context(httpx2.AsyncClient(transport=httpx2.ASGITransport(app=api), base_url=API))
+        yield openai.AsyncOpenAI(base_url=API + "/v1", api_key="none", max_retries=0, http_client=h2), cut
+
+
+async def story(client: openai.AsyncOpenAI, **kw) -> tuple[str, list]:
+    stream = await client.chat.completions.create(
+        model="story", messages=[{"role": "user", "content": "Tell me."}], stream=True, temperature=0,
+        max_tokens=80, stream_options={"include_usage": True}, extra_body={"ignore_eos": True}, **kw,
+    )
+    chunks = [chunk async for chunk in stream]
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks
+
+
+def inside(text: str, piece: str, into: int) -> int:
+    """How many tokens (bytes) of `text` come before the `into`-th byte of `piece`: a cut there splits it."""
+    data = text.encode()
+    return data.index(piece.encode()) + into
+
+
+@pytest.mark.parametrize(("piece", "into"), [("d", 0), ("ï", 1), ("🙂", 2), ("Once", 0)])
+async def test_a_stream_cut_mid_way_resumes_on_the_real_worker_beside_it(fleet, piece: str, into: int) -> None:
+    """Cut between two characters, inside a two-byte and inside a four-byte character."""
+    client, cut = fleet
+    whole, _ = await story(client)
+    cut.after_lines = inside(whole, piece, into)
+    text, chunks = await story(client)
+    assert cut.victim is not None, "the stream was cut"
+    assert text == whole
+    assert len({c.id for c in chunks}) == 1
+    assert chunks[-1].usage.completion_tokens == 80
+
+
+async def test_a_stop_string_split_by_the_cut_still_stops(fleet) -> None:
+    client, cut = fleet
+    whole, _ = await story(client, stop=["wörker"])
+    assert whole.endswith("Once upon a tïme, a ")
+    cut.after_lines = inside(whole + "wörker", "wörker", 2)  # after "w" and half of "ö" went out
+    text, chunks = await story(client, stop=["wörker"])
+    assert cut.victim is not None
+    assert text == whole
+    assert [c for c in chunks if c.choices][-1].choices[0].finish_reason == "stop"
