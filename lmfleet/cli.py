@@ -471,7 +471,7 @@ def serve_plan(args: argparse.Namespace) -> Any:  # lmfleet.serve.ServePlan
     from lmfleet.engine import registry
     from lmfleet.serve import Child, ServePlan
 
-    given = [(m, None) for m in args.model_path]
+    given: list[tuple[str, str | None]] = [(m, None) for m in args.model_path]
     for i, names in enumerate(args.model_names or []):
         if i < len(given):
             given[i] = (given[i][0], names)
@@ -498,7 +498,7 @@ def serve_plan(args: argparse.Namespace) -> Any:  # lmfleet.serve.ServePlan
             + log,
         )
     ]
-    names: set[str] = set()
+    served: set[str] = set()
     for i, (path, model_names) in enumerate(given):
         cmd = (
             py
@@ -516,7 +516,7 @@ def serve_plan(args: argparse.Namespace) -> Any:  # lmfleet.serve.ServePlan
         )
         if model_names:
             cmd += ["--model-names", model_names]
-        names.update(_csv(model_names) if model_names else [path])
+        served.update(_csv(model_names) if model_names else [path])
         children.append(Child(f"worker {i + 1}", cmd))
     api = py + ["lmfleet.api", "--host", args.host, "--port", str(args.port), "--controller-address", controller]
     if args.allowed_origins:
@@ -528,7 +528,7 @@ def serve_plan(args: argparse.Namespace) -> Any:  # lmfleet.serve.ServePlan
         env["LMFLEET_API_KEYS"] = ",".join(keys)  # through the environment, not argv: keys stay out of `ps`
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     return ServePlan(
-        children, api_url=f"http://{host}:{args.port}", models=names, env=env, api_key=keys[0] if keys else None
+        children, api_url=f"http://{host}:{args.port}", models=served, env=env, api_key=keys[0] if keys else None
     )
 
 

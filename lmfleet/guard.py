@@ -34,7 +34,7 @@ import hashlib
 import hmac
 import json
 import re
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from email.message import Message as _ContentType
 from typing import Any
 
@@ -252,7 +252,7 @@ class ParsedBodyRoute(APIRoute):
     """A FastAPI route whose body is the object `RequestGuard` already parsed (FastAPI's documented custom
     `APIRoute`/`Request` pair): set `app.router.route_class = ParsedBodyRoute` before adding routes."""
 
-    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
         async def parsed_body_handler(request: Request) -> Response:

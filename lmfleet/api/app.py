@@ -12,10 +12,10 @@ Routes
 
 Owns: the request edge (API keys, CORS; body size and JSON sanity are lmfleet.guard's, public routes and
 per-request limits lmfleet.api.access's), choosing the model (`model` may be omitted when exactly one
-model is served or `default_model` is set), and turning the answer into a response (lmfleet.api.streaming), with
-a worker per choice picked from a cached view of the fleet that outlives the controller (lmfleet.api.routing),
-failover to another worker before and after the first token (lmfleet.api.streaming), and a graceful drain
-(lmfleet.drain). Knows nothing of tokens: the worker validates prompt length
+model is served or `default_model` is set), and turning the answer into a response (lmfleet.api.render,
+lmfleet.api.sse), with a worker per choice picked from a cached view of the fleet that outlives the controller
+(lmfleet.api.routing), failover to another worker before and after the first token (lmfleet.api.upstream), and
+a graceful drain (lmfleet.drain). Knows nothing of tokens: the worker validates prompt length
 against the model's context and its errors (400 context_length_exceeded, 429) pass through unchanged.
 
 Errors: every error body is `{"error": {"message", "type", "param", "code"}}` (lmfleet.errors). Unknown model →
@@ -35,7 +35,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypedDict
@@ -49,24 +49,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lmfleet import __version__, errors
 from lmfleet.api.access import RequestLimits, needs_key
+from lmfleet.api.render import ChatRenderer, CompletionRenderer, Renderer
 from lmfleet.api.routing import Router
-from lmfleet.api.streaming import (
-    CHAT,
-    COMPLETION,
-    ChoiceSpec,
-    EventStreamResponse,
-    Shape,
-    Timeouts,
-    Upstream,
-    cancel_on_disconnect,
-    close_all,
-    collect,
-    event_stream,
-    open_choices,
-)
+from lmfleet.api.sse import EventStreamResponse, cancel_on_disconnect, collect, event_stream
+from lmfleet.api.upstream import ChoiceSpec, ModelBackend, Timeouts, close_all, open_choices
 from lmfleet.client import DEFAULT_CONTROLLER, ControllerClient, WorkerClient, make_http_client
-from lmfleet.drain import DEFAULT_TIMEOUT_S, Drain, DrainGate
 from lmfleet.dispatch import DEFAULT_POLICY, get_policy
+from lmfleet.drain import DEFAULT_TIMEOUT_S, Drain, DrainGate
 from lmfleet.guard import BearerSecrets, ParsedBodyRoute, RequestGuard
 from lmfleet.protocol.errors import ErrorResponse
 from lmfleet.protocol.openai import (
@@ -215,8 +204,7 @@ _SSE_EVENT = {
     "properties": {
         "data": {
             "type": "string",
-            "description": "A chunk as JSON; an error as JSON `{\"error\": {...}}` (the stream then ends); "
-            "`[DONE]` last",
+            "description": 'A chunk as JSON; an error as JSON `{"error": {...}}` (the stream then ends); `[DONE]` last',
         }
     },
 }
@@ -249,7 +237,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[ApiState]:
         async with contextlib.AsyncExitStack() as stack:
-            http = http_client or await stack.enter_async_context(make_http_client())
+            http = http_client if http_client is not None else await stack.enter_async_context(make_http_client())
             controllers = [
                 ControllerClient(http, address, secret=settings.registration_secret)
                 for address in settings.controller_addresses
@@ -299,25 +287,32 @@ def create_app(
     app.add_middleware(DrainGate, drain=drain)
     timeouts = settings.timeouts()
 
-    async def answer(request: Request, body: ChatCompletionRequest | CompletionRequest, shape: Shape) -> Response:
+    async def answer(
+        request: Request,
+        body: ChatCompletionRequest | CompletionRequest,
+        *,
+        renderer_for: Callable[[str], Renderer],
+    ) -> Response:
+        """`renderer_for(model)`: the endpoint's renderer for this one response (lmfleet.api.render)."""
         settings.limits.check(body)
         router: Router = request.state.router
         model = await _resolve_model(router, body.model, settings.default_model)
-        meta = shape.new_meta(model)
+        renderer = renderer_for(model)
+        meta = renderer.meta
         specs = [
             ChoiceSpec(i, body.prompt_index(i), body.to_generate_request(f"{meta.id}-{i}", model, choice=i))
             for i in range(body.num_choices)
         ]
         # Until the first chunk of every choice is in hand (a long prefill, a queue) the client may leave too.
-        opening = open_choices(specs, Upstream(router, request.state.workers, model, timeouts))
+        opening = open_choices(specs, ModelBackend(router, request.state.workers, model, timeouts))
         streams = await cancel_on_disconnect(request.receive, opening)
         if streams is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         if body.stream:
-            events = event_stream(streams, shape, meta, include_usage=body.include_usage)
+            events = event_stream(streams, renderer, include_usage=body.include_usage)
             return EventStreamResponse(events, cleanup=partial(close_all, streams))
         try:
-            result = await cancel_on_disconnect(request.receive, collect(streams, shape, meta))
+            result = await cancel_on_disconnect(request.receive, collect(streams, renderer))
         finally:
             await close_all(streams)
         if result is None:
@@ -357,7 +352,7 @@ def create_app(
         "/v1/chat/completions", response_model=ChatCompletion, responses=_with_stream(ChatCompletion), tags=["openai"]
     )
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        return await answer(request, body, CHAT)
+        return await answer(request, body, renderer_for=ChatRenderer)
 
     @app.post(
         "/",
@@ -367,10 +362,10 @@ def create_app(
         summary="Chat completions (FastChat-compatible alias of /v1/chat/completions)",
     )
     async def chat_completions_root(body: ChatCompletionRequest, request: Request) -> Response:
-        return await answer(request, body, CHAT)
+        return await answer(request, body, renderer_for=ChatRenderer)
 
     @app.post("/v1/completions", response_model=Completion, responses=_with_stream(Completion), tags=["openai"])
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        return await answer(request, body, COMPLETION)
+        return await answer(request, body, renderer_for=CompletionRenderer)
 
     return app

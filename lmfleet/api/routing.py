@@ -20,7 +20,7 @@ Owns
     no worker serves but exactly one model's workers give as an alias (the file or folder name of an unnamed
     model) resolves to that model (`resolve`).
 
-Does not own: the HTTP calls (lmfleet.client), retrying, resuming and timeouts (lmfleet.api.streaming), the
+Does not own: the HTTP calls (lmfleet.client), retrying, resuming and timeouts (lmfleet.api.upstream), the
 controller's registry. The clock and the random source are injected so tests drive them. Never imports torch.
 """
 

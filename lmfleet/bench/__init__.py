@@ -494,7 +494,7 @@ class HttpBench:
         out, prompt = _usage(body)
         if out is not None:
             return RequestResult(ok=True, latency=latency, output_tokens=out, prompt_tokens=prompt)
-        choices = body.get("choices") if isinstance(body.get("choices"), list) else []
+        choices: list[Any] = body["choices"] if isinstance(body.get("choices"), list) else []
         words = sum(len(self.endpoint.full_text(c).split()) for c in choices if isinstance(c, dict))
         return RequestResult(ok=True, latency=latency, output_tokens=words, prompt_tokens=prompt, token_source="words")
 

@@ -219,7 +219,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[ControllerState]:
         async with contextlib.AsyncExitStack() as stack:
-            http = http_client or await stack.enter_async_context(make_http_client())
+            http = http_client if http_client is not None else await stack.enter_async_context(make_http_client())
             sweeper = asyncio.create_task(sweep_forever(), name="lmfleet-controller-expiry")
             stack.push_async_callback(_cancel, sweeper)
             logger.info(

@@ -12,10 +12,10 @@ Adding an engine is adding an entry: a package `lmfleet.engine.<name>` whose `__
 dataclass (extending `BatchSettings`) and `load(source, settings) -> LoadedModel`, and imports nothing heavy, so
 the CLI can build settings without loading torch or llama.cpp.
 
-Larger than one host (design note, no code path here): a GPU engine such as vLLM would be one more entry whose
+Larger than one host (a design note; no code path here): a GPU engine such as vLLM would be one more entry whose
 `load` starts vLLM's own multi-node executor (Ray or its multiprocessing backend, tensor and pipeline parallel
 across hosts) and exposes its scheduler through the same `Engine` protocol; the whole multi-host model then
-registers as one worker. The README's "Models larger than one host" section says what it would take and test.
+registers as one worker.
 """
 
 from __future__ import annotations

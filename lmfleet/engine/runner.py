@@ -24,7 +24,7 @@ import asyncio
 import logging
 import threading
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from lmfleet.engine.base import (
@@ -149,7 +149,7 @@ class AsyncEngine:
 
     # -- the event-loop side ------------------------------------------------------------------------------------
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+    async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
         """Yield this request's outputs (merged when the reader is slow) until one has `finish_reason` set.
 
         Raises `EngineRejected` before the first output: QUEUE_FULL when `max_queued` requests are already in
@@ -292,8 +292,8 @@ class AsyncEngine:
             try:
                 loop.call_soon_threadsafe(_deliver, batch)
             except RuntimeError:  # that loop is closed
-                for _, item in batch:
-                    if isinstance(item, EngineOutput) and not item.finished and item.request_id in self._live:
-                        del self._live[item.request_id]
-                        self._release(item.request_id)
-                        self.engine.abort_request(item.request_id)
+                for _, output in batch:
+                    if isinstance(output, EngineOutput) and not output.finished and output.request_id in self._live:
+                        del self._live[output.request_id]
+                        self._release(output.request_id)
+                        self.engine.abort_request(output.request_id)

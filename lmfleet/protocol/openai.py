@@ -185,6 +185,7 @@ _NOT_YET: dict[str, tuple[Any, str]] = {
 
 def _reject_unsupported(cls: type, value: Any, info: ValidationInfo) -> Any:
     """Field validator shared by the request models (pydantic passes the class first)."""
+    assert info.field_name is not None
     fine, why = _NOT_YET[info.field_name]
     if not fine(value):
         raise _error("unsupported_parameter", why)
@@ -242,6 +243,7 @@ class _GenerationRequest(BaseModel):
     )
     @classmethod
     def _null_means_default(cls, value: Any, info: ValidationInfo) -> Any:
+        assert info.field_name is not None
         return cls.model_fields[info.field_name].default if value is None else value
 
     @field_validator("stream_options")
@@ -386,6 +388,7 @@ class CompletionRequest(_GenerationRequest):
     @field_validator("max_tokens", "echo", mode="before")
     @classmethod
     def _null_means_default_too(cls, value: Any, info: ValidationInfo) -> Any:
+        assert info.field_name is not None
         return cls.model_fields[info.field_name].default if value is None else value
 
     @field_validator("echo")

@@ -216,7 +216,7 @@ class Worker:
             text = textgen.TextStream(self.tokenizer, prompt, req.stop)
             pending = text.resume(resumed, req.resume_text_chars)
         done = len(resumed)
-        base = {"request_id": req.request_id, "prompt_tokens": len(prompt)}
+        base: dict[str, Any] = {"request_id": req.request_id, "prompt_tokens": len(prompt)}
         opening: dict[str, Any] = {"prompt_token_ids": prompt}  # on the first chunk only
 
         def chunk(delta: str = "", ids: list[int] | None = None, **kw: Any) -> GenerateChunk:
@@ -311,7 +311,7 @@ def create_app(
         )
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(runner.stop)
-            http = http_client or await stack.enter_async_context(make_http_client())
+            http = http_client if http_client is not None else await stack.enter_async_context(make_http_client())
             controllers = [
                 ControllerClient(http, a, secret=settings.registration_secret) for a in settings.controller_addresses
             ]

@@ -86,21 +86,20 @@ async def test_early_failure_of_one_choice_closes_the_opened_ones() -> None:
 async def test_closing_the_merge_ends_a_pump_that_missed_its_cancellation() -> None:
     """Before Python 3.12 `asyncio.wait_for` can swallow a cancellation that arrives with its result; a pump that
     misses its cancellation must still end (it used to block forever on the full queue, and the request with it)."""
-    from lmfleet.api.streaming import merge
-    from lmfleet.protocol.worker import GenerateChunk
+    from lmfleet.api.upstream import ChoiceDelta, merge
 
     class Stubborn:
         def __init__(self) -> None:
             self.closed = False
 
-        async def chunks(self):  # noqa: ANN202
-            yield GenerateChunk(request_id="r", text="first")
+        async def deltas(self):  # noqa: ANN202
+            yield ChoiceDelta(index=0, text="first")
             try:
                 await asyncio.Event().wait()
             except asyncio.CancelledError:
                 pass  # swallowed once
             for _ in range(3):  # more than the queue holds
-                yield GenerateChunk(request_id="r", text="late")
+                yield ChoiceDelta(index=0, text="late")
             await asyncio.Event().wait()
 
         async def aclose(self) -> None:
@@ -108,6 +107,6 @@ async def test_closing_the_merge_ends_a_pump_that_missed_its_cancellation() -> N
 
     stream = Stubborn()
     merged = merge([stream])  # type: ignore[list-item]
-    assert (await anext(merged))[1].text == "first"
+    assert (await anext(merged)).text == "first"
     await asyncio.wait_for(merged.aclose(), 10)  # the bound only turns a hang into a failure
     assert stream.closed

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lmfleet.engine.base import BatchSettings, LoadedModel
 
@@ -48,7 +48,7 @@ def load(source: ModelSource, settings: TransformersSettings) -> LoadedModel:
     dtype = "auto" if settings.dtype == "auto" else getattr(torch, settings.dtype)
     folder, gguf_file = source.transformers_args()
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+    model: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
     model.to(device)
     engine = TransformersEngine(
         model,

@@ -393,6 +393,7 @@ class TransformersEngine:
         trim = min(pads)
         index = torch.tensor(keep, device=self._device)
         assert b.cache is not None
+        layer: Any  # every layer is a full-attention layer with tensors (checked in __init__)
         for layer in b.cache.layers:
             layer.keys = layer.keys.index_select(0, index)[:, :, trim:]
             layer.values = layer.values.index_select(0, index)[:, :, trim:]
@@ -408,6 +409,8 @@ class TransformersEngine:
             assert old.cache is not None and new.cache is not None
             w_old, w_new = old.width, new.width
             width = max(w_old, w_new)
+            lo: Any
+            ln: Any
             for lo, ln in zip(old.cache.layers, new.cache.layers, strict=True):
                 lo.keys = torch.cat([_pad_left(lo.keys, width - w_old), _pad_left(ln.keys, width - w_new)])
                 lo.values = torch.cat([_pad_left(lo.values, width - w_old), _pad_left(ln.values, width - w_new)])
@@ -442,6 +445,7 @@ class _GrowingLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         new = key_states.shape[-2]
         kbuf, vbuf = self._kbuf, self._vbuf
+        assert self.keys is not None and self.values is not None
         adopted = kbuf is not None and self.keys.data_ptr() == kbuf.data_ptr() and self.keys.shape[-2] == self._used
         if kbuf is None or vbuf is None or not adopted or self._used + new > kbuf.shape[-2]:
             old_k = self.keys if self.keys.numel() else key_states[..., :0, :]

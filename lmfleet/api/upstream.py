@@ -1,146 +1,71 @@
-"""Worker chunks → OpenAI answers: one SSE stream or one JSON body, for chat and completions alike.
+"""Worker chunks → one `ChoiceDelta` stream per choice: the upstream side of an answer, for chat and completions
+alike.
 
-Owns, for one request already resolved to a model and translated into one `GenerateRequest` per choice:
+Owns, for one request already resolved to a model (`ModelBackend`) and translated into one `GenerateRequest` per
+choice (`ChoiceSpec`):
   * opening every choice on a worker and holding its FIRST chunk before anything is sent (`open_choices`), so an
     early failure (400 context_length_exceeded, 404, 429, 503 from the worker) is a plain JSON error with the right
     status, never a 200 with an error inside;
   * failover (`ChoiceStream`): a worker that fails before its first chunk is replaced by another worker of the
-    model; one that fails after it (dies, errs, aborts, or goes silent past the timeouts) has its generation
+    model; one that fails after it (dies, errs, aborts, or goes silent past the `Timeouts`) has its generation
     resumed on another one from the token ids already received, under the same answer: no duplicate, no gap, and
-    `usage` counts each token once. Only when no worker is left does the client see an error;
-  * merging the n choice streams in arrival order (`merge`), with back-pressure towards the workers;
-  * spelling the result as SSE (`event_stream`: `data: {json}\\n\\n` ... `data: [DONE]\\n\\n`; an error after the
-    200 is sent as `data: {"error": {...}}` then `[DONE]`) or as one JSON answer (`collect`);
-  * cancellation: when the client goes away (`cancel_on_disconnect`, `EventStreamResponse`) the worker streams
-    are closed, which closes their HTTP connections, and the workers abort the sequences.
-The two endpoints differ only in how a chunk is spelled: `CHAT` and `COMPLETION` are the two `Shape` values.
+    usage counts each token once. Only when no worker is left does the caller see an error;
+  * turning each worker chunk into a `ChoiceDelta`, the endpoint-neutral unit the renderers spell
+    (lmfleet.api.render);
+  * merging the n choice streams in arrival order (`merge`), with back-pressure towards the workers, and closing
+    them (`close_all`: closing a worker's HTTP stream is how it learns to abort the sequence);
+  * usage accounting (`usage_of`): each prompt once, every choice's completion tokens.
 
 Does not own: parsing requests (lmfleet.protocol.openai), the fleet view, health and the pick of a worker
-(lmfleet.api.routing, behind `WorkerPool`), the HTTP transport (lmfleet.client).
+(lmfleet.api.routing, behind `WorkerPool`), the HTTP transport (lmfleet.client), how a delta is spelled for an
+endpoint (lmfleet.api.render), SSE, JSON bodies and client disconnects (lmfleet.api.sse).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import sys
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, cast
-
-from pydantic import BaseModel
-from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
 
 from lmfleet import errors
 from lmfleet.api.routing import Lease
 from lmfleet.client import WorkerClient
-from lmfleet.protocol.openai import (
-    AssistantMessage,
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletion,
-    ChatCompletionChunk,
-    ChatDelta,
-    Completion,
-    CompletionChoice,
-    CompletionChunk,
-    CompletionChunkChoice,
-    FinishReason,
-    Usage,
-)
+from lmfleet.protocol.openai import FinishReason, Usage
 from lmfleet.protocol.worker import GenerateChunk, GenerateRequest
 
 logger = logging.getLogger("lmfleet.api")
 
 T = TypeVar("T")
 
-DONE = b"data: [DONE]\n\n"
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-def sse(payload: BaseModel | dict[str, Any]) -> bytes:
-    data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
-    return b"data: " + data.encode() + b"\n\n"
-
 
 @dataclass(frozen=True)
-class ResponseMeta:
-    """What every chunk of one answer repeats: the same `id`, `created` and `model`."""
+class ChoiceDelta:
+    """What one choice added since its previous delta. The last delta of a choice has `finish_reason` set; a
+    worker's abort or error is never a delta (it is resumed elsewhere, or raised). Later features add their fields
+    here with an empty default, so neither this module's callers nor the renderers change shape."""
 
-    id: str
-    created: int
-    model: str
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# How each endpoint spells an answer
-
-
-@dataclass(frozen=True)
-class Shape:
-    id_prefix: str
-    # one streamed event for choice `index` (None: nothing worth sending); `first` is its first event
-    event: Callable[[ResponseMeta, int, str, bool, FinishReason | None], BaseModel | None]
-    usage_event: Callable[[ResponseMeta, Usage], BaseModel]  # `stream_options.include_usage`: empty `choices`
-    answer: Callable[[ResponseMeta, list[tuple[int, str, FinishReason]], Usage], BaseModel]  # non-stream
-
-    def new_meta(self, model: str) -> ResponseMeta:
-        return ResponseMeta(id=f"{self.id_prefix}-{uuid.uuid4().hex}", created=int(time.time()), model=model)
+    index: int  # the choice's `index` in the answer
+    text: str = ""  # may be empty (the worker is holding back half a UTF-8 character or a possible stop string)
+    token_ids: tuple[int, ...] = ()
+    finish_reason: FinishReason | None = None
+    logprobs: None = None  # filled by a later feature (log probabilities)
+    tool_calls: None = None  # filled by a later feature (tool-call deltas)
 
 
-def _chat_event(meta: ResponseMeta, index: int, text: str, first: bool, finish: FinishReason | None):
-    if not (text or first or finish):
-        return None
-    delta = ChatDelta(role="assistant", content=text) if first else ChatDelta(content=text or None)
-    choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish)
-    return ChatCompletionChunk(id=meta.id, created=meta.created, model=meta.model, choices=[choice])
-
-
-def _completion_event(meta: ResponseMeta, index: int, text: str, first: bool, finish: FinishReason | None):
-    if not (text or finish):
-        return None
-    choice = CompletionChunkChoice(index=index, text=text, finish_reason=finish)
-    return CompletionChunk(id=meta.id, created=meta.created, model=meta.model, choices=[choice])
-
-
-CHAT = Shape(
-    id_prefix="chatcmpl",
-    event=_chat_event,
-    usage_event=lambda meta, usage: ChatCompletionChunk(
-        id=meta.id, created=meta.created, model=meta.model, choices=[], usage=usage
-    ),
-    answer=lambda meta, choices, usage: ChatCompletion(
-        id=meta.id,
-        created=meta.created,
-        model=meta.model,
-        choices=[ChatChoice(index=i, message=AssistantMessage(content=t), finish_reason=f) for i, t, f in choices],
-        usage=usage,
-    ),
-)
-
-COMPLETION = Shape(
-    id_prefix="cmpl",
-    event=_completion_event,
-    usage_event=lambda meta, usage: CompletionChunk(
-        id=meta.id, created=meta.created, model=meta.model, choices=[], usage=usage
-    ),
-    answer=lambda meta, choices, usage: Completion(
-        id=meta.id,
-        created=meta.created,
-        model=meta.model,
-        choices=[CompletionChoice(index=i, text=t, finish_reason=f) for i, t, f in choices],
-        usage=usage,
-    ),
-)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# One choice (with its failover), and the merge of n
+def joined(deltas: Sequence[ChoiceDelta]) -> ChoiceDelta:
+    """One choice's deltas, in order, as one delta: the whole choice (non-streamed answers)."""
+    first, last = deltas[0], deltas[-1]
+    return ChoiceDelta(
+        index=first.index,
+        text="".join(d.text for d in deltas),
+        token_ids=tuple(t for d in deltas for t in d.token_ids),
+        finish_reason=last.finish_reason,
+    )
 
 
 @dataclass(frozen=True)
@@ -172,8 +97,9 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
-class Upstream:
-    """What every choice of one answer is generated with: the model's worker pool, the worker client, timeouts."""
+class ModelBackend:
+    """What every choice of one answer is generated with: the model's worker pool, the worker client, the model's
+    name and the timeouts."""
 
     pool: WorkerPool
     workers: WorkerClient
@@ -212,9 +138,9 @@ class ChoiceStream:
     Each worker is tried at most once per choice; a failed one is ejected from the pool. When none is left the
     last failure is raised. Records the token counts it has seen."""
 
-    def __init__(self, spec: ChoiceSpec, upstream: Upstream) -> None:
+    def __init__(self, spec: ChoiceSpec, backend: ModelBackend) -> None:
         self.spec = spec
-        self._up = upstream
+        self._backend = backend
         self._stream: AsyncIterator[GenerateChunk] | None = None
         self._lease: Lease | None = None
         self._first: GenerateChunk | None = None
@@ -235,8 +161,8 @@ class ChoiceStream:
         return self._lease.address if self._lease else None
 
     @classmethod
-    async def open(cls, spec: ChoiceSpec, upstream: Upstream) -> ChoiceStream:
-        stream = cls(spec, upstream)
+    async def open(cls, spec: ChoiceSpec, backend: ModelBackend) -> ChoiceStream:
+        stream = cls(spec, backend)
         try:
             await stream._start(spec.request, None)
         except BaseException:
@@ -247,22 +173,23 @@ class ChoiceStream:
     async def _start(self, request: GenerateRequest, failure: errors.LmfleetError | None) -> None:
         """Send `request` to a worker this choice has not tried and read its first chunk. `failure`: why the
         previous worker was given up, raised if no other worker takes the request."""
+        backend = self._backend
         while True:
             try:
-                lease = await self._up.pool.acquire(self._up.model, self._tried)
+                lease = await backend.pool.acquire(backend.model, self._tried)
             except errors.LmfleetError:
                 if failure is not None:
                     raise failure from None
                 raise
             if lease is None:
                 raise failure or errors.NoWorkerAvailable(
-                    f"No worker for the model `{self._up.model}` is available right now; retry later.",
+                    f"No worker for the model `{backend.model}` is available right now; retry later.",
                     headers={"Retry-After": "1"},
                 )
             self._tried.add(lease.address)
-            stream = self._up.workers.generate(lease.address, request)
+            stream = backend.workers.generate(lease.address, request)
             try:
-                first = await _read(stream, self._up.timeouts.first_token_s)
+                first = await _read(stream, backend.timeouts.first_token_s)
                 if first is None:
                     raise errors.UpstreamError("the worker closed the stream without sending anything")
                 _raise_if_failed(first)
@@ -272,7 +199,7 @@ class ChoiceStream:
                 if not _another_worker_may_help(exc):
                     raise
                 if not isinstance(exc, errors.QueueFull):  # a full worker is healthy
-                    self._up.pool.eject(lease.address, exc.message)
+                    backend.pool.eject(lease.address, exc.message)
                 failure = _worse(failure, exc)
                 continue
             except BaseException:
@@ -282,21 +209,27 @@ class ChoiceStream:
             self._stream, self._lease, self._first = stream, lease, first
             return
 
-    async def chunks(self) -> AsyncIterator[GenerateChunk]:
-        """The chunks, the peeked one first, up to and including the one with `finish_reason`, across workers."""
+    async def deltas(self) -> AsyncGenerator[ChoiceDelta, None]:
+        """The choice's deltas, the peeked chunk's first, up to and including the one with `finish_reason`, across
+        workers."""
         while True:
             chunk, self._first = self._first, None
             try:
                 if chunk is None:
                     assert self._stream is not None
-                    chunk = await _read(self._stream, self._up.timeouts.inter_token_s)
+                    chunk = await _read(self._stream, self._backend.timeouts.inter_token_s)
                     if chunk is None:
                         raise errors.UpstreamError("the worker's stream ended before the generation finished")
                 _raise_if_failed(chunk)
             except errors.LmfleetError as exc:
                 chunk = await self._resume(exc)
             self._record(chunk)
-            yield chunk
+            yield ChoiceDelta(
+                index=self.spec.index,
+                text=chunk.text,
+                token_ids=tuple(chunk.token_ids),
+                finish_reason=self.finish_reason,
+            )
             if chunk.finish_reason is not None:
                 return
 
@@ -306,13 +239,13 @@ class ChoiceStream:
         self.token_ids.extend(chunk.token_ids)
         self.text_chars += len(chunk.text)
         self.prompt_tokens, self.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
-        self.finish_reason = cast(FinishReason | None, chunk.finish_reason)
+        self.finish_reason = cast(FinishReason | None, chunk.finish_reason)  # abort/error were raised
 
     async def _resume(self, failure: errors.LmfleetError) -> GenerateChunk:
         """Continue on another worker after `failure` of the current one; the new stream's first chunk."""
         failed = self.address
         if failed is not None:
-            self._up.pool.eject(failed, failure.message)
+            self._backend.pool.eject(failed, failure.message)
         await self.aclose()
         if self.prompt_token_ids is None:  # nothing says what the worker tokenized: start over is all we could do
             raise failure
@@ -376,11 +309,11 @@ else:  # pragma: no cover - Python 3.10 (merge() copes with the cancellation wai
     _within = asyncio.wait_for
 
 
-async def _read(upstream: AsyncIterator[GenerateChunk], timeout_s: float) -> GenerateChunk | None:
+async def _read(stream: AsyncIterator[GenerateChunk], timeout_s: float) -> GenerateChunk | None:
     """The next chunk; None at the end of the stream. UpstreamError when the worker sends nothing for `timeout_s`
     or something that is not a chunk."""
     try:
-        return await _within(anext(upstream, None), timeout_s)
+        return await _within(anext(stream, None), timeout_s)
     except asyncio.TimeoutError:
         raise errors.UpstreamError(f"the worker sent nothing for {timeout_s:g}s") from None
     except ValueError as exc:  # a line that is not a GenerateChunk: the worker's fault, not the client's
@@ -398,10 +331,10 @@ async def close_all(streams: Sequence[ChoiceStream]) -> None:
         await stream.aclose()
 
 
-async def open_choices(specs: Sequence[ChoiceSpec], upstream: Upstream) -> list[ChoiceStream]:
+async def open_choices(specs: Sequence[ChoiceSpec], backend: ModelBackend) -> list[ChoiceStream]:
     """Open every choice concurrently and wait for each first chunk. If any fails, close the others and raise the
     first error."""
-    tasks = [asyncio.ensure_future(ChoiceStream.open(spec, upstream)) for spec in specs]
+    tasks = [asyncio.ensure_future(ChoiceStream.open(spec, backend)) for spec in specs]
     try:
         return list(await asyncio.gather(*tasks))
     except BaseException:
@@ -412,32 +345,32 @@ async def open_choices(specs: Sequence[ChoiceSpec], upstream: Upstream) -> list[
         raise
 
 
-async def merge(streams: Sequence[ChoiceStream]) -> AsyncIterator[tuple[ChoiceStream, GenerateChunk]]:
-    """Chunks of all streams in arrival order. Each stream is read by its own task (so a cancelled consumer never
+async def merge(streams: Sequence[ChoiceStream]) -> AsyncGenerator[ChoiceDelta, None]:
+    """Deltas of all streams in arrival order. Each stream is read by its own task (so a cancelled consumer never
     interrupts a stream's cleanup half-way); the first error stops everything. Closing this generator closes every
     stream."""
-    queue: asyncio.Queue[tuple[ChoiceStream, GenerateChunk | Exception | None]] = asyncio.Queue(len(streams))
+    queue: asyncio.Queue[ChoiceDelta | Exception | None] = asyncio.Queue(len(streams))
 
     async def pump(stream: ChoiceStream) -> None:
         try:
-            async with contextlib.aclosing(stream.chunks()) as chunks:
-                async for chunk in chunks:
-                    await queue.put((stream, chunk))
-            await queue.put((stream, None))
+            async with contextlib.aclosing(stream.deltas()) as deltas:
+                async for delta in deltas:
+                    await queue.put(delta)
+            await queue.put(None)
         except Exception as exc:
-            await queue.put((stream, exc))
+            await queue.put(exc)
 
     tasks = [asyncio.ensure_future(pump(stream)) for stream in streams]
     try:
         running = len(tasks)
         while running:
-            stream, item = await queue.get()
+            item = await queue.get()
             if item is None:
                 running -= 1
             elif isinstance(item, Exception):
                 raise item
             else:
-                yield stream, item
+                yield item
     finally:
         # Stop the pumps. One may miss its cancellation (a timeout racing it) and block on the full queue, so the
         # queue is emptied and the stragglers cancelled again until every pump has ended.
@@ -461,90 +394,3 @@ def usage_of(streams: Sequence[ChoiceStream]) -> Usage:
     return Usage(
         prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
     )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The two ways to answer
-
-
-async def event_stream(
-    streams: Sequence[ChoiceStream], shape: Shape, meta: ResponseMeta, *, include_usage: bool
-) -> AsyncIterator[bytes]:
-    """The SSE body. Its first chunks are already in hand, so the 200 was right; a later failure becomes an
-    error event. Always ends with `[DONE]` unless the client went away."""
-    announced: set[int] = set()
-    try:
-        async with contextlib.aclosing(merge(streams)) as chunks:
-            async for stream, chunk in chunks:
-                index = stream.spec.index
-                first = index not in announced
-                finish = cast(FinishReason | None, chunk.finish_reason)  # abort/error raised in chunks()
-                event = shape.event(meta, index, chunk.text, first, finish)
-                if event is not None:
-                    announced.add(index)
-                    yield sse(event)
-        if include_usage:
-            yield sse(shape.usage_event(meta, usage_of(streams)))
-    except errors.LmfleetError as exc:
-        logger.warning("%s failed mid-stream: %s", meta.id, exc.message)
-        yield sse(exc.body())
-    except Exception:
-        logger.exception("%s failed mid-stream", meta.id)
-        yield sse(errors.LmfleetError("internal server error").body())
-    yield DONE
-
-
-async def collect(streams: Sequence[ChoiceStream], shape: Shape, meta: ResponseMeta) -> BaseModel:
-    """The whole answer as one object, usage included."""
-    texts: dict[int, list[str]] = {s.spec.index: [] for s in streams}
-    async with contextlib.aclosing(merge(streams)) as chunks:
-        async for stream, chunk in chunks:
-            texts[stream.spec.index].append(chunk.text)
-    choices = [(s.spec.index, "".join(texts[s.spec.index]), cast(FinishReason, s.finish_reason)) for s in streams]
-    return shape.answer(meta, choices, usage_of(streams))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Client disconnects
-
-
-async def _disconnected(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-async def cancel_on_disconnect(receive: Receive, work: Awaitable[T]) -> T | None:
-    """Run `work` until it finishes, or until the client disconnects: then cancel it and return None. Call it after
-    the request body has been read (the next ASGI message is then the disconnect)."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(receive))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():  # the client went away, or we are being cancelled ourselves
-            task.cancel()
-        await asyncio.gather(task, watcher, return_exceptions=True)
-    return None if task.cancelled() else task.result()
-
-
-class EventStreamResponse(StreamingResponse):
-    """Server-sent events that stop as soon as the client goes away, on any ASGI server (it listens for the
-    disconnect itself instead of waiting for a failed write), then run `cleanup` whatever happened."""
-
-    media_type = "text/event-stream"
-
-    def __init__(self, content: AsyncIterator[bytes], *, cleanup: Callable[[], Awaitable[None]]) -> None:
-        super().__init__(content, headers=SSE_HEADERS)
-        self._cleanup = cleanup
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await cancel_on_disconnect(receive, self._send_all(send))
-        finally:
-            await _aclose(self.body_iterator)  # type: ignore[arg-type]
-            await self._cleanup()
-
-    async def _send_all(self, send: Send) -> None:
-        with contextlib.suppress(OSError):  # ASGI 2.4 servers raise it on writes to a closed connection
-            await self.stream_response(send)
