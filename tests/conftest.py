@@ -120,18 +120,33 @@ class Fleet:
         return proc
 
     def controller(self, *args: str) -> Proc:
-        return self.add("controller", module_cmd("controller", "--port", str(self.controller_port),
-                                                 "--heartbeat-expiration", "3", *args))
+        return self.add(
+            "controller",
+            module_cmd("controller", "--port", str(self.controller_port), "--heartbeat-expiration", "3", *args),
+        )
 
     def worker(self, name: str, model_path: Path, *args: str, port: int | None = None) -> Proc:
         port = port or free_port()
-        return self.add(name, module_cmd("worker", "--port", str(port), "--model-path", str(model_path),
-                                         "--controller-address", self.controller_url, "--heartbeat-interval", "0.5",
-                                         *args))
+        return self.add(
+            name,
+            module_cmd(
+                "worker",
+                "--port",
+                str(port),
+                "--model-path",
+                str(model_path),
+                "--controller-address",
+                self.controller_url,
+                "--heartbeat-interval",
+                "0.5",
+                *args,
+            ),
+        )
 
     def api(self, *args: str) -> Proc:
-        return self.add("api", module_cmd("api", "--port", str(self.api_port), "--controller-address",
-                                          self.controller_url, *args))
+        return self.add(
+            "api", module_cmd("api", "--port", str(self.api_port), "--controller-address", self.controller_url, *args)
+        )
 
     def wait_models(self, n: int, timeout: float = 120, headers: dict[str, str] | None = None) -> None:
         def ready() -> bool:

@@ -106,8 +106,11 @@ class ScriptedEngine:
         return bool(self.running)
 
     def stats(self) -> EngineStats:
-        return EngineStats(running=len(self.running), waiting=0,
-                           tokens_in_flight=sum(len(r.prompt_token_ids) + n for r, n in self.running.values()))
+        return EngineStats(
+            running=len(self.running),
+            waiting=0,
+            tokens_in_flight=sum(len(r.prompt_token_ids) + n for r, n in self.running.values()),
+        )
 
 
 def loaded(engine: Any, name: str = "scripted") -> LoadedModel:

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-import types
 from dataclasses import dataclass, field
 
 import pytest

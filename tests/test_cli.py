@@ -12,12 +12,34 @@ from lmfleet import cli
 def test_fastchat_worker_command_line_parses_with_the_same_meaning(tmp_path) -> None:
     (tmp_path / "vicuna").mkdir()
     (tmp_path / "vicuna" / "config.json").write_text("{}")
-    args = cli.build_parser().parse_args([
-        "worker", "--host", "127.0.0.1", "--port", "21003", "--worker-address", "http://127.0.0.1:21003",
-        "--controller-address", "http://127.0.0.1:21001", "--model-path", str(tmp_path / "vicuna"), "--model-names",
-        "vicuna-7b,gpt-3.5-turbo", "--device", "cpu", "--num-gpus", "1", "--conv-template", "vicuna_v1.1",
-        "--limit-worker-concurrency", "5", "--stream-interval", "2", "--load-8bit",
-    ])
+    args = cli.build_parser().parse_args(
+        [
+            "worker",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "21003",
+            "--worker-address",
+            "http://127.0.0.1:21003",
+            "--controller-address",
+            "http://127.0.0.1:21001",
+            "--model-path",
+            str(tmp_path / "vicuna"),
+            "--model-names",
+            "vicuna-7b,gpt-3.5-turbo",
+            "--device",
+            "cpu",
+            "--num-gpus",
+            "1",
+            "--conv-template",
+            "vicuna_v1.1",
+            "--limit-worker-concurrency",
+            "5",
+            "--stream-interval",
+            "2",
+            "--load-8bit",
+        ]
+    )
     settings = cli.worker_settings(args)
     assert settings.model_names == ["vicuna-7b", "gpt-3.5-turbo"]
     assert settings.max_queued == 5 and settings.worker_address == "http://127.0.0.1:21003"
@@ -50,9 +72,11 @@ def test_a_gguf_file_or_its_folder_picks_llamacpp_and_answers_to_its_name(tmp_pa
     for path in (tmp_path / "SmolLM2.Q4.gguf", tmp_path):
         settings = cli.worker_settings(cli.build_parser().parse_args(["worker", "--model-path", str(path)]))
         assert settings.engine == "llamacpp" and settings.names == [str(path)]
-    settings = cli.worker_settings(cli.build_parser().parse_args(
-        ["worker", "--model-path", str(tmp_path / "SmolLM2.Q4.gguf"), "--engine", "transformers", "--threads", "3"]
-    ))
+    settings = cli.worker_settings(
+        cli.build_parser().parse_args(
+            ["worker", "--model-path", str(tmp_path / "SmolLM2.Q4.gguf"), "--engine", "transformers", "--threads", "3"]
+        )
+    )
     assert settings.engine == "transformers" and settings.aliases == ["SmolLM2.Q4"]
 
 
@@ -65,10 +89,22 @@ def test_ignored_fastchat_flags_are_reported(caplog: pytest.LogCaptureFixture) -
 
 
 def test_fastchat_api_and_controller_command_lines_parse() -> None:
-    api = cli.build_parser().parse_args([
-        "api", "--host", "127.0.0.1", "--port", "8000", "--controller-address", "http://127.0.0.1:21001",
-        "--allow-credentials", "--allowed-origins", "http://a.example", "--api-keys", "k1,k2",
-    ])
+    api = cli.build_parser().parse_args(
+        [
+            "api",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "8000",
+            "--controller-address",
+            "http://127.0.0.1:21001",
+            "--allow-credentials",
+            "--allowed-origins",
+            "http://a.example",
+            "--api-keys",
+            "k1,k2",
+        ]
+    )
     assert api.allowed_origins == ["http://a.example"] and cli.api_keys(api) == ["k1", "k2"]
     ctl = cli.build_parser().parse_args(["controller", "--dispatch-method", "lottery"])
     assert ctl.dispatch_method == "lottery" and ctl.host == "127.0.0.1"
@@ -108,16 +144,27 @@ def test_serve_waits_for_model_names_not_a_count_of_workers(monkeypatch: pytest.
 def test_serve_forwards_the_engine_flags_and_the_api_limits_and_timeouts(tmp_path) -> None:
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     args = cli.build_parser().parse_args(
-        ["serve", "--model-path", str(tmp_path / "m.gguf"), "--max-n", "4", "--inter-token-timeout", "5",
-         "--threads", "2", "--max-num-seqs", "8"]
+        [
+            "serve",
+            "--model-path",
+            str(tmp_path / "m.gguf"),
+            "--max-n",
+            "4",
+            "--inter-token-timeout",
+            "5",
+            "--threads",
+            "2",
+            "--max-num-seqs",
+            "8",
+        ]
     )
     plan = cli.serve_plan(args)
     worker, api = plan.children[1].argv, plan.children[-1].argv
     assert worker[worker.index("--threads") + 1] == "2" and worker[worker.index("--max-num-seqs") + 1] == "8"
     assert api[api.index("--max-n") + 1] == "4"
     assert api[api.index("--inter-token-timeout") + 1] == "5.0"
-    assert cli.api_settings(cli.build_parser().parse_args(["api", *api[api.index("--host"):]])).limits.max_n == 4
-    worker_args = cli.build_parser().parse_args(["worker", *worker[worker.index("--port"):]])
+    assert cli.api_settings(cli.build_parser().parse_args(["api", *api[api.index("--host") :]])).limits.max_n == 4
+    worker_args = cli.build_parser().parse_args(["worker", *worker[worker.index("--port") :]])
     assert cli.worker_settings(worker_args).engine_settings.n_threads == 2
     assert "LMFLEET_REGISTRATION_SECRET" in plan.env and not any("SECRET" in a for a in worker + api)
 

@@ -94,8 +94,9 @@ async def fleet() -> AsyncIterator[tuple[openai.AsyncOpenAI, Cut]]:
         hosts.routes[CONTROLLER] = StreamingASGITransport(controller)
         for name in ("http://worker-a", "http://worker-b"):
             engine = ScriptedEngine(SCRIPT, max_model_len=512, step_s=0.002, continuing=True)
-            settings = WorkerSettings(model_path="story", worker_address=name, controller_addresses=[CONTROLLER],
-                                      heartbeat_interval_s=0.05)
+            settings = WorkerSettings(
+                model_path="story", worker_address=name, controller_addresses=[CONTROLLER], heartbeat_interval_s=0.05
+            )
             worker = create_worker(settings, load=lambda _s, e=engine: loaded(e), http_client=http)
             app, _ = await exits.enter_async_context(running(worker))
             hosts.routes[name] = Link(name, StreamingASGITransport(app), cut)
@@ -112,8 +113,14 @@ async def fleet() -> AsyncIterator[tuple[openai.AsyncOpenAI, Cut]]:
 
 async def story(client: openai.AsyncOpenAI, **kw) -> tuple[str, list]:
     stream = await client.chat.completions.create(
-        model="story", messages=[{"role": "user", "content": "Tell me."}], stream=True, temperature=0,
-        max_tokens=80, stream_options={"include_usage": True}, extra_body={"ignore_eos": True}, **kw,
+        model="story",
+        messages=[{"role": "user", "content": "Tell me."}],
+        stream=True,
+        temperature=0,
+        max_tokens=80,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+        **kw,
     )
     chunks = [chunk async for chunk in stream]
     return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks

@@ -76,8 +76,7 @@ def test_streamed_text_equals_non_streamed_text_under_greedy(client: openai.Open
 
 
 def test_completions_stream_and_non_stream(client: openai.OpenAI) -> None:
-    body = dict(model="beta", prompt="Once upon a time", temperature=0, max_tokens=20,
-                extra_body={"ignore_eos": True})
+    body = dict(model="beta", prompt="Once upon a time", temperature=0, max_tokens=20, extra_body={"ignore_eos": True})
     whole = client.completions.create(**body)
     assert whole.object == "text_completion" and whole.usage.completion_tokens == 20
     streamed = "".join(c.choices[0].text for c in client.completions.create(stream=True, **body) if c.choices)
@@ -101,8 +100,11 @@ def test_stop_string_cuts_the_output(client: openai.OpenAI) -> None:
     cut = chat(client, "Where do we stop?", stop=[stop], **body)
     assert cut.choices[0].message.content == full[: full.index(stop)]
     assert cut.choices[0].finish_reason == "stop"
-    streamed = "".join(c.choices[0].delta.content or "" for c in
-                       chat(client, "Where do we stop?", stop=[stop], stream=True, **body) if c.choices)
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in chat(client, "Where do we stop?", stop=[stop], stream=True, **body)
+        if c.choices
+    )
     assert streamed == full[: full.index(stop)]
 
 
@@ -114,8 +116,13 @@ def test_n_two_gives_two_choices(client: openai.OpenAI) -> None:
 
 
 def test_fastchat_users_request_json_posted_to_root(fleet: Fleet) -> None:
-    body = {"messages": [{"role": "system", "content": "You are a helpful assistant."},
-                         {"role": "user", "content": "What is deep learning?"}], "max_tokens": 100}
+    body = {
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "What is deep learning?"},
+        ],
+        "max_tokens": 100,
+    }
     r = httpx.post(fleet.api_url + "/", json=body, timeout=60)
     assert r.status_code == 200, r.text
     data = r.json()
@@ -150,17 +157,29 @@ def test_errors_are_openai_shaped(fleet: Fleet, client: openai.OpenAI) -> None:
 def test_no_live_worker_is_503(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     with Fleet(root=tmp_path) as f:  # an API server whose controller is not running
         f.api()
-        wait_until(lambda: httpx.get(f.api_url + "/health").status_code == 200, timeout=60, procs=[f.procs["api"]],
-                   what="api health")
-        r = httpx.post(f.api_url + "/v1/chat/completions",
-                       json={"model": "alpha", "messages": [{"role": "user", "content": "hi"}]}, timeout=30)
+        wait_until(
+            lambda: httpx.get(f.api_url + "/health").status_code == 200,
+            timeout=60,
+            procs=[f.procs["api"]],
+            what="api health",
+        )
+        r = httpx.post(
+            f.api_url + "/v1/chat/completions",
+            json={"model": "alpha", "messages": [{"role": "user", "content": "hi"}]},
+            timeout=30,
+        )
         assert error_of(r, 503)
 
 
 async def test_client_disconnect_frees_the_sequence(fleet: Fleet) -> None:
     status_url = f"http://127.0.0.1:{fleet.alpha_port}/worker/status"
-    body = {"model": "alpha", "stream": True, "max_tokens": 400, "ignore_eos": True,
-            "messages": [{"role": "user", "content": "Go on forever."}]}
+    body = {
+        "model": "alpha",
+        "stream": True,
+        "max_tokens": 400,
+        "ignore_eos": True,
+        "messages": [{"role": "user", "content": "Go on forever."}],
+    }
     async with httpx.AsyncClient(timeout=60) as http:
         async with http.stream("POST", fleet.api_url + "/v1/chat/completions", json=body) as resp:
             async for line in resp.aiter_lines():
@@ -178,16 +197,29 @@ def test_lmfleet_serve_demo_runs_the_whole_stack(tmp_path: Path) -> None:
     from tests.conftest import Proc, module_cmd
 
     port = free_port()
-    cmd = module_cmd("cli", "serve", "--demo", "--demo-dir", str(tmp_path / "demo"), "--port", str(port),
-                     "--controller-port", str(free_port()), "--worker-port", str(free_port()))
+    cmd = module_cmd(
+        "cli",
+        "serve",
+        "--demo",
+        "--demo-dir",
+        str(tmp_path / "demo"),
+        "--port",
+        str(port),
+        "--controller-port",
+        str(free_port()),
+        "--worker-port",
+        str(free_port()),
+    )
     proc = Proc("serve", cmd, tmp_path / "serve.log").start()
     try:
-        wait_until(lambda: "lmfleet is serving" in proc.log.read_text(), timeout=180, procs=[proc],
-                   what="lmfleet serve")
+        wait_until(
+            lambda: "lmfleet is serving" in proc.log.read_text(), timeout=180, procs=[proc], what="lmfleet serve"
+        )
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["lmfleet-demo"]
-        reply = client.chat.completions.create(model="lmfleet-demo", max_tokens=8,
-                                               messages=[{"role": "user", "content": "hi"}])
+        reply = client.chat.completions.create(
+            model="lmfleet-demo", max_tokens=8, messages=[{"role": "user", "content": "hi"}]
+        )
         assert reply.choices[0].message.role == "assistant"
     finally:
         proc.stop(timeout=20)

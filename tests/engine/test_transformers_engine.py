@@ -10,8 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from lmfleet.engine.base import EngineOutput, EngineRequest, FinishReason, SamplingParams  # noqa: E402
-from lmfleet.engine.base import EngineRejected, Rejection  # noqa: E402
+from lmfleet.engine.base import EngineOutput, EngineRejected, EngineRequest, FinishReason, Rejection, SamplingParams  # noqa: E402  # noqa: E402
 from lmfleet.engine.transformers.engine import TransformersEngine  # noqa: E402
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)

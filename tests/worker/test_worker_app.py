@@ -19,8 +19,7 @@ SCRIPT = "Hello wörld 🙂 again."
 @pytest.fixture
 async def worker() -> AsyncIterator[tuple[httpx.AsyncClient, ScriptedEngine]]:
     engine = ScriptedEngine(SCRIPT, max_model_len=256)
-    settings = WorkerSettings(model_path="fake", worker_address="http://worker", controller_addresses=[],
-                              max_queued=4)
+    settings = WorkerSettings(model_path="fake", worker_address="http://worker", controller_addresses=[], max_queued=4)
     app = create_app(settings, load=lambda _s: loaded(engine))
     async with running(app) as (asgi, _):
         async with httpx.AsyncClient(transport=StreamingASGITransport(asgi), base_url="http://worker") as client:
