@@ -29,7 +29,7 @@ logger = logging.getLogger("lmfleet")
 QUIET_PATHS = frozenset({"/workers", "/receive_heart_beat", "/health", "/ready", "/worker/status"})
 
 
-class _AccessLogFilter(logging.Filter):
+class AccessLogFilter(logging.Filter):
     """uvicorn's access record args: (client, method, path with query, http version, status)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -46,7 +46,7 @@ class _AccessLogFilter(logging.Filter):
 
 def log_config() -> dict[str, Any]:
     config = copy.deepcopy(LOGGING_CONFIG)
-    config.setdefault("filters", {})["access"] = {"()": _AccessLogFilter}
+    config.setdefault("filters", {})["access"] = {"()": AccessLogFilter}
     config["handlers"]["access"]["filters"] = ["access"]
     return config
 

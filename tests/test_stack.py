@@ -94,8 +94,12 @@ async def fleet() -> AsyncIterator[tuple[openai.AsyncOpenAI, Cut]]:
         hosts.routes[CONTROLLER] = StreamingASGITransport(controller)
         for name in ("http://worker-a", "http://worker-b"):
             engine = ScriptedEngine(SCRIPT, max_model_len=512, step_s=0.002, continuing=True)
+            # Named by its path, as FastChat names a model; requests below use its file name, "story".
             settings = WorkerSettings(
-                model_path="story", worker_address=name, controller_addresses=[CONTROLLER], heartbeat_interval_s=0.05
+                model_path="/models/story.gguf",
+                worker_address=name,
+                controller_addresses=[CONTROLLER],
+                heartbeat_interval_s=0.05,
             )
             worker = create_worker(settings, load=lambda _s, e=engine: loaded(e), http_client=http)
             app, _ = await exits.enter_async_context(running(worker))
@@ -123,6 +127,7 @@ async def story(client: openai.AsyncOpenAI, **kw) -> tuple[str, list]:
         **kw,
     )
     chunks = [chunk async for chunk in stream]
+    assert {c.model for c in chunks} == {"/models/story.gguf"}  # "story" answered to by its only claimant
     return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks
 
 
