@@ -1,0 +1,468 @@
+"""Continuous batching over a GGUF model with llama.cpp's C API (llama-cpp-python's ctypes bindings).
+
+Owns: the llama.cpp model, one context whose KV cache is unified (one pool of `max_model_len` cells shared by every
+sequence, so one sequence may use all of it, as llama.cpp's server does with parallel slots), one reusable
+`llama_batch`, a llama.cpp sequence id per running request, a sampler chain per request, the waiting queue and the
+`step()` loop. Speaks token ids only. Does not own: threads (see `lmfleet.engine.runner`), text, HTTP.
+
+Each request is a token list (prompt, then what it generated) of which a prefix is in the KV cache; what is not cached
+yet is its pending part: one token (the last sampled) for a decoding request, the rest of its prompt for a new one.
+
+Prefix cache: the cells of the last request to finish stay in the cache under one extra sequence id; a new request
+starts from the leading tokens it shares with them (the chat template and system prompt, mostly), which are shared,
+not copied, and computes only the rest, as llama-server's prompt cache does. The cache gives its cells up first when
+the pool is short. Reused cells were computed in another batch, so (as with batch companions) a reuse can change a
+near-tie; `prefix_cache=False` turns it off.
+
+One `step()`:
+  1. apply aborts (waiting requests dropped, running ones' KV cells freed; each gets an ABORT output);
+  2. admit waiting requests (FIFO) up to `max_num_seqs` running while the cache has room for their tokens, giving
+     each a free sequence id: admitting before the forward lets new prompts ride in the same `llama_decode`;
+  3. one `llama_decode` over every running request's pending token and, within `max_batch_tokens`, prompt chunks in
+     admission order (a longer prompt continues in the next steps); logits only at the last pending token of a
+     request whose pending part is complete;
+  4. sample those requests through their own chains, finish them on eos / stop ids / max_new_tokens /
+     max_model_len, and free the KV cells and sequence ids of the finished.
+
+Sequences grow into a shared pool, so a decode can find the cache full (`llama_decode` returns 1, the cache
+untouched). Then the newest running request is preempted: its cells are freed and it waits at the front of the queue
+to be recomputed (prompt + what it generated) once there is room, keeping its sampler chain (random state, penalty
+history), and the decode is retried without it; only a request alone in the cache and still without room fails
+(ERROR). Any other failed decode fails the requests in that batch, not the engine.
+
+A request's output does not depend on its batch companions beyond llama.cpp's floating-point rounding: each sequence
+attends to its own cells only, at its own positions. End-of-sequence and stop ids are never returned in
+`new_token_ids` (see `lmfleet.engine.base`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import math
+import os
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import llama_cpp.llama_cpp as llama
+
+from lmfleet.engine.base import (
+    BatchSettings,
+    EngineOutput,
+    EngineRejected,
+    EngineRequest,
+    EngineStats,
+    FinishReason,
+    Rejection,
+    SamplingParams,
+)
+
+logger = logging.getLogger("lmfleet.engine")
+llama_logger = logging.getLogger("lmfleet.engine.llamacpp")
+
+# The default context when the settings name none: the model's trained context, at most this. The unified KV cache is
+# allocated up front at this size (for the 135M SmolLM2, 23 KB a token: 190 MB at 8192; for a 7B Llama, 0.5 MB a
+# token: 4 GB), so a model trained on 128k tokens must not claim it silently.
+DEFAULT_CONTEXT_CAP = 8192
+MIN_PREFIX_REUSE = 4  # shared leading tokens worth taking from the prefix cache
+
+_GGML_LOG_LEVEL_ERROR = 4  # ggml.h's enum ggml_log_level (the bindings do not export it)
+
+
+@functools.cache
+def init_llama() -> Any:
+    """Initialise llama.cpp once per process and route its log lines to the `lmfleet.engine.llamacpp` logger
+    (errors at ERROR, the rest at DEBUG) instead of stderr. Returns the callback, which must stay alive as long as
+    llama.cpp may call it (the cache holds it)."""
+
+    @llama.llama_log_callback
+    def log(level: int, text: bytes, user_data: Any) -> None:
+        python_level = logging.ERROR if level == _GGML_LOG_LEVEL_ERROR else logging.DEBUG
+        if llama_logger.isEnabledFor(python_level):
+            line = text.decode("utf-8", errors="replace").rstrip()
+            if line:
+                llama_logger.log(python_level, "%s", line)
+
+    llama.llama_log_set(log, ctypes.c_void_p(0))
+    llama.llama_backend_init()
+    return log
+
+
+@dataclass(eq=False)
+class _Seq:
+    """One admitted request: its tokens so far, how many of them are cached, and its sampler chain."""
+
+    request: EngineRequest
+    stop_ids: frozenset[int]
+    sampler: Any  # llama_sampler pointer (a chain), owned: freed when the request leaves
+    tokens: list[int]  # prompt, then the generated tokens (the last one sampled is not cached yet)
+    seq_id: int = -1  # llama.cpp sequence id while running, -1 while waiting
+    n_cached: int = 0  # leading tokens of `tokens` in the KV cache
+    num_generated: int = 0
+    finish: FinishReason | None = None
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+
+class LlamaCppEngine:
+    """The `Engine` protocol over a GGUF model in llama.cpp. Single-threaded: call everything from one thread, and
+    `close()` it to free the model (the `GGUFTokenizer` made from `model` must not be used after that)."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        max_num_seqs: int = BatchSettings.max_num_seqs,
+        max_batch_tokens: int = BatchSettings.max_batch_tokens,
+        max_model_len: int | None = None,
+        n_threads: int | None = None,
+        flash_attn: bool = True,
+        prefix_cache: bool = True,
+    ) -> None:
+        if max_num_seqs < 1 or max_batch_tokens < 1:
+            raise ValueError("max_num_seqs and max_batch_tokens must be positive")
+        if max_num_seqs > 256:  # LLAMA_MAX_SEQ
+            raise ValueError("llama.cpp runs at most 256 sequences at once")
+        init_llama()
+        self.max_num_seqs = max_num_seqs
+        self.max_batch_tokens = max_batch_tokens
+        self._waiting: deque[_Seq] = deque()
+        self._running: list[_Seq] = []  # in admission order: the newest last
+        self._free_ids = list(range(max_num_seqs - 1, -1, -1))  # a stack: the lowest free id is reused first
+        self._prefix_id = max_num_seqs  # the sequence that keeps the last finished request's cells (prefix cache)
+        self._prefix: list[int] = []  # the tokens it holds, at positions 0..len-1
+        self._prefix_cache = prefix_cache
+        self._ids: set[str] = set()  # every request id waiting or running
+        self._aborts: set[str] = set()
+        self._model: Any = None
+        self._ctx: Any = None
+        self._batch: Any = None
+        model = llama.llama_model_load_from_file(model_path.encode(), llama.llama_model_default_params())
+        if not model:
+            raise ValueError(f"llama.cpp could not load {model_path} (see the lmfleet.engine.llamacpp debug log)")
+        self._model = model
+        try:
+            self._open_context(max_num_seqs, max_batch_tokens, max_model_len, n_threads, flash_attn)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_context(
+        self,
+        max_num_seqs: int,
+        max_batch_tokens: int,
+        max_model_len: int | None,
+        n_threads: int | None,
+        flash_attn: bool,
+    ) -> None:
+        trained = int(llama.llama_model_n_ctx_train(self._model))
+        if max_model_len is None:
+            max_model_len = min(trained, DEFAULT_CONTEXT_CAP) if trained > 0 else DEFAULT_CONTEXT_CAP
+        elif trained > 0 and max_model_len > trained:
+            raise ValueError(f"max_model_len {max_model_len} exceeds the model's trained context {trained}")
+        self._max_model_len = max_model_len
+        self._n_threads = n_threads or os.cpu_count() or 1
+        # Every running sequence's pending token plus `max_batch_tokens` prompt tokens go into one decode.
+        self._n_batch = max_batch_tokens + max_num_seqs
+        params = llama.llama_context_default_params()
+        params.n_ctx = max_model_len
+        params.n_batch = self._n_batch
+        params.n_seq_max = max_num_seqs + 1  # + the prefix cache
+        params.n_threads = params.n_threads_batch = self._n_threads
+        params.kv_unified = True
+        # Flash attention (llama-server's default too) is about 1.4x the 16-sequence throughput here. llama.cpp's CPU
+        # kernels are not batch-invariant either way: a sequence's logits move with its batch companions (max
+        # difference 0.3-0.7 on SmolLM2 without flash attention, 0.7-1.5 with it), which can flip greedy near-ties.
+        params.flash_attn_type = (
+            llama.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        params.no_perf = True
+        self._ctx = llama.llama_init_from_model(self._model, params)
+        if not self._ctx:
+            raise ValueError("llama.cpp could not create a context (see the lmfleet.engine.llamacpp debug log)")
+        self._memory = llama.llama_get_memory(self._ctx)
+        self._batch = llama.llama_batch_init(self._n_batch, 0, 1)
+        vocab = llama.llama_model_get_vocab(self._model)
+        self._vocab_size = int(llama.llama_vocab_n_tokens(vocab))
+        eos, eot = llama.llama_vocab_eos(vocab), llama.llama_vocab_eot(vocab)
+        self._eos = tuple(dict.fromkeys(t for t in (eos, eot) if 0 <= t < self._vocab_size))
+
+    def close(self) -> None:
+        """Free the samplers, the batch, the context and the model. Requests still in the engine are dropped."""
+        for seq in [*self._running, *self._waiting]:
+            llama.llama_sampler_free(seq.sampler)
+        self._running, self._waiting = [], deque()
+        self._ids.clear()
+        if self._batch is not None:
+            llama.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx:
+            llama.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            llama.llama_model_free(self._model)
+            self._model = None
+
+    # -- the Engine protocol ------------------------------------------------------------------------------------
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self._eos
+
+    @property
+    def model(self) -> Any:
+        """The `llama_model` pointer, for the tokenizer and the loader's description."""
+        return self._model
+
+    @property
+    def n_threads(self) -> int:
+        return self._n_threads
+
+    def add_request(self, request: EngineRequest) -> None:
+        """Queue a request that fits (lmfleet.engine.base); EngineRejected for a sampling option it cannot run."""
+        prompt, p = request.prompt_token_ids, request.params
+        assert self._batch is not None, "the engine is open"
+        assert request.request_id not in self._ids, "request ids are unique"
+        assert prompt and p.max_new_tokens >= 1, "a request has a prompt and room to generate"
+        assert len(prompt) + p.max_new_tokens <= self._max_model_len, "the request fits the context"
+        assert 0 <= min(prompt) and max(prompt) < self._vocab_size, "prompt ids are in the vocabulary"
+        if p.temperature < 0 or not 0 < p.top_p <= 1 or p.top_k < 0 or not 0 <= p.min_p <= 1:
+            raise EngineRejected(
+                Rejection.UNSUPPORTED, "need temperature >= 0, 0 < top_p <= 1, top_k >= 0, 0 <= min_p <= 1"
+            )
+        if not (math.isfinite(p.presence_penalty) and math.isfinite(p.frequency_penalty)):
+            raise EngineRejected(Rejection.UNSUPPORTED, "penalties must be finite")
+        if any(not 0 <= t < self._vocab_size for t, _ in p.logit_bias):
+            raise EngineRejected(Rejection.UNSUPPORTED, f"logit_bias token ids must be in [0, {self._vocab_size})")
+        stop = set(p.stop_token_ids)
+        if not p.ignore_eos:
+            stop.update(self._eos)
+        self._ids.add(request.request_id)
+        self._waiting.append(_Seq(request, frozenset(stop), self._sampler(p), list(prompt)))
+
+    def abort_request(self, request_id: str) -> None:
+        if request_id in self._ids:
+            self._aborts.add(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._ids)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            running=len(self._running),
+            waiting=len(self._waiting),
+            tokens_in_flight=sum(s.n_cached for s in self._running),
+        )
+
+    def step(self) -> list[EngineOutput]:
+        outputs: list[EngineOutput] = []
+        self._apply_aborts(outputs)
+        self._admit()
+        if self._running:
+            self._forward(outputs)
+            for seq in [s for s in self._running if s.finish is not None]:
+                self._running.remove(seq)
+                self._release(seq)
+        return outputs
+
+    # -- the steps ----------------------------------------------------------------------------------------------
+
+    def _apply_aborts(self, outputs: list[EngineOutput]) -> None:
+        if not self._aborts:
+            return
+        aborts, self._aborts = self._aborts, set()
+        for queue in (self._waiting, self._running):
+            for seq in [s for s in queue if s.request.request_id in aborts]:
+                queue.remove(seq)
+                self._finish(seq, FinishReason.ABORT, outputs)
+                self._release(seq)
+
+    def _admit(self) -> None:
+        # Room in the pool: the tokens running requests hold or are about to (their whole prompts), plus one new
+        # token each for this step. A request alone in the engine always fits (add_request asserts it). The prefix
+        # cache gives its cells up first.
+        committed = sum(len(s.tokens) + 1 for s in self._running)
+        while self._waiting and len(self._running) < self.max_num_seqs:
+            seq = self._waiting[0]
+            if self._running and committed + len(seq.tokens) + 1 > self._max_model_len:
+                break
+            if committed + len(seq.tokens) + 1 + len(self._prefix) > self._max_model_len:
+                self._drop_prefix()
+            self._waiting.popleft()
+            seq.seq_id = self._free_ids.pop()
+            self._reuse_prefix(seq)
+            self._running.append(seq)
+            committed += len(seq.tokens) + 1
+
+    def _reuse_prefix(self, seq: _Seq) -> None:
+        """Start `seq` from the cells of the prefix it shares with the last finished request (the chat template and
+        system prompt, mostly): they are shared, not copied, and only the rest is computed. One token is always
+        left to compute, for the logits."""
+        limit = min(len(self._prefix), len(seq.tokens) - 1)
+        shared = 0
+        while shared < limit and self._prefix[shared] == seq.tokens[shared]:
+            shared += 1
+        if shared >= MIN_PREFIX_REUSE:
+            llama.llama_memory_seq_cp(self._memory, self._prefix_id, seq.seq_id, 0, shared)
+            seq.n_cached = shared
+
+    def _keep_prefix(self, seq: _Seq) -> None:
+        """Let the prefix cache hold a leaving request's cached tokens instead of what it held."""
+        self._drop_prefix()
+        llama.llama_memory_seq_cp(self._memory, seq.seq_id, self._prefix_id, 0, seq.n_cached)
+        self._prefix = seq.tokens[: seq.n_cached]
+
+    def _drop_prefix(self) -> None:
+        if self._prefix:
+            llama.llama_memory_seq_rm(self._memory, self._prefix_id, -1, -1)
+            self._prefix = []
+
+    def _forward(self, outputs: list[EngineOutput]) -> None:
+        """One llama_decode over the running requests, then sampling; preempts on a full cache (module docstring)."""
+        while True:
+            plan = self._fill_batch()
+            rc = llama.llama_decode(self._ctx, self._batch)
+            if rc == 0:
+                break
+            if rc == 1 and self._prefix:
+                self._drop_prefix()
+                continue
+            if rc == 1 and len(self._running) > 1:
+                self._preempt(self._running.pop())
+                continue
+            reason = "the KV cache has no room for this request" if rc == 1 else f"llama_decode returned {rc}"
+            logger.error("decode failed (%s); failing %d requests", reason, len(plan))
+            for seq, _, _ in plan:
+                # after a fatal error, cells the decode did write stay in the cache: _release frees them
+                self._finish(seq, FinishReason.ERROR, outputs, error=f"engine failure: {reason}")
+            return
+        for seq, n, logits_at in plan:
+            seq.n_cached += n
+            if logits_at >= 0:
+                self._advance(seq, llama.llama_sampler_sample(seq.sampler, self._ctx, logits_at), outputs)
+
+    def _fill_batch(self) -> list[tuple[_Seq, int, int]]:
+        """Write this step's tokens into the batch: every decoding request's pending token, then prompt chunks in
+        admission order within `max_batch_tokens`. Returns (request, tokens written, batch index of its logits or
+        -1) per request in the batch."""
+        b = self._batch
+        plan: list[tuple[_Seq, int, int]] = []
+        n = 0
+        budget = self.max_batch_tokens
+        decoding = [s for s in self._running if len(s.tokens) - s.n_cached == 1]
+        prefilling = [s for s in self._running if len(s.tokens) - s.n_cached > 1]
+        for seq in decoding + prefilling:
+            pending = len(seq.tokens) - seq.n_cached
+            take = 1 if pending == 1 else min(pending, budget)
+            if take == 0:
+                break
+            if pending > 1:
+                budget -= take
+            # positions continue exactly where the sequence's cells end: llama.cpp aborts the process otherwise
+            for j in range(take):
+                pos = seq.n_cached + j
+                b.token[n + j] = seq.tokens[pos]
+                b.pos[n + j] = pos
+                b.n_seq_id[n + j] = 1
+                b.seq_id[n + j][0] = seq.seq_id
+                b.logits[n + j] = 0
+            done = take == pending
+            if done:
+                b.logits[n + take - 1] = 1
+            plan.append((seq, take, n + take - 1 if done else -1))
+            n += take
+        b.n_tokens = n
+        return plan
+
+    def _preempt(self, seq: _Seq) -> None:
+        """Give a running request's cells back; it waits at the front of the queue to be recomputed."""
+        logger.info(
+            "KV cache full: preempting request %s (%d tokens) to recompute later", seq.request.request_id, seq.n_cached
+        )
+        llama.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
+        self._free_ids.append(seq.seq_id)
+        seq.seq_id, seq.n_cached = -1, 0
+        self._waiting.appendleft(seq)
+
+    # -- sampling -----------------------------------------------------------------------------------------------
+
+    def _sampler(self, p: SamplingParams) -> Any:
+        """The request's chain: logit bias, penalties, then greedy, or top-k, top-p, min-p, temperature and a draw
+        from its own seeded generator."""
+        chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
+        add = functools.partial(llama.llama_sampler_chain_add, chain)
+        if p.logit_bias:
+            biases = (llama.llama_logit_bias * len(p.logit_bias))(
+                *(llama.llama_logit_bias(t, b) for t, b in p.logit_bias)
+            )
+            add(llama.llama_sampler_init_logit_bias(self._vocab_size, len(p.logit_bias), biases))
+        if p.presence_penalty or p.frequency_penalty:
+            # over every token generated so far (the chain accepts each sampled token); repeat penalty off
+            add(
+                llama.llama_sampler_init_penalties(
+                    self._vocab_size, self._max_model_len, 1.0, p.frequency_penalty, p.presence_penalty
+                )
+            )
+        if p.greedy:
+            add(llama.llama_sampler_init_greedy())
+            return chain
+        if p.top_k > 0:
+            add(llama.llama_sampler_init_top_k(p.top_k))
+        if p.top_p < 1:
+            add(llama.llama_sampler_init_top_p(p.top_p, 1))
+        if p.min_p > 0:
+            add(llama.llama_sampler_init_min_p(p.min_p, 1))
+        add(llama.llama_sampler_init_temp(p.temperature))
+        # llama.cpp seeds are 32 bits and LLAMA_DEFAULT_SEED (0xFFFFFFFF) means "random": fold below it
+        seed = llama.LLAMA_DEFAULT_SEED if p.seed is None else p.seed % llama.LLAMA_DEFAULT_SEED
+        add(llama.llama_sampler_init_dist(seed))
+        return chain
+
+    # -- bookkeeping --------------------------------------------------------------------------------------------
+
+    def _advance(self, seq: _Seq, token: int, outputs: list[EngineOutput]) -> None:
+        """Record one sampled token for `seq` and emit its output (finishing it if it is done)."""
+        if token in seq.stop_ids:
+            self._finish(seq, FinishReason.STOP, outputs)
+            return
+        seq.num_generated += 1
+        seq.tokens.append(token)
+        if seq.num_generated >= seq.params.max_new_tokens or len(seq.tokens) >= self._max_model_len:
+            self._finish(seq, FinishReason.LENGTH, outputs, [token])
+        else:
+            outputs.append(EngineOutput(seq.request.request_id, [token]))
+
+    def _finish(
+        self,
+        seq: _Seq,
+        reason: FinishReason,
+        outputs: list[EngineOutput],
+        tokens: list[int] | None = None,
+        error: str | None = None,
+    ) -> None:
+        seq.finish = reason
+        self._ids.discard(seq.request.request_id)
+        outputs.append(EngineOutput(seq.request.request_id, tokens or [], reason, error))
+
+    def _release(self, seq: _Seq) -> None:
+        """Free a finished request's sampler and, if it ran, its KV cells and sequence id."""
+        llama.llama_sampler_free(seq.sampler)
+        if seq.seq_id >= 0:
+            done = seq.finish in (FinishReason.STOP, FinishReason.LENGTH)
+            if self._prefix_cache and done and seq.n_cached >= MIN_PREFIX_REUSE:
+                self._keep_prefix(seq)
+            llama.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
+            self._free_ids.append(seq.seq_id)
+            seq.seq_id = -1
