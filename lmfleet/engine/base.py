@@ -19,6 +19,7 @@ with its vocabulary.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -90,6 +91,17 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    def check(self, vocab_size: int) -> None:
+        """EngineRejected(UNSUPPORTED) for values no engine can sample with (an engine's `add_request` calls it)."""
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or not 0 <= self.min_p <= 1:
+            raise EngineRejected(
+                Rejection.UNSUPPORTED, "need temperature >= 0, 0 < top_p <= 1, top_k >= 0, 0 <= min_p <= 1"
+            )
+        if not (math.isfinite(self.presence_penalty) and math.isfinite(self.frequency_penalty)):
+            raise EngineRejected(Rejection.UNSUPPORTED, "penalties must be finite")
+        if any(not 0 <= t < vocab_size for t, _ in self.logit_bias):
+            raise EngineRejected(Rejection.UNSUPPORTED, f"logit_bias token ids must be in [0, {vocab_size})")
 
 
 @dataclass

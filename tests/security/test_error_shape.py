@@ -16,8 +16,8 @@ from lmfleet.controller.app import ControllerSettings
 from lmfleet.controller.app import create_app as create_controller
 from lmfleet.worker.app import WorkerSettings
 from lmfleet.worker.app import create_app as create_worker
-from tests.api.fakes import CONTROLLER, Fleet, assert_error, running, serve
-from tests.fakes import ScriptedEngine, loaded
+from tests.api.fakes import CONTROLLER, Fleet, assert_error, serve
+from tests.fakes import ScriptedEngine, loaded, running
 
 INTERNAL = "SECRET-INTERNAL-DETAIL /srv/lmfleet/secret_module.py line 42"
 

@@ -10,7 +10,8 @@ import pytest
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 
 from lmfleet.api.access import PUBLIC_PATHS
-from tests.api.fakes import API, assert_error, running, serve
+from tests.api.fakes import API, assert_error, serve
+from tests.fakes import running
 
 KEY = "sk-route-check-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

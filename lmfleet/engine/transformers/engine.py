@@ -42,11 +42,9 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from lmfleet.engine.base import (
     BatchSettings,
     EngineOutput,
-    EngineRejected,
     EngineRequest,
     EngineStats,
     FinishReason,
-    Rejection,
     SamplingParams,
 )
 
@@ -161,12 +159,7 @@ class TransformersEngine:
         assert prompt and p.max_new_tokens >= 1, "a request has a prompt and room to generate"
         assert len(prompt) + p.max_new_tokens <= self._max_model_len, "the request fits the context"
         assert 0 <= min(prompt) and max(prompt) < self._vocab_size, "prompt ids are in the vocabulary"
-        if p.temperature < 0 or not 0 < p.top_p <= 1 or p.top_k < 0 or not 0 <= p.min_p <= 1:
-            raise EngineRejected(
-                Rejection.UNSUPPORTED, "need temperature >= 0, 0 < top_p <= 1, top_k >= 0, 0 <= min_p <= 1"
-            )
-        if any(not 0 <= t < self._vocab_size for t, _ in p.logit_bias):
-            raise EngineRejected(Rejection.UNSUPPORTED, f"logit_bias token ids must be in [0, {self._vocab_size})")
+        p.check(self._vocab_size)
         generator = None
         if p.temperature > 0:
             generator = torch.Generator(device=self._device)
