@@ -28,6 +28,7 @@ pytestmark = pytest.mark.timeout(180)
 
 MODEL = "tiny"
 MAX_TOKENS = 150
+DRAIN_TOKENS = 400  # the drain drills' streams must outlast their probes of the draining process
 INTER_TOKEN_TIMEOUT_S = 3
 
 
@@ -150,14 +151,17 @@ async def until(check: Callable[[], Awaitable[bool]], *, timeout: float, what: s
     raise TimeoutError(f"timed out waiting for {what}")
 
 
-async def references(drill: Drill, http: httpx.AsyncClient, prompts: list[str]) -> dict[str, str]:
+async def references(
+    drill: Drill, http: httpx.AsyncClient, prompts: list[str], *, max_tokens: int = MAX_TOKENS
+) -> dict[str, str]:
     """Each prompt's greedy answer from an undisturbed run (non-streamed), computed once per prompt."""
     missing = [p for p in prompts if p not in drill.references]
 
     async def one(prompt: str) -> str:
-        r = await http.post(drill.fleet.api_url + "/v1/chat/completions", json=body(prompt, stream=False))
+        req = body(prompt, stream=False, max_tokens=max_tokens)
+        r = await http.post(drill.fleet.api_url + "/v1/chat/completions", json=req)
         assert r.status_code == 200, r.text
-        assert r.json()["usage"]["completion_tokens"] == MAX_TOKENS
+        assert r.json()["usage"]["completion_tokens"] == max_tokens
         return r.json()["choices"][0]["message"]["content"]
 
     for prompt, text in zip(missing, await asyncio.gather(*(one(p) for p in missing)), strict=True):
@@ -177,21 +181,21 @@ def log_lines(drill: Drill, proc: str, pattern: str, since: float) -> list[tuple
     return out
 
 
-def assert_complete(stream: Stream, reference: str) -> None:
+def assert_complete(stream: Stream, reference: str, *, max_tokens: int = MAX_TOKENS) -> None:
     assert stream.done and not stream.errors, stream.errors
     assert len(stream.ids) == 1  # one answer, one id
     assert stream.finish == "length"
-    assert stream.usage is not None and stream.usage["completion_tokens"] == MAX_TOKENS
+    assert stream.usage is not None and stream.usage["completion_tokens"] == max_tokens
     assert stream.text == reference  # greedy: resumed text == undisturbed text
 
 
 async def start_streams(
-    drill: Drill, http: httpx.AsyncClient, prompts: list[str], *, chunks: int = 1
+    drill: Drill, http: httpx.AsyncClient, prompts: list[str], *, chunks: int = 1, max_tokens: int = MAX_TOKENS
 ) -> tuple[list, list[Stream]]:
     """Start one stream per prompt; return once every stream has sent `chunks` content chunks."""
     streams = [Stream() for _ in prompts]
     tasks = [
-        asyncio.create_task(read_stream(http, drill.fleet.api_url, body(p), s))
+        asyncio.create_task(read_stream(http, drill.fleet.api_url, body(p, max_tokens=max_tokens), s))
         for p, s in zip(prompts, streams, strict=True)
     ]
     await asyncio.wait_for(asyncio.gather(*(s.first.wait() for s in streams)), 60)
@@ -366,8 +370,9 @@ async def test_sigterm_drains_a_worker(fleet_whole: Drill) -> None:
     prompts = [f"Finish this one {i}." for i in range(4)]
     w1 = fleet.procs["w1"]
     async with httpx.AsyncClient(timeout=120) as http:
-        refs = await references(drill, http, prompts)
-        tasks, streams = await start_streams(drill, http, prompts)
+        # long streams: they must outlast the drill's probes of the draining worker
+        refs = await references(drill, http, prompts, max_tokens=DRAIN_TOKENS)
+        tasks, streams = await start_streams(drill, http, prompts, max_tokens=DRAIN_TOKENS)
         on_w1 = (await http.get(drill.worker_url("w1") + "/worker/status")).json()["running"]
         term_at, term_epoch = time.monotonic(), time.time()
         w1.signal(signal.SIGTERM)
@@ -394,7 +399,7 @@ async def test_sigterm_drains_a_worker(fleet_whole: Drill) -> None:
         await until(lambda: asyncio.sleep(0, w1.popen.poll() is not None), timeout=60, what="w1 exit")
         exited = time.monotonic() - term_at
     for prompt, stream in zip(prompts, streams, strict=True):
-        assert_complete(stream, refs[prompt])
+        assert_complete(stream, refs[prompt], max_tokens=DRAIN_TOKENS)
     assert not log_lines(drill, "api", r"resumed on", term_epoch)  # finished where they ran
     assert on_w1 > 0
     print(
@@ -409,8 +414,8 @@ async def test_sigterm_drains_the_api_server(fleet_whole: Drill) -> None:
     fleet = drill.fleet
     api = fleet.procs["api"]
     async with httpx.AsyncClient(timeout=120) as http:
-        refs = await references(drill, http, ["Last words."])
-        tasks, (stream,) = await start_streams(drill, http, ["Last words."])
+        refs = await references(drill, http, ["Last words."], max_tokens=DRAIN_TOKENS)
+        tasks, (stream,) = await start_streams(drill, http, ["Last words."], max_tokens=DRAIN_TOKENS)
         term_at = time.monotonic()
         api.signal(signal.SIGTERM)
         await asyncio.sleep(0.05)  # the drain starts at once; the stream must still be running after this
@@ -419,7 +424,7 @@ async def test_sigterm_drains_the_api_server(fleet_whole: Drill) -> None:
         assert (await http.get(fleet.api_url + "/ready")).status_code == 503
         await asyncio.wait_for(asyncio.gather(*tasks), 120)
         await until(lambda: asyncio.sleep(0, api.popen.poll() is not None), timeout=30, what="api exit")
-    assert_complete(stream, refs["Last words."])
+    assert_complete(stream, refs["Last words."], max_tokens=DRAIN_TOKENS)
     print(
         f"\n[SIGTERM API server] refused new requests (503) while its stream finished; exited "
         f"{time.monotonic() - term_at:.2f}s after SIGTERM"
