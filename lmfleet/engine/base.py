@@ -111,6 +111,14 @@ class EngineRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
 
 
+def assert_fits(request: EngineRequest, *, max_model_len: int, vocab_size: int) -> None:
+    """What the worker checked before the request reached an engine (module docstring); engines assert it."""
+    prompt, p = request.prompt_token_ids, request.params
+    assert prompt and p.max_new_tokens >= 1, "a request has a prompt and room to generate"
+    assert len(prompt) + p.max_new_tokens <= max_model_len, "the request fits the context"
+    assert 0 <= min(prompt) and max(prompt) < vocab_size, "prompt ids are in the vocabulary"
+
+
 @dataclass
 class EngineOutput:
     """What one step produced for one request. `finish_reason` is set exactly once, on the last output.

@@ -11,16 +11,17 @@ the first token of every request exact and most requests exact throughout, not e
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
-from lmfleet.engine.base import EngineOutput, EngineRejected, EngineRequest, FinishReason, Rejection, SamplingParams  # noqa: E402
+from lmfleet.engine.base import EngineRejected, EngineRequest, FinishReason, Rejection, SamplingParams  # noqa: E402
 from lmfleet.engine.llamacpp import engine as engine_module  # noqa: E402
 from lmfleet.engine.llamacpp.engine import LlamaCppEngine  # noqa: E402
 from lmfleet.engine.llamacpp.tokenizer import GGUFTokenizer  # noqa: E402
+from tests.engine.stepping import drive  # noqa: E402
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 EXACT = dict(flash_attn=False, prefix_cache=False)  # the engine closest to batch-invariant
@@ -76,29 +77,6 @@ def chats(shared) -> list[list[int]]:
 
 def req(rid: str, prompt: list[int], **params) -> EngineRequest:
     return EngineRequest(rid, list(prompt), SamplingParams(**params))
-
-
-def drive(
-    engine: LlamaCppEngine, requests: Iterable[EngineRequest], join_at: Iterable[int] | None = None
-) -> tuple[dict[str, list[int]], dict[str, EngineOutput]]:
-    """Add each request at its step, step until idle; return tokens and final output per request."""
-    requests = list(requests)
-    pending = sorted(zip(join_at or [0] * len(requests), range(len(requests)), strict=True))
-    tokens: dict[str, list[int]] = {}
-    final: dict[str, EngineOutput] = {}
-    step = 0
-    while pending or engine.has_unfinished_requests():
-        while pending and pending[0][0] <= step:
-            engine.add_request(requests[pending.pop(0)[1]])
-        for out in engine.step():
-            assert out.request_id not in final, "output after the final one"
-            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
-            if out.finished:
-                final[out.request_id] = out
-        step += 1
-        assert step < 10_000
-    assert set(final) == set(tokens) >= {r.request_id for r in requests}
-    return tokens, final
 
 
 def alone(engine: LlamaCppEngine, request: EngineRequest) -> list[int]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
 
 import pytest
 
@@ -12,6 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 from lmfleet.engine.base import EngineOutput, EngineRejected, EngineRequest, FinishReason, Rejection, SamplingParams  # noqa: E402  # noqa: E402
 from lmfleet.engine.transformers.engine import TransformersEngine  # noqa: E402
+from tests.engine.stepping import drive  # noqa: E402
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -33,29 +33,6 @@ def req(rid: str, prompt: list[int], **params) -> EngineRequest:
 def prompts(n: int, seed: int = 0, lo: int = 1, hi: int = 48) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(3, 1024) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
-
-
-def drive(
-    engine: TransformersEngine, requests: Iterable[EngineRequest], join_at: Iterable[int] | None = None
-) -> tuple[dict[str, list[int]], dict[str, EngineOutput]]:
-    """Add each request at its step, step until idle; return tokens and final output per request."""
-    requests = list(requests)
-    pending = sorted(zip(join_at or [0] * len(requests), range(len(requests)), strict=True))
-    tokens: dict[str, list[int]] = {}
-    final: dict[str, EngineOutput] = {}
-    step = 0
-    while pending or engine.has_unfinished_requests():
-        while pending and pending[0][0] <= step:
-            engine.add_request(requests[pending.pop(0)[1]])
-        for out in engine.step():
-            assert out.request_id not in final, "output after the final one"
-            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
-            if out.finished:
-                final[out.request_id] = out
-        step += 1
-        assert step < 10_000
-    assert set(final) == set(tokens) >= {r.request_id for r in requests}
-    return tokens, final
 
 
 def alone(model, request: EngineRequest, **kw) -> tuple[list[int], EngineOutput]:

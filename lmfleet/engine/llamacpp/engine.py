@@ -54,6 +54,7 @@ from lmfleet.engine.base import (
     EngineStats,
     FinishReason,
     SamplingParams,
+    assert_fits,
 )
 
 logger = logging.getLogger("lmfleet.engine")
@@ -232,9 +233,7 @@ class LlamaCppEngine:
         prompt, p = request.prompt_token_ids, request.params
         assert self._batch is not None, "the engine is open"
         assert request.request_id not in self._ids, "request ids are unique"
-        assert prompt and p.max_new_tokens >= 1, "a request has a prompt and room to generate"
-        assert len(prompt) + p.max_new_tokens <= self._max_model_len, "the request fits the context"
-        assert 0 <= min(prompt) and max(prompt) < self._vocab_size, "prompt ids are in the vocabulary"
+        assert_fits(request, max_model_len=self._max_model_len, vocab_size=self._vocab_size)
         p.check(self._vocab_size)
         stop = set(p.stop_token_ids)
         if not p.ignore_eos:

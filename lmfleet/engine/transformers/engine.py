@@ -46,6 +46,7 @@ from lmfleet.engine.base import (
     EngineStats,
     FinishReason,
     SamplingParams,
+    assert_fits,
 )
 
 logger = logging.getLogger("lmfleet.engine")
@@ -154,11 +155,9 @@ class TransformersEngine:
 
     def add_request(self, request: EngineRequest) -> None:
         """Queue a request that fits (lmfleet.engine.base); EngineRejected for a sampling option it cannot run."""
-        prompt, p = request.prompt_token_ids, request.params
+        p = request.params
         assert request.request_id not in self._ids, "request ids are unique"
-        assert prompt and p.max_new_tokens >= 1, "a request has a prompt and room to generate"
-        assert len(prompt) + p.max_new_tokens <= self._max_model_len, "the request fits the context"
-        assert 0 <= min(prompt) and max(prompt) < self._vocab_size, "prompt ids are in the vocabulary"
+        assert_fits(request, max_model_len=self._max_model_len, vocab_size=self._vocab_size)
         p.check(self._vocab_size)
         generator = None
         if p.temperature > 0:
