@@ -446,6 +446,7 @@ class Usage(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    refusal: None = None  # OpenAI requires the field; lmfleet's models never refuse by a separate channel
 
 
 class ChatChoice(BaseModel):
@@ -465,7 +466,8 @@ class ChatCompletion(BaseModel):
 
 
 class ChatDelta(BaseModel):
-    role: Literal["assistant"] | None = None  # only in the first chunk of each choice
+    # Only in the first chunk of each choice, and absent (not null) after it, as OpenAI's schema has it.
+    role: Literal["assistant"] | None = Field(default=None, exclude_if=lambda role: role is None)
     content: str | None = None
 
 
@@ -516,7 +518,8 @@ class CompletionChunk(BaseModel):
     created: int
     model: str
     choices: list[CompletionChunkChoice]  # empty in the final usage chunk
-    usage: Usage | None = None
+    # Only in the final usage chunk: the completions schema has no null usage (the chat chunk's does).
+    usage: Usage | None = Field(default=None, exclude_if=lambda usage: usage is None)
 
 
 class ModelCard(BaseModel):

@@ -162,7 +162,7 @@ async def test_fastchat_root_without_model() -> None:
         assert body["object"] == "chat.completion" and body["model"] == "echo" and isinstance(body["created"], int)
         (choice,) = body["choices"]
         assert choice["index"] == 0 and choice["finish_reason"] == "stop"
-        assert choice["message"] == {"role": "assistant", "content": expected_reply(QUESTION)}
+        assert choice["message"] == {"role": "assistant", "content": expected_reply(QUESTION), "refusal": None}
         assert set(body["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
 
 

@@ -5,6 +5,7 @@ worker killed mid-stream while another one resumes the stream token-exact."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import httpx
 import openai
 import pytest
 
+from tests.conformance import validate
 from tests.conftest import Fleet, free_port, wait_until
 
 pytest.importorskip("llama_cpp")
@@ -113,6 +115,18 @@ def test_the_seed_documents_request_posted_to_the_root(fleet: Fleet) -> None:
     assert resp.status_code == 200, resp.text
     answer = resp.json()["choices"][0]["message"]["content"].lower()
     assert "learning" in answer or "neural" in answer
+
+
+def test_real_answers_and_stream_chunks_validate_against_openais_schemas(fleet: Fleet) -> None:
+    body = {"model": "smollm2", "messages": FRANCE, "max_tokens": 24, "temperature": 0}
+    resp = httpx.post(fleet.api_url + "/v1/chat/completions", json=body, timeout=60)
+    validate("CreateChatCompletionResponse", resp.json())
+    stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", fleet.api_url + "/v1/chat/completions", json=stream, timeout=60) as resp:
+        events = [line.removeprefix("data: ") for line in resp.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and len(events) > 3
+    for event in events[:-1]:
+        validate("CreateChatCompletionStreamResponse", json.loads(event))
 
 
 def test_a_prompt_longer_than_the_context_is_a_400(client: openai.OpenAI) -> None:

@@ -139,7 +139,11 @@ class LlamaCppEngine:
         self._model: Any = None
         self._ctx: Any = None
         self._batch: Any = None
-        model = llama.llama_model_load_from_file(model_path.encode(), llama.llama_model_default_params())
+        params = llama.llama_model_default_params()
+        # No repacked weight buffers: on CPUs with AMX, ggml's AMX buffer takes Q4_1 weights, and llama_decode
+        # over several sequences then crashes (segfault, llama-cpp-python 0.3.36, seen on a Xeon with amx_int8).
+        params.use_extra_bufts = False
+        model = llama.llama_model_load_from_file(model_path.encode(), params)
         if not model:
             raise ValueError(f"llama.cpp could not load {model_path} (see the lmfleet.engine.llamacpp debug log)")
         self._model = model
