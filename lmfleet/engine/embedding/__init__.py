@@ -47,8 +47,9 @@ class PoolingConfigError(ValueError):
 
 @dataclass(frozen=True)
 class EmbeddingSettings(BatchSettings):
-    max_num_seqs: int = 32  # inputs in one forward
-    max_batch_tokens: int = 8192  # padded tokens (longest input x inputs) in one forward
+    """`max_num_seqs`: inputs in one forward; `max_batch_tokens`: padded tokens (longest input x inputs) in one
+    forward; `max_model_len`: a cap on the input length below the model's own."""
+
     dtype: str = "auto"
     device: str | None = None  # None: cuda when available, else cpu
     matryoshka: bool = False  # the operator allows `dimensions` (truncate + renormalize) for any length
