@@ -21,6 +21,7 @@ import pytest
 
 from lmfleet.api.app import ApiSettings
 from lmfleet.api.app import create_app as create_api
+from lmfleet.api.routing import Router
 from lmfleet.controller.app import ControllerSettings
 from lmfleet.controller.app import create_app as create_controller
 from lmfleet.engine import embedding, registry
@@ -44,6 +45,8 @@ class Stack:
     openai: openai.AsyncOpenAI
     raw: httpx2.AsyncClient
     model: LoadedModel  # the embedding model as loaded once
+    hosts: Hosts  # remove a worker's route and it refuses connections, as a killed process would
+    router: Router  # the API server's view of the fleet
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +70,7 @@ async def stack(minilm_loaded: LoadedModel) -> AsyncIterator[Stack]:
     )
     loaders = {
         MINI: lambda _s: minilm_loaded,
+        f"{MINI}-2": lambda _s: minilm_loaded,  # a second replica of the same model
         SHORT: lambda _s: replace(minilm_loaded, engine=short),
         CHAT: lambda _s: loaded(ScriptedEngine("Hi there.", max_model_len=512)),
     }
@@ -79,7 +83,7 @@ async def stack(minilm_loaded: LoadedModel) -> AsyncIterator[Stack]:
             address = f"http://worker-{name}"
             settings = WorkerSettings(
                 model_path=f"/models/{name}",
-                model_names=[name],
+                model_names=[name.removesuffix("-2")],
                 worker_address=address,
                 controller_addresses=[CONTROLLER],
                 heartbeat_interval_s=0.05,
@@ -89,13 +93,13 @@ async def stack(minilm_loaded: LoadedModel) -> AsyncIterator[Stack]:
         api_settings = ApiSettings(controller_address=CONTROLLER, refresh_interval_s=0.05)
         api, state = await exits.enter_async_context(running(create_api(api_settings, http_client=http)))
         for _ in range(400):
-            if len(state["router"].healthy()) == 3:
+            if len(state["router"].healthy()) == len(loaders):
                 break
             await asyncio.sleep(0.02)
-        assert len(state["router"].healthy()) == 3, "every worker registered and in the API server's view"
+        assert len(state["router"].healthy()) == len(loaders), "every worker registered and in the API's view"
         raw = await exits.enter_async_context(httpx2.AsyncClient(transport=httpx2.ASGITransport(app=api), base_url=API))
         client = openai.AsyncOpenAI(base_url=API + "/v1", api_key="none", max_retries=0, http_client=raw)
-        yield Stack(client, raw, minilm_loaded)
+        yield Stack(client, raw, minilm_loaded, hosts, state["router"])
 
 
 def norm(v: list[float]) -> float:
@@ -188,6 +192,19 @@ async def test_concurrent_requests_each_get_their_own_vectors(stack: Stack) -> N
     )
     for reply, want in zip(replies, expected, strict=True):
         assert reply.data[0].embedding == pytest.approx(want, abs=1e-6)
+
+
+async def test_a_dead_replica_is_left_for_the_live_one(stack: Stack) -> None:
+    dead = f"http://worker-{MINI}"
+    del stack.hosts.routes[dead]
+    for i in range(40):  # until the pick has landed on the dead one at least once
+        reply = await stack.openai.embeddings.create(model=MINI, input=f"text {i}", encoding_format="float")
+        assert len(reply.data[0].embedding) == 384
+        if stack.router.is_ejected(dead):
+            break
+    assert stack.router.is_ejected(dead), "a request met the dead replica and went on to the live one"
+    tokens = (await stack.raw.post("/tokenize", json={"model": MINI, "prompt": "one"})).json()["tokens"]
+    assert len(tokens) == 3
 
 
 async def test_tokenize_and_detokenize_through_each_models_tokenizer(stack: Stack) -> None:
