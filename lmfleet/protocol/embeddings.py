@@ -16,16 +16,19 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
 from pydantic_core import PydanticCustomError
 
-from lmfleet.protocol.worker import MAX_EMBED_INPUTS, EmbedRequest
+from lmfleet.protocol.worker import MAX_EMBED_INPUTS, MAX_TOKEN_ID, EmbedRequest
 
 MAX_NAME_CHARS = 256
+_TOKEN_ID = {"type": "integer", "minimum": 0, "maximum": MAX_TOKEN_ID}
 
 
 def _inputs(value: Any) -> Any:
     """`input` in any of OpenAI's forms, as a list of inputs, each a string or a list of token ids."""
 
     def ids(v: Any) -> bool:
-        return isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in v)
+        return isinstance(v, list) and all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= MAX_TOKEN_ID for t in v
+        )
 
     if isinstance(value, str):
         return [value]
@@ -36,7 +39,7 @@ def _inputs(value: Any) -> Any:
             return [value]
     raise PydanticCustomError(
         "input_type",
-        "must be a string, a non-empty list of strings, a list of token ids (integers >= 0), "
+        f"must be a string, a non-empty list of strings, a list of token ids (integers from 0 to {MAX_TOKEN_ID}), "
         "or a list of non-empty lists of token ids",
     )
 
@@ -50,10 +53,10 @@ Inputs = Annotated[
             "anyOf": [
                 {"type": "string"},
                 {"type": "array", "items": {"type": "string"}, "maxItems": MAX_EMBED_INPUTS},
-                {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                {"type": "array", "items": _TOKEN_ID},
                 {
                     "type": "array",
-                    "items": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                    "items": {"type": "array", "items": _TOKEN_ID},
                     "maxItems": MAX_EMBED_INPUTS,
                 },
             ],
