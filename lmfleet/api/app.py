@@ -41,12 +41,13 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, TypedDict
+from typing import Any, TypedDict, TypeVar
 
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -73,10 +74,12 @@ from lmfleet.protocol.openai import (
 )
 from lmfleet.protocol.tokenize import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from lmfleet.protocol.worker import DetokenizeResponse as WorkerDetokenized
-from lmfleet.protocol.worker import EmbedResponse
+from lmfleet.protocol.worker import EmbedResponse, Task
 from lmfleet.protocol.worker import TokenizeResponse as WorkerTokenized
 
 logger = logging.getLogger("lmfleet.api")
+
+R = TypeVar("R", bound=BaseModel)
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away"; nobody reads it
 
@@ -361,36 +364,45 @@ def create_app(
             raise errors.ModelNotFound(f"The model `{model}` does not exist.", param="model")
         return card(request, name)
 
+    async def one_reply(
+        request: Request,
+        requested: str | None,
+        task: Task | None,
+        path: str,
+        build: Callable[[str], BaseModel],
+        answer: type[R],
+    ) -> tuple[str, R] | None:
+        """(the model, a worker's answer) for a one-reply route (lmfleet.api.oneshot); None if the client left."""
+        router: Router = request.state.router
+        model = await _resolve_model(router, requested, settings.default_model)
+        asking = ask(router, request.state.workers, model, task, path, build(model), answer)
+        result = await cancel_on_disconnect(request.receive, asking)
+        return None if result is None else (model, result)
+
     @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=_ERRORS, tags=["openai"])
     async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
-        router: Router = request.state.router
-        model = await _resolve_model(router, body.model, settings.default_model)
-        worker_request = body.to_embed_request(f"embd-{uuid.uuid4().hex}", model)
-        path = "/worker/embed"
-        asking = ask(router, request.state.workers, model, "embed", path, worker_request, EmbedResponse)
-        result = await cancel_on_disconnect(request.receive, asking)
-        if result is None:
+        build = partial(body.to_embed_request, f"embd-{uuid.uuid4().hex}")
+        got = await one_reply(request, body.model, "embed", "/worker/embed", build, EmbedResponse)
+        if got is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
+        model, result = got
         answer = EmbeddingResponse.build(model, result.embeddings, result.prompt_tokens, body.encoding_format)
         return JSONResponse(answer.model_dump(mode="json"))
 
     @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS, tags=["vllm"])
-    async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
-        router: Router = request.state.router
-        model = await _resolve_model(router, body.model, settings.default_model)
-        result = await ask(
-            router, request.state.workers, model, None, "/worker/tokenize", body.to_worker(model), WorkerTokenized
-        )
-        return TokenizeResponse(count=len(result.tokens), max_model_len=result.max_model_len, tokens=result.tokens)
+    async def tokenize(body: TokenizeRequest, request: Request) -> Response:
+        got = await one_reply(request, body.model, None, "/worker/tokenize", body.to_worker, WorkerTokenized)
+        if got is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        tokens, limit = got[1].tokens, got[1].max_model_len
+        return JSONResponse(TokenizeResponse(count=len(tokens), max_model_len=limit, tokens=tokens).model_dump())
 
     @app.post("/detokenize", response_model=DetokenizeResponse, responses=_ERRORS, tags=["vllm"])
-    async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
-        router: Router = request.state.router
-        model = await _resolve_model(router, body.model, settings.default_model)
-        result = await ask(
-            router, request.state.workers, model, None, "/worker/detokenize", body.to_worker(model), WorkerDetokenized
-        )
-        return DetokenizeResponse(prompt=result.prompt)
+    async def detokenize(body: DetokenizeRequest, request: Request) -> Response:
+        got = await one_reply(request, body.model, None, "/worker/detokenize", body.to_worker, WorkerDetokenized)
+        if got is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        return JSONResponse(DetokenizeResponse(prompt=got[1].prompt).model_dump())
 
     @app.post(
         "/v1/chat/completions", response_model=ChatCompletion, responses=_with_stream(ChatCompletion), tags=["openai"]

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 from lmfleet import errors
 from lmfleet.api.routing import Router
-from lmfleet.api.upstream import _another_worker_may_help, _worse
+from lmfleet.api.upstream import another_worker_may_help, next_worker, worse
 from lmfleet.client import WorkerClient
 from lmfleet.protocol.worker import Task
 
@@ -34,25 +34,14 @@ async def ask(
     tried: set[str] = set()
     failure: errors.LmfleetError | None = None
     while True:
-        try:
-            lease = await router.acquire(model, tried, task=task)
-        except errors.LmfleetError:
-            if failure is not None:
-                raise failure from None
-            raise
-        if lease is None:
-            raise failure or errors.NoWorkerAvailable(
-                f"No worker for the model `{model}` is available right now; retry later.",
-                headers={"Retry-After": "1"},
-            )
-        tried.add(lease.address)
+        lease = await next_worker(router, model, tried, failure, task)
         try:
             return await workers.call(lease.address, path, request, answer)
         except errors.LmfleetError as exc:
-            if not _another_worker_may_help(exc):
+            if not another_worker_may_help(exc):
                 raise
             if not isinstance(exc, errors.QueueFull):
                 router.eject(lease.address, exc.message)
-            failure = _worse(failure, exc)
+            failure = worse(failure, exc)
         finally:
             lease.release()

@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from collections import deque
 from dataclasses import dataclass, field
 
 from lmfleet.engine.base import EmbeddingEngine, EngineRejected, EngineStats, Rejection
-from lmfleet.engine.runner import DEFAULT_MAX_QUEUED
+from lmfleet.engine.runner import DEFAULT_MAX_QUEUED, EngineThread
 
 logger = logging.getLogger("lmfleet.engine")
 
@@ -56,42 +55,18 @@ class _Job:
             pass
 
 
-class EmbeddingRunner:
+class EmbeddingRunner(EngineThread):
     """Runs an `EmbeddingEngine` on a daemon thread. `start()` once; `await embed(seqs)` from an event loop;
     `await stop()` (or `close()`) at shutdown."""
 
+    thread_name = "lmfleet-embed"
+
     def __init__(self, engine: EmbeddingEngine, *, max_queued: int = DEFAULT_MAX_QUEUED) -> None:
-        if max_queued < 1:
-            raise ValueError("max_queued must be positive")
+        super().__init__(max_queued)
         self.engine = engine
-        self.max_queued = max_queued
-        self._cond = threading.Condition()
         self._jobs: deque[_Job] = deque()  # guarded by _cond
-        self._stopping = False
-        self._failed: str | None = None
         self._running = (0, 0)  # (inputs, tokens) in the forward now running
-        self._thread: threading.Thread | None = None
         self.batches: list[int] = []  # inputs per forward, most recent last (bounded; tests and logs read it)
-
-    def start(self) -> None:
-        if self._thread is not None:
-            raise RuntimeError("EmbeddingRunner already started")
-        self._thread = threading.Thread(target=self._run, name="lmfleet-embed", daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
-
-    async def stop(self) -> None:
-        await asyncio.to_thread(self.close)
-
-    @property
-    def ready(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self._failed is None and not self._stopping
 
     def stats(self) -> EngineStats:
         inputs, tokens = self._running
@@ -104,9 +79,7 @@ class EmbeddingRunner:
         `EngineRejected`: QUEUE_FULL when `max_queued` requests are waiting, NOT_RUNNING when the runner has stopped
         or failed; the engine's failure as RuntimeError."""
         if not self.ready:
-            raise EngineRejected(
-                Rejection.NOT_RUNNING, f"engine is not running{': ' + self._failed if self._failed else ''}"
-            )
+            raise self._not_running()
         loop = asyncio.get_running_loop()
         job = _Job(seqs, loop.create_future(), loop, [None] * len(seqs))
         with self._cond:

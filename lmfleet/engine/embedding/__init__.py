@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmfleet.engine.base import BatchSettings, LoadedModel
-from lmfleet.engine.transformers import DEVICES, DTYPES
+from lmfleet.engine.base import LoadedModel
+from lmfleet.engine.transformers import TransformersSettings
 
 if TYPE_CHECKING:
     from lmfleet.engine.registry import ModelSource
@@ -46,20 +46,11 @@ class PoolingConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class EmbeddingSettings(BatchSettings):
+class EmbeddingSettings(TransformersSettings):
     """`max_num_seqs`: inputs in one forward; `max_batch_tokens`: padded tokens (longest input x inputs) in one
     forward; `max_model_len`: a cap on the input length below the model's own."""
 
-    dtype: str = "auto"
-    device: str | None = None  # None: cuda when available, else cpu
     matryoshka: bool = False  # the operator allows `dimensions` (truncate + renormalize) for any length
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
-        if self.device is not None and self.device not in DEVICES:
-            raise ValueError(f"device must be one of {', '.join(DEVICES)}")
 
 
 @dataclass(frozen=True)
