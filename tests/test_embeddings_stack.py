@@ -47,6 +47,7 @@ class Stack:
     model: LoadedModel  # the embedding model as loaded once
     hosts: Hosts  # remove a worker's route and it refuses connections, as a killed process would
     router: Router  # the API server's view of the fleet
+    http: httpx.AsyncClient  # reaches the workers directly, as the API server does
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +100,7 @@ async def stack(minilm_loaded: LoadedModel) -> AsyncIterator[Stack]:
         assert len(state["router"].healthy()) == len(loaders), "every worker registered and in the API's view"
         raw = await exits.enter_async_context(httpx2.AsyncClient(transport=httpx2.ASGITransport(app=api), base_url=API))
         client = openai.AsyncOpenAI(base_url=API + "/v1", api_key="none", max_retries=0, http_client=raw)
-        yield Stack(client, raw, minilm_loaded, hosts, state["router"])
+        yield Stack(client, raw, minilm_loaded, hosts, state["router"], http)
 
 
 def norm(v: list[float]) -> float:
@@ -251,3 +252,16 @@ async def test_model_cards_carry_the_context_length(stack: Stack) -> None:
     validate("Model", card)
     assert card["max_model_len"] == 512
     assert (await stack.openai.models.retrieve(MINI)).model_extra == {"max_model_len": 256}
+
+
+async def test_workers_report_their_task_and_refuse_the_other(stack: Stack) -> None:
+    embedder, chatter = f"http://worker-{MINI}", f"http://worker-{CHAT}"
+    assert (await stack.http.get(embedder + "/worker/status")).json()["tasks"] == ["embed"]
+    assert (await stack.http.get(chatter + "/worker/status")).json()["tasks"] == ["generate"]
+    generate = {"request_id": "g", "prompt": "hi", "max_tokens": 2}
+    err = assert_error(await stack.http.post(embedder + "/worker/generate", json=generate), 400, param="model")
+    assert "embeddings only" in err["message"]
+    embed = {"request_id": "e", "input": ["hi"]}
+    assert_error(await stack.http.post(chatter + "/worker/embed", json=embed), 400, param="model")
+    ok = (await stack.http.post(embedder + "/worker/embed", json=embed)).json()
+    assert len(ok["embeddings"][0]) == 384 and ok["prompt_tokens"] == 3
