@@ -64,7 +64,8 @@ class EmbeddingRunner(EngineThread):
     def __init__(self, engine: EmbeddingEngine, *, max_queued: int = DEFAULT_MAX_QUEUED) -> None:
         super().__init__(max_queued)
         self.engine = engine
-        self._jobs: deque[_Job] = deque()  # guarded by _cond
+        self._jobs: deque[_Job] = deque()  # guarded by _cond, as is:
+        self._open = 0  # requests admitted whose caller is still waiting
         self._running = (0, 0)  # (inputs, tokens) in the forward now running
         self.batches: list[int] = []  # inputs per forward, most recent last (bounded; tests and logs read it)
 
@@ -76,7 +77,7 @@ class EmbeddingRunner(EngineThread):
 
     async def embed(self, seqs: list[list[int]]) -> list[list[float]]:
         """A vector per sequence, in order. The sequences fit the engine (the worker checked). Raises
-        `EngineRejected`: QUEUE_FULL when `max_queued` requests are waiting, NOT_RUNNING when the runner has stopped
+        `EngineRejected`: QUEUE_FULL when `max_queued` requests are in flight, NOT_RUNNING when the runner has stopped
         or failed; the engine's failure as RuntimeError."""
         if not self.ready:
             raise self._not_running()
@@ -85,11 +86,16 @@ class EmbeddingRunner(EngineThread):
         with self._cond:
             if self._stopping:
                 raise EngineRejected(Rejection.NOT_RUNNING, "engine is shutting down")
-            if len(self._jobs) >= self.max_queued:
+            if self._open >= self.max_queued:
                 raise EngineRejected(Rejection.QUEUE_FULL, "server is at capacity, retry later")
+            self._open += 1
             self._jobs.append(job)
             self._cond.notify()
-        return await job.future  # cancelled: the thread drops the job's inputs not yet run
+        try:
+            return await job.future  # cancelled: the thread drops the job's inputs not yet run
+        finally:
+            with self._cond:
+                self._open -= 1
 
     # -- the embedding thread ------------------------------------------------------------------------------------
 

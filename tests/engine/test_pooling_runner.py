@@ -106,7 +106,7 @@ async def test_a_failed_forward_fails_its_requests_and_the_runner_goes_on() -> N
 
 async def test_queue_full_cancelled_and_stopped() -> None:
     engine = FakeEmbedder()
-    runner = EmbeddingRunner(engine, max_queued=2)
+    runner = EmbeddingRunner(engine, max_queued=3)  # the one running counts too
     runner.start()
     first = await _started(runner, engine)
     gone = asyncio.ensure_future(runner.embed([[3]]))
