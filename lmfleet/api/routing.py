@@ -272,7 +272,7 @@ class Router:
                 offered = sorted({t for w in serving for t in w.status.tasks})
                 raise errors.InvalidRequest(
                     f"The model `{model}` does not support {_TASK_NAMES[task]}; it serves "
-                    f"{' and '.join(_TASK_NAMES[t] for t in offered)}.",
+                    f"{' and '.join(_TASK_NAMES.get(t, t) for t in offered)}.",
                     param="model",
                 )
             serving = doing

@@ -60,7 +60,10 @@ class WorkerStatus(BaseModel):
     tokens_in_flight: int = Field(default=0, ge=0, le=MAX_REPORTED)
     context_length: int | None = Field(default=None, gt=0, le=MAX_REPORTED)
     engine: str | None = None  # "transformers", "llamacpp", ...
-    tasks: list[Task] = Field(default_factory=lambda: list[Task](["generate"]), min_length=1, max_length=2)
+    # `Task`s; kept as plain names so a newer worker's task does not break its registration with an older controller
+    tasks: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default_factory=lambda: ["generate"], min_length=1, max_length=16
+    )
 
 
 class RegisterWorkerRequest(BaseModel):

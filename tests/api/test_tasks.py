@@ -15,12 +15,12 @@ from .test_routing import router_for
 def test_a_status_without_tasks_means_generate() -> None:
     assert WorkerStatus(model_names=["m"]).tasks == ["generate"]
     assert WorkerStatus.model_validate({"model_names": ["e"], "tasks": ["embed"]}).tasks == ["embed"]
-    with pytest.raises(ValueError):
-        WorkerStatus.model_validate({"model_names": ["e"], "tasks": ["dance"]})
+    # a task this version does not know (a newer worker's) is carried, not refused: the worker still registers
+    assert WorkerStatus.model_validate({"model_names": ["e"], "tasks": ["rerank"]}).tasks == ["rerank"]
 
 
 async def test_requests_go_to_the_workers_of_their_task_only() -> None:
-    fleet = Fleet({"chat": ["a"], "mixed": ["b", "c"], "vectors": ["c"]})
+    fleet = Fleet({"chat": ["a"], "mixed": ["b", "c"], "vectors": ["c"], "ranker": ["d"]})
     listed = fleet.controller.workers
     embedder = fleet.workers["c"].address
 
@@ -30,6 +30,8 @@ async def test_requests_go_to_the_workers_of_their_task_only() -> None:
             if row["address"] == embedder:
                 row["status"]["tasks"] = ["embed"]
                 row["status"]["context_length"] = 256
+            if row["address"] == fleet.workers["d"].address:
+                row["status"]["tasks"] = ["rerank"]  # a newer worker's task
         return rows
 
     fleet.controller.workers = with_tasks  # type: ignore[method-assign]
@@ -48,3 +50,5 @@ async def test_requests_go_to_the_workers_of_their_task_only() -> None:
         assert lease is not None and lease.address == embedder
         lease.release()
         assert router.context_length("vectors") == 256 and router.context_length("chat") is None
+        with pytest.raises(errors.InvalidRequest, match="it serves rerank"):
+            await router.acquire("ranker")
