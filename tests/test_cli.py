@@ -172,3 +172,17 @@ def test_serve_forwards_the_engine_flags_and_the_api_limits_and_timeouts(tmp_pat
 def test_serve_with_a_model_path_that_names_nothing_says_so_before_starting_anything(tmp_path) -> None:
     with pytest.raises(SystemExit, match="does not exist"):
         cli.serve_plan(cli.build_parser().parse_args(["serve", "--model-path", str(tmp_path / "nope")]))
+
+
+def test_serve_runs_a_chat_model_and_an_embedding_model_side_by_side(tmp_path, minilm) -> None:
+    (tmp_path / "chat.gguf").write_bytes(b"GGUF")
+    argv = ["serve", "--model-path", str(tmp_path / "chat.gguf"), "--model-path", str(minilm), "--matryoshka"]
+    plan = cli.serve_plan(cli.build_parser().parse_args(argv))
+    workers = [c.argv for c in plan.children if c.name.startswith("worker")]
+    settings = [
+        cli.worker_settings(cli.build_parser().parse_args(["worker", *w[w.index("--port") :]])) for w in workers
+    ]
+    assert [s.engine for s in settings] == ["llamacpp", "embedding"]  # `--engine auto` for each model
+    assert settings[1].engine_settings.matryoshka and settings[1].aliases == ["model"]
+    assert len({s.worker_address for s in settings}) == 2
+    assert plan.models == {str(tmp_path / "chat.gguf"), str(minilm)}

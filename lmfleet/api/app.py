@@ -6,6 +6,8 @@ Routes
     POST /v1/chat/completions    ChatCompletionRequest -> ChatCompletion | SSE of ChatCompletionChunk
     POST /v1/completions         CompletionRequest -> Completion | SSE of CompletionChunk
     POST /                       = /v1/chat/completions (FastChat users post here, often without `model`)
+    POST /v1/embeddings          EmbeddingRequest -> EmbeddingResponse (embedding models only; lmfleet.api.oneshot)
+    POST /tokenize, /detokenize  vLLM's shapes, through the model's own tokenizer (any model)
     GET  /health                 alive (always 200)
     GET  /ready                  can serve: 200 while some worker is in rotation and the server is not draining
     GET  /docs, /openapi.json
@@ -35,20 +37,23 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, TypedDict
+from typing import Any, TypedDict, TypeVar
 
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lmfleet import __version__, errors
 from lmfleet.api.access import RequestLimits, needs_key
+from lmfleet.api.oneshot import ask
 from lmfleet.api.render import ChatRenderer, CompletionRenderer, Renderer
 from lmfleet.api.routing import Router
 from lmfleet.api.sse import EventStreamResponse, cancel_on_disconnect, collect, event_stream
@@ -57,6 +62,7 @@ from lmfleet.client import DEFAULT_CONTROLLER, ControllerClient, WorkerClient, m
 from lmfleet.dispatch import DEFAULT_POLICY, get_policy
 from lmfleet.drain import DEFAULT_TIMEOUT_S, Drain, DrainGate
 from lmfleet.guard import BearerSecrets, ParsedBodyRoute, RequestGuard
+from lmfleet.protocol.embeddings import EmbeddingRequest, EmbeddingResponse
 from lmfleet.protocol.errors import ErrorResponse
 from lmfleet.protocol.openai import (
     ChatCompletion,
@@ -66,8 +72,14 @@ from lmfleet.protocol.openai import (
     ModelCard,
     ModelList,
 )
+from lmfleet.protocol.tokenize import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
+from lmfleet.protocol.worker import DetokenizeResponse as WorkerDetokenized
+from lmfleet.protocol.worker import EmbedResponse, Task
+from lmfleet.protocol.worker import TokenizeResponse as WorkerTokenized
 
 logger = logging.getLogger("lmfleet.api")
+
+R = TypeVar("R", bound=BaseModel)
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away"; nobody reads it
 
@@ -335,10 +347,14 @@ def create_app(
             raise errors.NoWorkerAvailable("No worker is available right now.", headers={"Retry-After": "1"})
         return {"status": "ready", "workers": workers, "controller": "up" if router.controller_up else "down"}
 
+    def card(request: Request, name: str) -> ModelCard:
+        router: Router = request.state.router
+        return ModelCard(id=name, created=request.state.started, max_model_len=router.context_length(name))
+
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS, tags=["openai"])
     async def list_models(request: Request) -> ModelList:
         names = await request.state.router.models()
-        return ModelList(data=[ModelCard(id=name, created=request.state.started) for name in names])
+        return ModelList(data=[card(request, name) for name in names])
 
     @app.get("/v1/models/{model:path}", response_model=ModelCard, responses=_ERRORS, tags=["openai"])
     async def retrieve_model(model: str, request: Request) -> ModelCard:
@@ -346,7 +362,47 @@ def create_app(
         name = router.resolve(model)
         if name not in await router.models():
             raise errors.ModelNotFound(f"The model `{model}` does not exist.", param="model")
-        return ModelCard(id=name, created=request.state.started)
+        return card(request, name)
+
+    async def one_reply(
+        request: Request,
+        requested: str | None,
+        task: Task | None,
+        path: str,
+        build: Callable[[str], BaseModel],
+        answer: type[R],
+    ) -> tuple[str, R] | None:
+        """(the model, a worker's answer) for a one-reply route (lmfleet.api.oneshot); None if the client left."""
+        router: Router = request.state.router
+        model = await _resolve_model(router, requested, settings.default_model)
+        asking = ask(router, request.state.workers, model, task, path, build(model), answer)
+        result = await cancel_on_disconnect(request.receive, asking)
+        return None if result is None else (model, result)
+
+    @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=_ERRORS, tags=["openai"])
+    async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
+        build = partial(body.to_embed_request, f"embd-{uuid.uuid4().hex}")
+        got = await one_reply(request, body.model, "embed", "/worker/embed", build, EmbedResponse)
+        if got is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        model, result = got
+        answer = EmbeddingResponse.build(model, result.embeddings, result.prompt_tokens, body.encoding_format)
+        return JSONResponse(answer.model_dump(mode="json"))
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS, tags=["vllm"])
+    async def tokenize(body: TokenizeRequest, request: Request) -> Response:
+        got = await one_reply(request, body.model, None, "/worker/tokenize", body.to_worker, WorkerTokenized)
+        if got is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        tokens, limit = got[1].tokens, got[1].max_model_len
+        return JSONResponse(TokenizeResponse(count=len(tokens), max_model_len=limit, tokens=tokens).model_dump())
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=_ERRORS, tags=["vllm"])
+    async def detokenize(body: DetokenizeRequest, request: Request) -> Response:
+        got = await one_reply(request, body.model, None, "/worker/detokenize", body.to_worker, WorkerDetokenized)
+        if got is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        return JSONResponse(DetokenizeResponse(prompt=got[1].prompt).model_dump())
 
     @app.post(
         "/v1/chat/completions", response_model=ChatCompletion, responses=_with_stream(ChatCompletion), tags=["openai"]

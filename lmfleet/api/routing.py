@@ -39,11 +39,12 @@ from dataclasses import dataclass
 from lmfleet import errors
 from lmfleet.client import ControllerClient, WorkerClient
 from lmfleet.dispatch import DEFAULT_POLICY, Policy, get_policy, load
-from lmfleet.protocol.worker import WorkerInfo
+from lmfleet.protocol.worker import Task, WorkerInfo
 
 logger = logging.getLogger("lmfleet.api")
 
 PROBE_TIMEOUT_S = 2.0  # a probe of an ejected worker while the controllers are down
+_TASK_NAMES: dict[str, str] = {"generate": "chat and text completions", "embed": "embeddings"}
 
 
 @dataclass
@@ -247,16 +248,34 @@ class Router:
         }
         return claimed.pop() if len(claimed) == 1 else model
 
-    async def acquire(self, model: str, exclude: Collection[str] = ()) -> Lease | None:
-        """A lease on the worker to send a request for `model` to, among those not in `exclude` (the ones this
-        request already tried); None when every worker of the model is excluded. Raises ModelNotFound (404) for a
-        model nobody serves, NoWorkerAvailable (503) for one whose workers have all gone in the last
-        `model_memory_s`, ServiceUnavailable (503) while no controller has ever answered."""
+    def context_length(self, model: str) -> int | None:
+        """The context every worker of `model` in the view takes (the smallest they report); None if none says."""
+        lengths = [w.status.context_length for w in self._serving(model) if w.status.context_length]
+        return min(lengths) if lengths else None
+
+    async def acquire(
+        self, model: str, exclude: Collection[str] = (), *, task: Task | None = "generate"
+    ) -> Lease | None:
+        """A lease on the worker to send a request for `model` to, among those that serve `task` (None: any) and
+        are not in `exclude` (the ones this request already tried); None when every such worker is excluded.
+        Raises ModelNotFound (404) for a model nobody serves, InvalidRequest (400) for one served only for another
+        task, NoWorkerAvailable (503) for one whose workers have all gone in the last `model_memory_s`,
+        ServiceUnavailable (503) while no controller has ever answered."""
         await self._ensure_loaded()
         serving = self._serving(model)
         if not serving:  # perhaps a worker registered since the last refresh
             await self.refresh(max_age_s=0.2)
             serving = self._serving(model)
+        if serving and task is not None:
+            doing = [w for w in serving if task in w.status.tasks]
+            if not doing:
+                offered = sorted({t for w in serving for t in w.status.tasks})
+                raise errors.InvalidRequest(
+                    f"The model `{model}` does not support {_TASK_NAMES[task]}; it serves "
+                    f"{' and '.join(_TASK_NAMES.get(t, t) for t in offered)}.",
+                    param="model",
+                )
+            serving = doing
         if not serving:
             seen = self._seen.get(model)
             if seen is not None and self._clock() - seen <= self.model_memory_s:

@@ -36,7 +36,7 @@ from lmfleet import errors
 from lmfleet.api.routing import Lease
 from lmfleet.client import WorkerClient
 from lmfleet.protocol.openai import FinishReason, Usage
-from lmfleet.protocol.worker import GenerateChunk, GenerateRequest
+from lmfleet.protocol.worker import GenerateChunk, GenerateRequest, Task
 
 logger = logging.getLogger("lmfleet.api")
 
@@ -78,7 +78,9 @@ class ChoiceSpec:
 class WorkerPool(Protocol):
     """Where a choice finds its workers (lmfleet.api.routing.Router)."""
 
-    async def acquire(self, model: str, exclude: Collection[str] = ()) -> Lease | None: ...
+    async def acquire(
+        self, model: str, exclude: Collection[str] = (), *, task: Task | None = "generate"
+    ) -> Lease | None: ...
 
     def eject(self, address: str, reason: str) -> None: ...
 
@@ -115,12 +117,35 @@ def _raise_if_failed(chunk: GenerateChunk) -> None:
         raise errors.UpstreamError(f"the worker ended the generation with finish_reason={chunk.finish_reason!r}")
 
 
-def _another_worker_may_help(exc: errors.LmfleetError) -> bool:
+async def next_worker(
+    pool: WorkerPool,
+    model: str,
+    tried: set[str],
+    failure: errors.LmfleetError | None,
+    task: Task | None = "generate",
+) -> Lease:
+    """A lease on a worker of `model` serving `task` that this request has not tried yet (added to `tried`). When
+    none is left, `failure` (why the last one was given up) is raised, else the pool's own error or a 503."""
+    try:
+        lease = await pool.acquire(model, tried, task=task)
+    except errors.LmfleetError:
+        if failure is not None:
+            raise failure from None
+        raise
+    if lease is None:
+        raise failure or errors.NoWorkerAvailable(
+            f"No worker for the model `{model}` is available right now; retry later.", headers={"Retry-After": "1"}
+        )
+    tried.add(lease.address)
+    return lease
+
+
+def another_worker_may_help(exc: errors.LmfleetError) -> bool:
     """A worker's failure (5xx, transport, timeout) or its being full (429) — not the client's mistake (4xx)."""
     return exc.status >= 500 or isinstance(exc, errors.QueueFull)
 
 
-def _worse(previous: errors.LmfleetError | None, exc: errors.LmfleetError) -> errors.LmfleetError:
+def worse(previous: errors.LmfleetError | None, exc: errors.LmfleetError) -> errors.LmfleetError:
     """The error to report when no worker is left: "at capacity, retry" (429) says the most, then the latest."""
     if isinstance(previous, errors.QueueFull) and not isinstance(exc, errors.QueueFull):
         return previous
@@ -175,18 +200,7 @@ class ChoiceStream:
         previous worker was given up, raised if no other worker takes the request."""
         backend = self._backend
         while True:
-            try:
-                lease = await backend.pool.acquire(backend.model, self._tried)
-            except errors.LmfleetError:
-                if failure is not None:
-                    raise failure from None
-                raise
-            if lease is None:
-                raise failure or errors.NoWorkerAvailable(
-                    f"No worker for the model `{backend.model}` is available right now; retry later.",
-                    headers={"Retry-After": "1"},
-                )
-            self._tried.add(lease.address)
+            lease = await next_worker(backend.pool, backend.model, self._tried, failure)
             stream = backend.workers.generate(lease.address, request)
             try:
                 first = await _read(stream, backend.timeouts.first_token_s)
@@ -196,11 +210,11 @@ class ChoiceStream:
             except errors.LmfleetError as exc:
                 await _aclose(stream)
                 lease.release()
-                if not _another_worker_may_help(exc):
+                if not another_worker_may_help(exc):
                     raise
                 if not isinstance(exc, errors.QueueFull):  # a full worker is healthy
                     backend.pool.eject(lease.address, exc.message)
-                failure = _worse(failure, exc)
+                failure = worse(failure, exc)
                 continue
             except BaseException:
                 await _aclose(stream)

@@ -1,5 +1,6 @@
-"""Token ids in, token ids out: the engine boundary (`base`), the asyncio bridge (`runner`), the choice of engine
-(`registry`) and the engines (`llamacpp`, `transformers`).
+"""Token ids in, token ids (or vectors) out: the engine boundary (`base`), the asyncio bridges (`runner` for
+generation, `pooling` for embeddings), the choice of engine (`registry`) and the engines (`llamacpp`,
+`transformers`, `embedding`).
 
 Importing this package, the registry or an engine package's `__init__` imports neither torch nor llama.cpp; an
 engine's `load` does.

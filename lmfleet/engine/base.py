@@ -13,7 +13,8 @@ the engine only asserts it. An engine refuses what it cannot run with `EngineRej
 worker maps the reason to the public error.
 
 A loader (`lmfleet.engine.registry`) hands the worker a `LoadedModel`: the engine and the `Tokenizer` that goes
-with its vocabulary.
+with its vocabulary. A pooling model's engine is an `EmbeddingEngine` instead (token ids in, one vector per
+sequence out); `lmfleet.engine.pooling.EmbeddingRunner` batches the inputs of concurrent requests for it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import enum
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 
 class FinishReason(str, enum.Enum):
@@ -216,11 +217,51 @@ class Tokenizer(Protocol):
         ...
 
 
+@runtime_checkable
+class EmbeddingEngine(Protocol):
+    """A pooling model: token ids in, one vector per sequence out. Single-threaded like `Engine`; the inputs fit
+    (non-empty, ids inside the vocabulary, at most `max_model_len` each: the worker checked), the engine asserts it.
+    """
+
+    @property
+    def max_model_len(self) -> int:
+        """Longest input sequence; longer inputs are refused above the engine, never truncated."""
+        ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def dimensions(self) -> int:
+        """Length of every vector `embed` returns."""
+        ...
+
+    @property
+    def matryoshka_dimensions(self) -> tuple[int, ...] | None:
+        """Which shorter vectors a client may ask for (truncated, then L2-normalized again): None: none (the model
+        was not trained for it); (): any length up to `dimensions`; otherwise exactly these lengths."""
+        ...
+
+    @property
+    def max_num_seqs(self) -> int:
+        """Most sequences in one `embed` call."""
+        ...
+
+    @property
+    def max_batch_tokens(self) -> int:
+        """Most padded tokens (longest sequence x sequences) in one `embed` call; a single sequence always fits."""
+        ...
+
+    def embed(self, batch: list[list[int]]) -> list[list[float]]:
+        """One forward over `batch`: a vector per sequence, pooled and normalized as the model prescribes."""
+        ...
+
+
 @dataclass
 class LoadedModel:
     """What a loader returns: the engine, its tokenizer, and one line saying what was loaded."""
 
-    engine: Engine
+    engine: Engine | EmbeddingEngine
     tokenizer: Tokenizer
     description: str = ""  # one line for the log: engine, model, dtype or quantization, context, size
     engine_name: str = ""  # the registry's name for the engine (lmfleet.engine.registry sets it)

@@ -3,10 +3,12 @@
 Owns
   * `locate(model_path)`: what `--model-path` names, checked before anything loads, with one line saying what was
     expected when it names nothing usable: a `.gguf` file, a folder holding one `.gguf`, a Hugging Face model
-    folder (`config.json`), or a hub id (`org/name`) for transformers to find in its cache.
+    folder (`config.json`; a sentence-transformers folder, with `modules.json`, is an embedding model), or a hub id
+    (`org/name`) for transformers to find in its cache.
   * `ENGINES`: engines by name (`--engine NAME`), each owning its settings and its loader; `auto` picks llama.cpp
-    for GGUF and transformers for Hugging Face folders and hub ids. `--engine transformers` on a GGUF loads it
-    through transformers, dequantized.
+    for GGUF, the embedding engine for sentence-transformers folders and transformers for other Hugging Face
+    folders and hub ids (`--engine embedding` serves any other encoder as an embedding model). `--engine
+    transformers` on a GGUF loads it through transformers, dequantized.
 
 Adding an engine is adding an entry: a package `lmfleet.engine.<name>` whose `__init__` defines a settings
 dataclass (extending `BatchSettings`) and `load(source, settings) -> LoadedModel`, and imports nothing heavy, so
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from lmfleet.engine import llamacpp, transformers
+from lmfleet.engine import embedding, llamacpp, transformers
 from lmfleet.engine.base import BatchSettings, LoadedModel
 
 AUTO = "auto"
@@ -40,10 +42,11 @@ class ModelError(ValueError):
 
 @dataclass(frozen=True)
 class ModelSource:
-    """What `--model-path` names: a GGUF file, a Hugging Face folder or a hub id."""
+    """What `--model-path` names: a GGUF file, a Hugging Face folder (a sentence-transformers one: "st-folder") or a
+    hub id."""
 
     given: str  # as the user wrote it (FastChat names a model by it)
-    kind: Literal["gguf", "folder", "hub"]
+    kind: Literal["gguf", "folder", "st-folder", "hub"]
     path: Path | None = None  # the .gguf file, or the folder; None for a hub id
 
     @property
@@ -74,7 +77,8 @@ def locate(model_path: str) -> ModelSource:
         return ModelSource(model_path, "gguf", path.resolve())
     if path.is_dir():
         if (path / "config.json").is_file():
-            return ModelSource(model_path, "folder", path.resolve())
+            st = embedding.is_sentence_transformers(path)
+            return ModelSource(model_path, "st-folder" if st else "folder", path.resolve())
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
             return ModelSource(model_path, "gguf", ggufs[0].resolve())
@@ -114,6 +118,14 @@ ENGINES: dict[str, EngineEntry] = {
         "torch",
         "transformers",
     ),
+    "embedding": EngineEntry(
+        "embedding",
+        embedding.EmbeddingSettings,
+        embedding.load,
+        frozenset({"st-folder"}),
+        "torch",
+        "transformers",
+    ),
 }
 
 
@@ -127,6 +139,8 @@ def choose(source: ModelSource, engine: str = AUTO) -> EngineEntry:
     entry = ENGINES[engine]
     if entry.name == "llamacpp" and source.kind != "gguf":
         raise ModelError(f"the llamacpp engine reads .gguf files; {source.given} is a {source.kind}")
+    if entry.name == "embedding" and source.kind == "gguf":
+        raise ModelError(f"the embedding engine reads Hugging Face folders; {source.given} is a .gguf file")
     return entry
 
 

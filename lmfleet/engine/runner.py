@@ -1,8 +1,10 @@
 """The one bridge between a single-threaded `Engine` and asyncio.
 
-Owns: the engine thread (it alone calls `add_request`, `abort_request`, `step`), a thread-safe inbox of adds
-and aborts drained before every step, one collector per request, the admission limit (`Rejection.QUEUE_FULL`) and the
-failure policy. Does not own: the engine's scheduling, text, HTTP. Imports no torch.
+Owns: `EngineThread`, the lifecycle of an engine's thread (start, stop, ready, failed) that the embedding runner
+(lmfleet.engine.pooling) shares; and `AsyncEngine`: the engine thread (it alone calls `add_request`,
+`abort_request`, `step`), a thread-safe inbox of adds and aborts drained before every step, one collector per
+request, the admission limit (`Rejection.QUEUE_FULL`) and the failure policy. Does not own: the engine's
+scheduling, text, HTTP. Imports no torch.
 
     event loop thread                                  engine thread
     -----------------                                  -------------
@@ -90,35 +92,29 @@ def _deliver(items: list[tuple[_Collector, EngineOutput | BaseException]]) -> No
             collector.put(item)
 
 
-class AsyncEngine:
-    """Runs an `Engine` on a daemon thread and serves `generate()` to asyncio code.
+class EngineThread:
+    """The lifecycle every engine runner shares: one daemon thread running `_run`, a condition guarding what the
+    event loop hands it, and the stop and failure flags. `start()` once, from anywhere; `await stop()` (or
+    `close()`) at shutdown."""
 
-    `start()` once, from anywhere; `generate()` from an event loop; `await stop()` (or `close()`) at shutdown.
-    """
+    thread_name = "lmfleet-engine"
 
-    def __init__(self, engine: Engine, *, max_queued: int = DEFAULT_MAX_QUEUED) -> None:
+    def __init__(self, max_queued: int) -> None:
         if max_queued < 1:
             raise ValueError("max_queued must be positive")
-        self.engine = engine
         self.max_queued = max_queued
         self._cond = threading.Condition()
-        # Guarded by _cond: the inbox, the stop flag, the ids admitted and not yet finished.
-        self._inbox: deque[tuple[str, Any, _Collector | None]] = deque()
-        self._stopping = False
-        self._in_flight: set[str] = set()
-        # Written by the engine thread only; read anywhere (single reference assignments).
-        self._failed: str | None = None
-        self._snapshot = EngineStats(running=0, waiting=0, tokens_in_flight=0)
+        self._stopping = False  # guarded by _cond
+        self._failed: str | None = None  # written by the engine thread only
         self._thread: threading.Thread | None = None
-        # Engine thread only.
-        self._live: dict[str, _Collector] = {}
 
-    # -- lifecycle ----------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        raise NotImplementedError
 
     def start(self) -> None:
         if self._thread is not None:
-            raise RuntimeError("AsyncEngine already started")
-        self._thread = threading.Thread(target=self._run, name="lmfleet-engine", daemon=True)
+            raise RuntimeError(f"{type(self).__name__} already started")
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
         self._thread.start()
 
     def close(self) -> None:
@@ -135,6 +131,29 @@ class AsyncEngine:
     @property
     def ready(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self._failed is None and not self._stopping
+
+    def _not_running(self) -> EngineRejected:
+        return EngineRejected(
+            Rejection.NOT_RUNNING, f"engine is not running{': ' + self._failed if self._failed else ''}"
+        )
+
+
+class AsyncEngine(EngineThread):
+    """Runs an `Engine` on a daemon thread and serves `generate()` to asyncio code.
+
+    `start()` once, from anywhere; `generate()` from an event loop; `await stop()` (or `close()`) at shutdown.
+    """
+
+    def __init__(self, engine: Engine, *, max_queued: int = DEFAULT_MAX_QUEUED) -> None:
+        super().__init__(max_queued)
+        self.engine = engine
+        # Guarded by _cond: the inbox, the ids admitted and not yet finished.
+        self._inbox: deque[tuple[str, Any, _Collector | None]] = deque()
+        self._in_flight: set[str] = set()
+        # Written by the engine thread only; read anywhere (single reference assignments).
+        self._snapshot = EngineStats(running=0, waiting=0, tokens_in_flight=0)
+        # Engine thread only.
+        self._live: dict[str, _Collector] = {}
 
     def stats(self) -> EngineStats:
         """Running and cached counts as of the last step; `waiting` also counts requests still in the inbox."""
@@ -157,9 +176,7 @@ class AsyncEngine:
         fits the model (lmfleet.engine.base): the worker checked. Closing the generator early aborts the request.
         """
         if not self.ready:
-            raise EngineRejected(
-                Rejection.NOT_RUNNING, f"engine is not running{': ' + self._failed if self._failed else ''}"
-            )
+            raise self._not_running()
         rid = request.request_id
         collector = _Collector(asyncio.get_running_loop())
         with self._cond:

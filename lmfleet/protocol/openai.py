@@ -527,6 +527,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "lmfleet"
+    max_model_len: int | None = None  # vLLM's field: the context length its workers report
 
 
 class ModelList(BaseModel):

@@ -3,7 +3,8 @@
 Worker ↔ controller uses FastChat's route names and field names (`/register_worker` with `worker_name`,
 `check_heart_beat`, `worker_status`; `/receive_heart_beat` answering `{"exist": bool}`; `/list_models`;
 `/get_worker_address`), so a FastChat model worker can register with an lmfleet controller. lmfleet adds
-optional fields FastChat ignores (running/waiting/tokens in flight, context length, dispatch weight).
+optional fields FastChat ignores (running/waiting/tokens in flight, context length, dispatch weight, the tasks
+it serves: `generate`, the default a FastChat worker gets, or `embed`).
 
 API server → worker: `POST /worker/generate` with a `GenerateRequest`; the worker validates before it answers
 (errors come back as a non-200 OpenAI error body), then streams `GenerateChunk`s as NDJSON, one JSON object per
@@ -17,6 +18,10 @@ the API server sends `prompt_token_ids` = those ids, `resume_token_ids` = every 
 generated text it has passed on. The worker decodes the resumed ids again, through the same stop strings, and
 skips that many characters: text the dead worker was still holding back (half a UTF-8 character, a possible
 stop-string prefix) is sent, nothing is sent twice. Without `resume_text_chars` the resumed ids are only context.
+
+One-reply routes (JSON in, JSON out): `POST /worker/embed` (`EmbedRequest` -> `EmbedResponse`, embedding workers
+only), `POST /worker/tokenize` (`TokenizeRequest` -> `TokenizeResponse`) and `POST /worker/detokenize`
+(`DetokenizeRequest` -> `DetokenizeResponse`), through the worker's own tokenizer.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from lmfleet.protocol.errors import ErrorInfo
 
 # lmfleet.engine.base.FinishReason's values, as the wire spells them.
 FinishReason = Literal["stop", "length", "abort", "error"]
+# What a worker serves: `generate` (chat and text completions) or `embed` (embeddings).
+Task = Literal["generate", "embed"]
 
 # Bounds on what a peer may report or ask for, so no message can overflow a float, a tensor or a generator seed.
 MAX_COUNT = 10_000_000  # FastChat's queue length
@@ -53,6 +60,10 @@ class WorkerStatus(BaseModel):
     tokens_in_flight: int = Field(default=0, ge=0, le=MAX_REPORTED)
     context_length: int | None = Field(default=None, gt=0, le=MAX_REPORTED)
     engine: str | None = None  # "transformers", "llamacpp", ...
+    # `Task`s; kept as plain names so a newer worker's task does not break its registration with an older controller
+    tasks: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default_factory=lambda: ["generate"], min_length=1, max_length=16
+    )
 
 
 class RegisterWorkerRequest(BaseModel):
@@ -155,3 +166,53 @@ class GenerateChunk(BaseModel):
 
     def to_line(self) -> bytes:
         return self.model_dump_json(exclude_defaults=False).encode() + b"\n"
+
+
+MAX_EMBED_INPUTS = 2048  # inputs in one embeddings request, as OpenAI
+
+
+class EmbedRequest(BaseModel):
+    """`POST /worker/embed`: a vector per input; a text is tokenized by the worker, token ids are used as given."""
+
+    request_id: str = Field(min_length=1, max_length=256)
+    model: str | None = None
+    input: list[str | list[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]]] = Field(
+        min_length=1, max_length=MAX_EMBED_INPUTS
+    )
+    dimensions: int | None = Field(default=None, ge=1, le=MAX_REPORTED)  # truncate (Matryoshka), then renormalize
+
+
+class EmbedResponse(BaseModel):
+    embeddings: list[list[float]]  # one per input, in order
+    prompt_tokens: int
+
+
+class TokenizeRequest(BaseModel):
+    """`POST /worker/tokenize`: exactly one of `prompt` (tokenized as a document) and `messages` (through the chat
+    template)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessageIn] | None = Field(default=None, min_length=1)
+    add_special_tokens: bool = True  # prompt only
+    add_generation_prompt: bool = True  # messages only
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("exactly one of prompt, messages must be given")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    max_model_len: int
+
+
+class DetokenizeRequest(BaseModel):
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]] = Field(max_length=1 << 24)
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

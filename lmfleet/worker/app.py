@@ -7,6 +7,8 @@ generation elsewhere; a resumed request's text starts where the client's stopped
 engine's refusal (`Rejection`) to the public error, and readiness.
 
     POST /worker/generate     GenerateRequest -> NDJSON GenerateChunks (503 while draining)
+    POST /worker/embed        EmbedRequest -> EmbedResponse (an embedding model's worker; worker/embed.py)
+    POST /worker/tokenize     TokenizeRequest -> TokenizeResponse;  POST /worker/detokenize: the reverse
     GET  /worker/status       WorkerStatus;  POST /worker_get_status: FastChat's shape
     GET  /health              alive;  GET /ready: 200 while the engine steps and the worker is not draining
 
@@ -38,6 +40,8 @@ from lmfleet.drain import DEFAULT_EXEMPT, DEFAULT_TIMEOUT_S, Drain, DrainGate
 from lmfleet.engine import registry
 from lmfleet.engine.base import (
     BatchSettings,
+    EmbeddingEngine,
+    Engine,
     EngineOutput,
     EngineRejected,
     EngineRequest,
@@ -47,10 +51,21 @@ from lmfleet.engine.base import (
     SamplingParams,
     Tokenizer,
 )
+from lmfleet.engine.pooling import EmbeddingRunner
 from lmfleet.engine.runner import DEFAULT_MAX_QUEUED, AsyncEngine
 from lmfleet.guard import BearerSecrets, ParsedBodyRoute, RequestGuard
-from lmfleet.protocol.worker import GenerateChunk, GenerateRequest, WorkerStatus
-from lmfleet.worker import textgen
+from lmfleet.protocol.worker import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    EmbedRequest,
+    EmbedResponse,
+    GenerateChunk,
+    GenerateRequest,
+    TokenizeRequest,
+    TokenizeResponse,
+    WorkerStatus,
+)
+from lmfleet.worker import embed, textgen
 from lmfleet.worker.registration import Registration
 
 logger = logging.getLogger("lmfleet.worker")
@@ -117,7 +132,12 @@ class Worker:
     membership."""
 
     def __init__(
-        self, settings: WorkerSettings, runner: AsyncEngine, tokenizer: Tokenizer, drain: Drain, engine_name: str
+        self,
+        settings: WorkerSettings,
+        runner: AsyncEngine | EmbeddingRunner,
+        tokenizer: Tokenizer,
+        drain: Drain,
+        engine_name: str,
     ) -> None:
         self.settings = settings
         self.runner = runner
@@ -144,7 +164,46 @@ class Worker:
             tokens_in_flight=s.tokens_in_flight,
             context_length=self.max_model_len,
             engine=self.engine_name,
+            tasks=["embed"] if isinstance(self.runner, EmbeddingRunner) else ["generate"],
         )
+
+    def _generator(self) -> AsyncEngine:
+        if not isinstance(self.runner, AsyncEngine):
+            raise errors.InvalidRequest(
+                "this model computes embeddings only; use /v1/embeddings, not chat or text completions", param="model"
+            )
+        return self.runner
+
+    async def embed(self, req: EmbedRequest) -> EmbedResponse:
+        """Vectors for every input: 400 for a generation model, an input that does not fit, a `dimensions` the
+        model does not allow; 429 / 503 as for generation."""
+        runner = self.runner
+        if not isinstance(runner, EmbeddingRunner):
+            raise errors.InvalidRequest(
+                "this model generates text and does not compute embeddings; use an embedding model", param="model"
+            )
+        embed.check_dimensions(req.dimensions, runner.engine)
+        seqs = embed.token_ids(req, self.tokenizer, runner.engine, self.vocab_size)
+        try:
+            vectors = await runner.embed(seqs)
+        except EngineRejected as exc:
+            raise _REJECTIONS[exc.reason](exc.detail) from None
+        except RuntimeError as exc:
+            raise errors.UpstreamError(str(exc)) from None
+        return EmbedResponse(embeddings=embed.shorten(vectors, req.dimensions), prompt_tokens=sum(map(len, seqs)))
+
+    def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
+        if req.messages is not None:
+            messages = [m.model_dump(exclude_none=True) for m in req.messages]
+            ids = textgen.render_chat(self.tokenizer, messages, add_generation_prompt=req.add_generation_prompt)
+        else:
+            ids = self.tokenizer.encode(req.prompt or "", add_special_tokens=req.add_special_tokens)
+        return TokenizeResponse(tokens=ids, max_model_len=self.max_model_len)
+
+    def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
+        if req.tokens and max(req.tokens) >= self.vocab_size:
+            raise errors.InvalidRequest(f"token ids must be in [0, {self.vocab_size})", param="tokens")
+        return DetokenizeResponse(prompt=self.tokenizer.decode(req.tokens, skip_special_tokens=False))
 
     def prompt_ids(self, req: GenerateRequest) -> list[int]:
         if req.messages is not None:
@@ -197,7 +256,7 @@ class Worker:
         draining)."""
         prompt = self.prompt_ids(req)
         engine_req = self.engine_request(req, prompt)
-        chunks = self._chunks(req, prompt, self.runner.generate(engine_req))
+        chunks = self._chunks(req, prompt, self._generator().generate(engine_req))
         try:
             first = await anext(chunks)  # the engine's first output: QueueFull / ContextLengthExceeded raise here
         except BaseException:
@@ -281,6 +340,13 @@ class _NdjsonStream(StreamingResponse):
             await self._rest.aclose()
 
 
+def _runner(engine: Engine | EmbeddingEngine, max_queued: int) -> AsyncEngine | EmbeddingRunner:
+    """The thread that drives the engine: a batch of generations, or of embedding inputs."""
+    if isinstance(engine, EmbeddingEngine):
+        return EmbeddingRunner(engine, max_queued=max_queued)
+    return AsyncEngine(engine, max_queued=max_queued)
+
+
 class WorkerState(TypedDict):
     """The lifespan state every request sees as `request.state`."""
 
@@ -304,7 +370,7 @@ def create_app(
         loaded = await asyncio.to_thread(load, settings)
         if loaded.description:
             logger.info("loaded %s", loaded.description)
-        runner = AsyncEngine(loaded.engine, max_queued=settings.max_queued)
+        runner = _runner(loaded.engine, settings.max_queued)
         runner.start()
         worker = Worker(
             settings, runner, loaded.tokenizer, drain, engine_name=loaded.engine_name or type(loaded.engine).__name__
@@ -347,6 +413,18 @@ def create_app(
     async def generate(body: GenerateRequest, request: Request) -> StreamingResponse:
         first, rest = await request.state.worker.generate(body)
         return _NdjsonStream(first, rest)
+
+    @app.post("/worker/embed", dependencies=[Depends(require_secret)])
+    async def embed_route(body: EmbedRequest, request: Request) -> EmbedResponse:
+        return await request.state.worker.embed(body)
+
+    @app.post("/worker/tokenize", dependencies=[Depends(require_secret)])
+    async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
+        return request.state.worker.tokenize(body)
+
+    @app.post("/worker/detokenize", dependencies=[Depends(require_secret)])
+    async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+        return request.state.worker.detokenize(body)
 
     @app.get("/worker/status")
     async def status(request: Request) -> WorkerStatus:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import pytest
 
 from tests.api.fakes import assert_error
@@ -42,3 +43,36 @@ async def test_worker_context_check_names_max_tokens() -> None:
     async with started_worker() as worker:
         resp = await worker.post("/worker/generate", json={"request_id": "r", "prompt": "hi", "max_tokens": 10**9})
         assert_error(resp, 400, param="max_tokens", code="context_length_exceeded")
+
+
+async def test_embedding_and_tokenizer_routes_need_the_fleet_secret() -> None:
+    from lmfleet.worker.app import WorkerSettings
+    from lmfleet.worker.app import create_app as create_worker
+    from tests.fakes import ScriptedEngine, loaded, running
+
+    settings = WorkerSettings(
+        model_path="fake", worker_address="http://worker", controller_addresses=[], registration_secret="s3cret"
+    )
+    app = create_worker(settings, load=lambda _s: loaded(ScriptedEngine()))
+    bodies = {
+        "/worker/embed": {"request_id": "e", "input": ["hi"]},
+        "/worker/tokenize": {"prompt": "hi"},
+        "/worker/detokenize": {"tokens": [104, 105]},
+    }
+    async with (
+        running(app) as (asgi, _),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=asgi), base_url="http://worker") as worker,
+    ):
+        for path, body in bodies.items():
+            assert_error(await worker.post(path, json=body), 401)
+            assert_error(await worker.post(path, json=body, headers={"Authorization": "Bearer wrong"}), 401)
+        secret = {"Authorization": "Bearer s3cret"}
+        assert (await worker.post("/worker/tokenize", json=bodies["/worker/tokenize"], headers=secret)).json() == {
+            "tokens": [104, 105],
+            "max_model_len": 256,
+        }
+        back = await worker.post("/worker/detokenize", json=bodies["/worker/detokenize"], headers=secret)
+        assert back.json() == {"prompt": "hi"}
+        assert_error(
+            await worker.post("/worker/embed", json=bodies["/worker/embed"], headers=secret), 400, param="model"
+        )

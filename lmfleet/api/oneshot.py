@@ -1,0 +1,47 @@
+"""Requests answered in one reply by one worker: embeddings, tokenize, detokenize.
+
+Owns: sending one JSON request to a worker of the model that serves the task (lmfleet.api.routing), and, when
+that worker fails or is full (5xx, a transport failure, 429), to another one, each worker at most once (a failed
+one is ejected, a full one is not); a client's mistake (4xx) comes back at once. Does not own: streams, resume
+(lmfleet.api.upstream), the wire formats (lmfleet.protocol).
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from pydantic import BaseModel
+
+from lmfleet import errors
+from lmfleet.api.routing import Router
+from lmfleet.api.upstream import another_worker_may_help, next_worker, worse
+from lmfleet.client import WorkerClient
+from lmfleet.protocol.worker import Task
+
+R = TypeVar("R", bound=BaseModel)
+
+
+async def ask(
+    router: Router,
+    workers: WorkerClient,
+    model: str,
+    task: Task | None,
+    path: str,
+    request: BaseModel,
+    answer: type[R],
+) -> R:
+    """`request` to `path` on a worker of `model` serving `task` (None: any), as `answer`."""
+    tried: set[str] = set()
+    failure: errors.LmfleetError | None = None
+    while True:
+        lease = await next_worker(router, model, tried, failure, task)
+        try:
+            return await workers.call(lease.address, path, request, answer)
+        except errors.LmfleetError as exc:
+            if not another_worker_may_help(exc):
+                raise
+            if not isinstance(exc, errors.QueueFull):
+                router.eject(lease.address, exc.message)
+            failure = worse(failure, exc)
+        finally:
+            lease.release()
