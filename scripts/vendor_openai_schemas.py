@@ -20,6 +20,9 @@ ROOTS = [
     "ListModelsResponse",
     "Model",
     "ErrorResponse",
+    "Response",  # /v1/responses
+    "ResponseStreamEvent",
+    "ResponseItemList",
 ]
 OUT = Path(__file__).resolve().parent.parent / "tests" / "conformance" / "openai_schemas.json"
 PREFIX = "#/components/schemas/"
