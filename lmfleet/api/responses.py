@@ -58,7 +58,7 @@ from lmfleet.api.upstream import (
     open_choices,
     usage_of,
 )
-from lmfleet.protocol.openai import ChatCompletion, ChatCompletionRequest, Usage
+from lmfleet.protocol.openai import ChatCompletionRequest, Usage
 from lmfleet.protocol.responses import (
     CHAT_PARAMS,
     INPUT_ITEMS,
@@ -183,8 +183,8 @@ class ResponseBuilder:
         function = call.get("function") or {}
         events = []
         item = self._calls.get(call.get("index", 0))
-        if item is None:
-            events += self._close_message("completed")  # the text before a call is complete
+        if item is None:  # what came before a new call is complete: items are made one after another
+            events += self._close_message("completed") + self._close_calls("completed")
             item = FunctionCall(
                 id=new_id("fc"), call_id=call.get("id") or new_id("call"), name=function.get("name", "")
             )
@@ -198,18 +198,22 @@ class ResponseBuilder:
             )
         return events
 
+    def _close_calls(self, status: Literal["completed", "incomplete"]) -> list[StreamEvent]:
+        events = []
+        for item in self._calls.values():
+            if item.status == "in_progress":
+                where = {"item_id": item.id, "output_index": self._index[item.id]}
+                events.append(self._event(ArgumentsDoneEvent, name=item.name, arguments=item.arguments, **where))
+                events.append(self._done_item(item, status))
+        return events
+
     def finish(self, finish_reason: str | None, usage: Usage) -> list[StreamEvent]:
         """The chat answer ended with `finish_reason`: close every item, then response.completed (or .incomplete
         when the token limit cut it)."""
         cut = finish_reason == "length"
         status: Literal["completed", "incomplete"] = "incomplete" if cut else "completed"
         events = [] if self.response.output else self._open_message()  # an empty answer is an empty message
-        events += self._close_message(status)
-        for item in self._calls.values():
-            where = {"item_id": item.id, "output_index": self._index[item.id]}
-            events.append(self._event(ArgumentsDoneEvent, name=item.name, arguments=item.arguments, **where))
-            events.append(self._done_item(item, status))
-        self._calls.clear()
+        events += self._close_message(status) + self._close_calls(status)
         response = self.response
         response.status = status
         response.incomplete_details = IncompleteDetails(reason="max_output_tokens") if cut else None
@@ -219,13 +223,13 @@ class ResponseBuilder:
         )
         return [*events, self._lifecycle(status)]
 
-    def answer(self, completion: ChatCompletion) -> Response:
-        """A whole (non-streamed) chat answer as the finished response."""
-        choice = completion.choices[0]
-        message = choice.message.model_dump(mode="json")
+    def answer(self, completion: dict[str, Any]) -> Response:
+        """A whole (non-streamed) chat answer, as chat completions' JSON has it, as the finished response."""
+        choice = completion["choices"][0]
+        message = choice["message"]
         calls = [{"index": i, **call} for i, call in enumerate(message.get("tool_calls") or [])]
         self.add({"content": message.get("content"), "tool_calls": calls})
-        self.finish(choice.finish_reason, completion.usage)
+        self.finish(choice["finish_reason"], Usage.model_validate(completion["usage"]))
         return self.response
 
     def fail(self, exc: errors.LmfleetError) -> list[StreamEvent]:
@@ -414,8 +418,7 @@ def add_routes(app: FastAPI, config: ResponsesConfig, *, errors_doc: dict[int | 
             await close_all(streams)
         if completion is None:
             return HttpResponse(status_code=CLIENT_CLOSED_REQUEST)
-        assert isinstance(completion, ChatCompletion)
-        response = builder.answer(completion)
+        response = builder.answer(completion.model_dump(mode="json"))
         if persist is not None:
             await persist(response)
         return JSONResponse(response.model_dump(mode="json"))

@@ -396,3 +396,19 @@ async def test_function_call_items_go_as_far_as_the_chat_path_goes() -> None:
             assert resp.status_code == 200, resp.text
         else:  # never silently dropped
             assert_error(resp, 400, param="input")
+
+
+async def test_an_openai_agents_sdk_agent_gets_its_answer() -> None:
+    """The OpenAI Agents SDK's Responses model, pointed at lmfleet, tracing off (nothing leaves the process)."""
+    from agents import Agent, OpenAIResponsesModel, RunConfig, Runner
+
+    async with serve() as api:
+        model = OpenAIResponsesModel(model="echo", openai_client=api.openai)
+        agent = Agent(name="echo", instructions="Repeat the words.", model=model)
+        result = await Runner.run(agent, "one two three", run_config=RunConfig(tracing_disabled=True))
+        assert result.final_output == "one two three"
+        assert worker_messages(api.fleet) == [("system", "Repeat the words."), ("user", "one two three")]
+        streamed = Runner.run_streamed(agent, "four five", run_config=RunConfig(tracing_disabled=True))
+        async for _ in streamed.stream_events():
+            pass
+        assert streamed.final_output == "four five"
