@@ -172,3 +172,19 @@ def test_serve_forwards_the_engine_flags_and_the_api_limits_and_timeouts(tmp_pat
 def test_serve_with_a_model_path_that_names_nothing_says_so_before_starting_anything(tmp_path) -> None:
     with pytest.raises(SystemExit, match="does not exist"):
         cli.serve_plan(cli.build_parser().parse_args(["serve", "--model-path", str(tmp_path / "nope")]))
+
+
+def test_responses_storage_flags(tmp_path) -> None:
+    """Stored responses: a temporary database by default (a restart keeps nothing), a file with --responses-db,
+    none with --no-responses-store; `serve` hands both to its API server."""
+    from lmfleet.api.response_store import TEMPORARY
+
+    parse = cli.build_parser().parse_args
+    assert cli.api_settings(parse(["api"])).responses_db == TEMPORARY
+    db = str(tmp_path / "r.sqlite3")
+    assert cli.api_settings(parse(["api", "--responses-db", db])).responses_db == db
+    assert cli.api_settings(parse(["api", "--no-responses-store"])).responses_db is None
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    for flags, expected in ((["--responses-db", db], db), (["--no-responses-store"], None)):
+        api = cli.serve_plan(parse(["serve", "--model-path", str(tmp_path / "m.gguf"), *flags])).children[-1].argv
+        assert cli.api_settings(parse(["api", *api[api.index("--host") :]])).responses_db == expected

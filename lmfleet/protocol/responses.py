@@ -594,44 +594,42 @@ class OutputItemEvent(StreamEvent):
     item: OutputItem
 
 
-class ContentPartEvent(StreamEvent):
-    """response.content_part.added, .done"""
+class ItemEvent(StreamEvent):
+    """An event about one output item."""
 
     item_id: str
     output_index: int
+
+
+class ContentPartEvent(ItemEvent):
+    """response.content_part.added, .done"""
+
     content_index: int
     part: OutputText
 
 
-class TextDeltaEvent(StreamEvent):
+class _TextEvent(ItemEvent):
+    content_index: int = 0
+    logprobs: list[Any] = Field(default_factory=list)
+
+
+class TextDeltaEvent(_TextEvent):
     type: Literal["response.output_text.delta"] = "response.output_text.delta"
-    item_id: str
-    output_index: int
-    content_index: int = 0
     delta: str
-    logprobs: list[Any] = Field(default_factory=list)
 
 
-class TextDoneEvent(StreamEvent):
+class TextDoneEvent(_TextEvent):
     type: Literal["response.output_text.done"] = "response.output_text.done"
-    item_id: str
-    output_index: int
-    content_index: int = 0
     text: str
-    logprobs: list[Any] = Field(default_factory=list)
 
 
-class ArgumentsDeltaEvent(StreamEvent):
+class ArgumentsDeltaEvent(ItemEvent):
     type: Literal["response.function_call_arguments.delta"] = "response.function_call_arguments.delta"
-    item_id: str
-    output_index: int
     delta: str
 
 
-class ArgumentsDoneEvent(StreamEvent):
+class ArgumentsDoneEvent(ItemEvent):
     type: Literal["response.function_call_arguments.done"] = "response.function_call_arguments.done"
-    item_id: str
-    output_index: int
     name: str
     arguments: str
 
