@@ -10,7 +10,8 @@ from typing import Any
 import openai
 import pytest
 
-from lmfleet.protocol.openai import ChatCompletionRequest
+from lmfleet.protocol.openai import ChatCompletionRequest, ChatMessage
+from lmfleet.protocol.worker import GenerateChunk, GenerateRequest
 from tests.conformance import validate
 
 from .fakes import Fleet, assert_error, expected_reply, serve
@@ -362,24 +363,41 @@ def chat_path_accepts(**fields: Any) -> bool:
 
 
 TOOL = {"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {}}}
+CHAT_TOOL = {
+    "type": "function",
+    "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}},
+}
 JSON_FORMAT = {"type": "json_schema", "name": "answer", "schema": {"type": "object"}, "strict": True}
+CHAT_FORMAT = {"type": "json_schema", "json_schema": {"name": "answer", "schema": {"type": "object"}, "strict": True}}
+HAS_TOOL_CALLS = "tool_calls" in GenerateChunk.model_fields  # the chat path parses tool calls (branch structured)
 
 
 @pytest.mark.parametrize(
-    ("extra", "chat_fields", "param"),
+    ("extra", "chat_fields", "param", "sent"),
     [
-        ({"tools": [TOOL]}, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"text": {"format": JSON_FORMAT}}, {"response_format": {"type": "json_schema"}}, "text.format"),
-        ({"tool_choice": "required"}, {"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [TOOL]}, {"tools": [CHAT_TOOL]}, "tools", ("tools", [{"name": "get_weather"}])),
+        ({"text": {"format": JSON_FORMAT}}, {"response_format": CHAT_FORMAT}, "text.format", ("json_schema", {})),
+        (
+            {"tools": [TOOL], "tool_choice": "required"},
+            {"tools": [CHAT_TOOL], "tool_choice": "required"},
+            "tools",
+            ("tool_choice", "required"),
+        ),
     ],
 )
 async def test_tools_and_formats_go_as_far_as_the_chat_path_goes(
-    extra: dict[str, Any], chat_fields: dict[str, Any], param: str
+    extra: dict[str, Any], chat_fields: dict[str, Any], param: str, sent: tuple[str, Any]
 ) -> None:
     async with serve() as api:
         resp = await api.raw.post("/v1/responses", json={"model": "echo", "input": QUESTION, **extra})
         if chat_path_accepts(**chat_fields):
             assert resp.status_code == 200, resp.text
+            field, expected = sent  # the worker was asked for it (the fake worker itself ignores it)
+            got = api.fleet.workers["a"].requests[-1].model_dump()[field]
+            if isinstance(expected, list):
+                assert [{k: t[k] for k in e} for t, e in zip(got, expected, strict=True)] == expected
+            else:
+                assert got == expected or (isinstance(expected, dict) and got)
         else:  # the chat path's own refusal, under the Responses parameter's name
             assert_error(resp, 400, param=param)
 
@@ -391,11 +409,58 @@ async def test_function_call_items_go_as_far_as_the_chat_path_goes() -> None:
         {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
     ]
     async with serve() as api:
-        resp = await api.raw.post("/v1/responses", json={"model": "echo", "input": items})
-        if "tool_calls" in ChatCompletionRequest.model_fields["messages"].annotation.__args__[0].model_fields:
+        resp = await api.raw.post("/v1/responses", json={"model": "echo", "input": items, "tools": [TOOL]})
+        if "tool_calls" in ChatMessage.model_fields and chat_path_accepts(tools=[CHAT_TOOL]):
             assert resp.status_code == 200, resp.text
+            roles = [m.role for m in api.fleet.workers["a"].requests[-1].messages or []]
+            assert roles == ["user", "assistant", "tool"]
         else:  # never silently dropped
-            assert_error(resp, 400, param="input")
+            assert_error(resp, 400, param="tools")
+            no_tools = await api.raw.post("/v1/responses", json={"model": "echo", "input": items})
+            assert_error(no_tools, 400, param="input")
+
+
+def calling_worker(fleet: Fleet) -> None:
+    """The fleet's worker answers with a little text, then two tool calls in pieces, as the chat path streams them."""
+    worker = fleet.workers["a"]
+
+    def chunks(req: GenerateRequest) -> list[GenerateChunk]:
+        base = {"request_id": req.request_id, "prompt_tokens": 3, "prompt_token_ids": [1, 2, 3]}
+        pieces = [
+            {"text": "Checking.", "token_ids": [1]},
+            {"tool_calls": [{"index": 0, "id": "call_a", "name": "get_weather", "arguments": '{"city": '}]},
+            {"tool_calls": [{"index": 0, "arguments": '"Paris"}'}]},
+            {"tool_calls": [{"index": 1, "id": "call_b", "name": "get_weather", "arguments": "{}"}]},
+        ]
+        out = [GenerateChunk.model_validate({**base, **p, "completion_tokens": i}) for i, p in enumerate(pieces, 1)]
+        out[-1].finish_reason = "tool_calls"
+        return out
+
+    worker.chunks = chunks  # type: ignore[method-assign]
+
+
+@pytest.mark.skipif(not HAS_TOOL_CALLS, reason="the chat path has no tool calls yet (branch structured)")
+async def test_tool_calls_of_the_chat_path_become_function_call_items() -> None:
+    fleet = Fleet({"echo": ["a"]})
+    calling_worker(fleet)
+    async with serve(fleet) as api:
+        out = await api.openai.responses.create(model="echo", input="weather?", tools=[TOOL])
+        assert [o.type for o in out.output] == ["message", "function_call", "function_call"]
+        assert out.output_text == "Checking." and out.status == "completed"
+        calls = [(o.call_id, o.name, o.arguments) for o in out.output[1:]]
+        assert calls == [("call_a", "get_weather", '{"city": "Paris"}'), ("call_b", "get_weather", "{}")]
+        validate("Response", (await api.raw.get(f"/v1/responses/{out.id}")).json())
+        async with api.openai.responses.stream(model="echo", input="weather?", tools=[TOOL]) as stream:
+            kinds = [e.type async for e in stream]
+            final = await stream.get_final_response()
+        assert kinds.count("response.function_call_arguments.done") == 2
+        assert [(o.call_id, o.arguments) for o in final.output[1:]] == [(c[0], c[2]) for c in calls]
+        # the client runs its functions and continues: the calls and their outputs go back as chat messages
+        outputs = [{"type": "function_call_output", "call_id": c[0], "output": "sunny"} for c in calls]
+        await api.openai.responses.create(model="echo", input=outputs, previous_response_id=out.id, tools=[TOOL])
+        sent = fleet.workers["a"].requests[-1].messages or []
+        assert [m.role for m in sent] == ["user", "assistant", "tool", "tool"]
+        assert [c["id"] for c in sent[1].model_dump()["tool_calls"]] == ["call_a", "call_b"]
 
 
 async def test_an_openai_agents_sdk_agent_gets_its_answer() -> None:
@@ -412,3 +477,19 @@ async def test_an_openai_agents_sdk_agent_gets_its_answer() -> None:
         async for _ in streamed.stream_events():
             pass
         assert streamed.final_output == "four five"
+
+
+async def test_no_prompt_or_answer_text_in_the_logs(caplog: pytest.LogCaptureFixture) -> None:
+    secret = "zebra-quartz-secret"
+    fleet = Fleet({"echo": ["a"]})
+    async with serve(fleet) as api:
+        with caplog.at_level("DEBUG"):
+            first = await api.openai.responses.create(model="echo", input=f"{secret} one", instructions=secret)
+            async for _ in await api.openai.responses.create(
+                model="echo", input=f"{secret} two", previous_response_id=first.id, stream=True
+            ):
+                pass
+            await api.raw.post("/v1/responses", json={"model": "echo", "input": secret, "tools": [{"type": "x"}]})
+            fleet.workers["a"].then, fleet.workers["a"].after = "error_chunk", 2
+            await api.raw.post("/v1/responses", json={"model": "echo", "input": f"{secret} three", "stream": True})
+    assert caplog.records and secret not in caplog.text

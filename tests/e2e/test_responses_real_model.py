@@ -113,3 +113,49 @@ def test_stored_responses_outlive_a_restart_of_the_api_server(fleet: Fleet, db: 
     assert again.output_text == kept.output_text and again.status == kept.status
     follow = ask(client, input="Thank you.", previous_response_id=kept.id, max_output_tokens=8)
     assert follow.previous_response_id == kept.id
+
+
+def chat_path_has_tools() -> bool:
+    from lmfleet.protocol.openai import ChatCompletionRequest
+
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    try:
+        ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x"}], "tools": [tool]})
+    except ValueError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not chat_path_has_tools(), reason="the chat path has no tools yet (branch structured)")
+async def test_an_agents_sdk_agent_calls_a_function_tool(fleet: Fleet) -> None:
+    """A forced call (tool_choice required: the worker's grammar makes the model call it), run by the SDK, whose
+    output is the agent's answer; then a second run sends the call and its output back as input items."""
+    from agents import Agent, ModelSettings, OpenAIResponsesModel, RunConfig, Runner, function_tool
+
+    calls: list[str] = []
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        calls.append(city)
+        return f"Sunny in {city}."
+
+    client = openai.AsyncOpenAI(base_url=fleet.api_url + "/v1", api_key="none", max_retries=0)
+    model = OpenAIResponsesModel(model="smollm2", openai_client=client)
+    agent = Agent(
+        name="weather",
+        instructions=SYSTEM,
+        model=model,
+        tools=[get_weather],
+        model_settings=ModelSettings(temperature=0, max_tokens=64, tool_choice="required", parallel_tool_calls=False),
+        tool_use_behavior="stop_on_first_tool",
+    )
+    result = await Runner.run(agent, "What is the weather in Paris?", run_config=RunConfig(tracing_disabled=True))
+    assert len(calls) == 1 and result.final_output == f"Sunny in {calls[0]}."
+    # the conversation so far (function_call and function_call_output items included) goes back for an answer
+    answer = Agent(
+        name="answer", instructions=SYSTEM, model=model, model_settings=ModelSettings(temperature=0, max_tokens=32)
+    )
+    follow = await Runner.run(answer, result.to_input_list(), run_config=RunConfig(tracing_disabled=True))
+    assert follow.final_output
+    await client.close()
