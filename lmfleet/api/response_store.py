@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+logger = logging.getLogger("lmfleet.api")
 
 TEMPORARY = ""  # SQLite's private temporary database: deleted when the store closes
 
@@ -61,6 +64,7 @@ class ResponseStore:
         store = cls(path)
         try:
             await store._run(store._connect)
+            logger.info("stored responses: %s", path or "a temporary database (a restart keeps none)")
             yield store
         finally:
             await store._run(store._close)
