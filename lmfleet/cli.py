@@ -371,6 +371,18 @@ def add_api_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key-file", default=None, help="file with one API key per line")
     p.add_argument("--default-model", default=None, help="model used when a request names none")
     p.add_argument(
+        "--responses-db",
+        default=None,
+        metavar="PATH",
+        help="SQLite file keeping stored responses (/v1/responses `store`, `previous_response_id`) across restarts "
+        "(default: a temporary database, deleted when the API server exits)",
+    )
+    p.add_argument(
+        "--no-responses-store",
+        action="store_true",
+        help="store no responses: `previous_response_id` is a 400, GET /v1/responses/{id} a 404",
+    )
+    p.add_argument(
         "--allowed-origins",
         "--allow-origins",
         dest="allowed_origins",
@@ -383,6 +395,7 @@ def add_api_client_args(p: argparse.ArgumentParser) -> None:
 def api_settings(args: argparse.Namespace) -> Any:  # ApiSettings
     from lmfleet.api.access import RequestLimits
     from lmfleet.api.app import ApiSettings
+    from lmfleet.api.response_store import TEMPORARY
 
     try:
         limits = RequestLimits(
@@ -404,6 +417,7 @@ def api_settings(args: argparse.Namespace) -> Any:  # ApiSettings
             first_token_timeout_s=args.first_token_timeout,
             inter_token_timeout_s=args.inter_token_timeout,
             drain_timeout_s=args.drain_timeout,
+            responses_db=None if args.no_responses_store else (args.responses_db or TEMPORARY),
         )
     except ValueError as exc:
         raise SystemExit(f"lmfleet api: {exc}") from None
@@ -433,6 +447,7 @@ _API_FLAGS = (
     ("--first-token-timeout", "first_token_timeout"),
     ("--inter-token-timeout", "inter_token_timeout"),
     ("--default-model", "default_model"),
+    ("--responses-db", "responses_db"),
 )
 
 
@@ -540,6 +555,8 @@ def serve_plan(args: argparse.Namespace) -> Any:  # lmfleet.serve.ServePlan
     api = py + ["lmfleet.api", "--host", args.host, "--port", str(args.port), "--controller-address", controller]
     if args.allowed_origins:
         api += ["--allowed-origins", ",".join(args.allowed_origins)]
+    if args.no_responses_store:
+        api.append("--no-responses-store")
     children.append(Child("api", api + _flags(args, _API_FLAGS) + log))
     env = {"LMFLEET_REGISTRATION_SECRET": os.environ.get("LMFLEET_REGISTRATION_SECRET") or secrets.token_urlsafe(24)}
     keys = api_keys(args)

@@ -21,6 +21,9 @@ ROOTS = [
     "Model",
     "ErrorResponse",
     "CreateEmbeddingResponse",
+    "Response",  # /v1/responses
+    "ResponseStreamEvent",
+    "ResponseItemList",
 ]
 OUT = Path(__file__).resolve().parent.parent / "tests" / "conformance" / "openai_schemas.json"
 PREFIX = "#/components/schemas/"

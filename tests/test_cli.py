@@ -186,3 +186,19 @@ def test_serve_runs_a_chat_model_and_an_embedding_model_side_by_side(tmp_path, m
     assert settings[1].engine_settings.matryoshka and settings[1].aliases == ["model"]
     assert len({s.worker_address for s in settings}) == 2
     assert plan.models == {str(tmp_path / "chat.gguf"), str(minilm)}
+
+
+def test_responses_storage_flags(tmp_path) -> None:
+    """Stored responses: a temporary database by default (a restart keeps nothing), a file with --responses-db,
+    none with --no-responses-store; `serve` hands both to its API server."""
+    from lmfleet.api.response_store import TEMPORARY
+
+    parse = cli.build_parser().parse_args
+    assert cli.api_settings(parse(["api"])).responses_db == TEMPORARY
+    db = str(tmp_path / "r.sqlite3")
+    assert cli.api_settings(parse(["api", "--responses-db", db])).responses_db == db
+    assert cli.api_settings(parse(["api", "--no-responses-store"])).responses_db is None
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    for flags, expected in ((["--responses-db", db], db), (["--no-responses-store"], None)):
+        api = cli.serve_plan(parse(["serve", "--model-path", str(tmp_path / "m.gguf"), *flags])).children[-1].argv
+        assert cli.api_settings(parse(["api", *api[api.index("--host") :]])).responses_db == expected

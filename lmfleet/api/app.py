@@ -8,6 +8,8 @@ Routes
     POST /                       = /v1/chat/completions (FastChat users post here, often without `model`)
     POST /v1/embeddings          EmbeddingRequest -> EmbeddingResponse (embedding models only; lmfleet.api.oneshot)
     POST /tokenize, /detokenize  vLLM's shapes, through the model's own tokenizer (any model)
+    POST /v1/responses, GET|DELETE /v1/responses/{id}, GET /v1/responses/{id}/input_items
+                                 OpenAI's Responses API over the chat path (lmfleet.api.responses)
     GET  /health                 alive (always 200)
     GET  /ready                  can serve: 200 while some worker is in rotation and the server is not draining
     GET  /docs, /openapi.json
@@ -52,9 +54,11 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lmfleet import __version__, errors
+from lmfleet.api import responses as responses_api
 from lmfleet.api.access import RequestLimits, needs_key
 from lmfleet.api.oneshot import ask
 from lmfleet.api.render import ChatRenderer, CompletionRenderer, Renderer
+from lmfleet.api.response_store import TEMPORARY, ResponseStore
 from lmfleet.api.routing import Router
 from lmfleet.api.sse import EventStreamResponse, cancel_on_disconnect, collect, event_stream
 from lmfleet.api.upstream import ChoiceSpec, ModelBackend, Timeouts, close_all, open_choices
@@ -101,6 +105,8 @@ class ApiSettings:
     refresh_interval_s: float = 1.0  # how often the worker view is fetched from the controller
     eject_backoff_s: float = 1.0  # an ejected worker stays out at least this long
     drain_timeout_s: float = DEFAULT_TIMEOUT_S  # on SIGTERM: how long requests in progress may take to finish
+    # stored responses (/v1/responses): a SQLite file, TEMPORARY (deleted at exit), or None: nothing is stored
+    responses_db: str | None = TEMPORARY
 
     def __post_init__(self) -> None:
         if not self.controller_addresses:
@@ -130,6 +136,7 @@ class ApiState(TypedDict):
     router: Router  # the worker view, health and the pick (lmfleet.api.routing)
     workers: WorkerClient
     started: int  # `created` of the model cards
+    responses: ResponseStore | None  # stored responses (lmfleet.api.response_store); None: storage off
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -273,7 +280,16 @@ def create_app(
                 settings.allow_origins or "off",
                 settings.default_model,
             )
-            yield {"controller": controllers[0], "router": router, "workers": workers, "started": int(time.time())}
+            responses = None
+            if settings.responses_db is not None:
+                responses = await stack.enter_async_context(ResponseStore.open(settings.responses_db))
+            yield {
+                "controller": controllers[0],
+                "router": router,
+                "workers": workers,
+                "started": int(time.time()),
+                "responses": responses,
+            }
 
     app = FastAPI(
         title="lmfleet",
@@ -423,5 +439,13 @@ def create_app(
     @app.post("/v1/completions", response_model=Completion, responses=_with_stream(Completion), tags=["openai"])
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await answer(request, body, renderer_for=CompletionRenderer)
+
+    responses = responses_api.ResponsesConfig(
+        resolve_model=lambda router, model: _resolve_model(router, model, settings.default_model),
+        limits=settings.limits,
+        timeouts=timeouts,
+        scoped=bool(settings.api_keys),
+    )
+    responses_api.add_routes(app, responses, errors_doc=_ERRORS)
 
     return app

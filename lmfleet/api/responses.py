@@ -1,0 +1,466 @@
+"""OpenAI's Responses API over the chat path.
+
+Routes (lmfleet.api.app adds them with `add_routes`)
+    POST   /v1/responses                     CreateResponseRequest -> Response | SSE of typed events
+    GET    /v1/responses/{id}                a stored Response
+    DELETE /v1/responses/{id}                {"id", "object": "response", "deleted": true}
+    GET    /v1/responses/{id}/input_items    the input items a stored response was generated from
+
+Owns:
+  * the way a Responses request is answered: as the chat request it translates to (lmfleet.protocol.responses),
+    validated by the chat path's own model, opened on workers like any chat request (lmfleet.api.upstream:
+    failover before the first token, token-exact resume after it) and spelled by the chat renderer; the chat
+    answer (its text and tool calls, OpenAI's chat wire shapes) then becomes output items (`ResponseBuilder`);
+  * the typed SSE stream (`event: <type>` + `data: {...}`, numbered by `sequence_number`): response.created,
+    .in_progress, output_item.added, content_part.added, output_text.delta ..., output_text.done,
+    content_part.done, output_item.done (function calls: function_call_arguments.delta / .done), then
+    response.completed, or response.incomplete when `max_output_tokens` cut the answer. A failure after the 200
+    is an `error` event followed by response.failed;
+  * `store` / `previous_response_id`: a finished response is stored (lmfleet.api.response_store) before its last
+    event or its body is sent, so the client may continue it at once. Stored responses belong to the API key that
+    made them.
+
+Does not own: parsing and translating requests (lmfleet.protocol.responses), workers, failover and the chat
+renderer (lmfleet.api.upstream, lmfleet.api.render), the database (lmfleet.api.response_store).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Literal
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.responses import Response as HttpResponse
+from pydantic import ValidationError
+
+from lmfleet import errors
+from lmfleet.api.access import RequestLimits
+from lmfleet.api.render import ChatRenderer
+from lmfleet.api.response_store import ResponseStore, Stored
+from lmfleet.api.routing import Router
+from lmfleet.api.sse import EventStreamResponse, cancel_on_disconnect, collect
+from lmfleet.api.upstream import (
+    ChoiceSpec,
+    ChoiceStream,
+    ModelBackend,
+    Timeouts,
+    close_all,
+    merge,
+    open_choices,
+    usage_of,
+)
+from lmfleet.protocol.openai import ChatCompletionRequest, Usage
+from lmfleet.protocol.responses import (
+    CHAT_PARAMS,
+    INPUT_ITEMS,
+    ArgumentsDeltaEvent,
+    ArgumentsDoneEvent,
+    ContentPartEvent,
+    CreateResponseRequest,
+    DeletedResponse,
+    ErrorEvent,
+    FunctionCall,
+    IncompleteDetails,
+    InputItem,
+    ItemList,
+    OutputItemEvent,
+    OutputMessage,
+    OutputText,
+    Response,
+    ResponseError,
+    ResponseEvent,
+    ResponseUsage,
+    StreamEvent,
+    TextDeltaEvent,
+    TextDoneEvent,
+    new_id,
+    with_ids,
+)
+
+logger = logging.getLogger("lmfleet.api")
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away"; nobody reads it
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Chat answer -> output items and events
+
+
+class ResponseBuilder:
+    """One response being made from the chat path's answer. Each method returns the stream events its step makes
+    (a non-streamed answer goes through the same steps and drops them) and keeps `response` up to date: output
+    items in the order they began, a message's text, a call's arguments, and at the end status and usage."""
+
+    def __init__(self, response: Response) -> None:
+        self.response = response
+        self._sequence = itertools.count()
+        self._index: dict[str, int] = {}  # output item id -> its output_index
+        self._message: OutputMessage | None = None  # the message being written
+        self._calls: dict[int, FunctionCall] = {}  # chat tool-call index -> its function call, until done
+
+    def _event(self, cls: type[StreamEvent], **fields: Any) -> StreamEvent:
+        return cls(sequence_number=next(self._sequence), **fields)
+
+    def _lifecycle(self, kind: str) -> StreamEvent:
+        return self._event(ResponseEvent, type=f"response.{kind}", response=self.response.model_copy(deep=True))
+
+    def _add_item(self, item: OutputMessage | FunctionCall) -> StreamEvent:
+        self._index[item.id] = len(self.response.output)
+        self.response.output.append(item)
+        return self._event(
+            OutputItemEvent,
+            type="response.output_item.added",
+            output_index=self._index[item.id],
+            item=item.model_copy(deep=True),
+        )
+
+    def _done_item(self, item: OutputMessage | FunctionCall, status: Literal["completed", "incomplete"]) -> StreamEvent:
+        item.status = status
+        return self._event(
+            OutputItemEvent,
+            type="response.output_item.done",
+            output_index=self._index[item.id],
+            item=item.model_copy(deep=True),
+        )
+
+    def start(self) -> list[StreamEvent]:
+        return [self._lifecycle("created"), self._lifecycle("in_progress")]
+
+    def add(self, delta: dict[str, Any]) -> list[StreamEvent]:
+        """One chat delta (a chunk's `choices[0].delta`, or a whole answer's `message` with each tool call given
+        its `index`): text goes to the open message, tool calls to function calls."""
+        events = []
+        text = delta.get("content")
+        if text:
+            events += self._open_message()
+            message = self._message
+            assert message is not None
+            message.content[0].text += text
+            index = self._index[message.id]
+            events.append(self._event(TextDeltaEvent, item_id=message.id, output_index=index, delta=text))
+        for call in delta.get("tool_calls") or []:
+            events += self._call_delta(call)
+        return events
+
+    def _open_message(self) -> list[StreamEvent]:
+        if self._message is not None:
+            return []
+        message = self._message = OutputMessage(id=new_id("msg"))
+        added = self._add_item(message)
+        message.content.append(OutputText())
+        part = self._event(
+            ContentPartEvent,
+            type="response.content_part.added",
+            item_id=message.id,
+            output_index=self._index[message.id],
+            content_index=0,
+            part=OutputText(),
+        )
+        return [added, part]
+
+    def _close_message(self, status: Literal["completed", "incomplete"]) -> list[StreamEvent]:
+        message, self._message = self._message, None
+        if message is None:
+            return []
+        index, part = self._index[message.id], message.content[0]
+        where = {"item_id": message.id, "output_index": index, "content_index": 0}
+        return [
+            self._event(TextDoneEvent, text=part.text, **where),
+            self._event(ContentPartEvent, type="response.content_part.done", part=part.model_copy(), **where),
+            self._done_item(message, status),
+        ]
+
+    def _call_delta(self, call: dict[str, Any]) -> list[StreamEvent]:
+        function = call.get("function") or {}
+        events = []
+        item = self._calls.get(call.get("index", 0))
+        if item is None:  # what came before a new call is complete: items are made one after another
+            events += self._close_message("completed") + self._close_calls("completed")
+            item = FunctionCall(
+                id=new_id("fc"), call_id=call.get("id") or new_id("call"), name=function.get("name", "")
+            )
+            self._calls[call.get("index", 0)] = item
+            events.append(self._add_item(item))
+        arguments = function.get("arguments") or ""
+        if arguments:
+            item.arguments += arguments
+            events.append(
+                self._event(ArgumentsDeltaEvent, item_id=item.id, output_index=self._index[item.id], delta=arguments)
+            )
+        return events
+
+    def _close_calls(self, status: Literal["completed", "incomplete"]) -> list[StreamEvent]:
+        events = []
+        for item in self._calls.values():
+            if item.status == "in_progress":
+                where = {"item_id": item.id, "output_index": self._index[item.id]}
+                events.append(self._event(ArgumentsDoneEvent, name=item.name, arguments=item.arguments, **where))
+                events.append(self._done_item(item, status))
+        return events
+
+    def finish(self, finish_reason: str | None, usage: Usage) -> list[StreamEvent]:
+        """The chat answer ended with `finish_reason`: close every item, then response.completed (or .incomplete
+        when the token limit cut it)."""
+        cut = finish_reason == "length"
+        status: Literal["completed", "incomplete"] = "incomplete" if cut else "completed"
+        events = [] if self.response.output else self._open_message()  # an empty answer is an empty message
+        events += self._close_message(status) + self._close_calls(status)
+        response = self.response
+        response.status = status
+        response.incomplete_details = IncompleteDetails(reason="max_output_tokens") if cut else None
+        response.completed_at = None if cut else int(time.time())
+        response.usage = ResponseUsage(
+            input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens, total_tokens=usage.total_tokens
+        )
+        return [*events, self._lifecycle(status)]
+
+    def answer(self, completion: dict[str, Any]) -> Response:
+        """A whole (non-streamed) chat answer, as chat completions' JSON has it, as the finished response."""
+        choice = completion["choices"][0]
+        message = choice["message"]
+        calls = [{"index": i, **call} for i, call in enumerate(message.get("tool_calls") or [])]
+        self.add({"content": message.get("content"), "tool_calls": calls})
+        self.finish(choice["finish_reason"], Usage.model_validate(completion["usage"]))
+        return self.response
+
+    def fail(self, exc: errors.LmfleetError) -> list[StreamEvent]:
+        """The answer broke off after the 200: an `error` event, then response.failed with what was made."""
+        for item in self.response.output:
+            if item.status == "in_progress":
+                item.status = "incomplete"
+        self._message, self._calls = None, {}
+        response = self.response
+        response.status, response.completed_at = "failed", None
+        code: Literal["rate_limit_exceeded", "server_error"] = (
+            "rate_limit_exceeded" if isinstance(exc, errors.QueueFull) else "server_error"
+        )
+        response.error = ResponseError(code=code, message=exc.message)
+        error = self._event(ErrorEvent, code=exc.code or code, message=exc.message, param=exc.param)
+        return [error, self._lifecycle("failed")]
+
+
+def sse_event(event: StreamEvent) -> bytes:
+    return f"event: {event.type}\ndata: {event.model_dump_json()}\n\n".encode()
+
+
+Persist = Callable[[Response], Awaitable[None]]
+
+
+async def event_stream(
+    streams: Sequence[ChoiceStream], chat: ChatRenderer, builder: ResponseBuilder, persist: Persist | None
+) -> AsyncIterator[bytes]:
+    """The SSE body: the chat renderer's chunks, as Responses events."""
+    for event in builder.start():
+        yield sse_event(event)
+    finish_reason = None
+    try:
+        async with contextlib.aclosing(merge(streams)) as deltas:
+            async for delta in deltas:
+                chunk = chat.chunk(delta)
+                if chunk is None:
+                    continue
+                choice = chunk.model_dump(mode="json")["choices"][0]
+                finish_reason = choice["finish_reason"] or finish_reason
+                for event in builder.add(choice["delta"]):
+                    yield sse_event(event)
+        final = builder.finish(finish_reason, usage_of(streams))
+    except errors.LmfleetError as exc:
+        logger.warning("%s failed mid-stream: %s", builder.response.id, exc.message)
+        final = builder.fail(exc)
+    except Exception:
+        logger.exception("%s failed mid-stream", builder.response.id)
+        final = builder.fail(errors.LmfleetError("internal server error"))
+    if persist is not None:
+        try:
+            await persist(builder.response)
+        except Exception:
+            logger.exception("%s could not be stored", builder.response.id)
+            final = builder.fail(errors.LmfleetError("the response could not be stored"))
+    for event in final:
+        yield sse_event(event)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Requests -> the chat path
+
+
+def _responses_loc(loc: Sequence[Any]) -> tuple[Any, ...]:
+    """A chat request parameter's location, as the Responses request names it."""
+    if not loc or loc[0] not in CHAT_PARAMS:
+        return tuple(loc)
+    if loc[0] == "messages":  # chat message i is not input item i (instructions, earlier items, joined calls)
+        return ("input",)
+    return (*CHAT_PARAMS[loc[0]].split("."), *loc[1:])
+
+
+def chat_request(body: CreateResponseRequest, model: str, earlier: Sequence[InputItem]) -> ChatCompletionRequest:
+    """The chat request `body` is generated with, validated by the chat path's own model: what it refuses is a 400
+    naming the Responses parameter."""
+    chat_body = body.chat_body(model, earlier)
+    try:
+        chat = ChatCompletionRequest.model_validate(chat_body)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *_responses_loc(e["loc"]))} for e in exc.errors(include_url=False)]
+        ) from None
+    for sent, parsed in zip(chat_body["messages"], chat.messages, strict=True):
+        if sent.get("tool_calls") and not getattr(parsed, "tool_calls", None):  # the chat path dropped them
+            raise errors.InvalidRequest(
+                "function_call input items are not supported by this server yet", param="input", code="unsupported"
+            )
+    return chat
+
+
+def earlier_items(stored: Stored) -> list[InputItem]:
+    """A stored response's conversation, to continue: its input items, then its output items."""
+    response = Response.model_validate(stored.response)
+    return [*INPUT_ITEMS.validate_python(stored.input_items), *(item.as_input() for item in response.output)]
+
+
+@dataclass(frozen=True)
+class ResponsesConfig:
+    """What the routes need from the API server."""
+
+    resolve_model: Callable[[Router, str | None], Awaitable[str]]  # the model a request names, or the default
+    limits: RequestLimits
+    timeouts: Timeouts
+    scoped: bool  # API keys are configured: a stored response belongs to the key that made it
+
+
+def _owner(request: Request, config: ResponsesConfig) -> str:
+    """Whose stored responses a request may see: a digest of its API key (never the key itself)."""
+    if not config.scoped:
+        return ""
+    token = request.headers.get("authorization", "").partition(" ")[2].strip()
+    return hashlib.sha256(token.encode("latin-1", "replace")).hexdigest()
+
+
+def _not_found(response_id: str) -> errors.NotFound:
+    return errors.NotFound(f"Response with id '{response_id}' not found.", param="response_id")
+
+
+async def _stored(request: Request, config: ResponsesConfig, response_id: str) -> Stored:
+    store: ResponseStore | None = request.state.responses
+    stored = await store.get(_owner(request, config), response_id) if store is not None else None
+    if stored is None:
+        raise _not_found(response_id)
+    return stored
+
+
+def add_routes(app: FastAPI, config: ResponsesConfig, *, errors_doc: dict[int | str, dict[str, Any]]) -> None:
+    """The Responses routes on `app` (whose route class is ParsedBodyRoute); `errors_doc`: the error answers the
+    OpenAPI document lists for each."""
+    stream_doc: dict[int | str, dict[str, Any]] = {
+        200: {"content": {"text/event-stream": {"schema": {"type": "string", "description": "typed events"}}}}
+    }
+
+    @app.post("/v1/responses", response_model=Response, responses={**stream_doc, **errors_doc}, tags=["openai"])
+    async def create_response(body: CreateResponseRequest, request: Request) -> HttpResponse:
+        store: ResponseStore | None = request.state.responses
+        owner = _owner(request, config)
+        earlier: list[InputItem] = []
+        if body.previous_response_id is not None:
+            if store is None:
+                raise errors.InvalidRequest(
+                    "previous_response_id needs stored responses, and this server does not store them",
+                    param="previous_response_id",
+                )
+            stored = await store.get(owner, body.previous_response_id)
+            if stored is None:
+                raise errors.InvalidRequest(
+                    f"Previous response with id '{body.previous_response_id}' not found.",
+                    param="previous_response_id",
+                    code="previous_response_not_found",
+                )
+            earlier = earlier_items(stored)
+        if not earlier and not body.input:
+            raise errors.InvalidRequest("input: give at least one input item", param="input")
+        router: Router = request.state.router
+        model = await config.resolve_model(router, body.model)
+        chat = chat_request(body, model, earlier)
+        try:
+            config.limits.check(chat)
+        except errors.InvalidRequest as exc:
+            exc.param = ".".join(map(str, _responses_loc((exc.param or "").split("."))))
+            raise
+        builder = ResponseBuilder(
+            Response(
+                id=new_id("resp"),
+                created_at=int(time.time()),
+                model=model,
+                store=store is not None and body.store is not False,
+                **body.echoed(),
+            )
+        )
+        items = [*earlier, *with_ids(body.input)]
+        persist = partial(_persist, store, owner, items) if store is not None and builder.response.store else None
+        spec = ChoiceSpec(0, 0, chat.to_generate_request(f"{builder.response.id}-0", model))
+        opening = open_choices([spec], ModelBackend(router, request.state.workers, model, config.timeouts))
+        streams = await cancel_on_disconnect(request.receive, opening)
+        if streams is None:
+            return HttpResponse(status_code=CLIENT_CLOSED_REQUEST)
+        renderer = ChatRenderer(model)
+        if body.stream:
+            events = event_stream(streams, renderer, builder, persist)
+            return EventStreamResponse(events, cleanup=partial(close_all, streams))
+        try:
+            completion = await cancel_on_disconnect(request.receive, collect(streams, renderer))
+        finally:
+            await close_all(streams)
+        if completion is None:
+            return HttpResponse(status_code=CLIENT_CLOSED_REQUEST)
+        response = builder.answer(completion.model_dump(mode="json"))
+        if persist is not None:
+            await persist(response)
+        return JSONResponse(response.model_dump(mode="json"))
+
+    @app.get("/v1/responses/{response_id}", response_model=Response, responses=errors_doc, tags=["openai"])
+    async def retrieve_response(
+        response_id: str, request: Request, stream: bool = Query(False, description="Not supported (only false).")
+    ) -> JSONResponse:
+        if stream:
+            raise errors.InvalidRequest("replaying a stored response as events is not supported", param="stream")
+        return JSONResponse((await _stored(request, config, response_id)).response)
+
+    @app.delete("/v1/responses/{response_id}", response_model=DeletedResponse, responses=errors_doc, tags=["openai"])
+    async def delete_response(response_id: str, request: Request) -> DeletedResponse:
+        store: ResponseStore | None = request.state.responses
+        if store is None or not await store.delete(_owner(request, config), response_id):
+            raise _not_found(response_id)
+        return DeletedResponse(id=response_id)
+
+    @app.get("/v1/responses/{response_id}/input_items", response_model=ItemList, responses=errors_doc, tags=["openai"])
+    async def list_input_items(
+        response_id: str,
+        request: Request,
+        limit: int = Query(20, ge=1, le=100),
+        order: Literal["asc", "desc"] = "desc",
+        after: str | None = Query(None, description="An item id: list the items after it."),
+    ) -> ItemList:
+        stored = await _stored(request, config, response_id)
+        items = [item.resource() for item in INPUT_ITEMS.validate_python(stored.input_items)]
+        if order == "desc":
+            items.reverse()
+        if after is not None:
+            ids = [item["id"] for item in items]
+            items = items[ids.index(after) + 1 :] if after in ids else []
+        page = items[:limit]
+        return ItemList(
+            data=page,
+            first_id=page[0]["id"] if page else None,
+            last_id=page[-1]["id"] if page else None,
+            has_more=len(items) > limit,
+        )
+
+
+async def _persist(store: ResponseStore, owner: str, items: list[InputItem], response: Response) -> None:
+    await store.put(owner, response.model_dump(mode="json"), [item.model_dump(by_alias=True) for item in items])
