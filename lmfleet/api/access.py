@@ -47,13 +47,13 @@ def route_path(scope: Scope) -> str:
     return path
 
 
-def is_public(method: str, path: str) -> bool:
-    return path in PUBLIC_PATHS or (method in ("GET", "HEAD") and path in PUBLIC_GETS)
+def is_public(method: str, path: str, public: frozenset[str] = PUBLIC_PATHS) -> bool:
+    return path in public or (method in ("GET", "HEAD") and path in PUBLIC_GETS)
 
 
-def needs_key(scope: Scope) -> bool:
-    """Deny by default: only `PUBLIC_PATHS` (and `GET /`) go without a key."""
-    return not is_public(scope["method"], route_path(scope))
+def needs_key(scope: Scope, public: frozenset[str] = PUBLIC_PATHS) -> bool:
+    """Deny by default: only `public` paths (`PUBLIC_PATHS`) and `GET /` go without a key."""
+    return not is_public(scope["method"], route_path(scope), public)
 
 
 @dataclass(frozen=True)

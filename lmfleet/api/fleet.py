@@ -155,6 +155,8 @@ class RequestStats:
 # The snapshot
 
 WorkerState = Literal["ready", "ejected", "draining"]
+ControllerState = Literal["up", "down", "unknown"]
+_CONTROLLER: dict[bool | None, ControllerState] = {True: "up", False: "down", None: "unknown"}
 
 
 class FleetWorker(BaseModel):
@@ -186,7 +188,7 @@ class FleetRequests(BaseModel):
 
 class FleetView(BaseModel):
     object: Literal["fleet"] = "fleet"
-    controller: Literal["up", "down", "unknown"]
+    controller: ControllerState
     window_s: int
     step_s: int
     requests: FleetRequests
@@ -243,9 +245,8 @@ def snapshot(router: Router, stats: FleetStats) -> FleetView:
         errors_per_s_history=[v or 0.0 for v in stats.history(lambda b: sum(x.errors for x in b) / step)],
         latency_p50_s_history=stats.history(lambda b: quantile([x for s in b for x in s.latencies], 0.5)),
     )
-    controller = {True: "up", False: "down", None: "unknown"}[router.controller_up]
     return FleetView(
-        controller=controller,  # type: ignore[arg-type]
+        controller=_CONTROLLER[router.controller_up],
         window_s=stats.window_s,
         step_s=step,
         requests=requests,

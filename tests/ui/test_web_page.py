@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from lmfleet.api.fleet import FleetView
 from tests.conftest import Fleet, free_port, module_cmd, wait_until
 
 from .conftest import Offline, playwright, shot, worker_running
@@ -169,3 +170,46 @@ def test_markdown_is_rendered_and_html_is_never_let_through(
 ) -> None:
     page.goto(stack.api_url + "/ui")
     assert page.evaluate("text => window.lmfleetMarkdown.render(text)", markdown) == html
+
+
+def test_the_dashboard_draws_every_state_kv_use_and_untrusted_text_as_text(
+    page: playwright.Page, stack: Fleet, tmp_path: Path
+) -> None:
+    """The page's drawing of what `/v1/fleet` may say (a schema-valid answer, served in place of the real one):
+    KV use as a bar, ejected with its reason, draining, and a worker's self-reported names shown as text."""
+    history = [0.0] * 59 + [12.5]
+    workers = [
+        {"address": "http://10.0.0.1:21002", "models": ["m"], "state": "ready", "running": 3, "queued": 1, "open": 2,
+         "tokens_per_s": 42.0, "kv_cache_usage": 0.42, "heartbeat_age_s": 0.7, "tokens_per_s_history": history},
+        {"address": "http://10.0.0.2:21002", "models": ["<img src=x onerror=alert(1)>"], "state": "ejected",
+         "reason": "worker sent nothing for 30s", "running": 0, "queued": 0, "open": 0, "tokens_per_s": 0.0,
+         "heartbeat_age_s": 4.0, "tokens_per_s_history": [0.0] * 60},
+        {"address": "http://10.0.0.3:21002", "models": [], "state": "draining", "running": 1, "queued": 0, "open": 1,
+         "tokens_per_s": 3.0, "tokens_per_s_history": [0.0] * 60},
+    ]  # fmt: skip
+    requests = {"per_s": 1.5, "in_progress": 3, "latency_p50_s": 0.25, "latency_p95_s": 2.5, "first_token_p50_s": 0.05,
+                "per_s_history": [1.0] * 60, "errors_per_s_history": [0.0] * 60,
+                "latency_p50_s_history": [None] * 30 + [0.25] * 30}  # fmt: skip
+    view = FleetView.model_validate(
+        {"controller": "down", "window_s": 300, "step_s": 5, "requests": requests, "workers": workers}
+    )
+    page.route("**/v1/fleet", lambda route: route.fulfill(json=view.model_dump(mode="json")))
+    page.goto(stack.api_url + "/ui#fleet")
+    rows = page.locator("#workers tbody tr[data-address]")
+    expect(rows).to_have_count(3)
+    ready, ejected, draining = (rows.nth(i) for i in range(3))
+    expect(ready.locator("td").nth(7)).to_have_text("42%")
+    fill, bar = ready.locator(".kv .bar span").bounding_box(), ready.locator(".kv .bar").bounding_box()
+    assert fill and bar and fill["width"] / bar["width"] == pytest.approx(0.42, abs=0.02)  # drawn, CSP allows it
+    expect(ready.locator("td").nth(6)).to_have_text(re.compile(r"^42\.0tokens/s"))  # the number, then its sparkline
+    expect(ejected.locator(".state")).to_have_text("ejected")
+    expect(ejected.locator(".state")).to_have_attribute("title", "worker sent nothing for 30s")
+    expect(ejected.locator("td").nth(1)).to_have_text("<img src=x onerror=alert(1)>")
+    assert ejected.locator("img").count() == 0
+    expect(ejected.locator("td").nth(7)).to_have_text("—")
+    expect(draining.locator(".state")).to_have_text("draining")
+    expect(page.locator("#t-workers")).to_have_text("1 / 3")
+    expect(page.locator("#t-controller")).to_have_text("controller down")
+    expect(page.locator("#t-latency")).to_have_text("250 ms · 2.50 s")
+    expect(page.locator("#t-progress")).to_have_text("3 in progress")
+    shot(page, tmp_path / "fleet-states.png")
