@@ -1,4 +1,4 @@
-"""The one entry point, and every flag: `lmfleet controller|worker|api|serve|bench|make-test-model|model-path`.
+"""The one entry point, and every flag: `lmfleet controller|worker|api|serve|bench|chat|make-test-model|model-path`.
 
 `python -m lmfleet.controller`, `python -m lmfleet.worker` and `python -m lmfleet.api` land here too, with
 FastChat's flag names, so a FastChat user's command lines keep working. Owns all argument parsing and turning flags
@@ -621,6 +621,12 @@ def run_bench(argv: Sequence[str]) -> int:
     return bench.main(list(argv)) or 0
 
 
+def run_chat(argv: Sequence[str]) -> int:
+    from lmfleet import chat
+
+    return chat.main(list(argv))
+
+
 def run_model_path(argv: Sequence[str]) -> int:
     from lmfleet import models
 
@@ -635,13 +641,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_api_args(sub.add_parser("api", help=f"run the OpenAI-compatible API server (default :{API_PORT})"))
     add_serve_args(sub.add_parser("serve", help="run controller, worker(s) and API server together"))
     sub.add_parser("bench", help="load-test an OpenAI-compatible endpoint (see `lmfleet bench --help`)", add_help=False)
+    sub.add_parser("chat", help="chat in the terminal with an OpenAI-compatible endpoint", add_help=False)
     sub.add_parser("make-test-model", help="build a tiny random model for tests and demos", add_help=False)
     sub.add_parser("model-path", help="print the path of a model installed as a Python package", add_help=False)
     return parser
 
 
 RUNNERS = {"controller": run_controller, "worker": run_worker, "api": run_api, "serve": run_serve}
-PASSTHROUGH = {"bench": run_bench, "make-test-model": run_make_test_model, "model-path": run_model_path}
+PASSTHROUGH = {
+    "bench": run_bench,
+    "chat": run_chat,
+    "make-test-model": run_make_test_model,
+    "model-path": run_model_path,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

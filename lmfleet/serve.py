@@ -73,7 +73,11 @@ def run(plan: ServePlan) -> int:
         names = wait_ready(plan, procs, lambda: stopping)
         if names is None:
             return 0
-        print(f"\nlmfleet is serving {', '.join(names)} at {plan.api_url}/v1  (Ctrl-C stops everything)\n", flush=True)
+        print(
+            f"\nlmfleet is serving {', '.join(names)} at {plan.api_url}/v1 (web page: {plan.api_url}/ui)"
+            "  (Ctrl-C stops everything)\n",
+            flush=True,
+        )
         while not stopping and all(p.poll() is None for p in procs):
             time.sleep(0.5)
         return 0 if stopping else 1

@@ -25,8 +25,8 @@ from lmfleet.drain import Drain
 
 logger = logging.getLogger("lmfleet")
 
-# Paths the fleet polls every second or so: an access line for each drowns the log.
-QUIET_PATHS = frozenset({"/workers", "/receive_heart_beat", "/health", "/ready", "/worker/status"})
+# Paths the fleet (and the web page's dashboard) polls every second or so: an access line for each drowns the log.
+QUIET_PATHS = frozenset({"/workers", "/receive_heart_beat", "/health", "/ready", "/worker/status", "/v1/fleet"})
 
 
 class AccessLogFilter(logging.Filter):

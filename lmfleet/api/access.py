@@ -1,7 +1,8 @@
 """What the API server lets in: which routes are public, and the per-request limits its operator set by flag.
 
 Owns
-  * `PUBLIC_PATHS`: the only routes reachable without an API key (health, readiness, the docs and the schema).
+  * `PUBLIC_PATHS`: the only routes reachable without an API key (health, readiness, the docs and the schema, the
+    web page's files; and `GET /`, which redirects to the page).
     Everything else, including any route added later and any unknown path, needs a key when keys are
     configured: `needs_key` is a deny-by-default test, so a new route cannot be left open by mistake.
   * `RequestLimits`: limits the operator may tighten with flags (`--max-n`, `--max-stop`, `--max-stop-chars`,
@@ -22,10 +23,17 @@ from typing import Any
 from starlette.types import Scope
 
 from lmfleet import errors
+from lmfleet.docs import ASSET_PATHS
 from lmfleet.protocol.openai import MAX_MESSAGES, MAX_N, MAX_STOP, MAX_STOP_CHARS
 
-# Reachable without a key. The docs page loads its assets from a CDN; `/docs/oauth2-redirect` is part of it.
-PUBLIC_PATHS = frozenset({"/health", "/ready", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+UI_PATHS = frozenset({"/ui", "/ui/app.js", "/ui/markdown.js", "/ui/style.css"})  # lmfleet/api/ui/static/
+
+# Reachable without a key: probes, the docs pages and their assets (lmfleet.docs), the schema, and the web page's
+# files (lmfleet.api.ui: the page asks for a key itself; its data, `/v1/fleet` and the OpenAI routes, need one).
+PUBLIC_PATHS = frozenset(
+    {"/health", "/ready", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", *ASSET_PATHS, *UI_PATHS}
+)
+PUBLIC_GETS = frozenset({"/"})  # GET / sends a browser to the page; POST / is FastChat's chat route (key needed)
 
 DEFAULT_MAX_MESSAGE_CHARS = 1_000_000  # one message's (or prompt's) text; ~250k tokens of English
 
@@ -39,9 +47,13 @@ def route_path(scope: Scope) -> str:
     return path
 
 
-def needs_key(scope: Scope) -> bool:
-    """Deny by default: only `PUBLIC_PATHS` go without a key."""
-    return route_path(scope) not in PUBLIC_PATHS
+def is_public(method: str, path: str, public: frozenset[str] = PUBLIC_PATHS) -> bool:
+    return path in public or (method in ("GET", "HEAD") and path in PUBLIC_GETS)
+
+
+def needs_key(scope: Scope, public: frozenset[str] = PUBLIC_PATHS) -> bool:
+    """Deny by default: only `public` paths (`PUBLIC_PATHS`) and `GET /` go without a key."""
+    return not is_public(scope["method"], route_path(scope), public)
 
 
 @dataclass(frozen=True)

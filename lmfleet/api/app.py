@@ -12,7 +12,8 @@ Routes
                                  OpenAI's Responses API over the chat path (lmfleet.api.responses)
     GET  /health                 alive (always 200)
     GET  /ready                  can serve: 200 while some worker is in rotation and the server is not draining
-    GET  /docs, /openapi.json
+    GET  /docs, /redoc, /openapi.json   served offline (lmfleet.docs)
+    GET  /ui, /v1/fleet, GET /   the web page: chat playground and fleet dashboard (lmfleet.api.ui)
 
 Owns: the request edge (API keys, CORS; body size and JSON sanity are lmfleet.guard's, public routes and
 per-request limits lmfleet.api.access's), choosing the model (`model` may be omitted when exactly one
@@ -53,9 +54,11 @@ from pydantic import BaseModel
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from lmfleet import __version__, errors
+from lmfleet import __version__, docs, errors
 from lmfleet.api import responses as responses_api
+from lmfleet.api import ui
 from lmfleet.api.access import RequestLimits, needs_key
+from lmfleet.api.fleet import FleetStats, RequestStats
 from lmfleet.api.oneshot import ask
 from lmfleet.api.render import ChatRenderer, CompletionRenderer, Renderer
 from lmfleet.api.response_store import TEMPORARY, ResponseStore
@@ -291,7 +294,7 @@ def create_app(
                 "responses": responses,
             }
 
-    app = FastAPI(
+    app = docs.fastapi_app(
         title="lmfleet",
         summary="OpenAI-compatible API over a fleet of model workers",
         version=__version__,
@@ -300,7 +303,9 @@ def create_app(
     app.router.route_class = ParsedBodyRoute  # bodies are parsed once, by the guard
     errors.install_handlers(app)
     _strip_validation_422(app)
-    # Added innermost first: CORS (answers preflights) → API keys → body size and JSON sanity → routes.
+    # Added innermost first: CORS (answers preflights) → API keys → body size and JSON sanity → timing → routes.
+    stats = FleetStats()  # the dashboard's request figures (lmfleet.api.fleet)
+    app.add_middleware(RequestStats, stats=stats)
     app.add_middleware(RequestGuard, max_bytes=settings.max_request_bytes)
     if settings.api_keys:
         app.add_middleware(ApiKeyGate, keys=settings.api_keys)
@@ -332,7 +337,8 @@ def create_app(
             for i in range(body.num_choices)
         ]
         # Until the first chunk of every choice is in hand (a long prefill, a queue) the client may leave too.
-        opening = open_choices(specs, ModelBackend(router, request.state.workers, model, timeouts))
+        backend = ModelBackend(router, request.state.workers, model, timeouts, on_tokens=stats.tokens)
+        opening = open_choices(specs, backend)
         streams = await cancel_on_disconnect(request.receive, opening)
         if streams is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
@@ -445,7 +451,9 @@ def create_app(
         limits=settings.limits,
         timeouts=timeouts,
         scoped=bool(settings.api_keys),
+        on_tokens=stats.tokens,
     )
     responses_api.add_routes(app, responses, errors_doc=_ERRORS)
 
+    ui.install(app, stats)
     return app

@@ -334,6 +334,7 @@ class ResponsesConfig:
     limits: RequestLimits
     timeouts: Timeouts
     scoped: bool  # API keys are configured: a stored response belongs to the key that made it
+    on_tokens: Callable[[str, int], None] | None = None  # ModelBackend's: the dashboard counts relayed tokens
 
 
 def _owner(request: Request, config: ResponsesConfig) -> str:
@@ -404,7 +405,9 @@ def add_routes(app: FastAPI, config: ResponsesConfig, *, errors_doc: dict[int | 
         items = [*earlier, *with_ids(body.input)]
         persist = partial(_persist, store, owner, items) if store is not None and builder.response.store else None
         spec = ChoiceSpec(0, 0, chat.to_generate_request(f"{builder.response.id}-0", model))
-        opening = open_choices([spec], ModelBackend(router, request.state.workers, model, config.timeouts))
+        opening = open_choices(
+            [spec], ModelBackend(router, request.state.workers, model, config.timeouts, on_tokens=config.on_tokens)
+        )
         streams = await cancel_on_disconnect(request.receive, opening)
         if streams is None:
             return HttpResponse(status_code=CLIENT_CLOSED_REQUEST)

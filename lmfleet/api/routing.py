@@ -5,7 +5,8 @@ Owns
     `refresh_interval_s` by `run()` (in the app's lifespan) and on demand when a request names a model the view
     does not know. With several controllers the one that answered last is asked first, then the others; the first
     answer wins. When none answers the last view stays in use, so the fleet keeps serving while its controllers
-    are down (`controller_up` turns False and the event is logged once).
+    are down (`controller_up` turns False and the event is logged once). Per worker it notes when a refresh first
+    showed its latest heartbeat (`heartbeat_age`, for the dashboard: the controller's clock is not ours).
   * passive health: a worker that refuses a connection or fails a request is ejected at once (`eject`). It is
     readmitted once `eject_backoff_s` has passed *and* the controller has received a heartbeat from it since the
     ejection: the first refresh after the ejection notes its `last_heartbeat`, a later one must show another (a
@@ -100,6 +101,7 @@ class Router:
         self._ejected: dict[str, Ejection] = {}
         self._open: Counter[str] = Counter()  # leases per worker address
         self._seen: dict[str, float] = {}  # model -> when the view last had a worker for it
+        self._beats: dict[str, tuple[float, float]] = {}  # address -> (its last_heartbeat, router clock when new)
         self._refreshing: asyncio.Future[None] | None = None
         self._last_attempt = -math.inf
         self.controller_up: bool | None = None  # None: not asked yet
@@ -180,6 +182,10 @@ class Router:
         for info in view:
             for name in info.status.model_names:
                 self._seen[name] = now
+            beat = self._beats.get(info.address)
+            if beat is None or beat[0] != info.last_heartbeat:
+                self._beats[info.address] = (info.last_heartbeat, now)
+        self._beats = {a: b for a, b in self._beats.items() if a in listed}
         self._view = view
 
     async def _probe_ejected(self) -> None:
@@ -204,6 +210,9 @@ class Router:
     def is_ejected(self, address: str) -> bool:
         return address in self._ejected
 
+    def ejection(self, address: str) -> Ejection | None:
+        return self._ejected.get(address)
+
     # -- reads ---------------------------------------------------------------------------------------------------
 
     @property
@@ -220,6 +229,16 @@ class Router:
 
     def open_requests(self, address: str) -> int:
         return self._open[address]
+
+    def leased(self) -> dict[str, int]:
+        """Requests this server has open, per worker address (a worker that left the view may still be here)."""
+        return dict(self._open)
+
+    def heartbeat_age(self, address: str) -> float | None:
+        """Seconds since a refresh first showed the worker's latest heartbeat (so within a refresh interval of the
+        truth: the controller's clock is not this one's); None for a worker not in the view."""
+        beat = self._beats.get(address)
+        return None if beat is None else self._clock() - beat[1]
 
     async def models(self) -> list[str]:
         """Every model some worker in the view serves, sorted. ServiceUnavailable while no controller has ever

@@ -28,7 +28,7 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Collection, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, cast
 
@@ -101,12 +101,14 @@ class Timeouts:
 @dataclass(frozen=True)
 class ModelBackend:
     """What every choice of one answer is generated with: the model's worker pool, the worker client, the model's
-    name and the timeouts."""
+    name and the timeouts; `on_tokens(address, n)` hears of every token id relayed from a worker (the dashboard's
+    tok/s, lmfleet.api.fleet)."""
 
     pool: WorkerPool
     workers: WorkerClient
     model: str
     timeouts: Timeouts = Timeouts()
+    on_tokens: Callable[[str, int], None] | None = None
 
 
 def _raise_if_failed(chunk: GenerateChunk) -> None:
@@ -248,6 +250,8 @@ class ChoiceStream:
                 return
 
     def _record(self, chunk: GenerateChunk) -> None:
+        if self._backend.on_tokens is not None and chunk.token_ids and self.address is not None:
+            self._backend.on_tokens(self.address, len(chunk.token_ids))
         if self.prompt_token_ids is None and chunk.prompt_token_ids:
             self.prompt_token_ids = list(chunk.prompt_token_ids)
         self.token_ids.extend(chunk.token_ids)

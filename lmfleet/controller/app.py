@@ -50,7 +50,7 @@ import httpx
 from fastapi import Depends, FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from lmfleet import errors
+from lmfleet import docs, errors
 from lmfleet.client import CONTROL_TIMEOUT, make_http_client
 from lmfleet.controller.registry import Registry
 from lmfleet.dispatch import DEFAULT_POLICY, get_policy
@@ -241,7 +241,7 @@ def create_app(
                 "this controller requires the registration secret: send 'Authorization: Bearer <secret>'"
             )
 
-    app = FastAPI(title="lmfleet controller", lifespan=lifespan)
+    app = docs.fastapi_app(title="lmfleet controller", lifespan=lifespan)  # /docs served offline
     app.router.route_class = ParsedBodyRoute
     errors.install_handlers(app)
     app.add_middleware(RequestGuard, max_bytes=settings.max_request_bytes)  # 413; 400 for a body that is not sane JSON

@@ -34,7 +34,7 @@ import httpx
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from lmfleet import errors
+from lmfleet import docs, errors
 from lmfleet.client import DEFAULT_CONTROLLER, ControllerClient, make_http_client
 from lmfleet.drain import DEFAULT_EXEMPT, DEFAULT_TIMEOUT_S, Drain, DrainGate
 from lmfleet.engine import registry
@@ -394,7 +394,7 @@ def create_app(
             logger.info("worker for %s ready at %s", settings.names, settings.worker_address)
             yield {"worker": worker}
 
-    app = FastAPI(title="lmfleet model worker", lifespan=lifespan)
+    app = docs.fastapi_app(title="lmfleet model worker", lifespan=lifespan)  # /docs served offline
     app.router.route_class = ParsedBodyRoute
     errors.install_handlers(app)
     app.add_middleware(RequestGuard, max_bytes=settings.max_request_bytes)  # 413; 400 for a body that is not sane JSON

@@ -1,4 +1,4 @@
-"""With API keys configured, every route of the API server is either public (`access.PUBLIC_PATHS`) or answers
+"""With API keys configured, every route of the API server is either public (`access.is_public`) or answers
 401 without a key: the test walks `app.routes`, so a route added later is checked without anyone listing it."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import httpx
 import pytest
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 
-from lmfleet.api.access import PUBLIC_PATHS
+from lmfleet.api.access import PUBLIC_PATHS, is_public
 from tests.api.fakes import API, assert_error, serve
 from tests.fakes import running
 
@@ -36,11 +36,12 @@ async def test_every_route_is_public_or_needs_a_key() -> None:
         routes = http_routes(api.app.routes)
         assert len(routes) >= 8
         paths = {path for _, path in routes}
-        assert {"/health", "/docs", "/openapi.json"} <= paths & PUBLIC_PATHS
+        assert {"/health", "/docs", "/openapi.json", "/ui", "/docs/swagger-ui-bundle.js"} <= paths & PUBLIC_PATHS
+        assert "/v1/fleet" in paths - PUBLIC_PATHS
         for method, path in routes:
             body = {"model": "echo", "messages": [{"role": "user", "content": "hi"}]} if method == "POST" else None
             anonymous = await api.raw.request(method, concrete(path), json=body)
-            if path in PUBLIC_PATHS:
+            if is_public(method, path):
                 assert anonymous.status_code != 401, f"{method} {path} is public but asked for a key"
             else:
                 err = assert_error(anonymous, 401, code="invalid_api_key")

@@ -1,0 +1,258 @@
+"""The fleet as the dashboard sees it: a rolling window of this API server's own request figures, and one snapshot
+of every worker with them (`GET /v1/fleet`, lmfleet.api.ui).
+
+Owns
+  * `FleetStats`: per-second buckets over the last `window_s` seconds of what this server itself saw: generation
+    requests finished (status, latency to the last byte, time to the first byte — for a stream, its first token)
+    and the token ids it relayed from each worker (`tokens`, called by lmfleet.api.upstream for each chunk). Kept
+    in memory, lost on restart; the clock is injected.
+  * `RequestStats`: the pure ASGI middleware that times each generation request (`GENERATION_PATHS`, POST) into a
+    `FleetStats`, disconnects included (no status: 499).
+  * `snapshot()`: `FleetView`, the dashboard's one JSON answer: every worker of the API server's cached view
+    (lmfleet.api.routing) with its state — `ready`, `ejected` (this server took it out of rotation; `reason` says
+    why) or `draining` (it left the controller while this server still streams from it) — its load as last
+    reported (running, queued, KV cache use when the worker reports `kv_cache_usage`), the tokens per second this
+    server relayed from it, how long ago its last heartbeat was seen; and requests per second and latency
+    percentiles, now and as a history of `step_s` buckets.
+
+Does not own: the worker view and health (lmfleet.api.routing), the route and the page (lmfleet.api.ui), metrics
+for scrapers.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from lmfleet.api.access import route_path
+from lmfleet.api.routing import Router
+
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/"})
+MAX_SAMPLES_PER_SECOND = 2048  # latencies kept per second bucket (a percentile over a sample beyond that)
+
+
+@dataclass
+class _Second:
+    requests: int = 0
+    errors: int = 0  # status >= 400, or the client went away
+    latencies: list[float] = field(default_factory=list)
+    first_bytes: list[float] = field(default_factory=list)
+    tokens: Counter[str] = field(default_factory=Counter)  # worker address -> token ids relayed
+
+
+class FleetStats:
+    """This server's request figures over the last `window_s` seconds, in one-second buckets."""
+
+    def __init__(self, *, window_s: int = 300, step_s: int = 5, clock: Callable[[], float] = time.monotonic) -> None:
+        if window_s < 1 or step_s < 1 or window_s % step_s:
+            raise ValueError("window_s and step_s must be positive, window_s a multiple of step_s")
+        self.window_s, self.step_s = window_s, step_s
+        self._clock = clock
+        self._seconds: dict[int, _Second] = {}
+        self.in_progress = 0
+
+    def _now(self) -> int:
+        return math.floor(self._clock())
+
+    def _bucket(self) -> _Second:
+        now = self._now()
+        bucket = self._seconds.get(now)
+        if bucket is None:
+            for old in [s for s in self._seconds if s < now - self.window_s]:
+                del self._seconds[old]
+            bucket = self._seconds[now] = _Second()
+        return bucket
+
+    def tokens(self, address: str, n: int) -> None:
+        self._bucket().tokens[address] += n
+
+    def request_done(self, *, status: int, latency_s: float, first_byte_s: float | None) -> None:
+        bucket = self._bucket()
+        bucket.requests += 1
+        bucket.errors += status >= 400
+        if status < 400 and len(bucket.latencies) < MAX_SAMPLES_PER_SECOND:
+            bucket.latencies.append(latency_s)
+            if first_byte_s is not None:
+                bucket.first_bytes.append(first_byte_s)
+
+    def _last(self, seconds: int, end: int | None = None) -> list[_Second]:
+        """The buckets of the seconds in [end - seconds, end); `end` defaults to the current second, so that only
+        complete seconds count."""
+        end = self._now() if end is None else end
+        return [self._seconds[s] for s in range(end - seconds, end) if s in self._seconds]
+
+    def _per_s(self, count: Callable[[_Second], float], seconds: int) -> float:
+        """`count` per second over the last `seconds` seconds, the current one included as far as it has gone."""
+        now = self._clock()
+        recent = self._last(seconds, math.floor(now) + 1)
+        return sum(count(b) for b in recent) / max(seconds - 1 + now % 1, 1.0)
+
+    def rate(self, seconds: int = 10) -> float:
+        return self._per_s(lambda b: b.requests, seconds)
+
+    def tokens_per_s(self, address: str, seconds: int = 5) -> float:
+        return self._per_s(lambda b: b.tokens[address], seconds)
+
+    def latency(self, q: float, seconds: int = 60, *, first_byte: bool = False) -> float | None:
+        """The q-quantile of the last `seconds` seconds' successful requests (the current second included)."""
+        recent = self._last(seconds, self._now() + 1)
+        samples = [x for b in recent for x in (b.first_bytes if first_byte else b.latencies)]
+        return quantile(samples, q)
+
+    def history(self, of: Callable[[Sequence[_Second]], float | None]) -> list[float | None]:
+        """`of(buckets of one step)` for each of the window's steps, oldest first; the current second excluded."""
+        now, step = self._now(), self.step_s
+        return [of(self._last(step, end)) for end in range(now - self.window_s + step, now + 1, step)]
+
+
+def quantile(samples: Sequence[float], q: float) -> float | None:
+    """The q-quantile (nearest rank) of `samples`; None when there are none."""
+    if not samples:
+        return None
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+class RequestStats:
+    """Times every generation request (POST to `GENERATION_PATHS`) into `stats`: latency to the last byte sent,
+    time to the first body byte, the status (499 when the client left before an answer began)."""
+
+    def __init__(self, app: ASGIApp, stats: FleetStats) -> None:
+        self.app = app
+        self.stats = stats
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or route_path(scope) not in GENERATION_PATHS:
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        status, first_byte = 499, None
+
+        async def timed_send(message: Message) -> None:
+            nonlocal status, first_byte
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body" and first_byte is None:
+                first_byte = time.monotonic() - started
+            await send(message)
+
+        self.stats.in_progress += 1
+        try:
+            await self.app(scope, receive, timed_send)
+        finally:
+            self.stats.in_progress -= 1
+            self.stats.request_done(status=status, latency_s=time.monotonic() - started, first_byte_s=first_byte)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The snapshot
+
+WorkerState = Literal["ready", "ejected", "draining"]
+ControllerState = Literal["up", "down", "unknown"]
+_CONTROLLER: dict[bool | None, ControllerState] = {True: "up", False: "down", None: "unknown"}
+
+
+class FleetWorker(BaseModel):
+    address: str
+    models: list[str]
+    engine: str | None = None
+    state: WorkerState
+    reason: str | None = Field(default=None, description="why this server ejected it")
+    running: int = Field(description="sequences the worker reported running at its last heartbeat")
+    queued: int = Field(description="requests the worker reported waiting at its last heartbeat")
+    open: int = Field(description="requests this server has open on the worker now")
+    tokens_per_s: float = Field(description="token ids this server relayed from the worker, per second, last 5 s")
+    kv_cache_usage: float | None = Field(default=None, description="fraction of the KV cache in use, if reported")
+    context_length: int | None = None
+    heartbeat_age_s: float | None = Field(default=None, description="seconds since its last heartbeat was seen")
+    tokens_per_s_history: list[float] = Field(description="tokens per second per `step_s`, oldest first")
+
+
+class FleetRequests(BaseModel):
+    per_s: float = Field(description="generation requests finished per second, last 10 s")
+    in_progress: int
+    latency_p50_s: float | None = Field(description="last 60 s, successful requests, to the last byte")
+    latency_p95_s: float | None
+    first_token_p50_s: float | None = Field(description="last 60 s: time to the first byte (a stream's first token)")
+    per_s_history: list[float]
+    errors_per_s_history: list[float]
+    latency_p50_s_history: list[float | None]
+
+
+class FleetView(BaseModel):
+    object: Literal["fleet"] = "fleet"
+    controller: ControllerState
+    window_s: int
+    step_s: int
+    requests: FleetRequests
+    workers: list[FleetWorker]
+
+
+def snapshot(router: Router, stats: FleetStats) -> FleetView:
+    step = stats.step_s
+    workers = []
+    listed = set()
+    for info in router.workers():
+        s = info.status
+        listed.add(info.address)
+        ejection = router.ejection(info.address)
+        kv = getattr(s, "kv_cache_usage", None)  # reported by workers that know it
+        workers.append(
+            FleetWorker(
+                address=info.address,
+                models=s.model_names,
+                engine=s.engine,
+                state="ejected" if ejection else "ready",
+                reason=ejection.reason if ejection else None,
+                running=s.running,
+                queued=s.waiting if s.running or s.waiting else s.queue_length,
+                open=router.open_requests(info.address),
+                tokens_per_s=stats.tokens_per_s(info.address),
+                kv_cache_usage=kv if isinstance(kv, int | float) else None,
+                context_length=s.context_length,
+                heartbeat_age_s=router.heartbeat_age(info.address),
+                tokens_per_s_history=_tokens_history(stats, info.address),
+            )
+        )
+    for address, n in sorted(router.leased().items()):
+        if address not in listed:
+            workers.append(
+                FleetWorker(
+                    address=address,
+                    models=[],
+                    state="draining",
+                    running=n,
+                    queued=0,
+                    open=n,
+                    tokens_per_s=stats.tokens_per_s(address),
+                    tokens_per_s_history=_tokens_history(stats, address),
+                )
+            )
+    requests = FleetRequests(
+        per_s=stats.rate(),
+        in_progress=stats.in_progress,
+        latency_p50_s=stats.latency(0.5),
+        latency_p95_s=stats.latency(0.95),
+        first_token_p50_s=stats.latency(0.5, first_byte=True),
+        per_s_history=[v or 0.0 for v in stats.history(lambda b: sum(x.requests for x in b) / step)],
+        errors_per_s_history=[v or 0.0 for v in stats.history(lambda b: sum(x.errors for x in b) / step)],
+        latency_p50_s_history=stats.history(lambda b: quantile([x for s in b for x in s.latencies], 0.5)),
+    )
+    return FleetView(
+        controller=_CONTROLLER[router.controller_up],
+        window_s=stats.window_s,
+        step_s=step,
+        requests=requests,
+        workers=workers,
+    )
+
+
+def _tokens_history(stats: FleetStats, address: str) -> list[float]:
+    return [v or 0.0 for v in stats.history(lambda b: sum(x.tokens[address] for x in b) / stats.step_s)]
