@@ -235,6 +235,7 @@ class EtcdRegistry(WorkerViews):
         self._problem: str | None = "not connected to etcd yet"
         self._down = False  # an outage is logged once, and so is its end
         self._synced = asyncio.Event()
+        self._started = 0.0  # when running() began (the fleet-loaded log line says how long it took)
 
     @property
     def problem(self) -> str | None:
@@ -244,6 +245,7 @@ class EtcdRegistry(WorkerViews):
     async def running(self) -> AsyncIterator[None]:
         """Connect, load the fleet (waiting up to `connect_timeout_s` for it), then follow etcd until closed."""
         self._client = _Client(self.settings)
+        self._started = time.monotonic()
         follower = asyncio.create_task(self._follow(), name="lmfleet-etcd-watch")
         try:
             with contextlib.suppress(asyncio.TimeoutError):
@@ -331,7 +333,8 @@ class EtcdRegistry(WorkerViews):
 
     def _recovered(self) -> None:
         if not self._synced.is_set():
-            logger.info("fleet loaded from %s: %d worker(s)", self.settings, len(self._entries))
+            took = time.monotonic() - self._started
+            logger.info("fleet loaded from %s in %.3fs: %d worker(s)", self.settings, took, len(self._entries))
             self._synced.set()
         if self._down:
             self._down = False
