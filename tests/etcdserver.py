@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import ssl
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,16 +29,49 @@ def require_etcd() -> None:
 
 
 @dataclass
+class Certificates:
+    """A throw-away CA, a server certificate for 127.0.0.1 and a client certificate it signed (openssl)."""
+
+    root: Path
+
+    ca = property(lambda self: self.root / "ca.pem")
+    server_cert = property(lambda self: self.root / "server.pem")
+    server_key = property(lambda self: self.root / "server.key")
+    client_cert = property(lambda self: self.root / "client.pem")
+    client_key = property(lambda self: self.root / "client.key")
+
+    @classmethod
+    def make(cls, root: Path) -> Certificates:
+        if shutil.which("openssl") is None:
+            pytest.skip("openssl is not installed")
+        root.mkdir(parents=True, exist_ok=True)
+
+        def run(*args: str) -> None:
+            subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=root, timeout=60)
+
+        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
+            "-subj", "/CN=lmfleet test CA")  # fmt: skip
+        for name, ext in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")):
+            (root / f"{name}.ext").write_text(ext + "\n")
+            run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", f"/CN=lmfleet {name}")  # fmt: skip
+            run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext")  # fmt: skip
+        return cls(root)
+
+
+@dataclass
 class Member:
     name: str
     host: str  # where it listens (loopback, or its namespace's address)
     client_port: int
     peer_port: int
     proc: Proc | None = None
+    scheme: str = "http"  # https: the cluster's `tls`
 
     @property
     def client_url(self) -> str:
-        return f"http://{self.host}:{self.client_port}"
+        return f"{self.scheme}://{self.host}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -55,10 +90,21 @@ class EtcdCluster:
     members: list[Member]
     prefix: dict[str, list[str]] = field(default_factory=dict)  # member name -> command prefix
     env: dict[str, str] = field(default_factory=lambda: {"ETCD_UNSUPPORTED_ARCH": "", "GOMAXPROCS": "1"})
+    tls: Certificates | None = None  # clients must use TLS and present a certificate signed by its CA
 
     @classmethod
-    def local(cls, root: Path, n: int = 1) -> EtcdCluster:
-        return cls(root, [Member(f"m{i}", "127.0.0.1", free_port(), free_port()) for i in range(n)])
+    def local(cls, root: Path, n: int = 1, *, tls: Certificates | None = None) -> EtcdCluster:
+        scheme = "https" if tls else "http"
+        return cls(
+            root, [Member(f"m{i}", "127.0.0.1", free_port(), free_port(), scheme=scheme) for i in range(n)], tls=tls
+        )
+
+    def etcdctl(self, *args: str) -> str:
+        """Run etcdctl against the first member (plain HTTP only)."""
+        cmd = [shutil.which("etcdctl") or "/usr/bin/etcdctl", "--endpoints", self.members[0].client_url, *args]
+        return subprocess.run(
+            cmd, check=True, capture_output=True, text=True, timeout=30, env={**os.environ, **self.env}
+        ).stdout
 
     @property
     def url(self) -> str:
@@ -81,6 +127,11 @@ class EtcdCluster:
             "--initial-cluster-token", "lmfleet-test",
             "--heartbeat-interval", "50",
             "--election-timeout", "500",
+            *(
+                ["--cert-file", str(self.tls.server_cert), "--key-file", str(self.tls.server_key),
+                 "--trusted-ca-file", str(self.tls.ca), "--client-cert-auth"]
+                if self.tls else []
+            ),
         ]  # fmt: skip
 
     def start(self, m: Member) -> None:
@@ -89,8 +140,13 @@ class EtcdCluster:
         m.proc = Proc(f"etcd-{m.name}", self.cmd(m, state), self.root / f"etcd-{m.name}.log", self.env).start()
 
     def healthy(self, m: Member, timeout: float = 30) -> None:
+        verify: ssl.SSLContext | bool = True
+        if self.tls is not None:
+            verify = ssl.create_default_context(cafile=str(self.tls.ca))
+            verify.load_cert_chain(self.tls.client_cert, self.tls.client_key)
+
         def ok() -> bool:
-            r = httpx.get(m.client_url + "/health", timeout=2, trust_env=False)
+            r = httpx.get(m.client_url + "/health", timeout=2, trust_env=False, verify=verify)
             return r.status_code == 200 and r.json().get("health") == "true"
 
         wait_until(ok, timeout=timeout, procs=[m.proc] if m.proc else [], what=f"etcd {m.name} healthy")

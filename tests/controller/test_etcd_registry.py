@@ -16,7 +16,7 @@ import pytest
 from lmfleet import errors
 from lmfleet.controller.etcd import EtcdRegistry, EtcdSettings, channel_target
 from lmfleet.protocol.worker import WorkerStatus
-from tests.etcdserver import EtcdCluster
+from tests.etcdserver import Certificates, EtcdCluster
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -198,3 +198,38 @@ async def test_unreachable_etcd_keeps_the_view_and_refuses_writes(tmp_path: Path
     outage = [r for r in caplog.records if "etcd unreachable" in r.getMessage()]
     assert len(outage) == 1 and outage[0].levelno == logging.WARNING  # once per outage, not per call
     assert sum("reachable again" in r.getMessage() for r in caplog.records) == 1
+
+
+async def test_etcd_with_users_and_tls(tmp_path: Path, prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    password = "etcd-pa55word-never-logged"
+    with EtcdCluster.local(tmp_path / "auth") as secured:
+        secured.etcdctl("user", "add", f"root:{password}")
+        secured.etcdctl("auth", "enable")
+        with caplog.at_level(logging.DEBUG):
+            settings = EtcdSettings.from_url(secured.url, prefix=prefix, user="root", password=password)
+            reg = EtcdRegistry(settings, 30)
+            async with reg.running():
+                assert reg.problem is None
+                await reg.register(A, status("m"))
+                assert [w.address for w in reg.all()] == [A]
+            wrong = EtcdRegistry(EtcdSettings.from_url(secured.url, user="root", password="wrong-guess"), 30)
+            async with wrong.running():
+                assert wrong.problem is not None and "authentication failed" in wrong.problem
+                with pytest.raises(errors.ServiceUnavailable):
+                    await wrong.register(B, status("m"))
+            anonymous = EtcdRegistry(EtcdSettings.from_url(secured.url, prefix=prefix), 30)
+            async with anonymous.running():
+                assert anonymous.problem is not None  # etcd refuses a client without a user
+        assert password not in caplog.text and "wrong-guess" not in caplog.text
+
+    certs = Certificates.make(tmp_path / "certs")
+    with EtcdCluster.local(tmp_path / "tls", tls=certs) as tls:
+        files = {"ca_file": str(certs.ca), "cert_file": str(certs.client_cert), "key_file": str(certs.client_key)}
+        reg = EtcdRegistry(EtcdSettings.from_url(tls.url, prefix=prefix, **files), 30)
+        async with reg.running():
+            assert reg.problem is None and reg.settings.tls
+            await reg.register(A, status("m"))
+            assert [w.address for w in reg.all()] == [A]
+        plain = EtcdRegistry(EtcdSettings.from_url(tls.url, prefix=prefix, connect_timeout_s=1), 30)
+        async with plain.running():
+            assert plain.problem is not None  # a plain-text client is refused
