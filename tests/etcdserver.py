@@ -127,6 +127,7 @@ class EtcdCluster:
             "--initial-cluster-token", "lmfleet-test",
             "--heartbeat-interval", "50",
             "--election-timeout", "500",
+            "--auto-compaction-mode", "revision", "--auto-compaction-retention", "1000",
             *(
                 ["--cert-file", str(self.tls.server_cert), "--key-file", str(self.tls.server_key),
                  "--trusted-ca-file", str(self.tls.ca), "--client-cert-auth"]

@@ -217,7 +217,7 @@ def create_app(
     """A controller app. `clock` drives heartbeat expiry (default `time.monotonic`); `http_client` is used to
     fetch FastChat workers' status (default: one pooled client created and closed by the lifespan); `rng`
     breaks dispatch ties (default: freshly seeded); `registry` replaces the one the settings name (tests)."""
-    registry = registry or make_registry(settings, clock)
+    registry = registry if registry is not None else make_registry(settings, clock)
     policy = get_policy(settings.dispatch_policy)
     dispatch_rng = rng or random.Random()
     networks = settings.networks()
@@ -303,11 +303,10 @@ def create_app(
     async def health() -> dict[str, Any]:
         return {"status": "ok"}
 
-    @app.get("/ready", response_model=None)
-    async def ready() -> dict[str, Any] | JSONResponse:
-        if registry.problem is not None:  # 503 with the reason, logged once by the registry, not per probe
-            exc = RegistryUnavailable(f"serving the last known view of the fleet: {registry.problem}")
-            return JSONResponse(exc.body(), status_code=exc.status)
+    @app.get("/ready")
+    async def ready() -> dict[str, Any]:
+        if registry.problem is not None:  # 503 with the reason (the registry logged it once)
+            raise RegistryUnavailable(f"serving the last known view of the fleet: {registry.problem}")
         return {"status": "ready"}
 
     return app
