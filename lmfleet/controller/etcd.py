@@ -16,7 +16,9 @@ Owns `EtcdSettings` (endpoints from `--registry etcd://HOST:PORT[,HOST:PORT…]`
     be reached the view stays as last seen and reads keep answering from it; `problem` says why (the controller's
     `/ready` answers 503 with it) and the outage is logged once, as is the recovery. Writes then fail at once with
     RegistryUnavailable (503), so a worker's heartbeat loop registers again at its next beat: nothing is dropped
-    silently. Once etcd answers again the view is read afresh.
+    silently. Once etcd answers again the view is read afresh. A controller that has never read the fleet answers
+    reads with RegistryUnavailable too (503, not an empty fleet), so an API server keeps its cached view or asks
+    another controller.
 
 Several endpoints are one gRPC channel over all of them (pick_first: when the member in use dies, the next
 connection goes to another; host names are resolved when the channel opens). The user and password authenticate
@@ -405,6 +407,8 @@ class EtcdRegistry(WorkerViews):
         return []
 
     def _live(self) -> list[WorkerInfo]:
+        if not self._synced.is_set():  # an empty list would read as "no workers" to the API servers
+            raise RegistryUnavailable(f"the fleet has not been read from etcd yet: {self._problem}")
         return [entry.info for entry in self._entries.values()]
 
 

@@ -39,7 +39,8 @@ class RegistryUnavailable(errors.ServiceUnavailable):
 
 
 class FleetRegistry(Protocol):
-    """What the controller app needs from a registry. Writes may raise `RegistryUnavailable`; reads never fail."""
+    """What the controller app needs from a registry. Writes may raise `RegistryUnavailable`; reads only before the
+    backend has ever known the fleet (a shared one that could not be read yet)."""
 
     expiry_s: float
 

@@ -15,7 +15,9 @@ import pytest
 
 from lmfleet import errors
 from lmfleet.controller.etcd import EtcdRegistry, EtcdSettings, channel_target
+from lmfleet.controller.registry import RegistryUnavailable
 from lmfleet.protocol.worker import WorkerStatus
+from tests.conftest import free_port
 from tests.etcdserver import Certificates, EtcdCluster
 
 pytestmark = pytest.mark.timeout(120)
@@ -233,3 +235,15 @@ async def test_etcd_with_users_and_tls(tmp_path: Path, prefix: str, caplog: pyte
         plain = EtcdRegistry(EtcdSettings.from_url(tls.url, prefix=prefix, connect_timeout_s=1), 30)
         async with plain.running():
             assert plain.problem is not None  # a plain-text client is refused
+
+
+async def test_a_controller_that_never_read_the_fleet_does_not_answer_with_an_empty_one(prefix: str) -> None:
+    dead = EtcdSettings.from_url(f"etcd://127.0.0.1:{free_port()}", prefix=prefix, connect_timeout_s=0.5)
+    reg = EtcdRegistry(dead, 30)
+    async with reg.running():
+        assert reg.problem is not None and reg.problem.startswith("etcd unreachable")
+        for read in (reg.all, reg.models, lambda: reg.workers_for("m")):
+            with pytest.raises(RegistryUnavailable, match="not been read from etcd yet"):
+                read()
+        with pytest.raises(RegistryUnavailable):
+            await reg.register(A, status("m"))

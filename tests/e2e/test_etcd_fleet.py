@@ -147,7 +147,13 @@ def test_with_etcd_down_controllers_serve_the_last_view_and_registrations_resume
         assert httpx.post(s.url(c) + "/get_worker_address", json={"model": "tiny"}).json()["address"] == s.url("w")
     refused = register(s, "c2", FAKE)
     assert refused.status_code == 503 and "etcd unreachable" in refused.json()["error"]["message"]
-    time.sleep(2)  # the worker's heartbeats are refused meanwhile; it keeps retrying
+    # a controller (re)started during the outage has no view: it says so rather than list an empty fleet
+    s.fleet.procs["c3"].stop()
+    s.start_controller("c3")
+    s.wait(lambda: httpx.get(s.url("c3") + "/health").status_code == 200, "c3 answering")
+    unknown = httpx.get(s.url("c3") + "/workers")
+    assert unknown.status_code == 503 and "not been read from etcd yet" in unknown.json()["error"]["message"]
+    time.sleep(1)  # the worker's heartbeats are refused meanwhile; it keeps retrying
 
     back_at = time.time()
     s.etcd.start(etcd)
