@@ -205,9 +205,9 @@ async def streams_running(c: openai.AsyncOpenAI, prompts: list[str], chunks: int
     tasks = [asyncio.create_task(read(c, p, s)) for p, s in zip(prompts, streams, strict=True)]
     deadline = time.monotonic() + 60
     while min(s.chunks for s in streams) < chunks:
-        assert time.monotonic() < deadline, "streams did not start"
+        states = [(s.chunks, s.error) for s in streams]
+        assert time.monotonic() < deadline and not any(t.done() for t in tasks), f"streams not all running: {states}"
         await asyncio.sleep(0.01)
-    assert not any(t.done() for t in tasks), "a stream finished before the drill: make them longer"
     return tasks, streams
 
 
@@ -310,38 +310,53 @@ async def test_a_controller_and_an_etcd_member_die(whole: Hosts) -> None:
 
 async def test_every_controller_restarts(whole: Hosts) -> None:
     h = whole
+    fleet = [h.url("w1"), h.url("w2")]
+
+    def first_answer(name: str) -> list[str]:
+        answer: list[list[str]] = []
+
+        def answered() -> bool:
+            with contextlib.suppress(httpx.HTTPError):
+                answer.append(h.listed(name))
+            return bool(answer)
+
+        h.wait(answered, f"{name} answering")
+        return answer[0]
+
+    def loaded_in(name: str) -> float:
+        lines = h.fleet.procs[name].log.read_text(errors="replace").splitlines()
+        return [float(m.group(1)) for ln in lines if (m := re.search(r"fleet loaded from .* in ([\d.]+)s", ln))][-1]
+
+    # in turn (a deploy): the other controller keeps the leases alive, so each one's first answer is the fleet
+    rolling = {}
+    for name in ("c1", "c2"):
+        h.fleet.procs[name].stop()
+        h.start_controller(name)
+        assert first_answer(name) == fleet, name
+        rolling[name] = loaded_in(name)
+
+    # all at once, under streams: the workers' leases outlive the restart when it is shorter than the expiry;
+    # otherwise the workers register again at their next heartbeat
     prompts = [f"Restart story {i}." for i in range(4)]
     c = client(h)
     await references(h, c, prompts)
     tasks, streams = await streams_running(c, prompts)
     for name in ("c1", "c2"):
         h.fleet.procs[name].stop()
-    restarted = time.time()
+    stopped = time.monotonic()
     for name in ("c1", "c2"):
         h.start_controller(name)
-    first: dict[str, list[str]] = {}
-
-    def answered() -> bool:
-        for name in ("c1", "c2"):
-            if name not in first:
-                with contextlib.suppress(httpx.HTTPError):
-                    first[name] = h.listed(name)
-        return len(first) == 2
-
-    h.wait(answered, "both controllers answering")
+    first = {name: (first_answer(name), time.monotonic() - stopped) for name in ("c1", "c2")}
+    whole_again = h.wait(lambda: h.listed("c1") == h.listed("c2") == fleet, "the fleet listed again")
     await asyncio.wait_for(asyncio.gather(*tasks), 120)
     assert lost(h, prompts, streams) == []
-    assert first == {n: [h.url("w1"), h.url("w2")] for n in ("c1", "c2")}  # their first answer knew the fleet
-    loaded = {}
-    for name in ("c1", "c2"):
-        lines = h.fleet.procs[name].log.read_text(errors="replace").splitlines()
-        took = [float(m.group(1)) for ln in lines if (m := re.search(r"fleet loaded from .* in ([\d.]+)s", ln))]
-        loaded[name] = took[-1]
-    up = h.log_times("api", "worker view from controller", restarted)
+    h.wait(lambda: h.api_ready().get("controller") == "up", "the API server on the controllers again")
     print(
-        "\n[hosts: every controller restarted] under 4 streams (0 lost): each one's first answer listed the whole "
-        "fleet, loaded from etcd "
-        + ", ".join(f"{n} in {t:.3f}s" for n, t in sorted(loaded.items()))
-        + " after its app started, before any heartbeat"
-        + (f"; the API server used them again {up[0] - restarted:.2f}s after the restart" if up else "")
+        "\n[hosts: every controller restarted] in turn: each one's first answer listed the whole fleet, read from "
+        "etcd " + ", ".join(f"{n} in {t:.3f}s" for n, t in rolling.items()) + " after its app started; all at "
+        "once under 4 streams (0 lost): "
+        + ", ".join(
+            f"{n} answered {t:.2f}s after the stop listing {len(ws)} of 2 workers" for n, (ws, t) in first.items()
+        )
+        + f", the whole fleet listed {whole_again:.2f}s after the second one answered"
     )
