@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import aetcd
 import pytest
@@ -247,3 +249,30 @@ async def test_a_controller_that_never_read_the_fleet_does_not_answer_with_an_em
                 read()
         with pytest.raises(RegistryUnavailable):
             await reg.register(A, status("m"))
+
+
+async def test_events_older_than_the_view_are_ignored() -> None:
+    """Read-your-writes: a controller applies its own write at once; the watch may still deliver older events for
+    that key, which must not undo it (nor may an old delete remove a newer registration)."""
+    reg = EtcdRegistry(EtcdSettings.from_url("etcd://127.0.0.1"), 30, clock=FakeClock())
+    reg._synced.set()  # as after the first read of the fleet
+    prefix = reg.settings.prefix
+
+    def kv(address: str, revision: int, value: bytes = b"") -> SimpleNamespace:
+        return SimpleNamespace(key=(prefix + address).encode(), value=value, mod_revision=revision, create_revision=1)
+
+    def put(address: str, revision: int, queue: int) -> SimpleNamespace:
+        value = json.dumps({"status": status("m", queue_length=queue).model_dump(mode="json"), "lease": 7}).encode()
+        return SimpleNamespace(kind=aetcd.EventKind.PUT, kv=kv(address, revision, value))
+
+    async def events(*items: SimpleNamespace) -> AsyncIterator[SimpleNamespace]:
+        for item in items:
+            yield item
+
+    reg._apply(A, status("m", queue_length=5), 7, revision=10)  # this controller's own write, revision 10
+    await reg._consume(events(put(A, 9, queue=1), SimpleNamespace(kind=aetcd.EventKind.DELETE, kv=kv(A, 8))))
+    assert [w.status.queue_length for w in reg.all()] == [5]
+    await reg._consume(events(put(A, 11, queue=2), put(B, 12, queue=0)))
+    assert [(w.address, w.status.queue_length) for w in reg.all()] == [(A, 2), (B, 0)]
+    await reg._consume(events(SimpleNamespace(kind=aetcd.EventKind.DELETE, kv=kv(A, 13))))
+    assert [w.address for w in reg.all()] == [B]
