@@ -299,10 +299,16 @@ class EtcdRegistry(WorkerViews):
                 self._put_kv(address, event.kv)
 
     def _load(self, snapshot: Any) -> None:
-        kvs = sorted(snapshot, key=lambda kv: kv.create_revision)
-        self._entries = {}
-        for kv in kvs:
-            self._put_kv(kv.key[len(self._prefix) :].decode(errors="replace"), kv)
+        """Replace the view with a full read (registration order). An entry etcd has not changed since is kept as
+        it was, with the time this controller learnt of it."""
+        old, self._entries = self._entries, {}
+        for kv in sorted(snapshot, key=lambda kv: kv.create_revision):
+            address = kv.key[len(self._prefix) :].decode(errors="replace")
+            kept = old.get(address)
+            if kept is not None and kept.revision == kv.mod_revision:
+                self._entries[address] = kept
+            else:
+                self._put_kv(address, kv)
 
     def _put_kv(self, address: str, kv: Any) -> None:
         try:

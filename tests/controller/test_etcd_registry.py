@@ -181,8 +181,9 @@ async def test_foreign_keys_under_the_prefix_are_ignored(
 
 
 async def test_unreachable_etcd_keeps_the_view_and_refuses_writes(tmp_path: Path, prefix: str, caplog) -> None:
+    clock = FakeClock()
     with EtcdCluster.local(tmp_path / "etcd") as own:
-        async with registry(own, prefix) as one:
+        async with registry(own, prefix, clock=clock) as one:
             await one.register(A, status("m"))
             with caplog.at_level(logging.INFO, logger="lmfleet.controller"):
                 own.kill(own.members[0])
@@ -195,10 +196,13 @@ async def test_unreachable_etcd_keeps_the_view_and_refuses_writes(tmp_path: Path
                     with pytest.raises(errors.ServiceUnavailable):
                         await one.heartbeat(A, status("m"))
                 await asyncio.sleep(1.0)  # several probes fail meanwhile
+                clock.now += 100
                 own.start(own.members[0])
                 await eventually(lambda: one.problem is None, timeout=30)
                 await one.register(B, status("m"))
             assert [w.address for w in one.all()] == [A, B]
+            # the fleet read afresh keeps what etcd did not change: A's last heartbeat is still the one seen before
+            assert [w.last_heartbeat for w in one.all()] == [100.0, 200.0]
     outage = [r for r in caplog.records if "etcd unreachable" in r.getMessage()]
     assert len(outage) == 1 and outage[0].levelno == logging.WARNING  # once per outage, not per call
     assert sum("reachable again" in r.getMessage() for r in caplog.records) == 1
