@@ -5,7 +5,8 @@ FastChat's flag names, so a FastChat user's command lines keep working. Owns all
 into each app's settings, or, for `serve`, into a `ServePlan` (the command lines of the children) that
 lmfleet.serve runs. Each default lives once, in the settings it belongs to (lmfleet.controller.app,
 lmfleet.worker.app, lmfleet.api.app, the engines' settings); the flags read it from there. Secrets may come from
-the environment (LMFLEET_API_KEYS, LMFLEET_REGISTRATION_SECRET) or a file, so they need not appear in `ps`.
+the environment (LMFLEET_API_KEYS, LMFLEET_REGISTRATION_SECRET, LMFLEET_ETCD_PASSWORD) or a file, so they need not
+appear in `ps`.
 """
 
 from __future__ import annotations
@@ -116,6 +117,43 @@ def add_controller_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="comma-separated CIDRs workers may register from, e.g. 10.0.0.0/8,127.0.0.0/8",
     )
+    g = p.add_argument_group("the fleet in etcd (several controllers serve one fleet)")
+    g.add_argument(
+        "--registry",
+        default=None,
+        metavar="etcd://HOST:PORT[,HOST:PORT...]",
+        help="keep the fleet's registrations in etcd (default: in this process's memory)",
+    )
+    g.add_argument("--etcd-prefix", default=None, help="key prefix of the fleet's workers (default /lmfleet/workers/)")
+    g.add_argument("--etcd-user", default=None, help="etcd user (default: $LMFLEET_ETCD_USER)")
+    g.add_argument(
+        "--etcd-password", default=None, help="etcd password (default: $LMFLEET_ETCD_PASSWORD, which stays out of ps)"
+    )
+    g.add_argument("--etcd-ca-file", default=None, help="TLS: CA certificate(s) that signed etcd's certificate")
+    g.add_argument("--etcd-cert-file", default=None, help="TLS: this controller's client certificate")
+    g.add_argument("--etcd-key-file", default=None, help="TLS: the client certificate's key")
+
+
+def etcd_settings(args: argparse.Namespace) -> Any:  # lmfleet.controller.etcd.EtcdSettings | None
+    if not args.registry:
+        return None
+    try:
+        from lmfleet.controller.etcd import EtcdSettings
+    except ImportError as exc:
+        hint = "pip install 'lmfleet[etcd]'"
+        raise SystemExit(f"lmfleet controller: --registry needs the etcd extra ({hint}): {exc}") from None
+    given = {
+        "prefix": args.etcd_prefix,
+        "user": args.etcd_user or os.environ.get("LMFLEET_ETCD_USER") or None,
+        "password": args.etcd_password or os.environ.get("LMFLEET_ETCD_PASSWORD") or None,
+        "ca_file": args.etcd_ca_file,
+        "cert_file": args.etcd_cert_file,
+        "key_file": args.etcd_key_file,
+    }
+    try:
+        return EtcdSettings.from_url(args.registry, **{k: v for k, v in given.items() if v is not None})
+    except ValueError as exc:
+        raise SystemExit(f"lmfleet controller: {exc}") from None
 
 
 def controller_settings(args: argparse.Namespace) -> Any:  # ControllerSettings
@@ -126,6 +164,7 @@ def controller_settings(args: argparse.Namespace) -> Any:  # ControllerSettings
         heartbeat_expiry_s=args.heartbeat_expiration,
         registration_secret=registration_secret(args),
         allowed_worker_networks=args.allowed_worker_networks,
+        etcd=etcd_settings(args),
     )
 
 

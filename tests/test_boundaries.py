@@ -45,3 +45,11 @@ def test_the_engine_boundary_knows_no_http() -> None:
 def test_the_cli_builds_every_settings_without_loading_a_model_library() -> None:
     code = "from lmfleet import cli\ncli.build_parser().parse_args(['worker', '--model-path', 'x.gguf'])"
     assert not [n for n in modules_loaded_by(code) if n.split(".")[0] in HEAVY]
+
+
+def test_the_default_controller_needs_no_etcd_client() -> None:
+    loaded = modules_loaded_by(
+        "import lmfleet.controller.app as m\nimport lmfleet.cli as c\n"
+        "m.create_app(c.controller_settings(c.build_parser().parse_args(['controller']))).openapi()"
+    )
+    assert not [n for n in loaded if n.split(".")[0] in ("aetcd", "grpc")]

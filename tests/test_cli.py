@@ -202,3 +202,26 @@ def test_responses_storage_flags(tmp_path) -> None:
     for flags, expected in ((["--responses-db", db], db), (["--no-responses-store"], None)):
         api = cli.serve_plan(parse(["serve", "--model-path", str(tmp_path / "m.gguf"), *flags])).children[-1].argv
         assert cli.api_settings(parse(["api", *api[api.index("--host") :]])).responses_db == expected
+
+
+def test_controller_registry_flags(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    def settings(*flags: str):
+        return cli.controller_settings(cli.build_parser().parse_args(["controller", *flags]))
+
+    assert settings().etcd is None  # the in-memory registry by default
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    monkeypatch.setenv("LMFLEET_ETCD_PASSWORD", "from-the-environment")
+    etcd = settings(
+        "--registry", "etcd://10.0.0.1,10.0.0.2:12379", "--etcd-user", "lmfleet", "--etcd-prefix", "/f/",
+        "--etcd-ca-file", str(ca),
+    ).etcd  # fmt: skip
+    assert etcd.endpoints == [("10.0.0.1", 2379), ("10.0.0.2", 12379)] and etcd.prefix == "/f/"
+    assert (etcd.user, etcd.password, etcd.tls) == ("lmfleet", "from-the-environment", True)
+    for bad in (
+        ["--registry", "etcd://user:pw@h"],
+        ["--registry", "redis://h"],
+        ["--registry", "etcd://h", "--etcd-key-file", str(ca)],
+    ):
+        with pytest.raises(SystemExit, match="lmfleet controller: "):
+            settings(*bad)

@@ -1,8 +1,8 @@
-"""The controller's HTTP face: FastChat's controller routes over a `Registry` and a dispatch policy.
+"""The controller's HTTP face: FastChat's controller routes over a registry and a dispatch policy.
 
 Owns: the routes, who may write to the registry (registration secret, allowed worker networks), worker address
-validation, fetching a FastChat worker's status when it registers without one, and the background sweep that
-expires workers that stopped heartbeating (every `heartbeat_expiry_s / 4`).
+validation, fetching a FastChat worker's status when it registers without one, and choosing the registry backend
+(`make_registry`: in memory by default; etcd with `ControllerSettings.etcd`, shared by several controllers).
 
     POST /register_worker      RegisterWorkerRequest -> WorkerInfo           (secret; networks)
     POST /receive_heart_beat   HeartbeatRequest -> {"exist": bool}           (secret)
@@ -12,6 +12,7 @@ expires workers that stopped heartbeating (every `heartbeat_expiry_s / 4`).
     GET  /workers              -> {"workers": [WorkerInfo, ...]}
     POST /refresh_all_workers  expire now -> {"removed": [...]}
     GET  /health               -> {"status": "ok"}
+    GET  /ready                -> {"status": "ready"}; 503 with the reason while the registry's view may be stale
 
 Route and field names are FastChat's, so FastChat model workers, its API server and its tools work against
 this controller. Differences: every worker must heartbeat (FastChat's `check_heart_beat: false` is ignored),
@@ -29,13 +30,12 @@ controller only calls a worker's `/worker_get_status` for a request that passed 
 (the default), anyone who can reach the controller can register a worker and attract traffic: bind it to
 127.0.0.1 (the default) or set a secret.
 
-Does not own: the registry's rules (`registry`), choosing a worker (`dispatch`), the CLI and the bind address.
-Never sees a token.
+Does not own: the registry's rules and background work (`registry`, `etcd`), choosing a worker (`dispatch`), the
+CLI and the bind address. Never sees a token.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ipaddress
 import logging
@@ -43,16 +43,17 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 from urllib.parse import urlsplit
 
 import httpx
 from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lmfleet import docs, errors
 from lmfleet.client import CONTROL_TIMEOUT, make_http_client
-from lmfleet.controller.registry import Registry
+from lmfleet.controller.registry import FleetRegistry, Registry, RegistryUnavailable
 from lmfleet.dispatch import DEFAULT_POLICY, get_policy
 from lmfleet.guard import BearerSecrets, ParsedBodyRoute, RequestGuard
 from lmfleet.protocol.worker import (
@@ -63,6 +64,9 @@ from lmfleet.protocol.worker import (
     WorkerInfo,
     WorkerStatus,
 )
+
+if TYPE_CHECKING:
+    from lmfleet.controller.etcd import EtcdSettings
 
 logger = logging.getLogger("lmfleet.controller")
 
@@ -82,6 +86,7 @@ class ControllerSettings:
     registration_secret: str | None = field(default=None, repr=False)  # never printed
     allowed_worker_networks: list[str] | None = None  # CIDRs, e.g. ["127.0.0.0/8", "10.0.0.0/8"]; None: any
     max_request_bytes: int = 1 << 20  # a registration is a few hundred bytes (413 beyond; lmfleet.guard)
+    etcd: EtcdSettings | None = None  # None: the registry lives in this process's memory
 
     def __post_init__(self) -> None:
         get_policy(self.dispatch_policy)
@@ -192,38 +197,39 @@ async def fetch_worker_status(http: httpx.AsyncClient, address: str) -> WorkerSt
         raise failed(f"not a worker status: {exc.errors()[0].get('msg', 'invalid')}") from None
 
 
+def make_registry(settings: ControllerSettings, clock: Callable[[], float] | None = None) -> FleetRegistry:
+    """The registry backend the settings name: etcd (shared by every controller on it) or this process's memory."""
+    if settings.etcd is None:
+        return Registry(clock or time.monotonic, settings.heartbeat_expiry_s)
+    from lmfleet.controller.etcd import EtcdRegistry  # needs the `etcd` extra
+
+    return EtcdRegistry(settings.etcd, settings.heartbeat_expiry_s, clock=clock or time.monotonic)
+
+
 def create_app(
     settings: ControllerSettings,
     *,
     clock: Callable[[], float] | None = None,
     http_client: httpx.AsyncClient | None = None,
     rng: random.Random | None = None,
+    registry: FleetRegistry | None = None,
 ) -> FastAPI:
     """A controller app. `clock` drives heartbeat expiry (default `time.monotonic`); `http_client` is used to
     fetch FastChat workers' status (default: one pooled client created and closed by the lifespan); `rng`
-    breaks dispatch ties (default: freshly seeded)."""
-    registry = Registry(clock or time.monotonic, settings.heartbeat_expiry_s)
+    breaks dispatch ties (default: freshly seeded); `registry` replaces the one the settings name (tests)."""
+    registry = registry if registry is not None else make_registry(settings, clock)
     policy = get_policy(settings.dispatch_policy)
     dispatch_rng = rng or random.Random()
     networks = settings.networks()
-    sweep_every = settings.heartbeat_expiry_s / 4
-
-    async def sweep_forever() -> None:
-        while True:
-            await asyncio.sleep(sweep_every)
-            try:
-                registry.expire()
-            except Exception:  # the sweep must outlive any bug in one pass
-                logger.exception("expiring workers failed")
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[ControllerState]:
         async with contextlib.AsyncExitStack() as stack:
             http = http_client if http_client is not None else await stack.enter_async_context(make_http_client())
-            sweeper = asyncio.create_task(sweep_forever(), name="lmfleet-controller-expiry")
-            stack.push_async_callback(_cancel, sweeper)
+            await stack.enter_async_context(registry.running())
             logger.info(
-                "controller ready: policy=%s heartbeat_expiry=%.1fs secret=%s allowed_worker_networks=%s",
+                "controller ready: registry=%s policy=%s heartbeat_expiry=%.1fs secret=%s allowed_worker_networks=%s",
+                settings.etcd or "memory",
                 settings.dispatch_policy,
                 settings.heartbeat_expiry_s,
                 "set" if settings.registration_secret else "none",
@@ -244,6 +250,11 @@ def create_app(
     app = docs.fastapi_app(title="lmfleet controller", lifespan=lifespan)  # /docs served offline
     app.router.route_class = ParsedBodyRoute
     errors.install_handlers(app)
+
+    @app.exception_handler(RegistryUnavailable)  # the registry logged the outage once: no line per refused write
+    async def _registry_unavailable(_request: Request, exc: RegistryUnavailable) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
     app.add_middleware(RequestGuard, max_bytes=settings.max_request_bytes)  # 413; 400 for a body that is not sane JSON
     writes = [Depends(require_secret)]
 
@@ -259,17 +270,17 @@ def create_app(
         status = req.worker_status
         if status is None:
             status = await fetch_worker_status(request.state.http, address)
-        return registry.register(address, status)
+        return await registry.register(address, status)
 
     @app.post("/receive_heart_beat", dependencies=writes)
     async def receive_heart_beat(req: HeartbeatRequest) -> HeartbeatResponse:
         address = normalize_worker_address(req.worker_name)
         load: WorkerStatus | int = req.worker_status if req.worker_status is not None else req.queue_length
-        return HeartbeatResponse(exist=registry.heartbeat(address, load))
+        return HeartbeatResponse(exist=await registry.heartbeat(address, load))
 
     @app.post("/unregister_worker", dependencies=writes)
     async def unregister_worker(req: UnregisterWorkerRequest) -> dict[str, bool]:
-        return {"removed": registry.unregister(normalize_worker_address(req.worker_name))}
+        return {"removed": await registry.unregister(normalize_worker_address(req.worker_name))}
 
     @app.api_route("/list_models", methods=["GET", "POST"])
     async def list_models() -> dict[str, list[str]]:
@@ -286,16 +297,16 @@ def create_app(
 
     @app.post("/refresh_all_workers")
     async def refresh_all_workers() -> dict[str, list[str]]:
-        return {"removed": registry.expire()}
+        return {"removed": await registry.expire()}
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok"}
 
+    @app.get("/ready")
+    async def ready() -> dict[str, Any]:
+        if registry.problem is not None:  # 503 with the reason (the registry logged it once)
+            raise RegistryUnavailable(f"serving the last known view of the fleet: {registry.problem}")
+        return {"status": "ready"}
+
     return app
-
-
-async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task

@@ -1,9 +1,13 @@
 """The controller's one piece of state: which workers are alive, what they serve, and how loaded they say they are.
 
-Owns: register / heartbeat / unregister / expire, and the read views (`workers_for(model)`, `models()`,
-`all()`). A worker is alive from its registration until `expiry_s` seconds pass without a heartbeat; every call
-first drops workers that are past that (so a reader never sees a dead worker, even between two runs of the
-app's background sweep), and `expire()` is the sweep itself.
+Owns `FleetRegistry`, the interface the controller app talks to, which every backend implements: async writes
+(register / heartbeat / unregister / expire), synchronous reads of the backend's current view (`workers_for(model)`,
+`models()`, `all()`), `running()` (the backend's background work, entered by the app's lifespan) and `problem`
+(None, or why the view may be stale: the controller's `/ready` says it). Also owns the default backend, `Registry`,
+in this process's memory: a worker is alive from its registration until `expiry_s` seconds pass without a
+heartbeat; every call first drops workers that are past that (so a reader never sees a dead worker, even between
+two sweeps), and `running()` sweeps every `expiry_s / 4`. Several controllers sharing one fleet need a shared
+backend: lmfleet.controller.etcd.
 
 Does not own: HTTP, authentication, address validation or normalisation (the app hands in clean addresses),
 choosing a worker (`dispatch`). The clock is injected (`time.monotonic` by default) so tests drive time by
@@ -12,19 +16,87 @@ hand. Not thread-safe: one event loop owns a registry.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol
 
+from lmfleet import errors
 from lmfleet.protocol.worker import WorkerInfo, WorkerStatus
 
 logger = logging.getLogger("lmfleet.controller")
 
 DEFAULT_EXPIRY_S = 6.0
 
+Load = WorkerStatus | int | None  # what a heartbeat reports: see `FleetRegistry.heartbeat`
 
-class Registry:
-    """Live workers keyed by address (the worker's base URL, FastChat's `worker_name`)."""
+
+class RegistryUnavailable(errors.ServiceUnavailable):
+    """A write the backend cannot record now (503; the worker retries at its next heartbeat). The backend logs the
+    outage once; the app answers each refused write without logging it again."""
+
+
+class FleetRegistry(Protocol):
+    """What the controller app needs from a registry. Writes may raise `RegistryUnavailable`; reads only before the
+    backend has ever known the fleet (a shared one that could not be read yet)."""
+
+    expiry_s: float
+
+    def running(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """The backend's background work (expiry sweep, connection, watch), for the app's lifespan."""
+        ...
+
+    @property
+    def problem(self) -> str | None:
+        """None while the view is current; otherwise why it may be stale (e.g. etcd unreachable)."""
+        ...
+
+    async def register(self, address: str, status: WorkerStatus) -> WorkerInfo: ...
+    async def heartbeat(self, address: str, status: Load = None) -> bool: ...
+    async def unregister(self, address: str) -> bool: ...
+    async def expire(self) -> list[str]: ...
+    def workers_for(self, model: str) -> list[WorkerInfo]: ...
+    def models(self) -> list[str]: ...
+    def all(self) -> list[WorkerInfo]: ...
+
+
+def apply_load(current: WorkerStatus, report: Load) -> WorkerStatus:
+    """The status after a heartbeat: a full `WorkerStatus` (lmfleet workers) replaces it; a queue length (FastChat
+    workers) replaces `queue_length` and clears the running/waiting split it does not report; None (liveness only)
+    keeps it."""
+    if isinstance(report, WorkerStatus):
+        return report
+    if report is None:
+        return current
+    return current.model_copy(update={"queue_length": int(report), "running": 0, "waiting": 0, "tokens_in_flight": 0})
+
+
+class WorkerViews:
+    """The three reads every backend answers the same way, over `_live()`: its current workers in registration
+    order."""
+
+    def _live(self) -> list[WorkerInfo]:
+        raise NotImplementedError
+
+    def workers_for(self, model: str) -> list[WorkerInfo]:
+        """Live workers serving `model`, in registration order."""
+        return [info for info in self._live() if model in info.status.model_names]
+
+    def models(self) -> list[str]:
+        """Every model some live worker serves, sorted, without duplicates."""
+        return sorted({name for info in self._live() for name in info.status.model_names})
+
+    def all(self) -> list[WorkerInfo]:
+        """Every live worker, in registration order."""
+        return self._live()
+
+
+class Registry(WorkerViews):
+    """Live workers keyed by address (the worker's base URL, FastChat's `worker_name`), in this process's memory."""
+
+    problem: str | None = None  # nothing can make this view stale
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, expiry_s: float = DEFAULT_EXPIRY_S) -> None:
         if not expiry_s > 0:
@@ -33,78 +105,83 @@ class Registry:
         self.expiry_s = float(expiry_s)
         self._workers: dict[str, WorkerInfo] = {}
 
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Sweep expired workers every `expiry_s / 4` (reads and writes also drop them as they go)."""
+
+        async def sweep_forever() -> None:
+            while True:
+                await asyncio.sleep(self.expiry_s / 4)
+                try:
+                    self._expire(self._clock())
+                except Exception:  # the sweep must outlive any bug in one pass
+                    logger.exception("expiring workers failed")
+
+        sweeper = asyncio.create_task(sweep_forever(), name="lmfleet-controller-expiry")
+        try:
+            yield
+        finally:
+            await cancel(sweeper)
+
     # -- writes ----------------------------------------------------------------------------------------------
 
-    def register(self, address: str, status: WorkerStatus) -> WorkerInfo:
+    async def register(self, address: str, status: WorkerStatus) -> WorkerInfo:
         """Add a worker, or replace everything known about an address that registers again."""
         now = self._clock()
-        self.expire(now)
+        self._expire(now)
         info = WorkerInfo(address=address, status=status, last_heartbeat=now)
         known = address in self._workers
         self._workers[address] = info
-        logger.info(
-            "%s worker %s models=%s speed=%g",
-            "re-registered" if known else "registered",
-            address,
-            ",".join(status.model_names),
-            status.speed,
-        )
+        log_registered(address, status, known)
         return info
 
-    def heartbeat(self, address: str, status: WorkerStatus | int | None = None) -> bool:
-        """Refresh a known worker's liveness and load. False when the address is unknown (never registered,
-        unregistered, expired, or the controller restarted): the worker must register again, and nothing is
-        added here.
-
-        `status` is a full `WorkerStatus` (lmfleet workers: replaces the stored one), a queue length (FastChat
-        workers: replaces `queue_length` and clears the running/waiting split it does not report), or None
-        (liveness only)."""
+    async def heartbeat(self, address: str, status: Load = None) -> bool:
+        """Refresh a known worker's liveness and load (`apply_load`). False when the address is unknown (never
+        registered, unregistered, expired, or the controller restarted): the worker must register again, and
+        nothing is added here."""
         now = self._clock()
-        self.expire(now)
+        self._expire(now)
         info = self._workers.get(address)
         if info is None:
             return False
-        if isinstance(status, WorkerStatus):
-            new_status = status
-        elif status is not None:
-            new_status = info.status.model_copy(
-                update={"queue_length": int(status), "running": 0, "waiting": 0, "tokens_in_flight": 0}
-            )
-        else:
-            new_status = info.status
-        self._workers[address] = WorkerInfo(address=address, status=new_status, last_heartbeat=now)
+        self._workers[address] = WorkerInfo(address=address, status=apply_load(info.status, status), last_heartbeat=now)
         return True
 
-    def unregister(self, address: str) -> bool:
+    async def unregister(self, address: str) -> bool:
         """Forget a worker (it is shutting down). True when it was known."""
         removed = self._workers.pop(address, None) is not None
         if removed:
             logger.info("unregistered worker %s", address)
         return removed
 
-    def expire(self, now: float | None = None) -> list[str]:
-        """Drop every worker whose last heartbeat is more than `expiry_s` before `now`; return their addresses."""
-        if now is None:
-            now = self._clock()
+    async def expire(self) -> list[str]:
+        """Drop every worker whose last heartbeat is more than `expiry_s` ago; return their addresses."""
+        return self._expire(self._clock())
+
+    def _expire(self, now: float) -> list[str]:
         dead = [a for a, info in self._workers.items() if now - info.last_heartbeat > self.expiry_s]
         for address in dead:
             info = self._workers.pop(address)
             logger.info("expired worker %s: no heartbeat for %.1fs", address, now - info.last_heartbeat)
         return dead
 
-    # -- reads -----------------------------------------------------------------------------------------------
-
-    def workers_for(self, model: str) -> list[WorkerInfo]:
-        """Live workers serving `model`, in registration order."""
-        self.expire()
-        return [info for info in self._workers.values() if model in info.status.model_names]
-
-    def models(self) -> list[str]:
-        """Every model some live worker serves, sorted, without duplicates."""
-        self.expire()
-        return sorted({name for info in self._workers.values() for name in info.status.model_names})
-
-    def all(self) -> list[WorkerInfo]:
-        """Every live worker, in registration order."""
-        self.expire()
+    def _live(self) -> list[WorkerInfo]:
+        self._expire(self._clock())
         return list(self._workers.values())
+
+
+def log_registered(address: str, status: WorkerStatus, known: bool) -> None:
+    logger.info(
+        "%s worker %s models=%s speed=%g",
+        "re-registered" if known else "registered",
+        address,
+        ",".join(status.model_names),
+        status.speed,
+    )
+
+
+async def cancel(task: asyncio.Task[None]) -> None:
+    """Cancel a background task and wait until it has stopped."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -14,10 +14,13 @@ Adding an engine is adding an entry: a package `lmfleet.engine.<name>` whose `__
 dataclass (extending `BatchSettings`) and `load(source, settings) -> LoadedModel`, and imports nothing heavy, so
 the CLI can build settings without loading torch or llama.cpp.
 
-Larger than one host (a design note; no code path here): a GPU engine such as vLLM would be one more entry whose
-`load` starts vLLM's own multi-node executor (Ray or its multiprocessing backend, tensor and pipeline parallel
-across hosts) and exposes its scheduler through the same `Engine` protocol; the whole multi-host model then
-registers as one worker.
+Larger than one host (a design note; no code path here, README "On paper, for GPUs"): a GPU engine such as vLLM
+would be one more entry, `vllm`, whose settings add tensor/pipeline parallel sizes and the executor backend, and
+whose `load` starts vLLM's own multi-node executor (Ray, or its multiprocessing backend with headless followers)
+on the head host and wraps the engine core's step behind the same `Engine` protocol (prompt token ids in, new
+token ids out). Only the head runs the lmfleet worker, so the whole multi-host model registers as one worker and
+nothing above the engine boundary changes; a lost rank fails the engine, and the worker leaves the fleet as any
+failed worker does.
 """
 
 from __future__ import annotations

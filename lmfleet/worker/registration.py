@@ -4,7 +4,9 @@ Owns `Registration`: heartbeat every interval with the worker's load; register a
 know the worker (first start, or the controller restarted and forgot it); while the worker cannot serve (engine
 stopped, or draining), leave every controller so no traffic comes, and stop heartbeating; `leave()` unregisters
 everywhere (the drain and the shutdown). A controller that cannot be reached is retried every interval and logged
-once per outage.
+once per outage. At start, a worker that advertises an address no other host can reach (loopback, or the
+unspecified 0.0.0.0 of `--host 0.0.0.0`) to a controller on another host is warned about (`unreachable_address`):
+that controller would list it, and the API servers it feeds could not connect.
 
 Does not own: the HTTP calls (lmfleet.client.ControllerClient), what the load report holds (the worker app).
 """
@@ -13,14 +15,41 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 from collections.abc import Callable, Sequence
+from urllib.parse import urlsplit
 
 from lmfleet import errors
 from lmfleet.client import ControllerClient
 from lmfleet.protocol.worker import WorkerStatus
 
 logger = logging.getLogger("lmfleet.worker")
+
+
+def _local_only(url: str) -> bool:
+    """True when the URL's host means "this machine" to whoever uses it: loopback, localhost, or unspecified."""
+    host = urlsplit(url).hostname or ""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # a name: another host's, as far as can be told without resolving it
+    return ip.is_loopback or ip.is_unspecified
+
+
+def unreachable_address(worker_address: str, controllers: Sequence[str]) -> str | None:
+    """Why `worker_address` cannot work for these controllers (one on another host, while the address only means
+    this machine), or None."""
+    remote = [c for c in controllers if not _local_only(c)]
+    if not remote or not _local_only(worker_address):
+        return None
+    return (
+        f"this worker advertises {worker_address} to controller {', '.join(remote)} on another host, which cannot "
+        "reach it there: bind --host 0.0.0.0 (or this host's address) and set --worker-address to a URL the "
+        "controllers and API servers can reach"
+    )
 
 
 class Registration:
@@ -41,6 +70,9 @@ class Registration:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
+        problem = unreachable_address(self.address, [c.address for c in self.controllers])
+        if problem is not None:
+            logger.warning("%s", problem)
         if self.controllers and self._task is None:
             self._task = asyncio.create_task(self._keep_registered(), name="lmfleet-heartbeat")
 

@@ -163,6 +163,7 @@ async def test_registration_secret_required(caplog: pytest.LogCaptureFixture) ->
             assert (await c.get("/list_models", headers=headers)).json() == {"models": ["m"]}
             assert (await c.post("/get_worker_address", json={"model": "m"}, headers=headers)).json() == {"address": W1}
             assert (await c.get("/health", headers=headers)).json() == {"status": "ok"}
+            assert (await c.get("/ready", headers=headers)).json() == {"status": "ready"}  # memory is never stale
 
         assert (await c.post("/unregister_worker", json={"worker_name": W1}, headers=auth())).json() == {
             "removed": True

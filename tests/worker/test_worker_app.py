@@ -137,3 +137,32 @@ async def test_a_full_queue_is_a_429_with_retry_after_at_once(worker) -> None:
         for s in streams:
             await s.__aexit__(None, None, None)
     assert await settles(lambda: not engine.running)  # the hung-up streams were aborted
+
+
+@pytest.mark.parametrize(
+    ("advertised", "controllers", "warned"),
+    [
+        ("http://127.0.0.1:21002", ["http://10.213.0.21:21001"], True),
+        ("http://localhost:21002", ["http://127.0.0.1:21001", "http://ctl.example:21001"], True),
+        ("http://0.0.0.0:21002", ["http://10.213.0.21:21001"], True),  # --host 0.0.0.0 without --worker-address
+        ("http://[::1]:21002", ["http://[fd00::21]:21001"], True),
+        ("http://10.213.0.31:21002", ["http://10.213.0.21:21001"], False),
+        ("http://127.0.0.1:21002", ["http://127.0.0.1:21001", "http://localhost:21001"], False),  # one machine
+    ],
+)
+async def test_a_worker_advertising_a_loopback_address_to_another_host_is_warned_at_start(
+    advertised: str, controllers: list[str], warned: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = WorkerSettings(
+        model_path="fake", worker_address=advertised, controller_addresses=controllers, heartbeat_interval_s=60
+    )
+    refusing = httpx.AsyncClient(transport=httpx.MockTransport(lambda _r: httpx.Response(503)))
+    app = create_app(settings, load=lambda _s: loaded(ScriptedEngine(SCRIPT)), http_client=refusing)
+    with caplog.at_level("WARNING", logger="lmfleet.worker"):
+        async with running(app):
+            pass
+    await refusing.aclose()
+    lines = [r.getMessage() for r in caplog.records if "cannot reach it" in r.getMessage()]
+    assert len(lines) == (1 if warned else 0), lines
+    if warned:
+        assert advertised in lines[0] and "--worker-address" in lines[0]
