@@ -168,6 +168,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--device", default=None, choices=list(DEVICES), help="transformers: default cuda when available")
     g.add_argument("--dtype", default="auto", choices=list(DTYPES), help="transformers: default the checkpoint's")
+    g.add_argument(
+        "--tool-parser",
+        default="auto",
+        choices=["auto", "hermes", "llama3_json", "mistral"],  # lmfleet.worker.tools.FORMATS (not imported here)
+        help="how the model writes tool calls (default auto: from its chat template; hermes for the generic prompt)",
+    )
 
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:
@@ -269,6 +275,7 @@ def worker_settings(args: argparse.Namespace, **overrides: Any) -> Any:  # Worke
         heartbeat_interval_s=args.heartbeat_interval,
         registration_secret=registration_secret(args),
         drain_timeout_s=args.drain_timeout,
+        tool_parser=args.tool_parser,
     )
     fields.update(overrides)
     return WorkerSettings(**fields)
@@ -412,6 +419,7 @@ _ENGINE_FLAGS = (
     ("--threads", "threads"),
     ("--device", "device"),
     ("--dtype", "dtype"),
+    ("--tool-parser", "tool_parser"),
     ("--limit-worker-concurrency", "limit_worker_concurrency"),
     ("--heartbeat-interval", "heartbeat_interval"),
 )
