@@ -442,7 +442,7 @@ class ChatCompletionRequest(_GenerationRequest):
     @classmethod
     def _choice_among_tools(cls, value: Any, info: ValidationInfo) -> Any:
         tools = info.data.get("tools") or []
-        if value in (None, "none"):
+        if value in (None, "none", "auto"):  # "auto" without tools: nothing to call, as "none"
             return value
         if not tools:
             raise _error("tool_choice_without_tools", "is only allowed when tools are given")

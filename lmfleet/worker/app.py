@@ -246,7 +246,12 @@ class Worker:
         calls = None  # tool calls are parsed out of the text (and never sent as text) when tools are offered
         if req.tools and req.tool_choice != "none":
             skip = req.resume_text_chars or 0
-            calls = tools.CallStream(self.tool_format, skip_content=skip, skip_calls=req.resume_tool_chars)
+            calls = tools.CallStream(
+                self.tool_format,
+                single=not req.parallel_tool_calls,
+                skip_content=skip,
+                skip_calls=req.resume_tool_chars,
+            )
         if req.resume_text_chars is None:  # resumed ids are context only: their text is not sent
             text = textgen.TextStream(self.tokenizer, prompt + resumed, req.stop, special=calls is not None)
             pending = ""

@@ -296,10 +296,13 @@ def _loads(text: str) -> Any:
 class CallStream:
     """Generated text → (content, tool-call pieces), for one choice (module docstring). `skip_content` characters of
     content and, for each call already announced to the client, `skip_calls[i]` characters of its arguments were
-    delivered by an earlier worker: they are parsed again but not sent."""
+    delivered by an earlier worker: they are parsed again but not sent. With `single` only the first call counts."""
 
-    def __init__(self, fmt: ToolFormat, *, skip_content: int = 0, skip_calls: Sequence[int] = ()) -> None:
+    def __init__(
+        self, fmt: ToolFormat, *, single: bool = False, skip_content: int = 0, skip_calls: Sequence[int] = ()
+    ) -> None:
         self._fmt = fmt
+        self._single = single  # parallel_tool_calls false: calls after the first are dropped
         self._mode = "content" if fmt.start else "first"  # content, first (llama3: before the first char), calls
         self._pending = ""  # content that may be the start of the format's marker (or, for llama3, the whole call)
         self._scanner: _CallScanner | None = None
@@ -368,7 +371,7 @@ class CallStream:
     def _call_char(self, c: str) -> None:
         scanner = self._scanner
         if scanner is None:
-            if c != "{":
+            if c != "{" or (self._single and self.calls):
                 return  # between calls: separators, closing tags
             scanner = self._scanner = _CallScanner(self._fmt.args_key)
             self._sent_args = 0

@@ -61,6 +61,12 @@ def test_each_format_parses_calls_the_same_however_the_text_is_cut(fmt: str) -> 
 
 
 @pytest.mark.parametrize("fmt", sorted(tools.FORMATS))
+def test_without_parallel_calls_only_the_first_counts(fmt: str) -> None:
+    _, pieces = parse(tools.CallStream(tools.FORMATS[fmt], single=True), TEXTS[fmt])
+    assert [name for name, _ in calls_of(pieces)] == ["add"]
+
+
+@pytest.mark.parametrize("fmt", sorted(tools.FORMATS))
 def test_plain_answers_stay_content(fmt: str) -> None:
     for text in ("Paris is the capital of France.", "a < b and {x} < y", '{"answer": 42}'):
         content, pieces = parse(tools.CallStream(tools.FORMATS[fmt]), text)
