@@ -14,6 +14,10 @@ Drain (lmfleet.drain, awaited by the process runner on the first SIGTERM): leave
 (worker/registration.py), answer new requests 503, let the open streams finish for up to `drain_timeout_s`; then
 uvicorn's graceful shutdown closes what is left, and the API server resumes those generations on another replica.
 
+Structured output and tools: the worker picks a request's grammar (JSON for `json_schema`, a call for a forced tool
+choice), compiles it in a thread (lmfleet.engine.grammar), advances it through resumed ids and hands it to the engine
+on `SamplingParams.constraint`; tool prompts, tool-call parsing and call grammars are worker/tools.py's.
+
 Does not own: batching and sampling (lmfleet.engine), text handling (worker/textgen.py), fleet membership
 (worker/registration.py), OpenAI semantics (lmfleet.api).
 """
