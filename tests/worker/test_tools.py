@@ -144,3 +144,34 @@ def test_the_generic_prompt_writes_tools_calls_and_results_in_hermes_form() -> N
     native, specs = tools.prepare(messages, [ADD], native=True)
     assert native[2]["tool_calls"][0]["function"]["arguments"] == {"a": 1, "b": 2}
     assert specs == [{"type": "function", "function": ADD.model_dump(exclude_none=True)}]
+
+
+QWEN_LIKE = (
+    "{% if tools %}<|im_start|>system\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content or '' }}"
+    "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function.arguments | tojson }}</tool_call>{% endfor %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_a_template_that_takes_tools_gets_them_and_earlier_calls_as_objects(tiny_models) -> None:
+    pytest.importorskip("transformers")
+    from lmfleet.engine.transformers.tokenizer import HFTokenizer
+
+    tokenizer = HFTokenizer.load(str(tiny_models["alpha"]))
+    tokenizer._tok.chat_template = QWEN_LIKE
+    assert tools.takes_tools(tokenizer.chat_template) and tools.detect(tokenizer.chat_template).name == "hermes"
+    messages = [
+        {"role": "user", "content": "1+2?"},
+        {
+            "role": "assistant",
+            "tool_calls": [
+                {"id": "c", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c", "content": "3"},
+    ]
+    prepared, specs = tools.prepare(messages, [ADD], native=True)
+    text = tokenizer.decode(tokenizer.render_chat(prepared, tools=specs), skip_special_tokens=False)
+    assert '"name": "add"' in text and '<tool_call>{"a": 1, "b": 2}</tool_call>' in text
+    assert "<|im_start|>tool\n3" in text
