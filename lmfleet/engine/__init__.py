@@ -1,5 +1,6 @@
 """Token ids in, token ids out: the engine boundary (`base`), the asyncio bridge (`runner`), the choice of engine
-(`registry`) and the engines (`llamacpp`, `transformers`).
+(`registry`), the engines (`llamacpp`, `transformers`) and the grammars that constrain their sampling (`grammar`,
+llguidance; imported by the worker, never by the engines, which see only `base.TokenConstraint`).
 
 Importing this package, the registry or an engine package's `__init__` imports neither torch nor llama.cpp; an
 engine's `load` does.
