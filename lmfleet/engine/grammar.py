@@ -71,7 +71,10 @@ class Grammars:
     def vocabulary(self) -> llguidance.LLTokenizer:
         with self._lock:
             if self._vocab is None:
-                self._vocab = self._tokenizer.grammar_vocabulary()
+                try:
+                    self._vocab = self._tokenizer.grammar_vocabulary()
+                except (ValueError, TypeError, AttributeError) as exc:  # e.g. a slow (Python) HF tokenizer
+                    raise GrammarError(f"constrained decoding does not support this model's tokenizer: {exc}") from exc
             return self._vocab
 
     def json_schema(self, schema: dict[str, Any]) -> str:
