@@ -214,6 +214,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="embedding: allow `dimensions` (shorter vectors, renormalized) although the model's config does not "
         "say it was trained for them",
     )
+    g.add_argument(
+        "--tool-parser",
+        default="auto",
+        choices=["auto", "hermes", "llama3_json", "mistral"],  # lmfleet.worker.tools.FORMATS (not imported here)
+        help="how the model writes tool calls (default auto: from its chat template; hermes for the generic prompt)",
+    )
 
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:
@@ -316,6 +322,7 @@ def worker_settings(args: argparse.Namespace, **overrides: Any) -> Any:  # Worke
         heartbeat_interval_s=args.heartbeat_interval,
         registration_secret=registration_secret(args),
         drain_timeout_s=args.drain_timeout,
+        tool_parser=args.tool_parser,
     )
     fields.update(overrides)
     return WorkerSettings(**fields)
@@ -473,6 +480,7 @@ _ENGINE_FLAGS = (
     ("--threads", "threads"),
     ("--device", "device"),
     ("--dtype", "dtype"),
+    ("--tool-parser", "tool_parser"),
     ("--limit-worker-concurrency", "limit_worker_concurrency"),
     ("--heartbeat-interval", "heartbeat_interval"),
 )

@@ -29,7 +29,23 @@ class ByteTokenizer:
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
-    def render_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> list[int]:
+    chat_template = None
+
+    def grammar_vocabulary(self) -> Any:
+        import llguidance
+
+        class Vocabulary:  # what llguidance.TokenizerWrapper reads
+            eos_token_id, bos_token_id, special_token_ids = EOS, None, [EOS]
+            tokens = [bytes([i]) for i in range(256)] + [b"\xff<eos>"]
+
+            def __call__(self, text: str) -> list[int]:
+                return list(text.encode())
+
+        return llguidance.LLTokenizer(llguidance.TokenizerWrapper(Vocabulary()))
+
+    def render_chat(
+        self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True, tools: Any = None
+    ) -> list[int]:
         if any(m["role"] == "forbidden" for m in messages):
             raise ChatTemplateError("roles must be user or assistant")
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)

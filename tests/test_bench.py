@@ -368,6 +368,25 @@ def test_completions_without_stream_with_ignore_eos(fake, run):
         assert "stream_options" not in sent
 
 
+def test_response_format_is_sent_with_every_chat_request(fake, run, tmp_path):
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    for value, expected in (
+        ("json_object", {"type": "json_object"}),
+        (
+            str(tmp_path / "schema.json"),
+            {"type": "json_schema", "json_schema": {"name": "bench", "schema": schema, "strict": True}},
+        ),
+        (
+            json.dumps(schema),
+            {"type": "json_schema", "json_schema": {"name": "bench", "schema": schema, "strict": True}},
+        ),
+    ):
+        cfg = fake.reset(chunks=2)
+        code, _ = run("--concurrency", "1", "--warmup", "0", "--response-format", value)
+        assert code == 0 and [sent["response_format"] for sent in cfg.received] == [expected] * 2
+
+
 def test_chat_without_stream_and_without_usage_counts_words(fake, run):
     fake.reset(chunks=4, usage=False)
     code, report = run("--no-stream", "--concurrency", "1", "--requests", "2", "--warmup", "0")
@@ -426,6 +445,7 @@ def test_unreachable_server(tmp_path, capsys):
         ["--max-tokens", "-1"],
         ["--timeout", "nan"],
         ["--endpoint", "embeddings"],
+        ["--response-format", "no-such-file.json"],
         ["--prompt", "hi", "--prompt-tokens", "5"],
         ["--raw"],
         ["--raw", "--model-path", "m", "--prompt", "hi"],

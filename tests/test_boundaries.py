@@ -20,8 +20,8 @@ def modules_loaded_by(code: str) -> set[str]:
 @pytest.mark.parametrize(
     ("app", "banned"),
     [
-        ("lmfleet.api.app", ("lmfleet.controller", "lmfleet.worker", "lmfleet.engine")),
-        ("lmfleet.controller.app", ("lmfleet.api", "lmfleet.worker", "lmfleet.engine")),
+        ("lmfleet.api.app", ("lmfleet.controller", "lmfleet.worker", "lmfleet.engine", "llguidance")),
+        ("lmfleet.controller.app", ("lmfleet.api", "lmfleet.worker", "lmfleet.engine", "llguidance")),
         ("lmfleet.worker.app", ("lmfleet.api", "lmfleet.controller")),
     ],
 )

@@ -35,6 +35,10 @@ from lmfleet.protocol.openai import (
     CompletionChunk,
     CompletionChunkChoice,
     FinishReason,
+    FunctionCall,
+    FunctionCallDelta,
+    ToolCall,
+    ToolCallDelta,
     Usage,
 )
 
@@ -75,6 +79,15 @@ def _finished(choice: ChoiceDelta) -> FinishReason:
     return cast(FinishReason, choice.finish_reason)  # a choice ends with its finish_reason (upstream)
 
 
+def _message(choice: ChoiceDelta) -> AssistantMessage:
+    """A whole choice as an assistant message; `content` is null when the answer is only tool calls."""
+    calls = [
+        ToolCall(id=c.id or "", function=FunctionCall(name=c.name or "", arguments=c.arguments))
+        for c in choice.tool_calls
+    ]
+    return AssistantMessage(content=choice.text or (None if calls else ""), tool_calls=calls or None)
+
+
 class ChatRenderer(_OneResponse):
     """/v1/chat/completions: `chat.completion.chunk`s, the first of each choice with `role`, then a
     `chat.completion`."""
@@ -87,10 +100,20 @@ class ChatRenderer(_OneResponse):
 
     def chunk(self, delta: ChoiceDelta) -> ChatCompletionChunk | None:
         first = delta.index not in self._announced
-        if not (delta.text or first or delta.finish_reason):
+        if not (delta.text or first or delta.finish_reason or delta.tool_calls):
             return None
         self._announced.add(delta.index)
-        content = ChatDelta(role="assistant", content=delta.text) if first else ChatDelta(content=delta.text or None)
+        calls = [
+            ToolCallDelta(
+                index=c.index,
+                id=c.id,
+                type="function" if c.id else None,
+                function=FunctionCallDelta(name=c.name, arguments=c.arguments),
+            )
+            for c in delta.tool_calls
+        ]
+        text = delta.text if first and not calls else delta.text or None
+        content = ChatDelta(role="assistant" if first else None, content=text, tool_calls=calls or None)
         choice = ChatChunkChoice(index=delta.index, delta=content, finish_reason=delta.finish_reason)
         return ChatCompletionChunk(id=self.meta.id, created=self.meta.created, model=self.meta.model, choices=[choice])
 
@@ -103,10 +126,7 @@ class ChatRenderer(_OneResponse):
             id=self.meta.id,
             created=self.meta.created,
             model=self.meta.model,
-            choices=[
-                ChatChoice(index=c.index, message=AssistantMessage(content=c.text), finish_reason=_finished(c))
-                for c in choices
-            ],
+            choices=[ChatChoice(index=c.index, message=_message(c), finish_reason=_finished(c)) for c in choices],
             usage=usage,
         )
 

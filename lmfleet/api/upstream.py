@@ -36,7 +36,7 @@ from lmfleet import errors
 from lmfleet.api.routing import Lease
 from lmfleet.client import WorkerClient
 from lmfleet.protocol.openai import FinishReason, Usage
-from lmfleet.protocol.worker import GenerateChunk, GenerateRequest, Task
+from lmfleet.protocol.worker import GenerateChunk, GenerateRequest, Task, ToolCallChunk
 
 logger = logging.getLogger("lmfleet.api")
 
@@ -54,17 +54,23 @@ class ChoiceDelta:
     token_ids: tuple[int, ...] = ()
     finish_reason: FinishReason | None = None
     logprobs: None = None  # filled by a later feature (log probabilities)
-    tool_calls: None = None  # filled by a later feature (tool-call deltas)
+    tool_calls: tuple[ToolCallChunk, ...] = ()  # pieces of tool calls (the first of a call has its id and name)
 
 
 def joined(deltas: Sequence[ChoiceDelta]) -> ChoiceDelta:
-    """One choice's deltas, in order, as one delta: the whole choice (non-streamed answers)."""
+    """One choice's deltas, in order, as one delta: the whole choice (non-streamed answers), each tool call whole."""
     first, last = deltas[0], deltas[-1]
+    calls: dict[int, ToolCallChunk] = {}
+    for piece in (p for d in deltas for p in d.tool_calls):
+        call = calls.setdefault(piece.index, ToolCallChunk(index=piece.index))
+        call.id, call.name = call.id or piece.id, call.name or piece.name
+        call.arguments += piece.arguments
     return ChoiceDelta(
         index=first.index,
         text="".join(d.text for d in deltas),
         token_ids=tuple(t for d in deltas for t in d.token_ids),
         finish_reason=last.finish_reason,
+        tool_calls=tuple(calls[i] for i in sorted(calls)),
     )
 
 
@@ -177,6 +183,7 @@ class ChoiceStream:
         self.prompt_token_ids: list[int] | None = list(req.prompt_token_ids) if req.prompt_token_ids else None
         self.token_ids: list[int] = []  # every id passed on, in order
         self.text_chars = 0  # characters passed on (echo included)
+        self.tool_chars: list[int] = []  # per tool call passed on: characters of its arguments
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.finish_reason: FinishReason | None = None
@@ -245,6 +252,7 @@ class ChoiceStream:
                 text=chunk.text,
                 token_ids=tuple(chunk.token_ids),
                 finish_reason=self.finish_reason,
+                tool_calls=tuple(chunk.tool_calls),
             )
             if chunk.finish_reason is not None:
                 return
@@ -256,6 +264,9 @@ class ChoiceStream:
             self.prompt_token_ids = list(chunk.prompt_token_ids)
         self.token_ids.extend(chunk.token_ids)
         self.text_chars += len(chunk.text)
+        for piece in chunk.tool_calls:
+            self.tool_chars.extend([0] * (piece.index + 1 - len(self.tool_chars)))
+            self.tool_chars[piece.index] += len(piece.arguments)
         self.prompt_tokens, self.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
         self.finish_reason = cast(FinishReason | None, chunk.finish_reason)  # abort/error were raised
 
@@ -284,6 +295,7 @@ class ChoiceStream:
                 "prompt_token_ids": self.prompt_token_ids,
                 "resume_token_ids": list(self.token_ids),
                 "resume_text_chars": max(self.text_chars - self._echo_chars, 0),
+                "resume_tool_chars": list(self.tool_chars),
                 "echo": False,
             }
         )

@@ -186,6 +186,7 @@ class BenchSettings:
     stream: bool = True
     ignore_eos: bool = False
     temperature: float = 0.0
+    response_format: dict[str, Any] | None = field(default=None, repr=False)  # chat: structured output
     timeout: float = 300.0  # seconds per request, end to end
     warmup: int = 1
     json_path: str | None = None  # "-" for stdout
@@ -285,6 +286,14 @@ def build_parser(prog: str = "lmfleet bench") -> argparse.ArgumentParser:
         "(real OpenAI rejects unknown fields)",
     )
 
+    load.add_argument(
+        "--response-format",
+        type=_response_format,
+        default=None,
+        metavar="json_object|SCHEMA",
+        help="chat: ask for JSON (json_object) or JSON valid against a schema (a file, or inline JSON)",
+    )
+
     out = p.add_argument_group("output")
     out.add_argument(
         "--json", dest="json_path", metavar="PATH", default=None, help="write results as JSON (- for stdout)"
@@ -297,6 +306,18 @@ def build_parser(prog: str = "lmfleet bench") -> argparse.ArgumentParser:
     raw.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="default: %(default)s")
     raw.add_argument("--device", default="cpu", help="default: %(default)s")
     return p
+
+
+def _response_format(value: str) -> dict[str, Any]:
+    """`--response-format`: json_object, or a JSON schema (inline, or a file holding one)."""
+    if value == "json_object":
+        return {"type": "json_object"}
+    try:
+        text = value if value.lstrip().startswith("{") else open(value).read()
+        schema = json.loads(text)
+    except (OSError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"not json_object, a JSON schema or a file holding one: {exc}") from None
+    return {"type": "json_schema", "json_schema": {"name": "bench", "schema": schema, "strict": True}}
 
 
 def settings_from_args(args: argparse.Namespace) -> BenchSettings:
@@ -313,6 +334,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         stream=args.stream,
         ignore_eos=args.ignore_eos,
         temperature=args.temperature,
+        response_format=args.response_format,
         timeout=args.timeout,
         warmup=args.warmup,
         json_path=args.json_path,
@@ -393,6 +415,8 @@ def build_payload(settings: BenchSettings, model: str, prompt: str) -> dict[str,
         payload["stream_options"] = {"include_usage": True}
     if settings.ignore_eos:
         payload["ignore_eos"] = True
+    if settings.response_format is not None:
+        payload["response_format"] = settings.response_format
     return payload
 
 

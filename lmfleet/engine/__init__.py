@@ -1,6 +1,7 @@
 """Token ids in, token ids (or vectors) out: the engine boundary (`base`), the asyncio bridges (`runner` for
-generation, `pooling` for embeddings), the choice of engine (`registry`) and the engines (`llamacpp`,
-`transformers`, `embedding`).
+generation, `pooling` for embeddings), the choice of engine (`registry`), the engines (`llamacpp`, `transformers`,
+`embedding`) and the grammars that constrain their sampling (`grammar`, llguidance; imported by the worker, never
+by the engines, which see only `base.TokenConstraint`).
 
 Importing this package, the registry or an engine package's `__init__` imports neither torch nor llama.cpp; an
 engine's `load` does.

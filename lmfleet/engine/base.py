@@ -73,6 +73,32 @@ class BatchSettings:
             raise ValueError("max_model_len must be at least 2")
 
 
+class TokenConstraint(Protocol):
+    """Which ids a request may generate next: a grammar over its output, built above the engine (by the worker, with
+    lmfleet.engine.grammar) and carried on `SamplingParams.constraint`, one per request.
+
+    Before sampling a constrained request's next token the engine takes `allowed()` and makes every other id
+    impossible (its logit -inf), whatever the sampling parameters; after sampling it reports the id with
+    `advance`. End-of-sequence ids are allowed only where the grammar is complete. Once `finished` (the grammar
+    admits nothing more) the engine stops the request (STOP). A resumed request's constraint has already consumed
+    the resumed ids (the worker advances it before admission), so preempting or recomputing a request never needs
+    to roll it back. Unconstrained requests in the same batch are not touched."""
+
+    def allowed(self) -> bytes:
+        """The ids allowed next as a bitmask: bit `i % 32` of little-endian 32-bit word `i // 32` is id `i`. Ids
+        past its end are not allowed."""
+        ...
+
+    def advance(self, token_id: int) -> bool:
+        """Consume the sampled id; False if the grammar refuses it (the engine then fails the request)."""
+        ...
+
+    @property
+    def finished(self) -> bool:
+        """The grammar is complete and admits no further token but end-of-sequence."""
+        ...
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request sampling. `temperature == 0` means greedy; `top_k == 0`, `top_p == 1`, `min_p == 0` mean off."""
@@ -88,6 +114,8 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     stop_token_ids: tuple[int, ...] = ()  # in addition to the model's end-of-sequence ids
     ignore_eos: bool = False
+    # A grammar the output must follow (structured output, forced tool calls); stateful, one per request.
+    constraint: TokenConstraint | None = field(default=None, compare=False)
 
     @property
     def greedy(self) -> bool:
@@ -110,6 +138,20 @@ class EngineRequest:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
+
+
+CONSTRAINT_REFUSED = "the output grammar refused the sampled token"
+
+
+def advance_constraint(params: SamplingParams, token: int) -> FinishReason | None:
+    """Report a sampled (not stopping) token to the request's constraint, if it has one: ERROR when the grammar refuses
+    it, STOP when the grammar is complete with it, else None (the request goes on)."""
+    constraint = params.constraint
+    if constraint is None:
+        return None
+    if not constraint.advance(token):
+        return FinishReason.ERROR
+    return FinishReason.STOP if constraint.finished else None
 
 
 def assert_fits(request: EngineRequest, *, max_model_len: int, vocab_size: int) -> None:
@@ -211,9 +253,26 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str: ...
 
-    def render_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> list[int]:
-        """The ids of a chat prompt through the model's own chat template (or a documented fallback). Raises
-        `ChatTemplateError` when the template refuses the messages."""
+    @property
+    def chat_template(self) -> str | None:
+        """The model's own chat template source (None: the fallback is used)."""
+        ...
+
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> list[int]:
+        """The ids of a chat prompt through the model's own chat template (or a documented fallback), `tools` (OpenAI
+        function definitions) passed to the template as `tools`. Raises `ChatTemplateError` when the template refuses
+        the messages."""
+        ...
+
+    def grammar_vocabulary(self) -> Any:
+        """llguidance's `LLTokenizer` for this vocabulary (lmfleet.engine.grammar builds constraints with it); built
+        on first use (about a second), then cached."""
         ...
 
 

@@ -2,8 +2,8 @@
 /v1/models. Data only (pydantic, no I/O).
 
 Owns: parsing a client's request once, at the edge. Every limit is a `Field()` constraint, so a bad value is a
-400 that names the parameter; features lmfleet does not have yet (log probabilities, tools, structured output,
-logit bias, best_of, suffix, audio) are rejected by name rather than silently ignored; fields OpenAI tools send
+400 that names the parameter; features lmfleet does not have yet (log probabilities, logit bias, best_of, suffix,
+audio, the deprecated `functions`) are rejected by name rather than silently ignored; fields OpenAI tools send
 that change nothing about the output (`user`, `metadata`, `store`, ...) are ignored. A JSON `null` for a knob
 means its default, as with OpenAI. Each request model carries its own translation to the worker's
 `GenerateRequest`, one per choice, beside the fields it reads.
@@ -36,7 +36,7 @@ MAX_NAME_CHARS = 256  # model names, message names, `user`
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to "what fits"
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 63) - 1
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 def _error(kind: str, message: str) -> PydanticCustomError:
@@ -160,19 +160,10 @@ Prompts = Annotated[
 _NOT_YET: dict[str, tuple[Any, str]] = {
     "logprobs": (lambda v: v is None or v is False, "log probabilities are not supported yet"),
     "top_logprobs": (lambda v: v is None or v == 0, "log probabilities are not supported yet"),
-    "tools": (lambda v: not v, "tools (function calling) are not supported yet"),
-    "tool_choice": (
-        lambda v: v is None or v == "none",
-        "tools (function calling) are not supported yet; only 'none' is accepted",
-    ),
-    "functions": (lambda v: not v, "function calling is not supported yet"),
+    "functions": (lambda v: not v, "the deprecated `functions` are not supported; use `tools`"),
     "function_call": (
         lambda v: v is None or v == "none",
-        "function calling is not supported yet; only 'none' is accepted",
-    ),
-    "response_format": (
-        lambda v: v is None or v.get("type") == "text",
-        "only {'type': 'text'} is supported; JSON mode and structured outputs are not supported yet",
+        "the deprecated `function_call` is not supported; use `tool_choice`",
     ),
     "logit_bias": (lambda v: not v, "logit_bias is not supported yet"),
     "modalities": (lambda v: v is None or set(v) <= {"text"}, "only the 'text' modality is supported"),
@@ -274,13 +265,94 @@ class _GenerationRequest(BaseModel):
         }
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Structured outputs and tools (the worker compiles the grammars; here only their shapes)
+
+FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+
+class JsonSchemaSpec(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: FunctionName
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="None: any JSON object.")
+    strict: bool | None = Field(None, description="Accepted; the schema is always enforced.")
+
+
+class ResponseFormat(BaseModel):
+    """`text`, `json_object` (JSON mode: some JSON object) or `json_schema` (JSON valid against the schema), enforced
+    by constrained decoding in the worker."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = Field(None, validate_default=True)
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema_given(cls, value: JsonSchemaSpec | None, info: ValidationInfo) -> JsonSchemaSpec | None:
+        if value is None and info.data.get("type") == "json_schema":
+            raise _error("missing_json_schema", "is required when type is 'json_schema'")
+        return value
+
+    def output_schema(self) -> dict[str, Any] | None:
+        """The JSON schema the output must follow; None for plain text."""
+        if self.type == "text":
+            return None
+        if self.type == "json_schema" and self.json_schema is not None and self.json_schema.schema_ is not None:
+            return self.json_schema.schema_
+        return {"type": "object"}
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="A JSON schema; None: no parameters.")
+    strict: bool | None = Field(None, description="Accepted; forced calls always follow the schema.")
+
+
+class ToolSpec(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class FunctionRef(BaseModel):
+    name: FunctionName
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"]
+    function: FunctionRef
+
+
+class FunctionCall(BaseModel):
+    name: FunctionName
+    arguments: str = Field(description="The arguments as a JSON string.")
+
+
+class ToolCall(BaseModel):
+    """A tool call in an assistant message (sent back by clients in the conversation, and in our answers)."""
+
+    id: str = Field(max_length=MAX_NAME_CHARS)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: MessageContent = Field(None, validate_default=True)
     name: str | None = Field(None, max_length=MAX_NAME_CHARS)
-    tool_call_id: str | None = Field(None, max_length=MAX_NAME_CHARS)
+    tool_call_id: str | None = Field(None, max_length=MAX_NAME_CHARS, validate_default=True)
+    tool_calls: list[ToolCall] | None = Field(None, max_length=MAX_CHOICES, description="Assistant messages only.")
 
     @field_validator("content")
     @classmethod
@@ -289,11 +361,22 @@ class ChatMessage(BaseModel):
             raise _error("missing_content", "is required for every role but 'assistant'")
         return value
 
+    @field_validator("tool_call_id")
+    @classmethod
+    def _tool_call_id_for_tools(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None and info.data.get("role") == "tool":
+            raise _error("missing_tool_call_id", "is required for 'tool' messages")
+        return value
+
     def to_worker(self) -> ChatMessageIn:
         # Chat templates know "system"; OpenAI's "developer" role means the same thing to a model that has no
         # separate developer channel.
         role = "system" if self.role == "developer" else self.role
-        extra = {k: v for k, v in (("name", self.name), ("tool_call_id", self.tool_call_id)) if v is not None}
+        extra: dict[str, Any] = {
+            k: v for k, v in (("name", self.name), ("tool_call_id", self.tool_call_id)) if v is not None
+        }
+        if self.tool_calls:
+            extra["tool_calls"] = [c.model_dump() for c in self.tool_calls]
         return ChatMessageIn(role=role, content=self.content, **extra)
 
 
@@ -328,11 +411,18 @@ class ChatCompletionRequest(_GenerationRequest):
     )
     logprobs: bool | None = Field(None, description="Not supported yet (only false).")
     top_logprobs: int | None = Field(None, ge=0, le=20, strict=True, description="Not supported yet (only 0).")
-    tools: list[dict[str, Any]] | None = Field(None, description="Not supported yet (only empty).")
-    tool_choice: str | dict[str, Any] | None = Field(None, description="Only 'none'.")
+    tools: list[ToolSpec] | None = Field(None, max_length=128, description="Functions the model may call.")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None,
+        description="Default 'auto' with tools, else 'none'. 'required' and a named function are enforced by a "
+        "grammar; with 'auto' the model answers in text or calls a tool.",
+    )
+    parallel_tool_calls: bool | None = Field(None, description="Default true: a forced call may be several calls.")
     functions: list[dict[str, Any]] | None = Field(None, description="Deprecated; not supported.")
     function_call: str | dict[str, Any] | None = Field(None, description="Deprecated; only 'none'.")
-    response_format: dict[str, Any] | None = Field(None, description="Only {'type': 'text'}.")
+    response_format: ResponseFormat | None = Field(
+        None, description="JSON mode and structured outputs, enforced by constrained decoding."
+    )
     modalities: list[str] | None = Field(None, description="Only ['text'].")
     audio: dict[str, Any] | None = Field(None, description="Not supported.")
     prediction: dict[str, Any] | None = Field(None, description="Not supported.")
@@ -340,16 +430,33 @@ class ChatCompletionRequest(_GenerationRequest):
     check_supported = field_validator(
         "logprobs",
         "top_logprobs",
-        "tools",
-        "tool_choice",
         "functions",
         "function_call",
-        "response_format",
         "logit_bias",
         "modalities",
         "audio",
         "prediction",
     )(_reject_unsupported)
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_among_tools(cls, value: Any, info: ValidationInfo) -> Any:
+        tools = info.data.get("tools") or []
+        if value in (None, "none", "auto"):  # "auto" without tools: nothing to call, as "none"
+            return value
+        if not tools:
+            raise _error("tool_choice_without_tools", "is only allowed when tools are given")
+        if isinstance(value, NamedToolChoice) and value.function.name not in {t.function.name for t in tools}:
+            raise _error("unknown_tool", f"names {value.function.name!r}, which is not among the tools")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _one_grammar(cls, value: ResponseFormat | None, info: ValidationInfo) -> ResponseFormat | None:
+        choice = info.data.get("tool_choice")
+        if value is not None and value.type != "text" and (choice == "required" or isinstance(choice, NamedToolChoice)):
+            raise _error("format_with_forced_tool", "cannot be JSON when tool_choice forces a tool call")
+        return value
 
     @property
     def num_choices(self) -> int:
@@ -357,6 +464,17 @@ class ChatCompletionRequest(_GenerationRequest):
 
     def prompt_index(self, choice: int) -> int:
         return 0
+
+    def _tooling(self) -> dict[str, Any]:
+        """GenerateRequest fields for structured output and tools."""
+        choice = self.tool_choice if self.tool_choice is not None else ("auto" if self.tools else "none")
+        return {
+            "json_schema": self.response_format.output_schema() if self.response_format else None,
+            "tools": [t.function.model_dump(exclude_none=True) for t in self.tools or []],
+            "tool_choice": "required" if isinstance(choice, NamedToolChoice) else choice,
+            "tool_name": choice.function.name if isinstance(choice, NamedToolChoice) else None,
+            "parallel_tool_calls": self.parallel_tool_calls is not False,
+        }
 
     def to_generate_request(self, request_id: str, model: str, *, choice: int = 0) -> GenerateRequest:
         """The worker request for choice `choice` (0 <= choice < num_choices)."""
@@ -366,6 +484,7 @@ class ChatCompletionRequest(_GenerationRequest):
             messages=[m.to_worker() for m in self.messages],
             max_tokens=self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens,
             **self._sampling(choice),
+            **self._tooling(),
         )
 
 
@@ -445,8 +564,9 @@ class Usage(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # None when the answer is only tool calls
     refusal: None = None  # OpenAI requires the field; lmfleet's models never refuse by a separate channel
+    tool_calls: list[ToolCall] | None = Field(default=None, exclude_if=lambda calls: not calls)
 
 
 class ChatChoice(BaseModel):
@@ -465,10 +585,26 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = Field(default=None, exclude_if=lambda v: v is None)  # first delta of a call only
+    arguments: str = ""  # the next fragment of the arguments' JSON
+
+
+class ToolCallDelta(BaseModel):
+    """A piece of a streamed tool call: the first for each `index` has `id`, `type` and the function's name, later
+    ones add fragments of the arguments."""
+
+    index: int
+    id: str | None = Field(default=None, exclude_if=lambda v: v is None)
+    type: Literal["function"] | None = Field(default=None, exclude_if=lambda v: v is None)
+    function: FunctionCallDelta
+
+
 class ChatDelta(BaseModel):
     # Only in the first chunk of each choice, and absent (not null) after it, as OpenAI's schema has it.
     role: Literal["assistant"] | None = Field(default=None, exclude_if=lambda role: role is None)
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = Field(default=None, exclude_if=lambda calls: not calls)
 
 
 class ChatChunkChoice(BaseModel):

@@ -18,6 +18,14 @@ the API server sends `prompt_token_ids` = those ids, `resume_token_ids` = every 
 generated text it has passed on. The worker decodes the resumed ids again, through the same stop strings, and
 skips that many characters: text the dead worker was still holding back (half a UTF-8 character, a possible
 stop-string prefix) is sent, nothing is sent twice. Without `resume_text_chars` the resumed ids are only context.
+A choice that was streaming tool calls also says how far each announced call got (`resume_tool_chars`: characters
+of its arguments delivered); the worker parses the resumed text again and sends only the rest. A request under a
+grammar (`json_schema`, a forced tool call) has its grammar advanced through the resumed ids before it continues.
+
+Structured output and tools: `json_schema` is the schema the output must follow (JSON mode: `{"type": "object"}`);
+`tools` are the functions in the prompt, `tool_choice` says whether the model may (`auto`) or must (`required`,
+with `tool_name`: that one) call one; the worker renders them, enforces forced calls with a grammar and parses
+calls out of the text into `GenerateChunk.tool_calls`.
 
 One-reply routes (JSON in, JSON out): `POST /worker/embed` (`EmbedRequest` -> `EmbedResponse`, embedding workers
 only), `POST /worker/tokenize` (`TokenizeRequest` -> `TokenizeResponse`) and `POST /worker/detokenize`
@@ -26,14 +34,14 @@ only), `POST /worker/tokenize` (`TokenizeRequest` -> `TokenizeResponse`) and `PO
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lmfleet.protocol.errors import ErrorInfo
 
 # lmfleet.engine.base.FinishReason's values, as the wire spells them.
-FinishReason = Literal["stop", "length", "abort", "error"]
+FinishReason = Literal["stop", "length", "abort", "error", "tool_calls"]
 # What a worker serves: `generate` (chat and text completions) or `embed` (embeddings).
 Task = Literal["generate", "embed"]
 
@@ -116,6 +124,16 @@ class ChatMessageIn(BaseModel):
     content: str | None = None
 
 
+class ToolFunction(BaseModel):
+    """A function the model may call (OpenAI's `tools[].function`)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; None: no parameters
+
+
 class GenerateRequest(BaseModel):
     """`POST /worker/generate`. Exactly one of `prompt`, `messages`, `prompt_token_ids` is set."""
 
@@ -143,6 +161,13 @@ class GenerateRequest(BaseModel):
     stop_token_ids: list[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]] = Field(default_factory=list, max_length=1024)
     ignore_eos: bool = False
     echo: bool = False  # completions: prepend the prompt text to the output
+    json_schema: dict[str, Any] | None = None  # the output is JSON valid against it
+    tools: list[ToolFunction] = Field(default_factory=list, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] = "none"
+    tool_name: str | None = None  # with tool_choice "required": the function that must be called
+    parallel_tool_calls: bool = True
+    # per tool call already announced to the client: characters of its arguments delivered (resume)
+    resume_tool_chars: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=1024)
 
     @model_validator(mode="after")
     def _one_prompt(self) -> GenerateRequest:
@@ -152,11 +177,22 @@ class GenerateRequest(BaseModel):
         return self
 
 
+class ToolCallChunk(BaseModel):
+    """A piece of a tool call parsed from the output: the first for an `index` has `id` and `name`, the rest add
+    fragments of the arguments' JSON text."""
+
+    index: int = Field(ge=0)
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
 class GenerateChunk(BaseModel):
     """One line of the worker's NDJSON stream. The last chunk has `finish_reason` (or `error`) set."""
 
     request_id: str
     text: str = ""  # text delta (may be empty while UTF-8 or a possible stop string is held back)
+    tool_calls: list[ToolCallChunk] = Field(default_factory=list)  # never raw text of a call in `text`
     token_ids: list[int] = Field(default_factory=list)  # ids generated since the previous chunk
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0

@@ -16,6 +16,10 @@ Drain (lmfleet.drain, awaited by the process runner on the first SIGTERM): leave
 (worker/registration.py), answer new requests 503, let the open streams finish for up to `drain_timeout_s`; then
 uvicorn's graceful shutdown closes what is left, and the API server resumes those generations on another replica.
 
+Structured output and tools: the worker picks a request's grammar (JSON for `json_schema`, a call for a forced tool
+choice), compiles it in a thread (lmfleet.engine.grammar), advances it through resumed ids and hands it to the engine
+on `SamplingParams.constraint`; tool prompts, tool-call parsing and call grammars are worker/tools.py's.
+
 Does not own: batching and sampling (lmfleet.engine), text handling (worker/textgen.py), fleet membership
 (worker/registration.py), OpenAI semantics (lmfleet.api).
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field, fields
@@ -51,6 +56,7 @@ from lmfleet.engine.base import (
     SamplingParams,
     Tokenizer,
 )
+from lmfleet.engine.grammar import Constraint, GrammarError, Grammars
 from lmfleet.engine.pooling import EmbeddingRunner
 from lmfleet.engine.runner import DEFAULT_MAX_QUEUED, AsyncEngine
 from lmfleet.guard import BearerSecrets, ParsedBodyRoute, RequestGuard
@@ -63,9 +69,10 @@ from lmfleet.protocol.worker import (
     GenerateRequest,
     TokenizeRequest,
     TokenizeResponse,
+    ToolCallChunk,
     WorkerStatus,
 )
-from lmfleet.worker import embed, textgen
+from lmfleet.worker import embed, textgen, tools
 from lmfleet.worker.registration import Registration
 
 logger = logging.getLogger("lmfleet.worker")
@@ -87,6 +94,7 @@ class WorkerSettings:
     speed: float = 1.0
     max_request_bytes: int = 32 << 20  # a GenerateRequest body (413 beyond; lmfleet.guard)
     drain_timeout_s: float = DEFAULT_TIMEOUT_S  # on SIGTERM: how long open streams may take to finish
+    tool_parser: str = tools.AUTO  # a key of lmfleet.worker.tools.FORMATS, or "auto" (from the chat template)
 
     @property
     def names(self) -> list[str]:
@@ -146,6 +154,10 @@ class Worker:
         self.engine_name = engine_name
         self.max_model_len = runner.engine.max_model_len
         self.vocab_size = min(runner.engine.vocab_size, len(tokenizer))  # ids both can handle
+        self.grammars = Grammars(tokenizer)
+        template = tokenizer.chat_template
+        self.native_tools = tools.takes_tools(template)  # else the generic tool prompt (Hermes)
+        self.tool_format = tools.detect(template if self.native_tools else None, settings.tool_parser)
 
     @property
     def serving(self) -> bool:
@@ -210,10 +222,34 @@ class Worker:
             if not req.messages:
                 raise errors.InvalidRequest("messages must not be empty", param="messages")
             messages = [m.model_dump(exclude_none=True) for m in req.messages]
-            return textgen.render_chat(self.tokenizer, messages, add_generation_prompt=req.add_generation_prompt)
+            offered = req.tools if req.tool_choice != "none" else []
+            messages, specs = tools.prepare(messages, offered, native=self.native_tools)
+            return textgen.render_chat(
+                self.tokenizer, messages, add_generation_prompt=req.add_generation_prompt, tools=specs
+            )
         if req.prompt is not None:
             return textgen.encode_prompt(self.tokenizer, req.prompt)
         return list(req.prompt_token_ids or [])
+
+    def constraint(self, req: GenerateRequest) -> Constraint | None:
+        """The grammar the output must follow, if any (JSON output, a forced tool call), advanced through the
+        resumed ids. Compiling takes a while: call it in a thread. InvalidRequest naming the parameter whose schema
+        llguidance cannot compile."""
+        if req.json_schema is not None:
+            param, build = "response_format", lambda: self.grammars.json_schema(req.json_schema or {})
+        elif req.tool_choice == "required" and req.tools:
+            forced = [t for t in req.tools if req.tool_name in (None, t.name)]
+            grammar = self.tool_format.grammar(forced, parallel=req.parallel_tool_calls and req.tool_name is None)
+            param, build = "tools", lambda: self.grammars.lark(grammar)
+        else:
+            return None
+        try:
+            constraint = self.grammars.constraint(build())
+        except GrammarError as exc:
+            raise errors.InvalidRequest(f"this schema cannot be enforced: {exc}", param=param) from None
+        if not constraint.advance_all(list(req.resume_token_ids)):
+            raise errors.InvalidRequest("the resumed ids do not follow the output grammar", param="resume_token_ids")
+        return constraint
 
     def engine_request(self, req: GenerateRequest, prompt: list[int]) -> EngineRequest:
         """The one check that a request fits the model (a prompt, ids inside the vocabulary, prompt + resumed ids +
@@ -256,6 +292,9 @@ class Worker:
         draining)."""
         prompt = self.prompt_ids(req)
         engine_req = self.engine_request(req, prompt)
+        constraint = await asyncio.to_thread(self.constraint, req)  # after the fit check: compiling takes a while
+        if constraint is not None:
+            engine_req.params = dataclasses.replace(engine_req.params, constraint=constraint)
         chunks = self._chunks(req, prompt, self._generator().generate(engine_req))
         try:
             first = await anext(chunks)  # the engine's first output: QueueFull / ContextLengthExceeded raise here
@@ -268,12 +307,21 @@ class Worker:
         self, req: GenerateRequest, prompt: list[int], outputs: AsyncGenerator[EngineOutput, None]
     ) -> AsyncGenerator[GenerateChunk, None]:
         resumed = list(req.resume_token_ids)
+        calls = None  # tool calls are parsed out of the text (and never sent as text) when tools are offered
+        if req.tools and req.tool_choice != "none":
+            skip = req.resume_text_chars or 0
+            calls = tools.CallStream(
+                self.tool_format,
+                single=not req.parallel_tool_calls,
+                skip_content=skip,
+                skip_calls=req.resume_tool_chars,
+            )
         if req.resume_text_chars is None:  # resumed ids are context only: their text is not sent
-            text = textgen.TextStream(self.tokenizer, prompt + resumed, req.stop)
+            text = textgen.TextStream(self.tokenizer, prompt + resumed, req.stop, special=calls is not None)
             pending = ""
         else:  # decode them again; send only what the client has not got yet
-            text = textgen.TextStream(self.tokenizer, prompt, req.stop)
-            pending = text.resume(resumed, req.resume_text_chars)
+            text = textgen.TextStream(self.tokenizer, prompt, req.stop, special=calls is not None)
+            pending = text.resume(resumed, 0 if calls is not None else req.resume_text_chars)
         done = len(resumed)
         base: dict[str, Any] = {"request_id": req.request_id, "prompt_tokens": len(prompt)}
         opening: dict[str, Any] = {"prompt_token_ids": prompt}  # on the first chunk only
@@ -281,7 +329,17 @@ class Worker:
         def chunk(delta: str = "", ids: list[int] | None = None, **kw: Any) -> GenerateChunk:
             nonlocal opening
             extra, opening = opening, {}
-            return GenerateChunk(text=delta, token_ids=ids or [], completion_tokens=done, **base, **extra, **kw)
+            pieces: list[ToolCallChunk] = []
+            if calls is not None:
+                delta, pieces = calls.push(delta)
+                if kw.get("finish_reason") is not None:
+                    rest, more = calls.finish()
+                    delta, pieces = delta + rest, pieces + more
+                    if calls.calls and kw["finish_reason"] == "stop":
+                        kw["finish_reason"] = "tool_calls"
+            return GenerateChunk(
+                text=delta, tool_calls=pieces, token_ids=ids or [], completion_tokens=done, **base, **extra, **kw
+            )
 
         try:
             try:

@@ -20,12 +20,16 @@ _CONTEXT_TOKENS = 6
 
 
 def render_chat(
-    tokenizer: Tokenizer, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True
+    tokenizer: Tokenizer,
+    messages: list[dict[str, Any]],
+    *,
+    add_generation_prompt: bool = True,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[int]:
-    """Token ids of a chat prompt through the model's chat template; InvalidRequest when the template refuses the
-    messages (the client's mistake, not the worker's)."""
+    """Token ids of a chat prompt through the model's chat template (`tools` for templates that take them);
+    InvalidRequest when the template refuses the messages (the client's mistake, not the worker's)."""
     try:
-        return tokenizer.render_chat(messages, add_generation_prompt=add_generation_prompt)
+        return tokenizer.render_chat(messages, add_generation_prompt=add_generation_prompt, tools=tools)
     except ChatTemplateError as exc:
         raise InvalidRequest(
             f"the model's chat template cannot render these messages: {exc}", param="messages"
@@ -45,8 +49,9 @@ class IncrementalDetokenizer:
     completes it. `flush()` releases whatever is still held when the sequence ends.
     """
 
-    def __init__(self, tokenizer: Tokenizer, context_ids: Sequence[int] = ()) -> None:
+    def __init__(self, tokenizer: Tokenizer, context_ids: Sequence[int] = (), *, special: bool = False) -> None:
         self._tok = tokenizer
+        self._skip_special = not special  # special: control tokens' text is kept (tool-call markers)
         self._ids: list[int] = list(context_ids[-_CONTEXT_TOKENS:])
         self._prefix = 0  # start of the decode window
         self._read = len(self._ids)  # ids before this are already in the output
@@ -63,8 +68,8 @@ class IncrementalDetokenizer:
     def _advance(self, *, final: bool) -> str:
         if self._read >= len(self._ids):
             return ""
-        seen = self._tok.decode(self._ids[self._prefix : self._read], skip_special_tokens=True)
-        full = self._tok.decode(self._ids[self._prefix :], skip_special_tokens=True)
+        seen = self._tok.decode(self._ids[self._prefix : self._read], skip_special_tokens=self._skip_special)
+        full = self._tok.decode(self._ids[self._prefix :], skip_special_tokens=self._skip_special)
         if not final and (len(full) <= len(seen) or full.endswith("\ufffd")):
             return ""
         delta = full[len(seen) :]
@@ -130,8 +135,10 @@ class TextStream:
     text it was still holding back (half a UTF-8 character, a possible stop-string prefix) comes out here, and
     nothing comes out twice."""
 
-    def __init__(self, tokenizer: Tokenizer, context_ids: Sequence[int], stops: Sequence[str]) -> None:
-        self._detok = IncrementalDetokenizer(tokenizer, context_ids)
+    def __init__(
+        self, tokenizer: Tokenizer, context_ids: Sequence[int], stops: Sequence[str], *, special: bool = False
+    ) -> None:
+        self._detok = IncrementalDetokenizer(tokenizer, context_ids, special=special)
         self._stops = StopStrings(stops)
         self._skip = 0  # characters of output already delivered elsewhere
         self.stopped = False

@@ -72,15 +72,35 @@ async def test_image_part_message_says_what_is_supported() -> None:
         assert "image_url" in err["message"] and "text" in err["message"]
 
 
+F = {"type": "function", "function": {"name": "f"}}
+
+
 @pytest.mark.parametrize(
     ("route", "patch", "param"),
     [
         ("/v1/chat/completions", {"logprobs": True}, "logprobs"),
         ("/v1/chat/completions", {"top_logprobs": 3}, "top_logprobs"),
-        ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        (
+            "/v1/chat/completions",
+            {"tools": [{"type": "function", "function": {"name": "a b"}}]},
+            "tools.0.function.name",
+        ),
+        ("/v1/chat/completions", {"tools": [{"type": "custom", "custom": {"name": "f"}}]}, "tools.0.type"),
         ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
+        (
+            "/v1/chat/completions",
+            {"tools": [F], "tool_choice": {"type": "function", "function": {"name": "g"}}},
+            "tool_choice",
+        ),
+        (
+            "/v1/chat/completions",
+            {"tools": [F], "tool_choice": "required", "response_format": {"type": "json_object"}},
+            "response_format",
+        ),
+        ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "42"}]}, "messages.0.tool_call_id"),
         ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions"),
-        ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+        ("/v1/chat/completions", {"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+        ("/v1/chat/completions", {"response_format": {"type": "xml"}}, "response_format.type"),
         ("/v1/chat/completions", {"logit_bias": {"50256": -100}}, "logit_bias"),
         ("/v1/chat/completions", {"modalities": ["text", "audio"]}, "modalities"),
         ("/v1/chat/completions", {"stream_options": {"include_usage": True}}, "stream_options"),

@@ -120,9 +120,13 @@ valid_knobs = {
     "user": st.text(max_size=MAX_NAME_CHARS),
     "logit_bias": st.just({}),
 }
-valid_message = st.fixed_dictionaries(
-    {"role": st.sampled_from(["system", "developer", "user", "tool"]), "content": st.text(max_size=40)}
-) | st.fixed_dictionaries({"role": st.just("assistant")}, optional={"content": st.none() | st.text(max_size=40)})
+valid_message = (
+    st.fixed_dictionaries({"role": st.sampled_from(["system", "developer", "user"]), "content": st.text(max_size=40)})
+    | st.fixed_dictionaries(
+        {"role": st.just("tool"), "content": st.text(max_size=40), "tool_call_id": st.text(max_size=40)}
+    )
+    | st.fixed_dictionaries({"role": st.just("assistant")}, optional={"content": st.none() | st.text(max_size=40)})
+)
 valid_chat_bodies = st.fixed_dictionaries(
     {"messages": st.lists(valid_message, min_size=1, max_size=6)},
     optional={**valid_knobs, "max_completion_tokens": st.integers(1, MAX_TOKENS), "top_logprobs": st.just(0)},

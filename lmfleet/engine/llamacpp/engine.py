@@ -46,14 +46,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import llama_cpp.llama_cpp as llama
+import numpy as np
 
 from lmfleet.engine.base import (
+    CONSTRAINT_REFUSED,
     BatchSettings,
     EngineOutput,
     EngineRequest,
     EngineStats,
     FinishReason,
     SamplingParams,
+    advance_constraint,
     assert_fits,
 )
 
@@ -341,10 +344,25 @@ class LlamaCppEngine:
                 # after a fatal error, cells the decode did write stay in the cache: _release frees them
                 self._finish(seq, FinishReason.ERROR, outputs, error=f"engine failure: {reason}")
             return
+        self._apply_constraints(plan)
         for seq, n, logits_at in plan:
             seq.n_cached += n
             if logits_at >= 0:
                 self._advance(seq, llama.llama_sampler_sample(seq.sampler, self._ctx, logits_at), outputs)
+
+    def _apply_constraints(self, plan: list[tuple[_Seq, int, int]]) -> None:
+        """Set the logits of every id a request's constraint does not allow next to -inf, in llama.cpp's output
+        buffer, before its sampler chain reads them (requests without a constraint untouched)."""
+        for seq, _, logits_at in plan:
+            constraint = seq.params.constraint
+            if constraint is None or logits_at < 0:
+                continue
+            bits = np.unpackbits(np.frombuffer(constraint.allowed(), dtype=np.uint8), bitorder="little")
+            allowed = np.zeros(self._vocab_size, dtype=bool)
+            n = min(len(bits), self._vocab_size)
+            allowed[:n] = bits[:n]
+            logits = np.ctypeslib.as_array(llama.llama_get_logits_ith(self._ctx, logits_at), shape=(self._vocab_size,))
+            logits[~allowed] = -np.inf
 
     def _fill_batch(self) -> list[tuple[_Seq, int, int]]:
         """Write this step's tokens into the batch: every decoding request's pending token, then prompt chunks in
@@ -432,7 +450,12 @@ class LlamaCppEngine:
             return
         seq.num_generated += 1
         seq.tokens.append(token)
-        if seq.num_generated >= seq.params.max_new_tokens or len(seq.tokens) >= self._max_model_len:
+        grammar = advance_constraint(seq.params, token)  # STOP: the output is complete; ERROR: refused
+        if grammar is FinishReason.ERROR:
+            self._finish(seq, grammar, outputs, error=CONSTRAINT_REFUSED)
+        elif grammar is FinishReason.STOP:
+            self._finish(seq, grammar, outputs, [token])
+        elif seq.num_generated >= seq.params.max_new_tokens or len(seq.tokens) >= self._max_model_len:
             self._finish(seq, FinishReason.LENGTH, outputs, [token])
         else:
             outputs.append(EngineOutput(seq.request.request_id, [token]))

@@ -98,7 +98,19 @@ class GGUFTokenizer:
             "utf-8", errors="replace"
         )
 
-    def render_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> list[int]:
+    def grammar_vocabulary(self) -> Any:
+        """llguidance's view of this vocabulary (lmfleet.engine.grammar), from the pieces' bytes."""
+        from llguidance.llamacpp import lltokenizer_from_vocab
+
+        return lltokenizer_from_vocab(self._vocab, eos_token=list(self._eos))
+
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> list[int]:
         """The chat prompt's ids through the GGUF's template (or FALLBACK_CHAT_TEMPLATE when it has none)."""
         if self._template is None:
             raise ChatTemplateError(self._template_error)
@@ -108,6 +120,7 @@ class GGUFTokenizer:
             text = self._template.render(
                 messages=marked,
                 add_generation_prompt=add_generation_prompt,
+                tools=self._mark(tools) if tools else None,
                 bos_token=self._bos_text,
                 eos_token=self._eos_text,
             )

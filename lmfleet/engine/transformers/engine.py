@@ -40,12 +40,14 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from lmfleet.engine.base import (
+    CONSTRAINT_REFUSED,
     BatchSettings,
     EngineOutput,
     EngineRequest,
     EngineStats,
     FinishReason,
     SamplingParams,
+    advance_constraint,
     assert_fits,
 )
 
@@ -301,6 +303,7 @@ class TransformersEngine:
 
     def _sample(self, logits: torch.Tensor, seqs: Sequence[_Seq], greedy: bool) -> list[int]:
         """One token per row. `logits` is [rows, vocab] for `seqs` in order."""
+        logits = _apply_constraints(logits, seqs)
         if greedy:
             return logits.argmax(dim=-1).tolist()
         logits = logits.float()
@@ -349,7 +352,12 @@ class TransformersEngine:
         seq.last_token = token
         if seq.counts is not None:
             seq.counts[token] += 1
-        if seq.num_generated >= seq.params.max_new_tokens or seq.num_tokens >= self._max_model_len:
+        grammar = advance_constraint(seq.params, token)  # STOP: the output is complete; ERROR: refused
+        if grammar is FinishReason.ERROR:
+            self._finish(seq, grammar, outputs, error=CONSTRAINT_REFUSED)
+        elif grammar is FinishReason.STOP:
+            self._finish(seq, grammar, outputs, [token])
+        elif seq.num_generated >= seq.params.max_new_tokens or seq.num_tokens >= self._max_model_len:
             self._finish(seq, FinishReason.LENGTH, outputs, [token])
         else:
             outputs.append(EngineOutput(seq.request.request_id, [token]))
@@ -468,6 +476,25 @@ def _ids(value: Any) -> tuple[int, ...]:
 def _all_greedy(seqs: Iterable[_Seq]) -> bool:
     """Every row takes the plain argmax of its logits: one argmax for the whole batch."""
     return all(s.generator is None and s.counts is None and not s.params.logit_bias for s in seqs)
+
+
+def _apply_constraints(logits: torch.Tensor, seqs: Sequence[_Seq]) -> torch.Tensor:
+    """`logits` with every id a row's constraint does not allow next set to -inf (rows without one untouched)."""
+    rows = [i for i, s in enumerate(seqs) if s.params.constraint is not None]
+    if not rows:
+        return logits
+    vocab = logits.shape[-1]
+    shifts = torch.arange(8, dtype=torch.uint8)
+    allowed = torch.zeros(len(rows), vocab, dtype=torch.bool)
+    for j, i in enumerate(rows):
+        constraint = seqs[i].params.constraint
+        assert constraint is not None
+        bits = torch.frombuffer(bytearray(constraint.allowed()), dtype=torch.uint8)
+        unpacked = ((bits[:, None] >> shifts) & 1).flatten().bool()[:vocab]
+        allowed[j, : unpacked.numel()] = unpacked
+    logits = logits.clone()
+    logits[rows] = logits[rows].masked_fill(~allowed.to(logits.device), float("-inf"))
+    return logits
 
 
 def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:

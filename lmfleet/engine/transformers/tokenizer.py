@@ -44,7 +44,19 @@ class HFTokenizer:
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         return str(self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens))
 
-    def render_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> list[int]:
+    def grammar_vocabulary(self) -> Any:
+        """llguidance's view of this vocabulary (lmfleet.engine.grammar), from the fast tokenizer's own JSON."""
+        from llguidance.hf import from_tokenizer
+
+        return from_tokenizer(self._tok, eos_token=list(self._eos))
+
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> list[int]:
         from jinja2 import TemplateError
 
         template = None if self.chat_template else FALLBACK_CHAT_TEMPLATE
@@ -52,6 +64,7 @@ class HFTokenizer:
             ids = self._tok.apply_chat_template(
                 messages,
                 chat_template=template,
+                tools=tools or None,
                 add_generation_prompt=add_generation_prompt,
                 tokenize=True,
                 return_dict=False,
