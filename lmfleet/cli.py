@@ -361,6 +361,11 @@ def add_api_client_args(p: argparse.ArgumentParser) -> None:
         "(also $LMFLEET_API_KEYS; prefer --api-key-file to keep keys out of `ps`)",
     )
     p.add_argument("--api-key-file", default=None, help="file with one API key per line")
+    p.add_argument(
+        "--metrics-public",
+        action="store_true",
+        help="serve GET /metrics without an API key (for a Prometheus scraper that holds none)",
+    )
     p.add_argument("--default-model", default=None, help="model used when a request names none")
     p.add_argument(
         "--allowed-origins",
@@ -396,6 +401,7 @@ def api_settings(args: argparse.Namespace) -> Any:  # ApiSettings
             first_token_timeout_s=args.first_token_timeout,
             inter_token_timeout_s=args.inter_token_timeout,
             drain_timeout_s=args.drain_timeout,
+            metrics_public=args.metrics_public,
         )
     except ValueError as exc:
         raise SystemExit(f"lmfleet api: {exc}") from None
@@ -530,6 +536,8 @@ def serve_plan(args: argparse.Namespace) -> Any:  # lmfleet.serve.ServePlan
     api = py + ["lmfleet.api", "--host", args.host, "--port", str(args.port), "--controller-address", controller]
     if args.allowed_origins:
         api += ["--allowed-origins", ",".join(args.allowed_origins)]
+    if args.metrics_public:
+        api.append("--metrics-public")
     children.append(Child("api", api + _flags(args, _API_FLAGS) + log))
     env = {"LMFLEET_REGISTRATION_SECRET": os.environ.get("LMFLEET_REGISTRATION_SECRET") or secrets.token_urlsafe(24)}
     keys = api_keys(args)

@@ -25,8 +25,8 @@ from lmfleet.drain import Drain
 
 logger = logging.getLogger("lmfleet")
 
-# Paths the fleet polls every second or so: an access line for each drowns the log.
-QUIET_PATHS = frozenset({"/workers", "/receive_heart_beat", "/health", "/ready", "/worker/status"})
+# Paths the fleet (and a Prometheus scraper) polls every few seconds: an access line for each drowns the log.
+QUIET_PATHS = frozenset({"/workers", "/receive_heart_beat", "/health", "/ready", "/worker/status", "/metrics"})
 
 
 class AccessLogFilter(logging.Filter):

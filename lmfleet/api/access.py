@@ -1,7 +1,8 @@
 """What the API server lets in: which routes are public, and the per-request limits its operator set by flag.
 
 Owns
-  * `PUBLIC_PATHS`: the only routes reachable without an API key (health, readiness, the docs and the schema).
+  * `PUBLIC_PATHS`: the only routes reachable without an API key (health, readiness, the docs and the schema;
+    `/metrics` too when the operator says so, `--metrics-public`).
     Everything else, including any route added later and any unknown path, needs a key when keys are
     configured: `needs_key` is a deny-by-default test, so a new route cannot be left open by mistake.
   * `RequestLimits`: limits the operator may tighten with flags (`--max-n`, `--max-stop`, `--max-stop-chars`,
@@ -39,9 +40,10 @@ def route_path(scope: Scope) -> str:
     return path
 
 
-def needs_key(scope: Scope) -> bool:
-    """Deny by default: only `PUBLIC_PATHS` go without a key."""
-    return route_path(scope) not in PUBLIC_PATHS
+def needs_key(scope: Scope, public: frozenset[str] = PUBLIC_PATHS) -> bool:
+    """Deny by default: only `public` paths (`PUBLIC_PATHS`, plus /metrics with `--metrics-public`) go without a
+    key."""
+    return route_path(scope) not in public
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ Routes
     POST /                       = /v1/chat/completions (FastChat users post here, often without `model`)
     GET  /health                 alive (always 200)
     GET  /ready                  can serve: 200 while some worker is in rotation and the server is not draining
+    GET  /metrics                Prometheus (lmfleet.api.metrics); needs a key unless `metrics_public`
     GET  /docs, /openapi.json
 
 Owns: the request edge (API keys, CORS; body size and JSON sanity are lmfleet.guard's, public routes and
@@ -37,7 +38,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, TypedDict
 
 import httpx
@@ -48,15 +48,18 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lmfleet import __version__, errors
-from lmfleet.api.access import RequestLimits, needs_key
+from lmfleet.api.access import PUBLIC_PATHS, RequestLimits, needs_key
+from lmfleet.api.metrics import ApiMetrics
 from lmfleet.api.render import ChatRenderer, CompletionRenderer, Renderer
 from lmfleet.api.routing import Router
 from lmfleet.api.sse import EventStreamResponse, cancel_on_disconnect, collect, event_stream
-from lmfleet.api.upstream import ChoiceSpec, ModelBackend, Timeouts, close_all, open_choices
+from lmfleet.api.upstream import ChoiceSpec, ModelBackend, Timeouts, close_all, open_choices, usage_of
 from lmfleet.client import DEFAULT_CONTROLLER, ControllerClient, WorkerClient, make_http_client
 from lmfleet.dispatch import DEFAULT_POLICY, get_policy
 from lmfleet.drain import DEFAULT_TIMEOUT_S, Drain, DrainGate
 from lmfleet.guard import BearerSecrets, ParsedBodyRoute, RequestGuard
+from lmfleet.metrics import METRICS_PATH, MODEL_KEY, new_registry
+from lmfleet.metrics import install as install_metrics
 from lmfleet.protocol.errors import ErrorResponse
 from lmfleet.protocol.openai import (
     ChatCompletion,
@@ -89,6 +92,7 @@ class ApiSettings:
     refresh_interval_s: float = 1.0  # how often the worker view is fetched from the controller
     eject_backoff_s: float = 1.0  # an ejected worker stays out at least this long
     drain_timeout_s: float = DEFAULT_TIMEOUT_S  # on SIGTERM: how long requests in progress may take to finish
+    metrics_public: bool = False  # GET /metrics without an API key (a scraper that holds none)
 
     def __post_init__(self) -> None:
         if not self.controller_addresses:
@@ -129,15 +133,16 @@ class ApiKeyGate:
     /openapi.json), unknown paths included. Each key is compared in constant time; the presented key is never
     logged or echoed."""
 
-    def __init__(self, app: ASGIApp, keys: Sequence[str]) -> None:
+    def __init__(self, app: ASGIApp, keys: Sequence[str], public: frozenset[str] = PUBLIC_PATHS) -> None:
         self.app = app
         self._keys = BearerSecrets(keys)
+        self._public = public
 
     def _authorized(self, scope: Scope) -> bool:
         return self._keys.match(Headers(scope=scope).get("authorization"))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and needs_key(scope) and not self._authorized(scope):
+        if scope["type"] == "http" and needs_key(scope, self._public) and not self._authorized(scope):
             logger.info("refused %s %s: missing or invalid API key", scope["method"], scope["path"])
             exc = errors.AuthenticationFailed(
                 "Missing or invalid API key: send it as 'Authorization: Bearer <key>'.",
@@ -233,6 +238,7 @@ def create_app(
     """The API server. `drain` is the one the process runner awaits on SIGTERM (lmfleet.server); `http_client` (for
     tests, or to share a pool) is used as given and not closed."""
     drain = drain or Drain(settings.drain_timeout_s)
+    metrics = ApiMetrics(new_registry())
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[ApiState]:
@@ -249,7 +255,9 @@ def create_app(
                 policy=settings.dispatch_policy,
                 refresh_interval_s=settings.refresh_interval_s,
                 eject_backoff_s=settings.eject_backoff_s,
+                on_eject=lambda _address: metrics.ejections.inc(),
             )
+            metrics.router = router
             refresher = asyncio.create_task(router.run(), name="lmfleet-api-worker-view")
             stack.push_async_callback(router.aclose)
             stack.push_async_callback(_cancel, refresher)
@@ -275,7 +283,8 @@ def create_app(
     # Added innermost first: CORS (answers preflights) → API keys → body size and JSON sanity → routes.
     app.add_middleware(RequestGuard, max_bytes=settings.max_request_bytes)
     if settings.api_keys:
-        app.add_middleware(ApiKeyGate, keys=settings.api_keys)
+        public = PUBLIC_PATHS | {METRICS_PATH} if settings.metrics_public else PUBLIC_PATHS
+        app.add_middleware(ApiKeyGate, keys=settings.api_keys, public=public)
     if settings.allow_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -283,8 +292,9 @@ def create_app(
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type"],
         )
-    # Outermost: counts every request in progress and, once draining, refuses new ones (503).
+    # Counts every request in progress and, once draining, refuses new ones (503).
     app.add_middleware(DrainGate, drain=drain)
+    install_metrics(app, metrics.registry, part="lmfleet_api")  # GET /metrics; counts every request (outermost)
     timeouts = settings.timeouts()
 
     async def answer(
@@ -297,6 +307,8 @@ def create_app(
         settings.limits.check(body)
         router: Router = request.state.router
         model = await _resolve_model(router, body.model, settings.default_model)
+        if model in await router.models():  # a label only for a model the fleet serves, never what a client typed
+            request.scope[MODEL_KEY] = model
         renderer = renderer_for(model)
         meta = renderer.meta
         specs = [
@@ -304,17 +316,22 @@ def create_app(
             for i in range(body.num_choices)
         ]
         # Until the first chunk of every choice is in hand (a long prefill, a queue) the client may leave too.
-        opening = open_choices(specs, ModelBackend(router, request.state.workers, model, timeouts))
-        streams = await cancel_on_disconnect(request.receive, opening)
+        backend = ModelBackend(router, request.state.workers, model, timeouts, metrics=metrics)
+        streams = await cancel_on_disconnect(request.receive, open_choices(specs, backend))
         if streams is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+        async def finish() -> None:
+            await close_all(streams)
+            metrics.usage(model, usage_of(streams))
+
         if body.stream:
             events = event_stream(streams, renderer, include_usage=body.include_usage)
-            return EventStreamResponse(events, cleanup=partial(close_all, streams))
+            return EventStreamResponse(events, cleanup=finish)
         try:
             result = await cancel_on_disconnect(request.receive, collect(streams, renderer))
         finally:
-            await close_all(streams)
+            await finish()
         if result is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         return JSONResponse(result.model_dump(mode="json"))

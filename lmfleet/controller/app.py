@@ -12,6 +12,7 @@ expires workers that stopped heartbeating (every `heartbeat_expiry_s / 4`).
     GET  /workers              -> {"workers": [WorkerInfo, ...]}
     POST /refresh_all_workers  expire now -> {"removed": [...]}
     GET  /health               -> {"status": "ok"}
+    GET  /metrics              Prometheus: workers by model and state, registry events, dispatch (controller/metrics.py)
 
 Route and field names are FastChat's, so FastChat model workers, its API server and its tools work against
 this controller. Differences: every worker must heartbeat (FastChat's `check_heart_beat: false` is ignored),
@@ -52,9 +53,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lmfleet import errors
 from lmfleet.client import CONTROL_TIMEOUT, make_http_client
+from lmfleet.controller.metrics import ControllerMetrics
 from lmfleet.controller.registry import Registry
 from lmfleet.dispatch import DEFAULT_POLICY, get_policy
 from lmfleet.guard import BearerSecrets, ParsedBodyRoute, RequestGuard
+from lmfleet.metrics import install as install_metrics
+from lmfleet.metrics import new_registry
 from lmfleet.protocol.worker import (
     HeartbeatRequest,
     HeartbeatResponse,
@@ -207,6 +211,7 @@ def create_app(
     dispatch_rng = rng or random.Random()
     networks = settings.networks()
     sweep_every = settings.heartbeat_expiry_s / 4
+    metrics = ControllerMetrics(new_registry(), settings.dispatch_policy, registry)
 
     async def sweep_forever() -> None:
         while True:
@@ -245,6 +250,7 @@ def create_app(
     app.router.route_class = ParsedBodyRoute
     errors.install_handlers(app)
     app.add_middleware(RequestGuard, max_bytes=settings.max_request_bytes)  # 413; 400 for a body that is not sane JSON
+    install_metrics(app, metrics.registry, part="lmfleet_controller")  # GET /metrics; counts every request
     writes = [Depends(require_secret)]
 
     @app.post("/register_worker", dependencies=writes)
@@ -278,6 +284,7 @@ def create_app(
     @app.post("/get_worker_address")
     async def get_worker_address(req: WorkerAddressRequest) -> dict[str, str]:
         workers = registry.workers_for(req.model)
+        metrics.dispatched(bool(workers))
         return {"address": policy(workers, dispatch_rng).address if workers else ""}
 
     @app.get("/workers")

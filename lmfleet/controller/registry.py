@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 
 from lmfleet.protocol.worker import WorkerInfo, WorkerStatus
@@ -32,6 +33,7 @@ class Registry:
         self._clock = clock
         self.expiry_s = float(expiry_s)
         self._workers: dict[str, WorkerInfo] = {}
+        self.events: Counter[str] = Counter()  # registered, re-registered, unregistered, expired (the metrics)
 
     # -- writes ----------------------------------------------------------------------------------------------
 
@@ -42,6 +44,7 @@ class Registry:
         info = WorkerInfo(address=address, status=status, last_heartbeat=now)
         known = address in self._workers
         self._workers[address] = info
+        self.events["re-registered" if known else "registered"] += 1
         logger.info(
             "%s worker %s models=%s speed=%g",
             "re-registered" if known else "registered",
@@ -68,7 +71,13 @@ class Registry:
             new_status = status
         elif status is not None:
             new_status = info.status.model_copy(
-                update={"queue_length": int(status), "running": 0, "waiting": 0, "tokens_in_flight": 0}
+                update={
+                    "queue_length": int(status),
+                    "running": 0,
+                    "waiting": 0,
+                    "tokens_in_flight": 0,
+                    "kv_cache_usage": None,
+                }
             )
         else:
             new_status = info.status
@@ -79,6 +88,7 @@ class Registry:
         """Forget a worker (it is shutting down). True when it was known."""
         removed = self._workers.pop(address, None) is not None
         if removed:
+            self.events["unregistered"] += 1
             logger.info("unregistered worker %s", address)
         return removed
 
@@ -89,6 +99,7 @@ class Registry:
         dead = [a for a, info in self._workers.items() if now - info.last_heartbeat > self.expiry_s]
         for address in dead:
             info = self._workers.pop(address)
+            self.events["expired"] += 1
             logger.info("expired worker %s: no heartbeat for %.1fs", address, now - info.last_heartbeat)
         return dead
 

@@ -9,6 +9,7 @@ engine's refusal (`Rejection`) to the public error, and readiness.
     POST /worker/generate     GenerateRequest -> NDJSON GenerateChunks (503 while draining)
     GET  /worker/status       WorkerStatus;  POST /worker_get_status: FastChat's shape
     GET  /health              alive;  GET /ready: 200 while the engine steps and the worker is not draining
+    GET  /metrics             Prometheus: load, KV cache, steps, requests (lmfleet.worker.metrics), open like status
 
 Drain (lmfleet.drain, awaited by the process runner on the first SIGTERM): leave every controller
 (worker/registration.py), answer new requests 503, let the open streams finish for up to `drain_timeout_s`; then
@@ -23,6 +24,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
+import sys
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field, fields
 from pathlib import PurePath
@@ -49,8 +53,11 @@ from lmfleet.engine.base import (
 )
 from lmfleet.engine.runner import DEFAULT_MAX_QUEUED, AsyncEngine
 from lmfleet.guard import BearerSecrets, ParsedBodyRoute, RequestGuard
+from lmfleet.metrics import install as install_metrics
+from lmfleet.metrics import new_registry
 from lmfleet.protocol.worker import GenerateChunk, GenerateRequest, WorkerStatus
 from lmfleet.worker import textgen
+from lmfleet.worker.metrics import WorkerMetrics
 from lmfleet.worker.registration import Registration
 
 logger = logging.getLogger("lmfleet.worker")
@@ -142,6 +149,7 @@ class Worker:
             running=s.running,
             waiting=s.waiting,
             tokens_in_flight=s.tokens_in_flight,
+            kv_cache_usage=s.kv_cache_usage,
             context_length=self.max_model_len,
             engine=self.engine_name,
         )
@@ -281,6 +289,12 @@ class _NdjsonStream(StreamingResponse):
             await self._rest.aclose()
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20 if sys.platform == "darwin" else 1 << 10)
+
+
 class WorkerState(TypedDict):
     """The lifespan state every request sees as `request.state`."""
 
@@ -298,19 +312,23 @@ def create_app(
     the one the process runner awaits on SIGTERM (lmfleet.server); `http_client` (tests, or a shared pool) is
     used as given and not closed."""
     drain = drain or Drain(settings.drain_timeout_s)
+    registry = new_registry()
+    metrics = WorkerMetrics(registry, settings.names[0])
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[WorkerState]:
+        started = time.monotonic()
         loaded = await asyncio.to_thread(load, settings)
-        if loaded.description:
-            logger.info("loaded %s", loaded.description)
-        runner = AsyncEngine(loaded.engine, max_queued=settings.max_queued)
+        load_s = time.monotonic() - started
+        engine_name = loaded.engine_name or type(loaded.engine).__name__
+        metrics.load_seconds.labels(settings.names[0], engine_name).set(load_s)
+        logger.info("loaded %s in %.1fs (peak RSS %.0f MB)", loaded.description or engine_name, load_s, peak_rss_mb())
+        runner = AsyncEngine(loaded.engine, max_queued=settings.max_queued, on_step=metrics.on_step)
         runner.start()
-        worker = Worker(
-            settings, runner, loaded.tokenizer, drain, engine_name=loaded.engine_name or type(loaded.engine).__name__
-        )
+        worker = Worker(settings, runner, loaded.tokenizer, drain, engine_name=engine_name)
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(runner.stop)
+            metrics.stats = runner.stats
             http = http_client if http_client is not None else await stack.enter_async_context(make_http_client())
             controllers = [
                 ControllerClient(http, a, secret=settings.registration_secret) for a in settings.controller_addresses
@@ -332,7 +350,8 @@ def create_app(
     app.router.route_class = ParsedBodyRoute
     errors.install_handlers(app)
     app.add_middleware(RequestGuard, max_bytes=settings.max_request_bytes)  # 413; 400 for a body that is not sane JSON
-    app.add_middleware(DrainGate, drain=drain, exempt=DRAIN_EXEMPT)  # outermost: 503 once draining
+    app.add_middleware(DrainGate, drain=drain, exempt=DRAIN_EXEMPT)  # 503 once draining
+    install_metrics(app, registry, part="lmfleet_worker")  # GET /metrics; counts every request
 
     secret = BearerSecrets([settings.registration_secret] if settings.registration_secret else [])
 

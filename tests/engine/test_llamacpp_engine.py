@@ -236,6 +236,12 @@ def test_a_full_kv_cache_preempts_and_recomputes(make, shared, chats, caplog):
     with caplog.at_level("INFO", logger="lmfleet.engine"):
         tokens, final = drive(engine, requests)
     assert "KV cache full: preempting" in caplog.text
+    stats = engine.stats()
+    assert stats.preemptions >= 1 and stats.kv_capacity == 160 and stats.kv_cache_usage == 0
+    # 39 decodes per request (the first token comes from the prefill, the last is never fed back); a preempted
+    # request's recompute prefills its pending token instead of decoding it
+    assert stats.decode_tokens >= 4 * 39 - stats.preemptions
+    assert stats.prefill_tokens > 0
     assert all(f.finish_reason == FinishReason.LENGTH for f in final.values())
     assert {k: v[:EXACT_PREFIX] for k, v in tokens.items()} == {k: v[:EXACT_PREFIX] for k, v in expected.items()}
     assert all(len(v) == 40 for v in tokens.values())

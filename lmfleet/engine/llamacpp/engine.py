@@ -136,6 +136,7 @@ class LlamaCppEngine:
         self._prefix_cache = prefix_cache
         self._ids: set[str] = set()  # every request id waiting or running
         self._aborts: set[str] = set()
+        self._prefilled = self._decoded = self._preemptions = 0  # counters for stats()
         self._model: Any = None
         self._ctx: Any = None
         self._batch: Any = None
@@ -257,6 +258,10 @@ class LlamaCppEngine:
             running=len(self._running),
             waiting=len(self._waiting),
             tokens_in_flight=sum(s.n_cached for s in self._running),
+            kv_capacity=self._max_model_len,  # one unified pool of n_ctx cells
+            prefill_tokens=self._prefilled,
+            decode_tokens=self._decoded,
+            preemptions=self._preemptions,
         )
 
     def step(self) -> list[EngineOutput]:
@@ -342,6 +347,10 @@ class LlamaCppEngine:
                 self._finish(seq, FinishReason.ERROR, outputs, error=f"engine failure: {reason}")
             return
         for seq, n, logits_at in plan:
+            if len(seq.tokens) - seq.n_cached == 1:
+                self._decoded += 1
+            else:
+                self._prefilled += n
             seq.n_cached += n
             if logits_at >= 0:
                 self._advance(seq, llama.llama_sampler_sample(seq.sampler, self._ctx, logits_at), outputs)
@@ -384,6 +393,7 @@ class LlamaCppEngine:
         logger.info(
             "KV cache full: preempting request %s (%d tokens) to recompute later", seq.request.request_id, seq.n_cached
         )
+        self._preemptions += 1
         llama.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
         self._free_ids.append(seq.seq_id)
         seq.seq_id, seq.n_cached = -1, 0
