@@ -69,6 +69,7 @@ from lmfleet.protocol.openai import (
     ModelCard,
     ModelList,
 )
+from lmfleet.requestid import HEADER, RequestIdMiddleware
 
 logger = logging.getLogger("lmfleet.api")
 
@@ -290,11 +291,13 @@ def create_app(
             CORSMiddleware,
             allow_origins=settings.allow_origins,
             allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type"],
+            allow_headers=["Authorization", "Content-Type", HEADER],
+            expose_headers=[HEADER],
         )
     # Counts every request in progress and, once draining, refuses new ones (503).
     app.add_middleware(DrainGate, drain=drain)
-    install_metrics(app, metrics.registry, part="lmfleet_api")  # GET /metrics; counts every request (outermost)
+    install_metrics(app, metrics.registry, part="lmfleet_api")  # GET /metrics; counts every request
+    app.add_middleware(RequestIdMiddleware)  # outermost: every answer carries X-Request-ID, every log line too
     timeouts = settings.timeouts()
 
     async def answer(

@@ -67,6 +67,7 @@ from lmfleet.protocol.worker import (
     WorkerInfo,
     WorkerStatus,
 )
+from lmfleet.requestid import RequestIdMiddleware
 
 logger = logging.getLogger("lmfleet.controller")
 
@@ -251,6 +252,7 @@ def create_app(
     errors.install_handlers(app)
     app.add_middleware(RequestGuard, max_bytes=settings.max_request_bytes)  # 413; 400 for a body that is not sane JSON
     install_metrics(app, metrics.registry, part="lmfleet_controller")  # GET /metrics; counts every request
+    app.add_middleware(RequestIdMiddleware)  # outermost: X-Request-ID on every answer and log line
     writes = [Depends(require_secret)]
 
     @app.post("/register_worker", dependencies=writes)

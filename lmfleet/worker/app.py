@@ -56,6 +56,7 @@ from lmfleet.guard import BearerSecrets, ParsedBodyRoute, RequestGuard
 from lmfleet.metrics import install as install_metrics
 from lmfleet.metrics import new_registry
 from lmfleet.protocol.worker import GenerateChunk, GenerateRequest, WorkerStatus
+from lmfleet.requestid import RequestIdMiddleware
 from lmfleet.worker import textgen
 from lmfleet.worker.metrics import WorkerMetrics
 from lmfleet.worker.registration import Registration
@@ -317,6 +318,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[WorkerState]:
+        logger.info("loading %s (engine %s)", settings.model_path, settings.engine)
         started = time.monotonic()
         loaded = await asyncio.to_thread(load, settings)
         load_s = time.monotonic() - started
@@ -352,6 +354,7 @@ def create_app(
     app.add_middleware(RequestGuard, max_bytes=settings.max_request_bytes)  # 413; 400 for a body that is not sane JSON
     app.add_middleware(DrainGate, drain=drain, exempt=DRAIN_EXEMPT)  # 503 once draining
     install_metrics(app, registry, part="lmfleet_worker")  # GET /metrics; counts every request
+    app.add_middleware(RequestIdMiddleware)  # outermost: the API server's X-Request-ID names the request here too
 
     secret = BearerSecrets([settings.registration_secret] if settings.registration_secret else [])
 
