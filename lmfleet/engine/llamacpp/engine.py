@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import llama_cpp.llama_cpp as llama
+from tqdm import tqdm
 
 from lmfleet.engine.base import (
     BatchSettings,
@@ -144,7 +145,16 @@ class LlamaCppEngine:
         # No repacked weight buffers: on CPUs with AMX, ggml's AMX buffer takes Q4_1 weights, and llama_decode
         # over several sequences then crashes (segfault, llama-cpp-python 0.3.36, seen on a Xeon with amx_int8).
         params.use_extra_bufts = False
-        model = llama.llama_model_load_from_file(model_path.encode(), params)
+        # A progress bar on a terminal (tqdm stays silent when stderr is not one: logs, tests)
+        with tqdm(total=100, desc=f"loading {os.path.basename(model_path)}", unit="%", disable=None) as bar:
+
+            @llama.llama_progress_callback
+            def progress(fraction: float, _user_data: Any) -> bool:
+                bar.update(round(fraction * 100) - bar.n)
+                return True  # go on loading
+
+            params.progress_callback = progress
+            model = llama.llama_model_load_from_file(model_path.encode(), params)
         if not model:
             raise ValueError(f"llama.cpp could not load {model_path} (see the lmfleet.engine.llamacpp debug log)")
         self._model = model
