@@ -295,6 +295,7 @@ def test_the_loader(gguf_path):
         assert loaded.engine_name == "llamacpp"
         assert "SmolLM2-135M-Instruct.Q4_1.gguf" in loaded.description and "Q4_1" in loaded.description
         assert "context=8192" in loaded.description and "threads=1" in loaded.description
+        assert "device=cpu" in loaded.description and "parameters=135M" in loaded.description
         assert engine.max_model_len == 8192 and engine.max_num_seqs == 4
         ids = loaded.tokenizer.encode("hello world", add_special_tokens=False)
         tokens, final = drive(engine, [req("a", ids, max_new_tokens=3, temperature=0.7, seed=1)])

@@ -245,6 +245,8 @@ def test_the_loader_and_bfloat16(model_dir):
     loaded = registry.load(source, registry.choose(source), settings)
     engine = loaded.engine
     assert loaded.engine_name == "transformers" and "dtype=bfloat16" in loaded.description
+    assert "device=cpu" in loaded.description
+    assert f"kv_cache=grows to {4 * engine.max_model_len} tokens" in loaded.description
     assert next(engine.model.parameters()).dtype == torch.bfloat16 and engine.max_num_seqs == 4
     assert loaded.tokenizer.decode(loaded.tokenizer.encode("hello world", add_special_tokens=False)) == "hello world"
     requests = [req(str(i), p, max_new_tokens=6, temperature=0.9, seed=i) for i, p in enumerate(prompts(6, 9))]
