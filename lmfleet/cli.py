@@ -41,6 +41,9 @@ def _common(p: argparse.ArgumentParser, port: int) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=port)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--log-format", default="text", choices=["text", "json"], help="json: one object per line, for log shippers"
+    )
 
 
 def _secret_flag(p: argparse.ArgumentParser) -> None:
@@ -415,6 +418,11 @@ def add_api_client_args(p: argparse.ArgumentParser) -> None:
         "(also $LMFLEET_API_KEYS; prefer --api-key-file to keep keys out of `ps`)",
     )
     p.add_argument("--api-key-file", default=None, help="file with one API key per line")
+    p.add_argument(
+        "--metrics-public",
+        action="store_true",
+        help="serve GET /metrics without an API key (for a Prometheus scraper that holds none)",
+    )
     p.add_argument("--default-model", default=None, help="model used when a request names none")
     p.add_argument(
         "--responses-db",
@@ -464,6 +472,7 @@ def api_settings(args: argparse.Namespace) -> Any:  # ApiSettings
             inter_token_timeout_s=args.inter_token_timeout,
             drain_timeout_s=args.drain_timeout,
             responses_db=None if args.no_responses_store else (args.responses_db or TEMPORARY),
+            metrics_public=args.metrics_public,
         )
     except ValueError as exc:
         raise SystemExit(f"lmfleet api: {exc}") from None
@@ -505,6 +514,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address the API server binds (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=API_PORT, help="API server port")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--log-format", default="text", choices=["text", "json"], help="json: one object per line, for log shippers"
+    )
     p.add_argument(
         "--model-path",
         action="append",
@@ -566,7 +578,7 @@ def serve_plan(args: argparse.Namespace) -> Any:  # lmfleet.serve.ServePlan
             raise SystemExit(f"lmfleet serve: {exc}") from None
     py = [sys.executable, "-m"]
     controller = f"http://127.0.0.1:{args.controller_port}"
-    log = ["--log-level", args.log_level]
+    log = ["--log-level", args.log_level, "--log-format", args.log_format]
     children = [
         Child(
             "controller",
@@ -604,6 +616,8 @@ def serve_plan(args: argparse.Namespace) -> Any:  # lmfleet.serve.ServePlan
         api += ["--allowed-origins", ",".join(args.allowed_origins)]
     if args.no_responses_store:
         api.append("--no-responses-store")
+    if args.metrics_public:
+        api.append("--metrics-public")
     children.append(Child("api", api + _flags(args, _API_FLAGS) + log))
     env = {"LMFLEET_REGISTRATION_SECRET": os.environ.get("LMFLEET_REGISTRATION_SECRET") or secrets.token_urlsafe(24)}
     keys = api_keys(args)
@@ -618,13 +632,17 @@ def serve_plan(args: argparse.Namespace) -> Any:  # lmfleet.serve.ServePlan
 # -- running ----------------------------------------------------------------------------------------------------
 
 
+def _logs(args: argparse.Namespace) -> dict[str, Any]:
+    return {"log_level": args.log_level, "log_format": args.log_format}
+
+
 def run_controller(args: argparse.Namespace) -> int:
     from lmfleet import server
     from lmfleet.controller.app import create_app
 
     settings = controller_settings(args)
     sock = server.bind("controller", args.host, args.port)
-    return server.run(create_app(settings), name="controller", sock=sock, log_level=args.log_level)
+    return server.run(create_app(settings), name="controller", sock=sock, **_logs(args))
 
 
 def run_worker(args: argparse.Namespace) -> int:
@@ -636,7 +654,7 @@ def run_worker(args: argparse.Namespace) -> int:
     sock = server.bind("worker", args.host, args.port)
     drain = Drain(settings.drain_timeout_s)
     app = create_app(settings, drain=drain)
-    return server.run(app, name="worker", sock=sock, log_level=args.log_level, drain=drain)
+    return server.run(app, name="worker", sock=sock, drain=drain, **_logs(args))
 
 
 def run_api(args: argparse.Namespace) -> int:
@@ -647,7 +665,7 @@ def run_api(args: argparse.Namespace) -> int:
     settings = api_settings(args)
     sock = server.bind("api", args.host, args.port)
     drain = Drain(settings.drain_timeout_s)
-    return server.run(create_app(settings, drain=drain), name="api", sock=sock, log_level=args.log_level, drain=drain)
+    return server.run(create_app(settings, drain=drain), name="api", sock=sock, drain=drain, **_logs(args))
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -708,11 +726,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in PASSTHROUGH:  # these parse their own flags
         return PASSTHROUGH[argv[0]](argv[1:])
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(args, "log_level", "info").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per internal request drowns the log
+    from lmfleet import server
+
+    server.configure_logging(args.log_level, args.log_format)
     warn_ignored(args)
     return RUNNERS[args.command](args)
 

@@ -16,7 +16,7 @@ from typing import TypeVar
 import httpx
 from pydantic import BaseModel
 
-from lmfleet import errors
+from lmfleet import errors, requestid
 from lmfleet.protocol.worker import (
     GenerateChunk,
     GenerateRequest,
@@ -140,7 +140,9 @@ class WorkerClient:
         url = address.rstrip("/") + "/worker/generate"
         try:
             body = request.model_dump(exclude_none=True)
-            async with self.http.stream("POST", url, json=body, headers=self._headers) as resp:
+            request_id = requestid.current()  # the API server's request: the worker logs it under the same id
+            headers = {**self._headers, requestid.HEADER: request_id} if request_id else self._headers
+            async with self.http.stream("POST", url, json=body, headers=headers) as resp:
                 await _raise_for_error(resp)
                 async for line in resp.aiter_lines():
                     if line:

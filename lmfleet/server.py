@@ -1,5 +1,9 @@
 """Running one app as a process: the socket, uvicorn, the logs, and the drain on SIGTERM.
 
+Logs: `configure_logging(level, fmt)` sets up every logger of the process (lmfleet's, uvicorn's, the libraries'),
+as text (default) or as one JSON object per line (`--log-format json`, for log shippers), each line carrying the
+`X-Request-ID` of the request it is about (lmfleet.requestid).
+
 Owns `run(app, ...)`: binds the listening socket before anything loads (so a busy port is the first and last
 line a user sees, naming the process and the port, not a traceback after a minute of model loading), serves the
 app with uvicorn, and on the first SIGTERM or SIGINT awaits the app's `Drain` (the app refuses new requests and
@@ -13,20 +17,23 @@ Does not own: flags (lmfleet.cli), the apps.
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
+import logging.config
 import socket
 from typing import Any
 
 import uvicorn
-from uvicorn.config import LOGGING_CONFIG
 
 from lmfleet.drain import Drain
+from lmfleet.requestid import RequestIdFilter
 
 logger = logging.getLogger("lmfleet")
 
-# Paths the fleet (and the web page's dashboard) polls every second or so: an access line for each drowns the log.
-QUIET_PATHS = frozenset({"/workers", "/receive_heart_beat", "/health", "/ready", "/worker/status", "/v1/fleet"})
+# Paths the fleet, the web page's dashboard and a Prometheus scraper poll every second or so: an access line for
+# each drowns the log.
+QUIET_PATHS = frozenset(
+    {"/workers", "/receive_heart_beat", "/health", "/ready", "/worker/status", "/v1/fleet", "/metrics"}
+)
 
 
 class AccessLogFilter(logging.Filter):
@@ -44,11 +51,46 @@ class AccessLogFilter(logging.Filter):
         return True
 
 
-def log_config() -> dict[str, Any]:
-    config = copy.deepcopy(LOGGING_CONFIG)
-    config.setdefault("filters", {})["access"] = {"()": AccessLogFilter}
-    config["handlers"]["access"]["filters"] = ["access"]
-    return config
+LOG_FORMATS = ("text", "json")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s%(request_tag)s: %(message)s"
+JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(message)s %(request_id)s"  # plus exc_info when there is one
+
+
+def log_config(level: str = "info", fmt: str = "text") -> dict[str, Any]:
+    """One `logging.config.dictConfig` for the whole process, uvicorn's loggers included (uvicorn applies it too)."""
+    if fmt not in LOG_FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}")
+    formatter: dict[str, Any] = (
+        {"()": "pythonjsonlogger.json.JsonFormatter", "fmt": JSON_FIELDS, "rename_fields": {"levelname": "level"}}
+        if fmt == "json"
+        else {"format": TEXT_FORMAT}
+    )
+
+    def handler(stream: str, *filters: str) -> dict[str, Any]:
+        return {"class": "logging.StreamHandler", "stream": stream, "formatter": "lmfleet", "filters": list(filters)}
+
+    level = level.upper()
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "filters": {"request_id": {"()": RequestIdFilter}, "access": {"()": AccessLogFilter}},
+        "formatters": {"lmfleet": formatter},
+        "handlers": {
+            "default": handler("ext://sys.stderr", "request_id"),
+            "access": handler("ext://sys.stdout", "request_id", "access"),
+        },
+        "loggers": {
+            "uvicorn": {"handlers": ["default"], "level": level, "propagate": False},
+            "uvicorn.error": {"level": level},
+            "uvicorn.access": {"handlers": ["access"], "level": level, "propagate": False},
+            "httpx": {"level": "WARNING"},  # one INFO line per internal request drowns the log
+        },
+        "root": {"handlers": ["default"], "level": level},
+    }
+
+
+def configure_logging(level: str = "info", fmt: str = "text") -> None:
+    logging.config.dictConfig(log_config(level, fmt))
 
 
 def bind(name: str, host: str, port: int) -> socket.socket:
@@ -64,7 +106,15 @@ def bind(name: str, host: str, port: int) -> socket.socket:
     return sock
 
 
-def run(app: Any, *, name: str, sock: socket.socket, log_level: str = "info", drain: Drain | None = None) -> int:
+def run(
+    app: Any,
+    *,
+    name: str,
+    sock: socket.socket,
+    log_level: str = "info",
+    log_format: str = "text",
+    drain: Drain | None = None,
+) -> int:
     """Serve `app` on `sock` (from `bind`) until a signal; 0 on a clean stop, 3 when uvicorn could not start."""
 
     class Server(uvicorn.Server):
@@ -96,7 +146,7 @@ def run(app: Any, *, name: str, sock: socket.socket, log_level: str = "info", dr
     config = uvicorn.Config(
         app,
         log_level=log_level,
-        log_config=log_config(),
+        log_config=log_config(log_level, log_format),
         timeout_graceful_shutdown=10 if drain is None else 2,
     )
     server = Server(config)

@@ -156,6 +156,7 @@ def test_serve_forwards_the_engine_flags_and_the_api_limits_and_timeouts(tmp_pat
             "2",
             "--max-num-seqs",
             "8",
+            "--metrics-public",
         ]
     )
     plan = cli.serve_plan(args)
@@ -163,7 +164,8 @@ def test_serve_forwards_the_engine_flags_and_the_api_limits_and_timeouts(tmp_pat
     assert worker[worker.index("--threads") + 1] == "2" and worker[worker.index("--max-num-seqs") + 1] == "8"
     assert api[api.index("--max-n") + 1] == "4"
     assert api[api.index("--inter-token-timeout") + 1] == "5.0"
-    assert cli.api_settings(cli.build_parser().parse_args(["api", *api[api.index("--host") :]])).limits.max_n == 4
+    api_settings = cli.api_settings(cli.build_parser().parse_args(["api", *api[api.index("--host") :]]))
+    assert api_settings.limits.max_n == 4 and api_settings.metrics_public
     worker_args = cli.build_parser().parse_args(["worker", *worker[worker.index("--port") :]])
     assert cli.worker_settings(worker_args).engine_settings.n_threads == 2
     assert "LMFLEET_REGISTRATION_SECRET" in plan.env and not any("SECRET" in a for a in worker + api)

@@ -2,7 +2,8 @@
 
 Owns
   * `PUBLIC_PATHS`: the only routes reachable without an API key (health, readiness, the docs and the schema, the
-    web page's files; and `GET /`, which redirects to the page).
+    web page's files; and `GET /`, which redirects to the page); `/metrics` too when the operator says so
+    (`--metrics-public`).
     Everything else, including any route added later and any unknown path, needs a key when keys are
     configured: `needs_key` is a deny-by-default test, so a new route cannot be left open by mistake.
   * `RequestLimits`: limits the operator may tighten with flags (`--max-n`, `--max-stop`, `--max-stop-chars`,
@@ -52,7 +53,8 @@ def is_public(method: str, path: str, public: frozenset[str] = PUBLIC_PATHS) -> 
 
 
 def needs_key(scope: Scope, public: frozenset[str] = PUBLIC_PATHS) -> bool:
-    """Deny by default: only `public` paths (`PUBLIC_PATHS`) and `GET /` go without a key."""
+    """Deny by default: only `public` paths (`PUBLIC_PATHS`, plus /metrics with `--metrics-public`) and `GET /` go
+    without a key."""
     return not is_public(scope["method"], route_path(scope), public)
 
 

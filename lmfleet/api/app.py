@@ -14,6 +14,7 @@ Routes
     GET  /ready                  can serve: 200 while some worker is in rotation and the server is not draining
     GET  /docs, /redoc, /openapi.json   served offline (lmfleet.docs)
     GET  /ui, /v1/fleet, GET /   the web page: chat playground and fleet dashboard (lmfleet.api.ui)
+    GET  /metrics                Prometheus (lmfleet.api.metrics); needs a key unless `metrics_public`
 
 Owns: the request edge (API keys, CORS; body size and JSON sanity are lmfleet.guard's, public routes and
 per-request limits lmfleet.api.access's), choosing the model (`model` may be omitted when exactly one
@@ -57,18 +58,21 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from lmfleet import __version__, docs, errors
 from lmfleet.api import responses as responses_api
 from lmfleet.api import ui
-from lmfleet.api.access import RequestLimits, needs_key
+from lmfleet.api.access import PUBLIC_PATHS, RequestLimits, needs_key
 from lmfleet.api.fleet import FleetStats, RequestStats
+from lmfleet.api.metrics import ApiMetrics
 from lmfleet.api.oneshot import ask
 from lmfleet.api.render import ChatRenderer, CompletionRenderer, Renderer
 from lmfleet.api.response_store import TEMPORARY, ResponseStore
 from lmfleet.api.routing import Router
 from lmfleet.api.sse import EventStreamResponse, cancel_on_disconnect, collect, event_stream
-from lmfleet.api.upstream import ChoiceSpec, ModelBackend, Timeouts, close_all, open_choices
+from lmfleet.api.upstream import ChoiceSpec, ModelBackend, Timeouts, close_all, open_choices, usage_of
 from lmfleet.client import DEFAULT_CONTROLLER, ControllerClient, WorkerClient, make_http_client
 from lmfleet.dispatch import DEFAULT_POLICY, get_policy
 from lmfleet.drain import DEFAULT_TIMEOUT_S, Drain, DrainGate
 from lmfleet.guard import BearerSecrets, ParsedBodyRoute, RequestGuard
+from lmfleet.metrics import METRICS_PATH, MODEL_KEY, new_registry
+from lmfleet.metrics import install as install_metrics
 from lmfleet.protocol.embeddings import EmbeddingRequest, EmbeddingResponse
 from lmfleet.protocol.errors import ErrorResponse
 from lmfleet.protocol.openai import (
@@ -83,6 +87,7 @@ from lmfleet.protocol.tokenize import DetokenizeRequest, DetokenizeResponse, Tok
 from lmfleet.protocol.worker import DetokenizeResponse as WorkerDetokenized
 from lmfleet.protocol.worker import EmbedResponse, Task
 from lmfleet.protocol.worker import TokenizeResponse as WorkerTokenized
+from lmfleet.requestid import HEADER, RequestIdMiddleware
 
 logger = logging.getLogger("lmfleet.api")
 
@@ -110,6 +115,7 @@ class ApiSettings:
     drain_timeout_s: float = DEFAULT_TIMEOUT_S  # on SIGTERM: how long requests in progress may take to finish
     # stored responses (/v1/responses): a SQLite file, TEMPORARY (deleted at exit), or None: nothing is stored
     responses_db: str | None = TEMPORARY
+    metrics_public: bool = False  # GET /metrics without an API key (a scraper that holds none)
 
     def __post_init__(self) -> None:
         if not self.controller_addresses:
@@ -151,15 +157,16 @@ class ApiKeyGate:
     /openapi.json), unknown paths included. Each key is compared in constant time; the presented key is never
     logged or echoed."""
 
-    def __init__(self, app: ASGIApp, keys: Sequence[str]) -> None:
+    def __init__(self, app: ASGIApp, keys: Sequence[str], public: frozenset[str] = PUBLIC_PATHS) -> None:
         self.app = app
         self._keys = BearerSecrets(keys)
+        self._public = public
 
     def _authorized(self, scope: Scope) -> bool:
         return self._keys.match(Headers(scope=scope).get("authorization"))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and needs_key(scope) and not self._authorized(scope):
+        if scope["type"] == "http" and needs_key(scope, self._public) and not self._authorized(scope):
             logger.info("refused %s %s: missing or invalid API key", scope["method"], scope["path"])
             exc = errors.AuthenticationFailed(
                 "Missing or invalid API key: send it as 'Authorization: Bearer <key>'.",
@@ -255,6 +262,7 @@ def create_app(
     """The API server. `drain` is the one the process runner awaits on SIGTERM (lmfleet.server); `http_client` (for
     tests, or to share a pool) is used as given and not closed."""
     drain = drain or Drain(settings.drain_timeout_s)
+    metrics = ApiMetrics(new_registry())
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[ApiState]:
@@ -271,7 +279,9 @@ def create_app(
                 policy=settings.dispatch_policy,
                 refresh_interval_s=settings.refresh_interval_s,
                 eject_backoff_s=settings.eject_backoff_s,
+                on_eject=lambda _address: metrics.ejections.inc(),
             )
+            metrics.router = router
             refresher = asyncio.create_task(router.run(), name="lmfleet-api-worker-view")
             stack.push_async_callback(router.aclose)
             stack.push_async_callback(_cancel, refresher)
@@ -308,16 +318,20 @@ def create_app(
     app.add_middleware(RequestStats, stats=stats)
     app.add_middleware(RequestGuard, max_bytes=settings.max_request_bytes)
     if settings.api_keys:
-        app.add_middleware(ApiKeyGate, keys=settings.api_keys)
+        public = PUBLIC_PATHS | {METRICS_PATH} if settings.metrics_public else PUBLIC_PATHS
+        app.add_middleware(ApiKeyGate, keys=settings.api_keys, public=public)
     if settings.allow_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.allow_origins,
             allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type"],
+            allow_headers=["Authorization", "Content-Type", HEADER],
+            expose_headers=[HEADER],
         )
-    # Outermost: counts every request in progress and, once draining, refuses new ones (503).
+    # Counts every request in progress and, once draining, refuses new ones (503).
     app.add_middleware(DrainGate, drain=drain)
+    install_metrics(app, metrics.registry, part="lmfleet_api")  # GET /metrics; counts every request
+    app.add_middleware(RequestIdMiddleware)  # outermost: every answer carries X-Request-ID, every log line too
     timeouts = settings.timeouts()
 
     async def answer(
@@ -330,6 +344,8 @@ def create_app(
         settings.limits.check(body)
         router: Router = request.state.router
         model = await _resolve_model(router, body.model, settings.default_model)
+        if model in await router.models():  # a label only for a model the fleet serves, never what a client typed
+            request.scope[MODEL_KEY] = model
         renderer = renderer_for(model)
         meta = renderer.meta
         specs = [
@@ -337,18 +353,22 @@ def create_app(
             for i in range(body.num_choices)
         ]
         # Until the first chunk of every choice is in hand (a long prefill, a queue) the client may leave too.
-        backend = ModelBackend(router, request.state.workers, model, timeouts, on_tokens=stats.tokens)
-        opening = open_choices(specs, backend)
-        streams = await cancel_on_disconnect(request.receive, opening)
+        backend = ModelBackend(router, request.state.workers, model, timeouts, on_tokens=stats.tokens, metrics=metrics)
+        streams = await cancel_on_disconnect(request.receive, open_choices(specs, backend))
         if streams is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+        async def finish() -> None:
+            await close_all(streams)
+            metrics.usage(model, usage_of(streams))
+
         if body.stream:
             events = event_stream(streams, renderer, include_usage=body.include_usage)
-            return EventStreamResponse(events, cleanup=partial(close_all, streams))
+            return EventStreamResponse(events, cleanup=finish)
         try:
             result = await cancel_on_disconnect(request.receive, collect(streams, renderer))
         finally:
-            await close_all(streams)
+            await finish()
         if result is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         return JSONResponse(result.model_dump(mode="json"))
@@ -452,6 +472,7 @@ def create_app(
         timeouts=timeouts,
         scoped=bool(settings.api_keys),
         on_tokens=stats.tokens,
+        metrics=metrics,
     )
     responses_api.add_routes(app, responses, errors_doc=_ERRORS)
 

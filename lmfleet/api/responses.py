@@ -44,6 +44,7 @@ from pydantic import ValidationError
 
 from lmfleet import errors
 from lmfleet.api.access import RequestLimits
+from lmfleet.api.metrics import ApiMetrics
 from lmfleet.api.render import ChatRenderer
 from lmfleet.api.response_store import ResponseStore, Stored
 from lmfleet.api.routing import Router
@@ -335,6 +336,7 @@ class ResponsesConfig:
     timeouts: Timeouts
     scoped: bool  # API keys are configured: a stored response belongs to the key that made it
     on_tokens: Callable[[str, int], None] | None = None  # ModelBackend's: the dashboard counts relayed tokens
+    metrics: ApiMetrics | None = None  # ModelBackend's: token timing and failover counts
 
 
 def _owner(request: Request, config: ResponsesConfig) -> str:
@@ -406,7 +408,15 @@ def add_routes(app: FastAPI, config: ResponsesConfig, *, errors_doc: dict[int | 
         persist = partial(_persist, store, owner, items) if store is not None and builder.response.store else None
         spec = ChoiceSpec(0, 0, chat.to_generate_request(f"{builder.response.id}-0", model))
         opening = open_choices(
-            [spec], ModelBackend(router, request.state.workers, model, config.timeouts, on_tokens=config.on_tokens)
+            [spec],
+            ModelBackend(
+                router,
+                request.state.workers,
+                model,
+                config.timeouts,
+                on_tokens=config.on_tokens,
+                metrics=config.metrics,
+            ),
         )
         streams = await cancel_on_disconnect(request.receive, opening)
         if streams is None:

@@ -86,7 +86,9 @@ class Router:
         model_memory_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        on_eject: Callable[[str], None] | None = None,
     ) -> None:
+        """`on_eject(address)` is called each time a worker in rotation is taken out (the metrics)."""
         if not controllers:
             raise ValueError("a router needs at least one controller")
         self._controllers = list(controllers)
@@ -97,6 +99,7 @@ class Router:
         self.model_memory_s = model_memory_s
         self._clock = clock
         self._rng = rng or random.Random()
+        self._on_eject = on_eject
         self._view: list[WorkerInfo] | None = None  # None until some controller has answered once
         self._ejected: dict[str, Ejection] = {}
         self._open: Counter[str] = Counter()  # leases per worker address
@@ -205,6 +208,8 @@ class Router:
         """Take a worker out of rotation now (it refused a connection, failed, hung, or is draining)."""
         if address not in self._ejected:
             logger.warning("ejected worker %s: %s", address, reason)
+            if self._on_eject is not None:
+                self._on_eject(address)
         self._ejected[address] = Ejection(since=self._clock(), reason=reason)
 
     def is_ejected(self, address: str) -> bool:

@@ -29,10 +29,11 @@ import logging
 import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, cast
 
 from lmfleet import errors
+from lmfleet.api.metrics import ApiMetrics, ChoiceClock
 from lmfleet.api.routing import Lease
 from lmfleet.client import WorkerClient
 from lmfleet.protocol.openai import FinishReason, Usage
@@ -115,6 +116,8 @@ class ModelBackend:
     model: str
     timeouts: Timeouts = Timeouts()
     on_tokens: Callable[[str, int], None] | None = None
+    metrics: ApiMetrics | None = None  # token timing and failover counts (lmfleet.api.metrics)
+    started: float = field(default_factory=time.monotonic)  # when the request was parsed: time to first token
 
 
 def _raise_if_failed(chunk: GenerateChunk) -> None:
@@ -188,6 +191,7 @@ class ChoiceStream:
         self.completion_tokens = 0
         self.finish_reason: FinishReason | None = None
         self.resumes = 0
+        self._clock = ChoiceClock(backend.metrics, backend.model, backend.started)
 
     @property
     def address(self) -> str | None:
@@ -208,8 +212,11 @@ class ChoiceStream:
         """Send `request` to a worker this choice has not tried and read its first chunk. `failure`: why the
         previous worker was given up, raised if no other worker takes the request."""
         backend = self._backend
+        moved: errors.LmfleetError | None = None  # why the last worker of this attempt was left
         while True:
             lease = await next_worker(backend.pool, backend.model, self._tried, failure)
+            if moved is not None:
+                self._clock.retry(queue_full=isinstance(moved, errors.QueueFull))
             stream = backend.workers.generate(lease.address, request)
             try:
                 first = await _read(stream, backend.timeouts.first_token_s)
@@ -223,7 +230,7 @@ class ChoiceStream:
                     raise
                 if not isinstance(exc, errors.QueueFull):  # a full worker is healthy
                     backend.pool.eject(lease.address, exc.message)
-                failure = worse(failure, exc)
+                failure, moved = worse(failure, exc), exc
                 continue
             except BaseException:
                 await _aclose(stream)
@@ -260,6 +267,7 @@ class ChoiceStream:
     def _record(self, chunk: GenerateChunk) -> None:
         if self._backend.on_tokens is not None and chunk.token_ids and self.address is not None:
             self._backend.on_tokens(self.address, len(chunk.token_ids))
+        self._clock.tokens(len(chunk.token_ids))
         if self.prompt_token_ids is None and chunk.prompt_token_ids:
             self.prompt_token_ids = list(chunk.prompt_token_ids)
         self.token_ids.extend(chunk.token_ids)
@@ -287,6 +295,7 @@ class ChoiceStream:
                 completion_tokens=len(self.token_ids),
             )
         self.resumes += 1
+        self._clock.resume()
         request = original.model_copy(
             update={
                 "request_id": f"{original.request_id}-r{self.resumes}",

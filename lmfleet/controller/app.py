@@ -13,6 +13,7 @@ validation, fetching a FastChat worker's status when it registers without one, a
     POST /refresh_all_workers  expire now -> {"removed": [...]}
     GET  /health               -> {"status": "ok"}
     GET  /ready                -> {"status": "ready"}; 503 with the reason while the registry's view may be stale
+    GET  /metrics              Prometheus: workers by model and state, registry events, dispatch (controller/metrics.py)
 
 Route and field names are FastChat's, so FastChat model workers, its API server and its tools work against
 this controller. Differences: every worker must heartbeat (FastChat's `check_heart_beat: false` is ignored),
@@ -53,9 +54,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lmfleet import docs, errors
 from lmfleet.client import CONTROL_TIMEOUT, make_http_client
+from lmfleet.controller.metrics import ControllerMetrics
 from lmfleet.controller.registry import FleetRegistry, Registry, RegistryUnavailable
 from lmfleet.dispatch import DEFAULT_POLICY, get_policy
 from lmfleet.guard import BearerSecrets, ParsedBodyRoute, RequestGuard
+from lmfleet.metrics import install as install_metrics
+from lmfleet.metrics import new_registry
 from lmfleet.protocol.worker import (
     HeartbeatRequest,
     HeartbeatResponse,
@@ -64,6 +68,7 @@ from lmfleet.protocol.worker import (
     WorkerInfo,
     WorkerStatus,
 )
+from lmfleet.requestid import RequestIdMiddleware
 
 if TYPE_CHECKING:
     from lmfleet.controller.etcd import EtcdSettings
@@ -221,6 +226,7 @@ def create_app(
     policy = get_policy(settings.dispatch_policy)
     dispatch_rng = rng or random.Random()
     networks = settings.networks()
+    metrics = ControllerMetrics(new_registry(), settings.dispatch_policy, registry)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[ControllerState]:
@@ -256,6 +262,8 @@ def create_app(
         return JSONResponse(exc.body(), status_code=exc.status)
 
     app.add_middleware(RequestGuard, max_bytes=settings.max_request_bytes)  # 413; 400 for a body that is not sane JSON
+    install_metrics(app, metrics.registry, part="lmfleet_controller")  # GET /metrics; counts every request
+    app.add_middleware(RequestIdMiddleware)  # outermost: X-Request-ID on every answer and log line
     writes = [Depends(require_secret)]
 
     @app.post("/register_worker", dependencies=writes)
@@ -289,6 +297,7 @@ def create_app(
     @app.post("/get_worker_address")
     async def get_worker_address(req: WorkerAddressRequest) -> dict[str, str]:
         workers = registry.workers_for(req.model)
+        metrics.dispatched(bool(workers))
         return {"address": policy(workers, dispatch_rng).address if workers else ""}
 
     @app.get("/workers")

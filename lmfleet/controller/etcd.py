@@ -38,6 +38,7 @@ import logging
 import math
 import socket
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,6 +239,8 @@ class EtcdRegistry(WorkerViews):
         self._down = False  # an outage is logged once, and so is its end
         self._synced = asyncio.Event()
         self._started = 0.0  # when running() began (the fleet-loaded log line says how long it took)
+        # This controller's own writes (its metrics): registered, re-registered, unregistered. Expiry is etcd's.
+        self.events: Counter[str] = Counter()
 
     @property
     def problem(self) -> str | None:
@@ -375,7 +378,9 @@ class EtcdRegistry(WorkerViews):
         async with self._writing() as client:
             lease = await client.lease(self.ttl)
             put = await client.put(self._key(address), _value(status, lease.id), lease=lease.id)
-        log_registered(address, status, address in self._entries)
+        known = address in self._entries
+        self.events["re-registered" if known else "registered"] += 1
+        log_registered(address, status, known)
         return self._apply(address, status, lease.id, put.header.revision)
 
     async def heartbeat(self, address: str, status: Load = None) -> bool:
@@ -405,6 +410,7 @@ class EtcdRegistry(WorkerViews):
                     await client.revoke_lease(entry.lease)
         if deleted is not None:
             self._entries.pop(address, None)
+            self.events["unregistered"] += 1
             logger.info("unregistered worker %s", address)
         return deleted is not None
 

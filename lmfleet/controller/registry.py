@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
@@ -43,6 +44,7 @@ class FleetRegistry(Protocol):
     backend has ever known the fleet (a shared one that could not be read yet)."""
 
     expiry_s: float
+    events: Counter[str]  # what this controller did: registered, re-registered, unregistered, expired (its metrics)
 
     def running(self) -> contextlib.AbstractAsyncContextManager[None]:
         """The backend's background work (expiry sweep, connection, watch), for the app's lifespan."""
@@ -70,7 +72,8 @@ def apply_load(current: WorkerStatus, report: Load) -> WorkerStatus:
         return report
     if report is None:
         return current
-    return current.model_copy(update={"queue_length": int(report), "running": 0, "waiting": 0, "tokens_in_flight": 0})
+    cleared = {"running": 0, "waiting": 0, "tokens_in_flight": 0, "kv_cache_usage": None}
+    return current.model_copy(update={"queue_length": int(report), **cleared})
 
 
 class WorkerViews:
@@ -104,6 +107,7 @@ class Registry(WorkerViews):
         self._clock = clock
         self.expiry_s = float(expiry_s)
         self._workers: dict[str, WorkerInfo] = {}
+        self.events: Counter[str] = Counter()  # registered, re-registered, unregistered, expired (the metrics)
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -132,6 +136,7 @@ class Registry(WorkerViews):
         info = WorkerInfo(address=address, status=status, last_heartbeat=now)
         known = address in self._workers
         self._workers[address] = info
+        self.events["re-registered" if known else "registered"] += 1
         log_registered(address, status, known)
         return info
 
@@ -151,6 +156,7 @@ class Registry(WorkerViews):
         """Forget a worker (it is shutting down). True when it was known."""
         removed = self._workers.pop(address, None) is not None
         if removed:
+            self.events["unregistered"] += 1
             logger.info("unregistered worker %s", address)
         return removed
 
@@ -162,6 +168,7 @@ class Registry(WorkerViews):
         dead = [a for a, info in self._workers.items() if now - info.last_heartbeat > self.expiry_s]
         for address in dead:
             info = self._workers.pop(address)
+            self.events["expired"] += 1
             logger.info("expired worker %s: no heartbeat for %.1fs", address, now - info.last_heartbeat)
         return dead
 

@@ -184,9 +184,23 @@ class EngineOutput:
 
 @dataclass(frozen=True)
 class EngineStats:
+    """A snapshot of the engine, taken after each step (the worker's load report and its /metrics). The counters
+    run from the engine's start."""
+
     running: int  # sequences in the batch
     waiting: int  # admitted, not yet in the batch
     tokens_in_flight: int  # tokens held in the KV cache across running sequences
+    kv_capacity: int | None = None  # tokens the KV cache can hold across sequences; None: unknown
+    prefill_tokens: int = 0  # prompt tokens computed (a prefix-cache hit is not computed)
+    decode_tokens: int = 0  # tokens decoded, one per running sequence per step
+    preemptions: int = 0  # sequences pushed out of a full KV cache, to be recomputed later
+
+    @property
+    def kv_cache_usage(self) -> float | None:
+        """The fraction of the KV cache in use, 0..1; None when the capacity is unknown."""
+        if not self.kv_capacity:
+            return None
+        return min(self.tokens_in_flight / self.kv_capacity, 1.0)
 
 
 class Engine(Protocol):

@@ -23,10 +23,12 @@ everything and `ready` turns False.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
+import time
 from collections import deque
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from lmfleet.engine.base import (
@@ -142,16 +144,25 @@ class AsyncEngine(EngineThread):
     """Runs an `Engine` on a daemon thread and serves `generate()` to asyncio code.
 
     `start()` once, from anywhere; `generate()` from an event loop; `await stop()` (or `close()`) at shutdown.
+    `on_step(seconds, stats)` runs on the engine thread after every step that ran (the worker's metrics); a failure
+    in it is logged, never the engine's.
     """
 
-    def __init__(self, engine: Engine, *, max_queued: int = DEFAULT_MAX_QUEUED) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_queued: int = DEFAULT_MAX_QUEUED,
+        on_step: Callable[[float, EngineStats], None] | None = None,
+    ) -> None:
         super().__init__(max_queued)
         self.engine = engine
+        self._on_step = on_step
         # Guarded by _cond: the inbox, the ids admitted and not yet finished.
         self._inbox: deque[tuple[str, Any, _Collector | None]] = deque()
         self._in_flight: set[str] = set()
         # Written by the engine thread only; read anywhere (single reference assignments).
-        self._snapshot = EngineStats(running=0, waiting=0, tokens_in_flight=0)
+        self._snapshot = engine.stats()  # before the thread starts: the engine is still ours
         # Engine thread only.
         self._live: dict[str, _Collector] = {}
 
@@ -160,11 +171,7 @@ class AsyncEngine(EngineThread):
         snap = self._snapshot
         with self._cond:
             in_flight = len(self._in_flight)
-        return EngineStats(
-            running=snap.running,
-            waiting=max(0, in_flight - snap.running),
-            tokens_in_flight=snap.tokens_in_flight,
-        )
+        return dataclasses.replace(snap, waiting=max(0, in_flight - snap.running))
 
     # -- the event-loop side ------------------------------------------------------------------------------------
 
@@ -224,6 +231,7 @@ class AsyncEngine(EngineThread):
                 if not engine.has_unfinished_requests():
                     self._snapshot = engine.stats()
                     continue
+                started = time.perf_counter()
                 try:
                     outputs = engine.step()
                 except Exception as exc:
@@ -237,6 +245,11 @@ class AsyncEngine(EngineThread):
                 failures = 0
                 self._dispatch(outputs)
                 self._snapshot = engine.stats()
+                if self._on_step is not None:
+                    try:
+                        self._on_step(time.perf_counter() - started, self._snapshot)
+                    except Exception:
+                        logger.exception("on_step failed")
         except Exception as exc:  # the loop itself broke (has_unfinished_requests / stats raised)
             logger.exception("engine thread failed")
             self._failed = f"engine thread failed: {type(exc).__name__}: {exc}"

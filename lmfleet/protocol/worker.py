@@ -66,6 +66,7 @@ class WorkerStatus(BaseModel):
     running: int = Field(default=0, ge=0, le=MAX_REPORTED)
     waiting: int = Field(default=0, ge=0, le=MAX_REPORTED)
     tokens_in_flight: int = Field(default=0, ge=0, le=MAX_REPORTED)
+    kv_cache_usage: float | None = Field(default=None, ge=0, le=1)  # fraction of the KV cache in use; None: unknown
     context_length: int | None = Field(default=None, gt=0, le=MAX_REPORTED)
     engine: str | None = None  # "transformers", "llamacpp", ...
     # `Task`s; kept as plain names so a newer worker's task does not break its registration with an older controller

@@ -11,6 +11,7 @@ engine's refusal (`Rejection`) to the public error, and readiness.
     POST /worker/tokenize     TokenizeRequest -> TokenizeResponse;  POST /worker/detokenize: the reverse
     GET  /worker/status       WorkerStatus;  POST /worker_get_status: FastChat's shape
     GET  /health              alive;  GET /ready: 200 while the engine steps and the worker is not draining
+    GET  /metrics             Prometheus: load, KV cache, steps, requests (lmfleet.worker.metrics), open like status
 
 Drain (lmfleet.drain, awaited by the process runner on the first SIGTERM): leave every controller
 (worker/registration.py), answer new requests 503, let the open streams finish for up to `drain_timeout_s`; then
@@ -30,6 +31,9 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import resource
+import sys
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field, fields
 from pathlib import PurePath
@@ -50,6 +54,7 @@ from lmfleet.engine.base import (
     EngineOutput,
     EngineRejected,
     EngineRequest,
+    EngineStats,
     FinishReason,
     LoadedModel,
     Rejection,
@@ -60,6 +65,8 @@ from lmfleet.engine.grammar import Constraint, GrammarError, Grammars
 from lmfleet.engine.pooling import EmbeddingRunner
 from lmfleet.engine.runner import DEFAULT_MAX_QUEUED, AsyncEngine
 from lmfleet.guard import BearerSecrets, ParsedBodyRoute, RequestGuard
+from lmfleet.metrics import install as install_metrics
+from lmfleet.metrics import new_registry
 from lmfleet.protocol.worker import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -72,7 +79,9 @@ from lmfleet.protocol.worker import (
     ToolCallChunk,
     WorkerStatus,
 )
+from lmfleet.requestid import RequestIdMiddleware
 from lmfleet.worker import embed, textgen, tools
+from lmfleet.worker.metrics import WorkerMetrics
 from lmfleet.worker.registration import Registration
 
 logger = logging.getLogger("lmfleet.worker")
@@ -174,6 +183,7 @@ class Worker:
             running=s.running,
             waiting=s.waiting,
             tokens_in_flight=s.tokens_in_flight,
+            kv_cache_usage=s.kv_cache_usage,
             context_length=self.max_model_len,
             engine=self.engine_name,
             tasks=["embed"] if isinstance(self.runner, EmbeddingRunner) else ["generate"],
@@ -398,11 +408,20 @@ class _NdjsonStream(StreamingResponse):
             await self._rest.aclose()
 
 
-def _runner(engine: Engine | EmbeddingEngine, max_queued: int) -> AsyncEngine | EmbeddingRunner:
-    """The thread that drives the engine: a batch of generations, or of embedding inputs."""
+def _runner(
+    engine: Engine | EmbeddingEngine, max_queued: int, on_step: Callable[[float, EngineStats], None]
+) -> AsyncEngine | EmbeddingRunner:
+    """The thread that drives the engine: a batch of generations (`on_step` after each step), or of embedding
+    inputs."""
     if isinstance(engine, EmbeddingEngine):
         return EmbeddingRunner(engine, max_queued=max_queued)
-    return AsyncEngine(engine, max_queued=max_queued)
+    return AsyncEngine(engine, max_queued=max_queued, on_step=on_step)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20 if sys.platform == "darwin" else 1 << 10)
 
 
 class WorkerState(TypedDict):
@@ -422,19 +441,24 @@ def create_app(
     the one the process runner awaits on SIGTERM (lmfleet.server); `http_client` (tests, or a shared pool) is
     used as given and not closed."""
     drain = drain or Drain(settings.drain_timeout_s)
+    registry = new_registry()
+    metrics = WorkerMetrics(registry, settings.names[0])
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[WorkerState]:
+        logger.info("loading %s (engine %s)", settings.model_path, settings.engine)
+        started = time.monotonic()
         loaded = await asyncio.to_thread(load, settings)
-        if loaded.description:
-            logger.info("loaded %s", loaded.description)
-        runner = _runner(loaded.engine, settings.max_queued)
+        load_s = time.monotonic() - started
+        engine_name = loaded.engine_name or type(loaded.engine).__name__
+        metrics.load_seconds.labels(settings.names[0], engine_name).set(load_s)
+        logger.info("loaded %s in %.1fs (peak RSS %.0f MB)", loaded.description or engine_name, load_s, peak_rss_mb())
+        runner = _runner(loaded.engine, settings.max_queued, metrics.on_step)
         runner.start()
-        worker = Worker(
-            settings, runner, loaded.tokenizer, drain, engine_name=loaded.engine_name or type(loaded.engine).__name__
-        )
+        worker = Worker(settings, runner, loaded.tokenizer, drain, engine_name=engine_name)
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(runner.stop)
+            metrics.stats = runner.stats
             http = http_client if http_client is not None else await stack.enter_async_context(make_http_client())
             controllers = [
                 ControllerClient(http, a, secret=settings.registration_secret) for a in settings.controller_addresses
@@ -456,7 +480,9 @@ def create_app(
     app.router.route_class = ParsedBodyRoute
     errors.install_handlers(app)
     app.add_middleware(RequestGuard, max_bytes=settings.max_request_bytes)  # 413; 400 for a body that is not sane JSON
-    app.add_middleware(DrainGate, drain=drain, exempt=DRAIN_EXEMPT)  # outermost: 503 once draining
+    app.add_middleware(DrainGate, drain=drain, exempt=DRAIN_EXEMPT)  # 503 once draining
+    install_metrics(app, registry, part="lmfleet_worker")  # GET /metrics; counts every request
+    app.add_middleware(RequestIdMiddleware)  # outermost: the API server's X-Request-ID names the request here too
 
     secret = BearerSecrets([settings.registration_secret] if settings.registration_secret else [])
 

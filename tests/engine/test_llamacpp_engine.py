@@ -236,6 +236,12 @@ def test_a_full_kv_cache_preempts_and_recomputes(make, shared, chats, caplog):
     with caplog.at_level("INFO", logger="lmfleet.engine"):
         tokens, final = drive(engine, requests)
     assert "KV cache full: preempting" in caplog.text
+    stats = engine.stats()
+    assert stats.preemptions >= 1 and stats.kv_capacity == 160 and stats.kv_cache_usage == 0
+    # 39 decodes per request (the first token comes from the prefill, the last is never fed back); a preempted
+    # request's recompute prefills its pending token instead of decoding it
+    assert stats.decode_tokens >= 4 * 39 - stats.preemptions
+    assert stats.prefill_tokens > 0
     assert all(f.finish_reason == FinishReason.LENGTH for f in final.values())
     assert {k: v[:EXACT_PREFIX] for k, v in tokens.items()} == {k: v[:EXACT_PREFIX] for k, v in expected.items()}
     assert all(len(v) == 40 for v in tokens.values())
@@ -289,6 +295,7 @@ def test_the_loader(gguf_path):
         assert loaded.engine_name == "llamacpp"
         assert "SmolLM2-135M-Instruct.Q4_1.gguf" in loaded.description and "Q4_1" in loaded.description
         assert "context=8192" in loaded.description and "threads=1" in loaded.description
+        assert "device=cpu" in loaded.description and "parameters=135M" in loaded.description
         assert engine.max_model_len == 8192 and engine.max_num_seqs == 4
         ids = loaded.tokenizer.encode("hello world", add_special_tokens=False)
         tokens, final = drive(engine, [req("a", ids, max_new_tokens=3, temperature=0.7, seed=1)])

@@ -196,8 +196,13 @@ def test_stats_count_cached_tokens(model):
     assert engine.stats().waiting == 2 and engine.stats().running == 0
     engine.step()  # prefill: prompts cached, first tokens sampled
     assert engine.stats().running == 2 and engine.stats().tokens_in_flight == 14
+    assert (engine.stats().prefill_tokens, engine.stats().decode_tokens) == (14, 0)
     engine.step()  # one decode: b finishes (2 tokens), a caches one more
-    assert engine.stats().running == 1 and engine.stats().tokens_in_flight == 11
+    stats = engine.stats()
+    assert stats.running == 1 and stats.tokens_in_flight == 11
+    assert (stats.prefill_tokens, stats.decode_tokens, stats.preemptions) == (14, 2, 0)
+    assert stats.kv_capacity == engine.max_num_seqs * engine.max_model_len  # what the batch can grow to
+    assert stats.kv_cache_usage == 11 / stats.kv_capacity
 
 
 class _Flaky:
@@ -240,6 +245,8 @@ def test_the_loader_and_bfloat16(model_dir):
     loaded = registry.load(source, registry.choose(source), settings)
     engine = loaded.engine
     assert loaded.engine_name == "transformers" and "dtype=bfloat16" in loaded.description
+    assert "device=cpu" in loaded.description
+    assert f"kv_cache=grows to {4 * engine.max_model_len} tokens" in loaded.description
     assert next(engine.model.parameters()).dtype == torch.bfloat16 and engine.max_num_seqs == 4
     assert loaded.tokenizer.decode(loaded.tokenizer.encode("hello world", add_special_tokens=False)) == "hello world"
     requests = [req(str(i), p, max_new_tokens=6, temperature=0.9, seed=i) for i, p in enumerate(prompts(6, 9))]

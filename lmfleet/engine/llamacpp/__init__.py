@@ -55,9 +55,10 @@ def load(model_path: str, settings: LlamaCppSettings) -> LoadedModel:
     buf = bytes(256)
     llama.llama_model_desc(engine.model, buf, len(buf))
     kind = buf.split(b"\0", 1)[0].decode("utf-8", errors="replace")  # e.g. "llama 256M Q4_1"
+    device = "gpu" if llama.llama_supports_gpu_offload() else "cpu"  # a GPU build offloads every layer by default
     description = (
-        f"engine=llamacpp model={Path(model_path).name} type={kind.replace(' ', '/') or '?'} "
-        f"context={engine.max_model_len} threads={engine.n_threads} "
+        f"engine=llamacpp model={Path(model_path).name} type={kind.replace(' ', '/') or '?'} device={device} "
+        f"context={engine.max_model_len} kv_cache={engine.max_model_len} tokens threads={engine.n_threads} "
         f"parameters={llama.llama_model_n_params(engine.model) / 1e6:.0f}M "
         f"size={llama.llama_model_size(engine.model) / 1e6:.0f}MB "
         f"max_num_seqs={settings.max_num_seqs} loaded in {time.monotonic() - started:.1f}s"

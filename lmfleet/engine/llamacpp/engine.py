@@ -47,6 +47,7 @@ from typing import Any
 
 import llama_cpp.llama_cpp as llama
 import numpy as np
+from tqdm import tqdm
 
 from lmfleet.engine.base import (
     CONSTRAINT_REFUSED,
@@ -139,6 +140,7 @@ class LlamaCppEngine:
         self._prefix_cache = prefix_cache
         self._ids: set[str] = set()  # every request id waiting or running
         self._aborts: set[str] = set()
+        self._prefilled = self._decoded = self._preemptions = 0  # counters for stats()
         self._model: Any = None
         self._ctx: Any = None
         self._batch: Any = None
@@ -146,7 +148,16 @@ class LlamaCppEngine:
         # No repacked weight buffers: on CPUs with AMX, ggml's AMX buffer takes Q4_1 weights, and llama_decode
         # over several sequences then crashes (segfault, llama-cpp-python 0.3.36, seen on a Xeon with amx_int8).
         params.use_extra_bufts = False
-        model = llama.llama_model_load_from_file(model_path.encode(), params)
+        # A progress bar on a terminal (tqdm stays silent when stderr is not one: logs, tests)
+        with tqdm(total=100, desc=f"loading {os.path.basename(model_path)}", unit="%", disable=None) as bar:
+
+            @llama.llama_progress_callback
+            def progress(fraction: float, _user_data: Any) -> bool:
+                bar.update(round(fraction * 100) - bar.n)
+                return True  # go on loading
+
+            params.progress_callback = progress
+            model = llama.llama_model_load_from_file(model_path.encode(), params)
         if not model:
             raise ValueError(f"llama.cpp could not load {model_path} (see the lmfleet.engine.llamacpp debug log)")
         self._model = model
@@ -260,6 +271,10 @@ class LlamaCppEngine:
             running=len(self._running),
             waiting=len(self._waiting),
             tokens_in_flight=sum(s.n_cached for s in self._running),
+            kv_capacity=self._max_model_len,  # one unified pool of n_ctx cells
+            prefill_tokens=self._prefilled,
+            decode_tokens=self._decoded,
+            preemptions=self._preemptions,
         )
 
     def step(self) -> list[EngineOutput]:
@@ -346,6 +361,10 @@ class LlamaCppEngine:
             return
         self._apply_constraints(plan)
         for seq, n, logits_at in plan:
+            if len(seq.tokens) - seq.n_cached == 1:
+                self._decoded += 1
+            else:
+                self._prefilled += n
             seq.n_cached += n
             if logits_at >= 0:
                 self._advance(seq, llama.llama_sampler_sample(seq.sampler, self._ctx, logits_at), outputs)
@@ -402,6 +421,7 @@ class LlamaCppEngine:
         logger.info(
             "KV cache full: preempting request %s (%d tokens) to recompute later", seq.request.request_id, seq.n_cached
         )
+        self._preemptions += 1
         llama.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
         self._free_ids.append(seq.seq_id)
         seq.seq_id, seq.n_cached = -1, 0

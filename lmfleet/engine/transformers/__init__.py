@@ -8,6 +8,7 @@ GGUF file (dequantized by transformers) and returns the engine with its tokenize
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,7 @@ class TransformersSettings(BatchSettings):
 def load(source: ModelSource, settings: TransformersSettings) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from lmfleet.engine.transformers.engine import TransformersEngine
     from lmfleet.engine.transformers.tokenizer import HFTokenizer
@@ -48,6 +50,8 @@ def load(source: ModelSource, settings: TransformersSettings) -> LoadedModel:
     dtype = "auto" if settings.dtype == "auto" else getattr(torch, settings.dtype)
     folder, gguf_file = source.transformers_args()
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    if not sys.stderr.isatty():  # transformers' "Loading weights" bar on a terminal; none in a log file
+        hf_logging.disable_progress_bar()
     model: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
     model.to(device)
     engine = TransformersEngine(
@@ -62,7 +66,9 @@ def load(source: ModelSource, settings: TransformersSettings) -> LoadedModel:
     dtype_name = str(next(model.parameters()).dtype).removeprefix("torch.")
     description = (
         f"engine=transformers model={source.display} dtype={dtype_name} "
-        f"device={device} context={engine.max_model_len} parameters={params / 1e6:.0f}M weights={size_mb:.0f}MB "
+        f"device={device} context={engine.max_model_len} "
+        f"kv_cache=grows to {engine.max_num_seqs * engine.max_model_len} tokens "
+        f"parameters={params / 1e6:.1f}M weights={size_mb:.0f}MB "
         f"max_num_seqs={settings.max_num_seqs} loaded in {time.monotonic() - started:.1f}s"
     )
     return LoadedModel(engine, tokenizer, description)

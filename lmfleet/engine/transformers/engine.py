@@ -136,6 +136,7 @@ class TransformersEngine:
         self._aborts: set[str] = set()
         self._batch = _Batch()
         self._greedy_batch = True  # every running row greedy without penalties: one argmax per step
+        self._prefilled = self._decoded = 0  # counters for stats()
 
     # -- the Engine protocol ------------------------------------------------------------------------------------
 
@@ -186,6 +187,9 @@ class TransformersEngine:
             running=len(self._batch.rows),
             waiting=len(self._waiting),
             tokens_in_flight=sum(s.num_tokens - 1 for s in self._batch.rows),
+            kv_capacity=self.max_num_seqs * self._max_model_len,  # grows with use; at most this
+            prefill_tokens=self._prefilled,
+            decode_tokens=self._decoded,
         )
 
     def step(self) -> list[EngineOutput]:
@@ -240,6 +244,7 @@ class TransformersEngine:
             self._fail(rows, exc, outputs)
             self._batch, self._greedy_batch = _Batch(), True
             return
+        self._decoded += len(rows)
         for seq, token in zip(rows, tokens, strict=True):
             self._advance(seq, token, outputs)
         self._drop_finished()
@@ -288,6 +293,7 @@ class TransformersEngine:
             logger.exception("prefill failed; failing %d new requests", len(seqs))
             self._fail(seqs, exc, outputs)
             return
+        self._prefilled += sum(lengths)
         for seq, token in zip(seqs, tokens, strict=True):
             self._advance(seq, token, outputs)
         try:

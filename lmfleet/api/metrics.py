@@ -1,0 +1,114 @@
+"""The API server's Prometheus metrics: what its clients saw, per model, and what failover did about the workers.
+
+    lmfleet_api_requests_total{route, method, model, status}       counter (lmfleet.metrics; 429s and 503s included)
+    lmfleet_api_request_duration_seconds{route, model}             histogram: end to end, to the last byte
+    lmfleet_api_time_to_first_token_seconds{model}                 histogram: request parsed -> first token of a choice
+    lmfleet_api_inter_token_latency_seconds{model}                 histogram: between a choice's tokens (a chunk of n
+                                                                   tokens observes its gap / n once)
+    lmfleet_api_prompt_tokens_total{model}, _completion_tokens_total{model}   counters, as `usage` counts them
+    lmfleet_api_retries_total{model, reason}                       counter: a choice moved to another worker before
+                                                                   its first chunk; reason queue_full | worker_error
+    lmfleet_api_resumes_total{model}                               counter: a stream resumed on another worker
+    lmfleet_api_worker_ejections_total                             counter: workers taken out of rotation
+    lmfleet_api_workers{state}                                     gauge: healthy | ejected, in the cached view
+    lmfleet_api_controller_up                                      gauge: 1 while a controller answers
+
+`model` is always a model some worker serves (the route sets it only then), never what a client typed.
+Does not own: when these move (lmfleet.api.upstream, lmfleet.api.routing, lmfleet.api.app call in).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+
+from lmfleet.api.routing import Router
+from lmfleet.metrics import LATENCY_BUCKETS, live
+from lmfleet.protocol.openai import Usage
+
+# Inter-token gaps: ~1 ms on a fast GPU up to a CPU under load.
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0)
+
+
+class ApiMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.ttft = Histogram(
+            "lmfleet_api_time_to_first_token_seconds",
+            "Time from the parsed request to the first token of a choice",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.itl = Histogram(
+            "lmfleet_api_inter_token_latency_seconds",
+            "Time between two tokens of a choice",
+            ["model"],
+            buckets=ITL_BUCKETS,
+            registry=registry,
+        )
+        self.prompt_tokens = Counter(
+            "lmfleet_api_prompt_tokens", "Prompt tokens, as usage counts them", ["model"], registry=registry
+        )
+        self.completion_tokens = Counter(
+            "lmfleet_api_completion_tokens", "Completion tokens, as usage counts them", ["model"], registry=registry
+        )
+        self.retries = Counter(
+            "lmfleet_api_retries",
+            "Choices moved to another worker before their first chunk",
+            ["model", "reason"],
+            registry=registry,
+        )
+        self.resumes = Counter("lmfleet_api_resumes", "Streams resumed on another worker", ["model"], registry=registry)
+        self.ejections = Counter("lmfleet_api_worker_ejections", "Workers taken out of rotation", registry=registry)
+        self.router: Router | None = None  # the lifespan's, while it runs
+        live(registry, self._view)
+
+    def usage(self, model: str, usage: Usage) -> None:
+        self.prompt_tokens.labels(model).inc(usage.prompt_tokens)
+        self.completion_tokens.labels(model).inc(usage.completion_tokens)
+
+    def _view(self) -> Iterable[Metric]:
+        """The cached view's gauges, read at every scrape."""
+        router = self.router
+        if router is None:
+            return
+        healthy = len(router.healthy())
+        workers = GaugeMetricFamily("lmfleet_api_workers", "Workers in the cached view", labels=["state"])
+        workers.add_metric(["healthy"], healthy)
+        workers.add_metric(["ejected"], len(router.workers()) - healthy)
+        yield workers
+        up = float(bool(router.controller_up))
+        yield GaugeMetricFamily("lmfleet_api_controller_up", "1 while a controller answers", value=up)
+
+
+class ChoiceClock:
+    """One choice's token timing and failover counts; a no-op without metrics (tests build backends bare)."""
+
+    def __init__(self, metrics: ApiMetrics | None, model: str, started: float) -> None:
+        self._metrics = metrics
+        self._model = model
+        self._last: float | None = None
+        self._started = started
+
+    def tokens(self, n: int) -> None:
+        if self._metrics is None or n <= 0:
+            return
+        now = time.monotonic()
+        if self._last is None:
+            self._metrics.ttft.labels(self._model).observe(now - self._started)
+        else:
+            self._metrics.itl.labels(self._model).observe((now - self._last) / n)
+        self._last = now
+
+    def retry(self, queue_full: bool) -> None:
+        if self._metrics is not None:
+            self._metrics.retries.labels(self._model, "queue_full" if queue_full else "worker_error").inc()
+
+    def resume(self) -> None:
+        if self._metrics is not None:
+            self._metrics.resumes.labels(self._model).inc()
