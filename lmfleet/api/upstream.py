@@ -36,7 +36,7 @@ from lmfleet import errors
 from lmfleet.api.routing import Lease
 from lmfleet.client import WorkerClient
 from lmfleet.protocol.openai import FinishReason, Usage
-from lmfleet.protocol.worker import GenerateChunk, GenerateRequest
+from lmfleet.protocol.worker import GenerateChunk, GenerateRequest, TokenLogprob
 
 logger = logging.getLogger("lmfleet.api")
 
@@ -53,7 +53,8 @@ class ChoiceDelta:
     text: str = ""  # may be empty (the worker is holding back half a UTF-8 character or a possible stop string)
     token_ids: tuple[int, ...] = ()
     finish_reason: FinishReason | None = None
-    logprobs: None = None  # filled by a later feature (log probabilities)
+    # when asked for: one per token of `token_ids`, or of the echoed prompt (protocol.worker); None: not asked for
+    logprobs: tuple[TokenLogprob, ...] | None = None
     tool_calls: None = None  # filled by a later feature (tool-call deltas)
 
 
@@ -65,6 +66,7 @@ def joined(deltas: Sequence[ChoiceDelta]) -> ChoiceDelta:
         text="".join(d.text for d in deltas),
         token_ids=tuple(t for d in deltas for t in d.token_ids),
         finish_reason=last.finish_reason,
+        logprobs=None if first.logprobs is None else tuple(lp for d in deltas for lp in d.logprobs or ()),
     )
 
 
@@ -229,6 +231,7 @@ class ChoiceStream:
                 text=chunk.text,
                 token_ids=tuple(chunk.token_ids),
                 finish_reason=self.finish_reason,
+                logprobs=tuple(chunk.logprobs or ()) if self.spec.request.logprobs is not None else None,
             )
             if chunk.finish_reason is not None:
                 return

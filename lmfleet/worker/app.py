@@ -46,6 +46,7 @@ from lmfleet.engine.base import (
     Rejection,
     SamplingParams,
     Tokenizer,
+    TokenLogprob,
 )
 from lmfleet.engine.runner import DEFAULT_MAX_QUEUED, AsyncEngine
 from lmfleet.guard import BearerSecrets, ParsedBodyRoute, RequestGuard
@@ -126,6 +127,7 @@ class Worker:
         self.engine_name = engine_name
         self.max_model_len = runner.engine.max_model_len
         self.vocab_size = min(runner.engine.vocab_size, len(tokenizer))  # ids both can handle
+        self.speller = textgen.LogprobSpeller(tokenizer)
 
     @property
     def serving(self) -> bool:
@@ -188,6 +190,8 @@ class Worker:
             logit_bias=tuple(sorted(req.logit_bias.items())),
             stop_token_ids=tuple(req.stop_token_ids),
             ignore_eos=req.ignore_eos,
+            logprobs=req.logprobs,
+            prompt_logprobs=req.logprobs if req.echo and req.prompt is not None else None,
         )
         return EngineRequest(request_id=req.request_id, prompt_token_ids=context, params=params)
 
@@ -216,12 +220,15 @@ class Worker:
             text = textgen.TextStream(self.tokenizer, prompt, req.stop)
             pending = text.resume(resumed, req.resume_text_chars)
         done = len(resumed)
+        logprobs: list[TokenLogprob] = []  # the engine's, for the ids of the chunk being made
         base: dict[str, Any] = {"request_id": req.request_id, "prompt_tokens": len(prompt)}
         opening: dict[str, Any] = {"prompt_token_ids": prompt}  # on the first chunk only
 
         def chunk(delta: str = "", ids: list[int] | None = None, **kw: Any) -> GenerateChunk:
             nonlocal opening
             extra, opening = opening, {}
+            if req.logprobs is not None and "logprobs" not in kw:  # asked for: one entry per id
+                kw["logprobs"] = self.speller.entries(logprobs[: len(ids or [])])
             return GenerateChunk(text=delta, token_ids=ids or [], completion_tokens=done, **base, **extra, **kw)
 
         try:
@@ -230,11 +237,13 @@ class Worker:
             except EngineRejected as exc:
                 raise _REJECTIONS[exc.reason](exc.detail) from None
             if req.echo and req.prompt is not None:
-                yield chunk(req.prompt)
+                echoed = out.prompt_logprobs if out is not None and req.logprobs is not None else None
+                yield chunk(req.prompt, logprobs=self.speller.prompt_entries(prompt, echoed) if echoed else None)
             if text.stopped:  # the resumed ids already end in a stop string
                 yield chunk(pending, finish_reason="stop")
                 return
             while out is not None:
+                logprobs = out.logprobs or []
                 piece, used = text.push_counted(out.new_token_ids)
                 ids = out.new_token_ids[:used]  # a stop string may end the completion inside a merged output
                 done += used

@@ -75,19 +75,26 @@ async def test_image_part_message_says_what_is_supported() -> None:
 @pytest.mark.parametrize(
     ("route", "patch", "param"),
     [
-        ("/v1/chat/completions", {"logprobs": True}, "logprobs"),
-        ("/v1/chat/completions", {"top_logprobs": 3}, "top_logprobs"),
+        ("/v1/chat/completions", {"logprobs": "yes"}, "logprobs"),
+        ("/v1/chat/completions", {"top_logprobs": 3}, "top_logprobs"),  # without logprobs: true
+        ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
         ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions"),
         ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
-        ("/v1/chat/completions", {"logit_bias": {"50256": -100}}, "logit_bias"),
+        ("/v1/chat/completions", {"logit_bias": {"50256": -101}}, "logit_bias"),
+        ("/v1/chat/completions", {"logit_bias": {"the": 5}}, "logit_bias"),
+        ("/v1/chat/completions", {"logit_bias": {"-1": 5}}, "logit_bias"),
+        ("/v1/chat/completions", {"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
+        ("/v1/chat/completions", {"min_p": 1.5}, "min_p"),
         ("/v1/chat/completions", {"modalities": ["text", "audio"]}, "modalities"),
         ("/v1/chat/completions", {"stream_options": {"include_usage": True}}, "stream_options"),
-        ("/v1/completions", {"logprobs": 2}, "logprobs"),
+        ("/v1/completions", {"logprobs": 6}, "logprobs"),
+        ("/v1/completions", {"logprobs": True}, "logprobs"),
         ("/v1/completions", {"best_of": 3}, "best_of"),
         ("/v1/completions", {"suffix": "and then"}, "suffix"),
-        ("/v1/completions", {"logit_bias": {"1": 5}}, "logit_bias"),
+        ("/v1/completions", {"logit_bias": {"1": "5"}}, "logit_bias"),
+        ("/v1/completions", {"min_p": -0.1}, "min_p"),
         ("/v1/completions", {"prompt": ["p"] * 20, "n": 4}, "prompt"),
         ("/v1/completions", {"prompt": []}, "prompt"),
         ("/v1/completions", {"prompt": [1, "a"]}, "prompt"),
@@ -100,7 +107,7 @@ async def test_unsupported_features_are_400_naming_the_param(route: str, patch: 
         assert_error(resp, 400, param=param)
 
 
-async def test_accepted_off_values_of_unsupported_features() -> None:
+async def test_accepted_off_values() -> None:
     off = {
         "logprobs": False,
         "top_logprobs": 0,

@@ -24,6 +24,10 @@ One `step()`:
   4. sample those requests through their own chains, finish them on eos / stop ids / max_new_tokens /
      max_model_len, and free the KV cells and sequence ids of the finished.
 
+Log probabilities (`SamplingParams.logprobs`) are the log-softmax of the raw logits llama.cpp returns, read before
+the request's sampler chain sees them. A request that asks for its prompt's (`prompt_logprobs`, echo) gets logits at
+every prompt position and computes its whole prompt (no prefix reuse).
+
 Sequences grow into a shared pool, so a decode can find the cache full (`llama_decode` returns 1, the cache
 untouched). Then the newest running request is preempted: its cells are freed and it waits at the front of the queue
 to be recomputed (prompt + what it generated) once there is room, keeping its sampler chain (random state, penalty
@@ -46,6 +50,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import llama_cpp.llama_cpp as llama
+import numpy as np
 
 from lmfleet.engine.base import (
     BatchSettings,
@@ -54,6 +59,7 @@ from lmfleet.engine.base import (
     EngineStats,
     FinishReason,
     SamplingParams,
+    TokenLogprob,
     assert_fits,
 )
 
@@ -100,10 +106,17 @@ class _Seq:
     n_cached: int = 0  # leading tokens of `tokens` in the KV cache
     num_generated: int = 0
     finish: FinishReason | None = None
+    # with prompt_logprobs: the prompt's log probabilities so far ([None] for the first token), until the first output
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def params(self) -> SamplingParams:
         return self.request.params
+
+    @property
+    def echoing(self) -> bool:
+        """The prompt's log probabilities are still being gathered: every prompt position needs its logits."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.request.prompt_token_ids)
 
 
 class LlamaCppEngine:
@@ -243,7 +256,10 @@ class LlamaCppEngine:
         if not p.ignore_eos:
             stop.update(self._eos)
         self._ids.add(request.request_id)
-        self._waiting.append(_Seq(request, frozenset(stop), self._sampler(p), list(prompt)))
+        seq = _Seq(request, frozenset(stop), self._sampler(p), list(prompt))
+        if p.prompt_logprobs is not None:
+            seq.prompt_logprobs = [None]
+        self._waiting.append(seq)
 
     def abort_request(self, request_id: str) -> None:
         if request_id in self._ids:
@@ -302,7 +318,9 @@ class LlamaCppEngine:
     def _reuse_prefix(self, seq: _Seq) -> None:
         """Start `seq` from the cells of the prefix it shares with the last finished request (the chat template and
         system prompt, mostly): they are shared, not copied, and only the rest is computed. One token is always
-        left to compute, for the logits."""
+        left to compute, for the logits. Not for a request that needs its prompt's logits (echo)."""
+        if seq.echoing:
+            return
         limit = min(len(self._prefix), len(seq.tokens) - 1)
         shared = 0
         while shared < limit and self._prefix[shared] == seq.tokens[shared]:
@@ -337,21 +355,42 @@ class LlamaCppEngine:
                 continue
             reason = "the KV cache has no room for this request" if rc == 1 else f"llama_decode returned {rc}"
             logger.error("decode failed (%s); failing %d requests", reason, len(plan))
-            for seq, _, _ in plan:
+            for seq, *_ in plan:
                 # after a fatal error, cells the decode did write stay in the cache: _release frees them
                 self._finish(seq, FinishReason.ERROR, outputs, error=f"engine failure: {reason}")
             return
-        for seq, n, logits_at in plan:
+        for seq, n, logits_at, first in plan:
+            if seq.echoing:
+                self._gather_prompt_logprobs(seq, first, n)
             seq.n_cached += n
             if logits_at >= 0:
-                self._advance(seq, llama.llama_sampler_sample(seq.sampler, self._ctx, logits_at), outputs)
+                lsm = self._log_softmax(logits_at) if seq.params.logprobs is not None else None
+                token = llama.llama_sampler_sample(seq.sampler, self._ctx, logits_at)
+                self._advance(seq, token, outputs, _token_logprob(lsm, token, seq.params.logprobs))
 
-    def _fill_batch(self) -> list[tuple[_Seq, int, int]]:
+    def _log_softmax(self, index: int) -> Any:
+        """The log-softmax of the raw logits at batch index `index` (float64), before any sampler sees them."""
+        logits = np.ctypeslib.as_array(llama.llama_get_logits_ith(self._ctx, index), shape=(self._vocab_size,))
+        x = logits.astype(np.float64)
+        x -= x.max()
+        return x - np.log(np.exp(x).sum())
+
+    def _gather_prompt_logprobs(self, seq: _Seq, first: int, n: int) -> None:
+        """The log probability of each prompt token this batch predicted for `seq` (its `n` tokens from batch index
+        `first`, all with logits): position p's logits give token p + 1's."""
+        prompt, got = seq.request.prompt_token_ids, seq.prompt_logprobs
+        assert got is not None
+        for j in range(n):
+            target = seq.n_cached + j + 1
+            if target == len(got) and target < len(prompt):
+                got.append(_token_logprob(self._log_softmax(first + j), prompt[target], seq.params.prompt_logprobs))
+
+    def _fill_batch(self) -> list[tuple[_Seq, int, int, int]]:
         """Write this step's tokens into the batch: every decoding request's pending token, then prompt chunks in
         admission order within `max_batch_tokens`. Returns (request, tokens written, batch index of its logits or
-        -1) per request in the batch."""
+        -1, batch index of its first token) per request in the batch."""
         b = self._batch
-        plan: list[tuple[_Seq, int, int]] = []
+        plan: list[tuple[_Seq, int, int, int]] = []
         n = 0
         budget = self.max_batch_tokens
         decoding = [s for s in self._running if len(s.tokens) - s.n_cached == 1]
@@ -370,11 +409,11 @@ class LlamaCppEngine:
                 b.pos[n + j] = pos
                 b.n_seq_id[n + j] = 1
                 b.seq_id[n + j][0] = seq.seq_id
-                b.logits[n + j] = 0
+                b.logits[n + j] = seq.echoing  # echo: every prompt position's logits
             done = take == pending
             if done:
                 b.logits[n + take - 1] = 1
-            plan.append((seq, take, n + take - 1 if done else -1))
+            plan.append((seq, take, n + take - 1 if done else -1, n))
             n += take
         b.n_tokens = n
         return plan
@@ -425,17 +464,18 @@ class LlamaCppEngine:
 
     # -- bookkeeping --------------------------------------------------------------------------------------------
 
-    def _advance(self, seq: _Seq, token: int, outputs: list[EngineOutput]) -> None:
+    def _advance(self, seq: _Seq, token: int, outputs: list[EngineOutput], logprob: TokenLogprob | None) -> None:
         """Record one sampled token for `seq` and emit its output (finishing it if it is done)."""
         if token in seq.stop_ids:
             self._finish(seq, FinishReason.STOP, outputs)
             return
         seq.num_generated += 1
         seq.tokens.append(token)
+        lps = [logprob] if logprob is not None else None
         if seq.num_generated >= seq.params.max_new_tokens or len(seq.tokens) >= self._max_model_len:
-            self._finish(seq, FinishReason.LENGTH, outputs, [token])
+            self._finish(seq, FinishReason.LENGTH, outputs, [token], logprobs=lps)
         else:
-            outputs.append(EngineOutput(seq.request.request_id, [token]))
+            outputs.append(self._output(seq, [token], logprobs=lps))
 
     def _finish(
         self,
@@ -444,10 +484,25 @@ class LlamaCppEngine:
         outputs: list[EngineOutput],
         tokens: list[int] | None = None,
         error: str | None = None,
+        logprobs: list[TokenLogprob] | None = None,
     ) -> None:
         seq.finish = reason
         self._ids.discard(seq.request.request_id)
-        outputs.append(EngineOutput(seq.request.request_id, tokens or [], reason, error))
+        outputs.append(self._output(seq, tokens or [], reason, error, logprobs))
+
+    @staticmethod
+    def _output(
+        seq: _Seq,
+        tokens: list[int],
+        reason: FinishReason | None = None,
+        error: str | None = None,
+        logprobs: list[TokenLogprob] | None = None,
+    ) -> EngineOutput:
+        """An output of `seq`; its first carries the prompt's log probabilities, once all are gathered."""
+        prompt_logprobs = None
+        if seq.prompt_logprobs is not None and not seq.echoing:
+            prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None
+        return EngineOutput(seq.request.request_id, tokens, reason, error, logprobs, prompt_logprobs)
 
     def _release(self, seq: _Seq) -> None:
         """Free a finished request's sampler and, if it ran, its KV cells and sequence id."""
@@ -459,3 +514,12 @@ class LlamaCppEngine:
             llama.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
             self._free_ids.append(seq.seq_id)
             seq.seq_id = -1
+
+
+def _token_logprob(lsm: Any, token: int, k: int | None) -> TokenLogprob | None:
+    """`token`'s entry in the log-probabilities `lsm` (a numpy vector; None: not asked) with the k most likely."""
+    if lsm is None or k is None:
+        return None
+    top = np.argpartition(-lsm, k - 1)[:k] if k else np.empty(0, dtype=np.int64)
+    top = top[np.argsort(-lsm[top], kind="stable")]
+    return TokenLogprob(token, float(lsm[token]), tuple((int(i), float(lsm[i])) for i in top))
