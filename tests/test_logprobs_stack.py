@@ -1,7 +1,8 @@
 """Log probabilities (and logit_bias) through the whole stack in one process (tests/test_stack.py's fleet: API,
 controller and two workers over ASGI, scripted engines that report `fake_logprob` per context position): one entry
 per output token in OpenAI's shapes, streamed and not, across a resume (nothing re-sent, nothing missing), with stop
-strings, and with echo (the prompt's tokens first, the first one null). Shapes are validated against OpenAI's published schemas."""
+strings, and with echo (the prompt's tokens first, the first one null). Shapes are validated against OpenAI's
+published schemas."""
 
 from __future__ import annotations
 
