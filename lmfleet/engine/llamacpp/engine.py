@@ -113,6 +113,13 @@ class _Seq:
     def params(self) -> SamplingParams:
         return self.request.params
 
+    def take_prompt_logprobs(self) -> list[TokenLogprob | None] | None:
+        """The prompt's log probabilities, once all are gathered: for the request's first output."""
+        if self.echoing:
+            return None
+        found, self.prompt_logprobs = self.prompt_logprobs, None
+        return found
+
     @property
     def echoing(self) -> bool:
         """The prompt's log probabilities are still being gathered: every prompt position needs its logits."""
@@ -402,6 +409,7 @@ class LlamaCppEngine:
                 break
             if pending > 1:
                 budget -= take
+            echo = seq.echoing  # echo: every prompt position's logits
             # positions continue exactly where the sequence's cells end: llama.cpp aborts the process otherwise
             for j in range(take):
                 pos = seq.n_cached + j
@@ -409,7 +417,7 @@ class LlamaCppEngine:
                 b.pos[n + j] = pos
                 b.n_seq_id[n + j] = 1
                 b.seq_id[n + j][0] = seq.seq_id
-                b.logits[n + j] = seq.echoing  # echo: every prompt position's logits
+                b.logits[n + j] = echo
             done = take == pending
             if done:
                 b.logits[n + take - 1] = 1
@@ -475,7 +483,9 @@ class LlamaCppEngine:
         if seq.num_generated >= seq.params.max_new_tokens or len(seq.tokens) >= self._max_model_len:
             self._finish(seq, FinishReason.LENGTH, outputs, [token], logprobs=lps)
         else:
-            outputs.append(self._output(seq, [token], logprobs=lps))
+            outputs.append(
+                EngineOutput(seq.request.request_id, [token], logprobs=lps, prompt_logprobs=seq.take_prompt_logprobs())
+            )
 
     def _finish(
         self,
@@ -488,21 +498,9 @@ class LlamaCppEngine:
     ) -> None:
         seq.finish = reason
         self._ids.discard(seq.request.request_id)
-        outputs.append(self._output(seq, tokens or [], reason, error, logprobs))
-
-    @staticmethod
-    def _output(
-        seq: _Seq,
-        tokens: list[int],
-        reason: FinishReason | None = None,
-        error: str | None = None,
-        logprobs: list[TokenLogprob] | None = None,
-    ) -> EngineOutput:
-        """An output of `seq`; its first carries the prompt's log probabilities, once all are gathered."""
-        prompt_logprobs = None
-        if seq.prompt_logprobs is not None and not seq.echoing:
-            prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None
-        return EngineOutput(seq.request.request_id, tokens, reason, error, logprobs, prompt_logprobs)
+        outputs.append(
+            EngineOutput(seq.request.request_id, tokens or [], reason, error, logprobs, seq.take_prompt_logprobs())
+        )
 
     def _release(self, seq: _Seq) -> None:
         """Free a finished request's sampler and, if it ran, its KV cells and sequence id."""

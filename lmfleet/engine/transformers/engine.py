@@ -74,6 +74,11 @@ class _Seq:
     def params(self) -> SamplingParams:
         return self.request.params
 
+    def take_prompt_logprobs(self) -> list[TokenLogprob | None] | None:
+        """The prompt's log probabilities, once: for the request's first output."""
+        found, self.prompt_logprobs = self.prompt_logprobs, None
+        return found
+
     @property
     def num_tokens(self) -> int:
         """Tokens of this sequence so far, prompt included (the last sampled one too)."""
@@ -364,7 +369,9 @@ class TransformersEngine:
         if seq.num_generated >= seq.params.max_new_tokens or seq.num_tokens >= self._max_model_len:
             self._finish(seq, FinishReason.LENGTH, outputs, [token], logprobs=lps)
         else:
-            outputs.append(self._output(seq, [token], logprobs=lps))
+            outputs.append(
+                EngineOutput(seq.request.request_id, [token], logprobs=lps, prompt_logprobs=seq.take_prompt_logprobs())
+            )
 
     def _finish(
         self,
@@ -377,19 +384,9 @@ class TransformersEngine:
     ) -> None:
         seq.finish = reason
         self._ids.discard(seq.request.request_id)
-        outputs.append(self._output(seq, tokens or [], reason, error, logprobs))
-
-    @staticmethod
-    def _output(
-        seq: _Seq,
-        tokens: list[int],
-        reason: FinishReason | None = None,
-        error: str | None = None,
-        logprobs: list[TokenLogprob] | None = None,
-    ) -> EngineOutput:
-        """An output of `seq`; its first carries the prompt's log probabilities, if they were asked for."""
-        prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None
-        return EngineOutput(seq.request.request_id, tokens, reason, error, logprobs, prompt_logprobs)
+        outputs.append(
+            EngineOutput(seq.request.request_id, tokens or [], reason, error, logprobs, seq.take_prompt_logprobs())
+        )
 
     def _fail(self, seqs: Iterable[_Seq], exc: Exception, outputs: list[EngineOutput]) -> None:
         message = f"engine failure: {type(exc).__name__}: {exc}"
