@@ -44,6 +44,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import math
 import os
 from collections import deque
 from dataclasses import dataclass
@@ -371,16 +372,14 @@ class LlamaCppEngine:
                 self._gather_prompt_logprobs(seq, first, n)
             seq.n_cached += n
             if logits_at >= 0:
-                lsm = self._log_softmax(logits_at) if seq.params.logprobs is not None else None
+                k = seq.params.logprobs
+                raw = _RawLogprobs(self._logits(logits_at), k) if k is not None else None  # before sampling
                 token = llama.llama_sampler_sample(seq.sampler, self._ctx, logits_at)
-                self._advance(seq, token, outputs, _token_logprob(lsm, token, seq.params.logprobs))
+                self._advance(seq, token, outputs, raw.of(token) if raw is not None else None)
 
-    def _log_softmax(self, index: int) -> Any:
-        """The log-softmax of the raw logits at batch index `index` (float64), before any sampler sees them."""
-        logits = np.ctypeslib.as_array(llama.llama_get_logits_ith(self._ctx, index), shape=(self._vocab_size,))
-        x = logits.astype(np.float64)
-        x -= x.max()
-        return x - np.log(np.exp(x).sum())
+    def _logits(self, index: int) -> Any:
+        """The raw logits at batch index `index`: a numpy view of llama.cpp's buffer (samplers copy, never write it)."""
+        return np.ctypeslib.as_array(llama.llama_get_logits_ith(self._ctx, index), shape=(self._vocab_size,))
 
     def _gather_prompt_logprobs(self, seq: _Seq, first: int, n: int) -> None:
         """The log probability of each prompt token this batch predicted for `seq` (its `n` tokens from batch index
@@ -390,7 +389,7 @@ class LlamaCppEngine:
         for j in range(n):
             target = seq.n_cached + j + 1
             if target == len(got) and target < len(prompt):
-                got.append(_token_logprob(self._log_softmax(first + j), prompt[target], seq.params.prompt_logprobs))
+                got.append(_RawLogprobs(self._logits(first + j), seq.params.prompt_logprobs).of(prompt[target]))
 
     def _fill_batch(self) -> list[tuple[_Seq, int, int, int]]:
         """Write this step's tokens into the batch: every decoding request's pending token, then prompt chunks in
@@ -514,10 +513,32 @@ class LlamaCppEngine:
             seq.seq_id = -1
 
 
-def _token_logprob(lsm: Any, token: int, k: int | None) -> TokenLogprob | None:
-    """`token`'s entry in the log-probabilities `lsm` (a numpy vector; None: not asked) with the k most likely."""
-    if lsm is None or k is None:
-        return None
-    top = np.argpartition(-lsm, k - 1)[:k] if k else np.empty(0, dtype=np.int64)
-    top = top[np.argsort(-lsm[top], kind="stable")]
-    return TokenLogprob(token, float(lsm[token]), tuple((int(i), float(lsm[i])) for i in top))
+class _RawLogprobs:
+    """The log-softmax of one position's raw logits, computed only where asked: the log of the normalizer (float32
+    exponentials summed in float64) and the k most likely tokens."""
+
+    def __init__(self, logits: Any, k: int | None) -> None:
+        self._logits = logits
+        top = float(logits.max())
+        self._log_z = top + math.log(float(np.exp(logits - top).sum(dtype=np.float64)))
+        best = _top_ids(logits, top, min(k or 0, len(logits)))
+        self._top = tuple((i, float(logits[i]) - self._log_z) for i in best)
+
+    def of(self, token: int) -> TokenLogprob:
+        return TokenLogprob(token, float(self._logits[token]) - self._log_z, self._top)
+
+
+def _top_ids(logits: Any, top: float, k: int) -> list[int]:
+    """The ids of the k largest logits, largest first. The few within a margin of the largest are found first (a full partition of
+    the vocabulary costs more than the rest of the log probabilities)."""
+    if k == 0:
+        return []
+    margin = 8.0
+    while True:
+        candidates = np.flatnonzero(logits >= top - margin)
+        if len(candidates) >= k:
+            break
+        margin *= 4
+    if len(candidates) > 4 * k:
+        candidates = candidates[np.argpartition(logits[candidates], -k)[-k:]]
+    return [int(i) for i in candidates[np.argsort(-logits[candidates], kind="stable")[:k]]]
