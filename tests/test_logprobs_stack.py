@@ -153,3 +153,27 @@ async def test_a_logit_bias_outside_the_vocabulary_is_a_400_naming_it(fleet) -> 
         resp = await http.post(f"http://api{route}", json={"model": "story", "logit_bias": {"257": 5}, **body})
         assert resp.status_code == 400, resp.text
         assert resp.json()["error"]["param"] == "logit_bias" and "257" in resp.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("prompt", ["Tïny 🙂 prompt", list("Tïny 🙂 prompt".encode())])
+async def test_echo_of_text_and_token_id_prompts_across_a_resume(fleet, prompt) -> None:
+    """A token-id prompt is echoed as its text; a stream cut after the echo and a few tokens resumes without
+    repeating the prompt or any token's logprob."""
+    client, cut = fleet
+    http = client._client
+    request = {"model": "story", "prompt": prompt, "echo": True, "logprobs": 1, "max_tokens": 40, "stream": True}
+
+    async def streamed() -> tuple[str, list]:
+        events = sse_events((await http.post("http://api/v1/completions", json=request)).text)
+        assert events[-1] == "[DONE]"
+        choices = [json.loads(e)["choices"][0] for e in events[:-1]]
+        return "".join(c["text"] for c in choices), [
+            t for c in choices if c["logprobs"] for t in c["logprobs"]["tokens"]
+        ]
+
+    text, tokens = await streamed()
+    assert text.startswith("Tïny 🙂 prompt") and len(tokens) == len("Tïny 🙂 prompt".encode()) + 40
+    cut.after_lines = 6  # the echo chunk and five tokens went out
+    again, resumed_tokens = await streamed()
+    assert cut.victim is not None
+    assert (again, resumed_tokens) == (text, tokens)

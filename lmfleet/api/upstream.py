@@ -148,7 +148,7 @@ class ChoiceStream:
         self._first: GenerateChunk | None = None
         self._tried: set[str] = set()
         req = spec.request
-        self._echo_chars = len(req.prompt) if req.echo and req.prompt is not None else 0
+        self._echo_chars: int | None = None if req.echo else 0  # characters of the echoed prompt, once known
         self.prompt_token_ids: list[int] | None = list(req.prompt_token_ids) if req.prompt_token_ids else None
         self.token_ids: list[int] = []  # every id passed on, in order
         self.text_chars = 0  # characters passed on (echo included)
@@ -237,6 +237,8 @@ class ChoiceStream:
                 return
 
     def _record(self, chunk: GenerateChunk) -> None:
+        if self._echo_chars is None:  # echo: the first chunk is the prompt's text
+            self._echo_chars = len(chunk.text)
         if self.prompt_token_ids is None and chunk.prompt_token_ids:
             self.prompt_token_ids = list(chunk.prompt_token_ids)
         self.token_ids.extend(chunk.token_ids)
@@ -268,7 +270,7 @@ class ChoiceStream:
                 "messages": None,
                 "prompt_token_ids": self.prompt_token_ids,
                 "resume_token_ids": list(self.token_ids),
-                "resume_text_chars": max(self.text_chars - self._echo_chars, 0),
+                "resume_text_chars": max(self.text_chars - (self._echo_chars or 0), 0),
                 "echo": False,
             }
         )

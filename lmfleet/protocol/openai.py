@@ -444,13 +444,6 @@ class CompletionRequest(_GenerationRequest):
         assert info.field_name is not None
         return cls.model_fields[info.field_name].default if value is None else value
 
-    @field_validator("echo")
-    @classmethod
-    def _echo_needs_text(cls, value: bool, info: ValidationInfo) -> bool:
-        if value and any(not isinstance(p, str) for p in info.data.get("prompt") or ()):
-            raise _error("unsupported", "echo is supported for text prompts only, not for token-id prompts")
-        return value
-
     @field_validator("prompt")
     @classmethod
     def _bounded_choices(cls, value: list[str | list[int]], info: ValidationInfo) -> list[str | list[int]]:

@@ -191,7 +191,7 @@ class Worker:
             stop_token_ids=tuple(req.stop_token_ids),
             ignore_eos=req.ignore_eos,
             logprobs=req.logprobs,
-            prompt_logprobs=req.logprobs if req.echo and req.prompt is not None else None,
+            prompt_logprobs=req.logprobs if req.echo else None,
         )
         return EngineRequest(request_id=req.request_id, prompt_token_ids=context, params=params)
 
@@ -236,9 +236,10 @@ class Worker:
                 out: EngineOutput | None = await anext(outputs)  # admission errors raise before anything is yielded
             except EngineRejected as exc:
                 raise _REJECTIONS[exc.reason](exc.detail) from None
-            if req.echo and req.prompt is not None:
+            if req.echo:  # the prompt's text as given, or its ids' text
                 echoed = out.prompt_logprobs if out is not None and req.logprobs is not None else None
-                yield chunk(req.prompt, logprobs=self.speller.prompt_entries(prompt, echoed) if echoed else None)
+                text_of_prompt = req.prompt if req.prompt is not None else self.tokenizer.decode(prompt)
+                yield chunk(text_of_prompt, logprobs=self.speller.prompt_entries(prompt, echoed) if echoed else None)
             if text.stopped:  # the resumed ids already end in a stop string
                 yield chunk(pending, finish_reason="stop")
                 return

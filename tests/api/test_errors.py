@@ -310,9 +310,8 @@ async def test_cors_only_when_origins_are_set() -> None:
         assert "access-control-allow-origin" not in resp.headers
 
 
-async def test_echo_with_token_id_prompts_is_refused_not_ignored() -> None:
+async def test_echo_takes_text_and_token_id_prompts() -> None:
     from lmfleet.protocol.openai import CompletionRequest
 
-    with pytest.raises(ValueError, match="echo"):
-        CompletionRequest.model_validate({"model": "m", "prompt": [1, 2, 3], "echo": True})
+    assert CompletionRequest.model_validate({"model": "m", "prompt": [1, 2, 3], "echo": True}).echo
     assert CompletionRequest.model_validate({"model": "m", "prompt": "ab", "echo": True}).echo

@@ -529,8 +529,8 @@ class _RawLogprobs:
 
 
 def _top_ids(logits: Any, top: float, k: int) -> list[int]:
-    """The ids of the k largest logits, largest first. The few within a margin of the largest are found first (a full partition of
-    the vocabulary costs more than the rest of the log probabilities)."""
+    """The ids of the k largest logits, largest first. The few within a margin of the largest are found first (a
+    full partition of the vocabulary costs more than the rest of the log probabilities)."""
     if k == 0:
         return []
     margin = 8.0
