@@ -3,8 +3,8 @@ server), and an evaluation harness on top: lm-eval's `local-completions` runs a 
 the test's tmp dir (loglikelihoods from `echo` + `logprobs`), fully offline.
 
 lm-eval needs a tokenizer on its side for loglikelihood tasks (to know how many leading tokens are context): the
-test saves the GGUF's own tokenizer as a Hugging Face tokenizer folder (transformers reads it from the file) and
-passes it with `tokenized_requests=False`, so lm-eval sends text and only counts tokens with it.
+test saves the GGUF's own tokenizer as a Hugging Face tokenizer folder (transformers reads it from the file, no
+download) and passes it; lm-eval then sends token-id prompts with echo, as it does by default.
 """
 
 from __future__ import annotations
@@ -133,7 +133,6 @@ def test_lm_eval_runs_a_local_task_offline(fleet: Fleet, smollm2_gguf: Path, tmp
             f"base_url={fleet.api_url}/v1/completions",
             "tokenizer_backend=huggingface",
             f"tokenizer={tokenizer_dir}",
-            "tokenized_requests=False",
             "num_concurrent=1",
             "max_retries=1",
         ]
