@@ -23,7 +23,7 @@ One `step()`:
 
 Log probabilities (`SamplingParams.logprobs`) are the log-softmax of a row's raw logits, computed once per step
 for the rows that ask, before sampling touches them; a prompt's (`prompt_logprobs`, for echo) come from a prefill
-that keeps every position's logits, which only a batch holding such a request pays for.
+that keeps every position's logits ([prompt, vocab] floats), so such a request is prefilled alone.
 
 A request's output never depends on its batch companions beyond floating-point rounding: padding is masked,
 positions are per row, and a seeded request draws from its own generator exactly once per token.
@@ -262,6 +262,8 @@ class TransformersEngine:
             n = len(self._waiting[0].request.prompt_token_ids)
             if admitted and (len(admitted) + 1) * max(longest, n) > self.max_batch_tokens:
                 break
+            if admitted and (_echoes(admitted[0]) or _echoes(self._waiting[0])):
+                break  # a prefill that keeps every position's logits holds that one request only
             longest = max(longest, n)
             admitted.append(self._waiting.popleft())
         return admitted
@@ -534,6 +536,10 @@ def _token_logprobs(lsm: torch.Tensor, tokens: Sequence[int], ks: Sequence[int])
         TokenLogprob(t, c, tuple(zip(ids[j][:kj], values[j][:kj], strict=True)))
         for j, (t, c, kj) in enumerate(zip(tokens, chosen, ks, strict=True))
     ]
+
+
+def _echoes(seq: _Seq) -> bool:
+    return seq.params.prompt_logprobs is not None
 
 
 def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
