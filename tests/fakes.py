@@ -9,7 +9,15 @@ from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from lmfleet.engine.base import ChatTemplateError, EngineOutput, EngineRequest, EngineStats, FinishReason, LoadedModel
+from lmfleet.engine.base import (
+    ChatTemplateError,
+    EngineOutput,
+    EngineRequest,
+    EngineStats,
+    FinishReason,
+    LoadedModel,
+    TokenLogprob,
+)
 
 EOS = 256
 
@@ -43,6 +51,9 @@ class ByteTokenizer:
 
         return llguidance.LLTokenizer(llguidance.TokenizerWrapper(Vocabulary()))
 
+    def token_bytes(self, token_id: int) -> bytes:
+        return bytes([token_id]) if token_id < 256 else b"</s>"
+
     def render_chat(
         self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True, tools: Any = None
     ) -> list[int]:
@@ -57,7 +68,10 @@ class ScriptedEngine:
 
     With `continuing`, it acts like a deterministic model instead: the token at context position p is
     `script[p % len(script)]`, so a request whose prompt carries earlier output (a resumed generation) continues it
-    exactly, and with `ignore_eos` it never ends on its own."""
+    exactly, and with `ignore_eos` it never ends on its own.
+
+    Asked for log probabilities, it reports `fake_logprob(position, token)` for the token at each context position,
+    with alternatives ids 1, 2, ... (prompt ones on the first output, as engines do)."""
 
     def __init__(
         self,
@@ -109,13 +123,20 @@ class ScriptedEngine:
                 continue
             offset = len(req.prompt_token_ids) if self.continuing else 0
             token = self.script[(offset + n) % len(self.script)]
+            position = len(req.prompt_token_ids) + n
             n += 1
             if n >= req.params.max_new_tokens:
                 del self.running[rid]
-                outs.append(EngineOutput(rid, [token], FinishReason.LENGTH))
+                out = EngineOutput(rid, [token], FinishReason.LENGTH)
             else:
                 self.running[rid] = (req, n)
-                outs.append(EngineOutput(rid, [token]))
+                out = EngineOutput(rid, [token])
+            k, k_prompt, prompt = req.params.logprobs, req.params.prompt_logprobs, req.prompt_token_ids
+            if k is not None:
+                out.logprobs = [fake_logprob(position, token, k)]
+            if k_prompt is not None and n == 1:
+                out.prompt_logprobs = [None] + [fake_logprob(p, prompt[p], k_prompt) for p in range(1, len(prompt))]
+            outs.append(out)
         return outs
 
     def has_unfinished_requests(self) -> bool:
@@ -127,6 +148,12 @@ class ScriptedEngine:
             waiting=0,
             tokens_in_flight=sum(len(r.prompt_token_ids) + n for r, n in self.running.values()),
         )
+
+
+def fake_logprob(position: int, token: int, k: int) -> TokenLogprob:
+    """ScriptedEngine's log probability for `token` at context position `position`, with k alternatives."""
+    value = -0.25 - position / 64
+    return TokenLogprob(token, value, tuple((i, value - i) for i in range(1, k + 1)))
 
 
 def loaded(engine: Any, name: str = "scripted") -> LoadedModel:

@@ -365,7 +365,15 @@ def test_completions_without_stream_with_ignore_eos(fake, run):
     for sent in cfg.received:
         assert sent["prompt"] == "Once upon a time"
         assert sent["ignore_eos"] is True and sent["stream"] is False
-        assert "stream_options" not in sent
+        assert "stream_options" not in sent and "logprobs" not in sent
+
+
+def test_logprobs_are_asked_for_in_each_endpoints_spelling(fake, run):
+    for endpoint, expected in [("chat", {"logprobs": True, "top_logprobs": 2}), ("completions", {"logprobs": 2})]:
+        cfg = fake.reset(chunks=3)
+        code, _ = run("--endpoint", endpoint, "--logprobs", "2", "--concurrency", "1", "--warmup", "0")
+        assert code == 0
+        assert cfg.received and all({k: sent.get(k) for k in expected} == expected for sent in cfg.received)
 
 
 def test_response_format_is_sent_with_every_chat_request(fake, run, tmp_path):

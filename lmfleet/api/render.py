@@ -6,7 +6,10 @@ Owns, per response (one renderer is made for each, knowing its model):
     `stream_options.include_usage` asks for last (`usage_chunk`, with empty `choices`), and the whole non-streamed
     answer (`answer`, from each choice as one joined delta);
   * the difference between the two endpoints: `ChatRenderer` (chat.completion[.chunk]: the first chunk of each
-    choice says `role: "assistant"`) and `CompletionRenderer` (text_completion).
+    choice says `role: "assistant"`) and `CompletionRenderer` (text_completion);
+  * log probabilities in each endpoint's shape (chat: `logprobs.content[]`; completions: the parallel lists
+    `tokens`, `token_logprobs`, `top_logprobs`, `text_offset`), streamed with the chunk that carries their text
+    (entries of tokens whose text is held back wait for the next chunk sent).
 
 Does not own: where deltas come from, failover, usage accounting (lmfleet.api.upstream), SSE framing, the JSON
 response and client disconnects (lmfleet.api.sse), the models themselves (lmfleet.protocol.openai).
@@ -14,6 +17,7 @@ response and client disconnects (lmfleet.api.sse), the models themselves (lmflee
 
 from __future__ import annotations
 
+import codecs
 import time
 import uuid
 from collections.abc import Sequence
@@ -30,17 +34,22 @@ from lmfleet.protocol.openai import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatDelta,
+    ChatLogprobs,
+    ChatTokenLogprob,
     Completion,
     CompletionChoice,
     CompletionChunk,
     CompletionChunkChoice,
+    CompletionLogprobs,
     FinishReason,
     FunctionCall,
     FunctionCallDelta,
     ToolCall,
     ToolCallDelta,
+    TopLogprob,
     Usage,
 )
+from lmfleet.protocol.worker import LogprobAlternative, TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,18 @@ class _OneResponse:
 
     def __init__(self, model: str) -> None:
         self.meta = ResponseMeta.new(self.id_prefix, model)
+        self._held: dict[int, list[TokenLogprob]] = {}  # per choice: entries not sent yet (their text is held back)
+
+    def _logprobs(self, delta: ChoiceDelta, sending: bool) -> list[TokenLogprob] | None:
+        """The entries to send with this delta's chunk (None: not asked for); held back when no chunk is sent."""
+        if delta.logprobs is None:
+            return None
+        held = self._held.setdefault(delta.index, [])
+        held.extend(delta.logprobs)
+        if not sending:
+            return None
+        self._held[delta.index] = []
+        return held
 
 
 def _finished(choice: ChoiceDelta) -> FinishReason:
@@ -100,7 +121,9 @@ class ChatRenderer(_OneResponse):
 
     def chunk(self, delta: ChoiceDelta) -> ChatCompletionChunk | None:
         first = delta.index not in self._announced
-        if not (delta.text or first or delta.finish_reason or delta.tool_calls):
+        sending = bool(delta.text or first or delta.finish_reason or delta.tool_calls)
+        logprobs = self._logprobs(delta, sending)
+        if not sending:
             return None
         self._announced.add(delta.index)
         calls = [
@@ -114,7 +137,9 @@ class ChatRenderer(_OneResponse):
         ]
         text = delta.text if first and not calls else delta.text or None
         content = ChatDelta(role="assistant" if first else None, content=text, tool_calls=calls or None)
-        choice = ChatChunkChoice(index=delta.index, delta=content, finish_reason=delta.finish_reason)
+        choice = ChatChunkChoice(
+            index=delta.index, delta=content, finish_reason=delta.finish_reason, logprobs=_chat_logprobs(logprobs)
+        )
         return ChatCompletionChunk(id=self.meta.id, created=self.meta.created, model=self.meta.model, choices=[choice])
 
     def usage_chunk(self, usage: Usage) -> ChatCompletionChunk:
@@ -126,7 +151,15 @@ class ChatRenderer(_OneResponse):
             id=self.meta.id,
             created=self.meta.created,
             model=self.meta.model,
-            choices=[ChatChoice(index=c.index, message=_message(c), finish_reason=_finished(c)) for c in choices],
+            choices=[
+                ChatChoice(
+                    index=c.index,
+                    message=_message(c),
+                    finish_reason=_finished(c),
+                    logprobs=_chat_logprobs(c.logprobs, whole=True),
+                )
+                for c in choices
+            ],
             usage=usage,
         )
 
@@ -136,10 +169,22 @@ class CompletionRenderer(_OneResponse):
 
     id_prefix = "cmpl"
 
+    def __init__(self, model: str) -> None:
+        super().__init__(model)
+        self._offsets: dict[int, _TextOffsets] = {}
+
     def chunk(self, delta: ChoiceDelta) -> CompletionChunk | None:
-        if not (delta.text or delta.finish_reason):
+        sending = bool(delta.text or delta.finish_reason)
+        logprobs = self._logprobs(delta, sending)
+        if not sending:
             return None
-        choice = CompletionChunkChoice(index=delta.index, text=delta.text, finish_reason=delta.finish_reason)
+        offsets = self._offsets.setdefault(delta.index, _TextOffsets())
+        choice = CompletionChunkChoice(
+            index=delta.index,
+            text=delta.text,
+            finish_reason=delta.finish_reason,
+            logprobs=_completion_logprobs(logprobs, offsets),
+        )
         return CompletionChunk(id=self.meta.id, created=self.meta.created, model=self.meta.model, choices=[choice])
 
     def usage_chunk(self, usage: Usage) -> CompletionChunk:
@@ -151,6 +196,59 @@ class CompletionRenderer(_OneResponse):
             id=self.meta.id,
             created=self.meta.created,
             model=self.meta.model,
-            choices=[CompletionChoice(index=c.index, text=c.text, finish_reason=_finished(c)) for c in choices],
+            choices=[
+                CompletionChoice(
+                    index=c.index,
+                    text=c.text,
+                    finish_reason=_finished(c),
+                    logprobs=_completion_logprobs(c.logprobs, _TextOffsets(), whole=True),
+                )
+                for c in choices
+            ],
             usage=usage,
         )
+
+
+def _alternative(entry: LogprobAlternative) -> TopLogprob:
+    return TopLogprob(token=entry.token, logprob=entry.logprob or 0.0, bytes=entry.bytes)
+
+
+def _chat_logprobs(entries: Sequence[TokenLogprob] | None, *, whole: bool = False) -> ChatLogprobs | None:
+    """Chat's shape; a streamed chunk without entries has none (`null`), a whole answer an empty list."""
+    if entries is None or not (entries or whole):
+        return None
+    content = [
+        ChatTokenLogprob(**_alternative(e).model_dump(), top_logprobs=[_alternative(t) for t in e.top]) for e in entries
+    ]
+    return ChatLogprobs(content=content)
+
+
+class _TextOffsets:
+    """Character offsets of tokens in a choice's text (echo included): a token starts after every whole character
+    of the bytes before it."""
+
+    def __init__(self) -> None:
+        self.chars = 0
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def advance(self, token_bytes: Sequence[int]) -> int:
+        start = self.chars
+        self.chars += len(self._utf8.decode(bytes(token_bytes)))
+        return start
+
+
+def _completion_logprobs(
+    entries: Sequence[TokenLogprob] | None, offsets: _TextOffsets, *, whole: bool = False
+) -> CompletionLogprobs | None:
+    """The completions shape; the sampled token is in its own top_logprobs too (as OpenAI: up to logprobs + 1)."""
+    if entries is None or not (entries or whole):
+        return None
+    return CompletionLogprobs(
+        tokens=[e.token for e in entries],
+        token_logprobs=[e.logprob for e in entries],
+        top_logprobs=[
+            None if e.logprob is None else {**{t.token: t.logprob or 0.0 for t in e.top}, e.token: e.logprob}
+            for e in entries
+        ],
+        text_offset=[offsets.advance(e.bytes) for e in entries],
+    )

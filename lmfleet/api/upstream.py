@@ -37,7 +37,7 @@ from lmfleet.api.metrics import ApiMetrics, ChoiceClock
 from lmfleet.api.routing import Lease
 from lmfleet.client import WorkerClient
 from lmfleet.protocol.openai import FinishReason, Usage
-from lmfleet.protocol.worker import GenerateChunk, GenerateRequest, Task, ToolCallChunk
+from lmfleet.protocol.worker import GenerateChunk, GenerateRequest, Task, TokenLogprob, ToolCallChunk
 
 logger = logging.getLogger("lmfleet.api")
 
@@ -54,7 +54,8 @@ class ChoiceDelta:
     text: str = ""  # may be empty (the worker is holding back half a UTF-8 character or a possible stop string)
     token_ids: tuple[int, ...] = ()
     finish_reason: FinishReason | None = None
-    logprobs: None = None  # filled by a later feature (log probabilities)
+    # when asked for: one per token of `token_ids`, or of the echoed prompt (protocol.worker); None: not asked for
+    logprobs: tuple[TokenLogprob, ...] | None = None
     tool_calls: tuple[ToolCallChunk, ...] = ()  # pieces of tool calls (the first of a call has its id and name)
 
 
@@ -72,6 +73,7 @@ def joined(deltas: Sequence[ChoiceDelta]) -> ChoiceDelta:
         token_ids=tuple(t for d in deltas for t in d.token_ids),
         finish_reason=last.finish_reason,
         tool_calls=tuple(calls[i] for i in sorted(calls)),
+        logprobs=None if first.logprobs is None else tuple(lp for d in deltas for lp in d.logprobs or ()),
     )
 
 
@@ -182,7 +184,7 @@ class ChoiceStream:
         self._first: GenerateChunk | None = None
         self._tried: set[str] = set()
         req = spec.request
-        self._echo_chars = len(req.prompt) if req.echo and req.prompt is not None else 0
+        self._echo_chars: int | None = None if req.echo else 0  # characters of the echoed prompt, once known
         self.prompt_token_ids: list[int] | None = list(req.prompt_token_ids) if req.prompt_token_ids else None
         self.token_ids: list[int] = []  # every id passed on, in order
         self.text_chars = 0  # characters passed on (echo included)
@@ -260,6 +262,7 @@ class ChoiceStream:
                 token_ids=tuple(chunk.token_ids),
                 finish_reason=self.finish_reason,
                 tool_calls=tuple(chunk.tool_calls),
+                logprobs=tuple(chunk.logprobs or ()) if self.spec.request.logprobs is not None else None,
             )
             if chunk.finish_reason is not None:
                 return
@@ -268,6 +271,8 @@ class ChoiceStream:
         if self._backend.on_tokens is not None and chunk.token_ids and self.address is not None:
             self._backend.on_tokens(self.address, len(chunk.token_ids))
         self._clock.tokens(len(chunk.token_ids))
+        if self._echo_chars is None:  # echo: the first chunk is the prompt's text
+            self._echo_chars = len(chunk.text)
         if self.prompt_token_ids is None and chunk.prompt_token_ids:
             self.prompt_token_ids = list(chunk.prompt_token_ids)
         self.token_ids.extend(chunk.token_ids)
@@ -303,7 +308,7 @@ class ChoiceStream:
                 "messages": None,
                 "prompt_token_ids": self.prompt_token_ids,
                 "resume_token_ids": list(self.token_ids),
-                "resume_text_chars": max(self.text_chars - self._echo_chars, 0),
+                "resume_text_chars": max(self.text_chars - (self._echo_chars or 0), 0),
                 "resume_tool_chars": list(self.tool_chars),
                 "echo": False,
             }

@@ -185,6 +185,7 @@ class BenchSettings:
     endpoint: str = "chat"
     stream: bool = True
     ignore_eos: bool = False
+    logprobs: int | None = None  # ask for log probabilities with this many alternatives per token
     temperature: float = 0.0
     response_format: dict[str, Any] | None = field(default=None, repr=False)  # chat: structured output
     timeout: float = 300.0  # seconds per request, end to end
@@ -285,6 +286,14 @@ def build_parser(prog: str = "lmfleet bench") -> argparse.ArgumentParser:
         help="send the vLLM extension ignore_eos=true so every request generates exactly --max-tokens "
         "(real OpenAI rejects unknown fields)",
     )
+    load.add_argument(
+        "--logprobs",
+        type=_bounded(int, 0, 20),
+        default=None,
+        metavar="K",
+        help="ask for log probabilities with K alternatives per token (chat: logprobs + top_logprobs=K; "
+        "completions: logprobs=K, at most 5 on OpenAI)",
+    )
 
     load.add_argument(
         "--response-format",
@@ -333,6 +342,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         endpoint=args.endpoint,
         stream=args.stream,
         ignore_eos=args.ignore_eos,
+        logprobs=args.logprobs,
         temperature=args.temperature,
         response_format=args.response_format,
         timeout=args.timeout,
@@ -374,6 +384,7 @@ class Endpoint:
 
     path: str
     prompt_body: Callable[[str], dict[str, Any]]
+    logprobs_body: Callable[[int], dict[str, Any]]  # ask for log probabilities with k alternatives
     stream_text: Callable[[dict[str, Any]], str]  # a streamed choice -> the text it adds
     full_text: Callable[[dict[str, Any]], str]  # a non-streamed choice -> its text
 
@@ -382,12 +393,14 @@ ENDPOINTS: dict[str, Endpoint] = {
     "chat": Endpoint(
         path="/chat/completions",
         prompt_body=lambda prompt: {"messages": [{"role": "user", "content": prompt}]},
+        logprobs_body=lambda k: {"logprobs": True, "top_logprobs": k},
         stream_text=_chat_delta_text,
         full_text=_chat_message_text,
     ),
     "completions": Endpoint(
         path="/completions",
         prompt_body=lambda prompt: {"prompt": prompt},
+        logprobs_body=lambda k: {"logprobs": k},
         stream_text=lambda choice: _text(choice.get("text")),
         full_text=lambda choice: _text(choice.get("text")),
     ),
@@ -417,6 +430,8 @@ def build_payload(settings: BenchSettings, model: str, prompt: str) -> dict[str,
         payload["ignore_eos"] = True
     if settings.response_format is not None:
         payload["response_format"] = settings.response_format
+    if settings.logprobs is not None:
+        payload.update(ENDPOINTS[settings.endpoint].logprobs_body(settings.logprobs))
     return payload
 
 

@@ -99,6 +99,9 @@ class TokenConstraint(Protocol):
         ...
 
 
+MAX_LOGPROBS = 20  # alternatives per token an engine reports at most (OpenAI's top_logprobs limit)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request sampling. `temperature == 0` means greedy; `top_k == 0`, `top_p == 1`, `min_p == 0` mean off."""
@@ -116,6 +119,10 @@ class SamplingParams:
     ignore_eos: bool = False
     # A grammar the output must follow (structured output, forced tool calls); stateful, one per request.
     constraint: TokenConstraint | None = field(default=None, compare=False)
+    # Log probabilities, from the model's raw next-token distribution (before temperature, penalties, bias and any
+    # mask): None = off; k >= 0 = each generated token's, with the k most likely alternatives (`EngineOutput`).
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (echo), on the first output
 
     @property
     def greedy(self) -> bool:
@@ -129,6 +136,8 @@ class SamplingParams:
             )
         if not (math.isfinite(self.presence_penalty) and math.isfinite(self.frequency_penalty)):
             raise EngineRejected(Rejection.UNSUPPORTED, "penalties must be finite")
+        if any(k is not None and not 0 <= k <= MAX_LOGPROBS for k in (self.logprobs, self.prompt_logprobs)):
+            raise EngineRejected(Rejection.UNSUPPORTED, f"logprobs must be in [0, {MAX_LOGPROBS}]")
         if any(not 0 <= t < vocab_size for t, _ in self.logit_bias):
             raise EngineRejected(Rejection.UNSUPPORTED, f"logit_bias token ids must be in [0, {vocab_size})")
 
@@ -162,6 +171,16 @@ def assert_fits(request: EngineRequest, *, max_model_len: int, vocab_size: int) 
     assert 0 <= min(prompt) and max(prompt) < vocab_size, "prompt ids are in the vocabulary"
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log probability under the model's raw next-token distribution (the log-softmax of its logits),
+    and the most likely tokens at that position as (id, logprob), most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass
 class EngineOutput:
     """What one step produced for one request. `finish_reason` is set exactly once, on the last output.
@@ -170,12 +189,18 @@ class EngineOutput:
     stops on one gets a last output with `finish_reason=STOP` and possibly no new ids, so the text layer never
     sees them. With `ignore_eos`, end-of-sequence ids are ordinary tokens and are returned. `error` is set only
     with `finish_reason=ERROR`.
+
+    With `SamplingParams.logprobs`, `logprobs` has one entry per id of `new_token_ids`; with `prompt_logprobs`, the
+    request's first output has `prompt_logprobs`: one entry per prompt token, None for the first (nothing predicts
+    it).
     """
 
     request_id: str
     new_token_ids: list[int]
     finish_reason: FinishReason | None = None
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -270,6 +295,10 @@ class Tokenizer(Protocol):
     @property
     def chat_template(self) -> str | None:
         """The model's own chat template source (None: the fallback is used)."""
+        ...
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """One token's own bytes (possibly part of a UTF-8 character; a control token's text), for log probabilities."""
         ...
 
     def render_chat(

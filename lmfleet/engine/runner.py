@@ -62,11 +62,19 @@ class _Collector:
             return
         self._finished = out.finished
         if self._pending is None:
-            self._pending = EngineOutput(out.request_id, list(out.new_token_ids), out.finish_reason, out.error)
+            self._pending = dataclasses.replace(
+                out,
+                new_token_ids=list(out.new_token_ids),
+                logprobs=list(out.logprobs) if out.logprobs is not None else None,
+            )
         else:
-            self._pending.new_token_ids.extend(out.new_token_ids)
-            self._pending.finish_reason = out.finish_reason
-            self._pending.error = out.error
+            pending = self._pending
+            pending.new_token_ids.extend(out.new_token_ids)
+            pending.finish_reason = out.finish_reason
+            pending.error = out.error
+            if out.logprobs is not None:
+                pending.logprobs = (pending.logprobs or []) + out.logprobs
+            pending.prompt_logprobs = pending.prompt_logprobs or out.prompt_logprobs
         self._ready.set()
 
     def put_error(self, exc: BaseException) -> None:

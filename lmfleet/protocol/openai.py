@@ -2,8 +2,8 @@
 /v1/models. Data only (pydantic, no I/O).
 
 Owns: parsing a client's request once, at the edge. Every limit is a `Field()` constraint, so a bad value is a
-400 that names the parameter; features lmfleet does not have yet (log probabilities, logit bias, best_of, suffix,
-audio, the deprecated `functions`) are rejected by name rather than silently ignored; fields OpenAI tools send
+400 that names the parameter; features lmfleet does not have (best_of, suffix, audio, the deprecated `functions`)
+are rejected by name rather than silently ignored; fields OpenAI tools send
 that change nothing about the output (`user`, `metadata`, `store`, ...) are ignored. A JSON `null` for a knob
 means its default, as with OpenAI. Each request model carries its own translation to the worker's
 `GenerateRequest`, one per choice, beside the fields it reads.
@@ -22,8 +22,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator
 from pydantic_core import PydanticCustomError
 
+from lmfleet.protocol.worker import MAX_TOKEN_ID, ChatMessageIn, GenerateRequest
 from lmfleet.protocol.worker import SEED_MAX as WORKER_SEED_MAX
-from lmfleet.protocol.worker import ChatMessageIn, GenerateRequest
 
 MAX_N = 16  # choices per prompt
 MAX_CHOICES = 64  # choices per request (completions: prompts x n)
@@ -35,6 +35,9 @@ MAX_TOKENS = 1 << 20  # the worker enforces the model's real context length
 MAX_NAME_CHARS = 256  # model names, message names, `user`
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to "what fits"
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 63) - 1
+MAX_TOP_LOGPROBS = 20  # chat's top_logprobs, as OpenAI
+MAX_COMPLETION_LOGPROBS = 5  # completions' logprobs, as OpenAI
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI
 
 FinishReason = Literal["stop", "length", "tool_calls"]
 
@@ -155,17 +158,47 @@ Prompts = Annotated[
     ),
 ]
 
+
+def _logit_bias(value: Any) -> Any:
+    """OpenAI's `logit_bias`: token ids as string keys, each bias in [-100, 100]; here keyed by int ids."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _error("logit_bias_type", "must be an object mapping token ids (as strings) to biases")
+    if len(value) > MAX_LOGIT_BIAS:
+        raise _error("too_many_logit_biases", f"at most {MAX_LOGIT_BIAS} entries, got {len(value)}")
+    out: dict[int, float] = {}
+    for key, bias in value.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and int(key) <= MAX_TOKEN_ID):
+            raise _error("logit_bias_key", f"keys must be token ids (non-negative integers as strings), got {key!r}")
+        if isinstance(bias, bool) or not isinstance(bias, int | float) or not -100 <= bias <= 100:
+            raise _error("logit_bias_value", f"the bias for token {key} must be a number in [-100, 100]")
+        out[int(key)] = float(bias)
+    return out
+
+
+LogitBias = Annotated[
+    dict[int, float] | None,
+    BeforeValidator(_logit_bias),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "object", "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}},
+                {"type": "null"},
+            ],
+            "description": "Token id (as a string) -> bias in [-100, 100] added to its logit before sampling.",
+        }
+    ),
+]
+
 # Parameters lmfleet does not support yet: the values that are fine (absent, or saying "off") and what we say
 # otherwise. The 400 names the parameter, so a client learns at once instead of getting a quietly wrong answer.
 _NOT_YET: dict[str, tuple[Any, str]] = {
-    "logprobs": (lambda v: v is None or v is False, "log probabilities are not supported yet"),
-    "top_logprobs": (lambda v: v is None or v == 0, "log probabilities are not supported yet"),
     "functions": (lambda v: not v, "the deprecated `functions` are not supported; use `tools`"),
     "function_call": (
         lambda v: v is None or v == "none",
         "the deprecated `function_call` is not supported; use `tool_choice`",
     ),
-    "logit_bias": (lambda v: not v, "logit_bias is not supported yet"),
     "modalities": (lambda v: v is None or set(v) <= {"text"}, "only the 'text' modality is supported"),
     "audio": (lambda v: v is None, "audio output is not supported"),
     "prediction": (lambda v: v is None, "predicted outputs are not supported"),
@@ -219,7 +252,10 @@ class _GenerationRequest(BaseModel):
     stream: bool = Field(False, strict=True)
     stream_options: StreamOptions | None = Field(None, description="Only with `stream: true`.")
     user: str | None = Field(None, max_length=MAX_NAME_CHARS, description="Accepted; not used.")
-    logit_bias: dict[str, float] | None = Field(None, description="Not supported yet (only empty).")
+    min_p: float = Field(
+        0.0, ge=0.0, le=1.0, strict=True, description="vLLM extension: drop tokens below min_p x the top probability."
+    )
+    logit_bias: LogitBias = None
 
     @field_validator(
         "n",
@@ -228,6 +264,7 @@ class _GenerationRequest(BaseModel):
         "top_k",
         "presence_penalty",
         "frequency_penalty",
+        "min_p",
         "ignore_eos",
         "stream",
         mode="before",
@@ -259,6 +296,8 @@ class _GenerationRequest(BaseModel):
             "top_k": max(self.top_k, 0),
             "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty,
+            "min_p": self.min_p,
+            "logit_bias": self.logit_bias or {},
             "stop": list(self.stop or []),
             "seed": seed,
             "ignore_eos": self.ignore_eos,
@@ -409,8 +448,10 @@ class ChatCompletionRequest(_GenerationRequest):
     max_completion_tokens: int | None = Field(
         None, ge=1, le=MAX_TOKENS, strict=True, description="Wins over max_tokens."
     )
-    logprobs: bool | None = Field(None, description="Not supported yet (only false).")
-    top_logprobs: int | None = Field(None, ge=0, le=20, strict=True, description="Not supported yet (only 0).")
+    logprobs: bool | None = Field(None, strict=True, description="Return each output token's log probability.")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, strict=True, description="With logprobs: the most likely tokens per position."
+    )
     tools: list[ToolSpec] | None = Field(None, max_length=128, description="Functions the model may call.")
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         None,
@@ -428,11 +469,8 @@ class ChatCompletionRequest(_GenerationRequest):
     prediction: dict[str, Any] | None = Field(None, description="Not supported.")
 
     check_supported = field_validator(
-        "logprobs",
-        "top_logprobs",
         "functions",
         "function_call",
-        "logit_bias",
         "modalities",
         "audio",
         "prediction",
@@ -456,6 +494,13 @@ class ChatCompletionRequest(_GenerationRequest):
         choice = info.data.get("tool_choice")
         if value is not None and value.type != "text" and (choice == "required" or isinstance(choice, NamedToolChoice)):
             raise _error("format_with_forced_tool", "cannot be JSON when tool_choice forces a tool call")
+        return value
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise _error("top_logprobs_without_logprobs", "requires logprobs: true")
         return value
 
     @property
@@ -483,6 +528,7 @@ class ChatCompletionRequest(_GenerationRequest):
             model=model,
             messages=[m.to_worker() for m in self.messages],
             max_tokens=self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens,
+            logprobs=(self.top_logprobs or 0) if self.logprobs else None,
             **self._sampling(choice),
             **self._tooling(),
         )
@@ -498,24 +544,24 @@ class CompletionRequest(_GenerationRequest):
     prompt: Prompts
     max_tokens: int = Field(COMPLETION_DEFAULT_MAX_TOKENS, ge=1, le=MAX_TOKENS, strict=True)
     echo: bool = Field(False, strict=True, description="Start each choice's text with its prompt.")
-    logprobs: int | None = Field(None, description="Not supported yet (only null).")
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_COMPLETION_LOGPROBS,
+        strict=True,
+        description="Return each token's log probability and this many most likely tokens per position (with "
+        "echo, the prompt's too).",
+    )
     best_of: int | None = Field(None, description="Only 1.")
     suffix: str | None = Field(None, description="Not supported (only empty).")
 
-    check_supported = field_validator("logprobs", "best_of", "suffix", "logit_bias")(_reject_unsupported)
+    check_supported = field_validator("best_of", "suffix")(_reject_unsupported)
 
     @field_validator("max_tokens", "echo", mode="before")
     @classmethod
     def _null_means_default_too(cls, value: Any, info: ValidationInfo) -> Any:
         assert info.field_name is not None
         return cls.model_fields[info.field_name].default if value is None else value
-
-    @field_validator("echo")
-    @classmethod
-    def _echo_needs_text(cls, value: bool, info: ValidationInfo) -> bool:
-        if value and any(not isinstance(p, str) for p in info.data.get("prompt") or ()):
-            raise _error("unsupported", "echo is supported for text prompts only, not for token-id prompts")
-        return value
 
     @field_validator("prompt")
     @classmethod
@@ -548,6 +594,7 @@ class CompletionRequest(_GenerationRequest):
             prompt_token_ids=ids,
             max_tokens=self.max_tokens,
             echo=self.echo,
+            logprobs=self.logprobs,
             **self._sampling(choice % self.n),
         )
 
@@ -569,11 +616,36 @@ class AssistantMessage(BaseModel):
     tool_calls: list[ToolCall] | None = Field(default=None, exclude_if=lambda calls: not calls)
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+    refusal: None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy shape: parallel lists. With echo, the prompt's first token has a null logprob and top_logprobs
+    entry (as OpenAI's API sends; its published schema types these entries as numbers and objects only)."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -611,7 +683,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -627,7 +699,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):
@@ -643,7 +715,7 @@ class CompletionChunkChoice(BaseModel):
     index: int
     text: str
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionChunk(BaseModel):

@@ -30,6 +30,12 @@ calls out of the text into `GenerateChunk.tool_calls`.
 One-reply routes (JSON in, JSON out): `POST /worker/embed` (`EmbedRequest` -> `EmbedResponse`, embedding workers
 only), `POST /worker/tokenize` (`TokenizeRequest` -> `TokenizeResponse`) and `POST /worker/detokenize`
 (`DetokenizeRequest` -> `DetokenizeResponse`), through the worker's own tokenizer.
+
+Log probabilities of resumed ids are not sent again (the new worker sends those of the ids it generates).
+
+Log probabilities (`GenerateRequest.logprobs` = k alternatives): every chunk then has `logprobs`, one `TokenLogprob`
+per id of `token_ids` (token text and bytes spelled by the worker), and with `echo` the chunk carrying the prompt's
+text has one per prompt token instead (the first with `logprob` None).
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ MAX_REPORTED = 1 << 40  # running, waiting, tokens in flight, context length
 MAX_TOKEN_ID = (1 << 31) - 1
 SEED_MAX = (1 << 64) - 1  # seeds are unsigned 64-bit, as every engine takes them (lmfleet.engine.base.SEED_MAX)
 MAX_LOGIT_BIAS = 1024  # entries; OpenAI allows 300
+MAX_LOGPROBS = 20  # alternatives per token (lmfleet.engine.base.MAX_LOGPROBS)
 ModelName = Annotated[str, Field(min_length=1, max_length=1024)]
 
 
@@ -169,6 +176,7 @@ class GenerateRequest(BaseModel):
     parallel_tool_calls: bool = True
     # per tool call already announced to the client: characters of its arguments delivered (resume)
     resume_tool_chars: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=1024)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)  # None: off; k: with k alternatives
 
     @model_validator(mode="after")
     def _one_prompt(self) -> GenerateRequest:
@@ -188,6 +196,20 @@ class ToolCallChunk(BaseModel):
     arguments: str = ""
 
 
+class LogprobAlternative(BaseModel):
+    """One token at a position and its log probability (the raw distribution's log-softmax)."""
+
+    token: str  # the token's text; bytes that are not whole UTF-8 characters as `\xNN` escapes
+    logprob: float | None  # None only for the first token of an echoed prompt (nothing predicts it)
+    bytes: list[int]  # the token's own UTF-8 bytes
+
+
+class TokenLogprob(LogprobAlternative):
+    """A token of the output (or of an echoed prompt) and the most likely tokens at its position."""
+
+    top: list[LogprobAlternative] = Field(default_factory=list, max_length=MAX_LOGPROBS)
+
+
 class GenerateChunk(BaseModel):
     """One line of the worker's NDJSON stream. The last chunk has `finish_reason` (or `error`) set."""
 
@@ -200,6 +222,7 @@ class GenerateChunk(BaseModel):
     completion_tokens: int = 0  # generated so far, resume_token_ids included
     error: ErrorInfo | None = None
     prompt_token_ids: list[int] | None = None  # the prompt as the worker tokenized it: first chunk only
+    logprobs: list[TokenLogprob] | None = None  # when asked for: one per id of token_ids (echo: per prompt token)
 
     def to_line(self) -> bytes:
         return self.model_dump_json(exclude_defaults=False).encode() + b"\n"

@@ -60,6 +60,7 @@ from lmfleet.engine.base import (
     Rejection,
     SamplingParams,
     Tokenizer,
+    TokenLogprob,
 )
 from lmfleet.engine.grammar import Constraint, GrammarError, Grammars
 from lmfleet.engine.pooling import EmbeddingRunner
@@ -167,6 +168,7 @@ class Worker:
         template = tokenizer.chat_template
         self.native_tools = tools.takes_tools(template)  # else the generic tool prompt (Hermes)
         self.tool_format = tools.detect(template if self.native_tools else None, settings.tool_parser)
+        self.speller = textgen.LogprobSpeller(tokenizer)
 
     @property
     def serving(self) -> bool:
@@ -293,6 +295,8 @@ class Worker:
             logit_bias=tuple(sorted(req.logit_bias.items())),
             stop_token_ids=tuple(req.stop_token_ids),
             ignore_eos=req.ignore_eos,
+            logprobs=req.logprobs,
+            prompt_logprobs=req.logprobs if req.echo else None,
         )
         return EngineRequest(request_id=req.request_id, prompt_token_ids=context, params=params)
 
@@ -333,6 +337,7 @@ class Worker:
             text = textgen.TextStream(self.tokenizer, prompt, req.stop, special=calls is not None)
             pending = text.resume(resumed, 0 if calls is not None else req.resume_text_chars)
         done = len(resumed)
+        logprobs: list[TokenLogprob] = []  # the engine's, for the ids of the chunk being made
         base: dict[str, Any] = {"request_id": req.request_id, "prompt_tokens": len(prompt)}
         opening: dict[str, Any] = {"prompt_token_ids": prompt}  # on the first chunk only
 
@@ -347,6 +352,8 @@ class Worker:
                     delta, pieces = delta + rest, pieces + more
                     if calls.calls and kw["finish_reason"] == "stop":
                         kw["finish_reason"] = "tool_calls"
+            if req.logprobs is not None and "logprobs" not in kw:  # asked for: one entry per id
+                kw["logprobs"] = self.speller.entries(logprobs[: len(ids or [])])
             return GenerateChunk(
                 text=delta, tool_calls=pieces, token_ids=ids or [], completion_tokens=done, **base, **extra, **kw
             )
@@ -356,12 +363,15 @@ class Worker:
                 out: EngineOutput | None = await anext(outputs)  # admission errors raise before anything is yielded
             except EngineRejected as exc:
                 raise _REJECTIONS[exc.reason](exc.detail) from None
-            if req.echo and req.prompt is not None:
-                yield chunk(req.prompt)
+            if req.echo:  # the prompt's text as given, or its ids' text
+                echoed = out.prompt_logprobs if out is not None and req.logprobs is not None else None
+                text_of_prompt = req.prompt if req.prompt is not None else self.tokenizer.decode(prompt)
+                yield chunk(text_of_prompt, logprobs=self.speller.prompt_entries(prompt, echoed) if echoed else None)
             if text.stopped:  # the resumed ids already end in a stop string
                 yield chunk(pending, finish_reason="stop")
                 return
             while out is not None:
+                logprobs = out.logprobs or []
                 piece, used = text.push_counted(out.new_token_ids)
                 ids = out.new_token_ids[:used]  # a stop string may end the completion inside a merged output
                 done += used

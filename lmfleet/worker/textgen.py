@@ -2,7 +2,8 @@
 
 Owns: asking the tokenizer (lmfleet.engine.base.Tokenizer, from the engine's loader) for chat and completion
 prompts, incremental detokenization (no broken UTF-8, never resending text already sent) and stop strings
-(matched across chunk boundaries, cut from the output). Does not own: the chat template itself (the tokenizer
+(matched across chunk boundaries, cut from the output), and spelling the engine's log probabilities as token texts
+and bytes (`LogprobSpeller`). Does not own: the chat template itself (the tokenizer
 renders its own), sampling, batching (the engine) or HTTP (worker/app.py). Tests drive it with a byte tokenizer.
 """
 
@@ -11,8 +12,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from lmfleet.engine.base import ChatTemplateError, Tokenizer
+from lmfleet.engine.base import ChatTemplateError, Tokenizer, TokenLogprob
 from lmfleet.errors import InvalidRequest
+from lmfleet.protocol.worker import LogprobAlternative
+from lmfleet.protocol.worker import TokenLogprob as WireLogprob
 
 # Tokens before the first new one that are decoded again each step, so that tokenizers which change a token's
 # text by its left neighbour (SentencePiece's leading space, byte-level pieces) produce the right delta.
@@ -181,3 +184,38 @@ class TextStream:
             self._skip -= cut
             text = text[cut:]
         return text
+
+
+class LogprobSpeller:
+    """The engine's log probabilities (token ids) as the wire spells them: each token's text and bytes. A token's
+    bytes that are not whole UTF-8 characters (half of a character split over tokens) are `\\xNN` escapes in its
+    text, so different tokens never share a spelling. Spellings are cached per id (at most the vocabulary)."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tok = tokenizer
+        self._spelled: dict[int, tuple[str, list[int]]] = {}
+
+    def spell(self, token_id: int) -> tuple[str, list[int]]:
+        found = self._spelled.get(token_id)
+        if found is None:
+            raw = self._tok.token_bytes(token_id)
+            found = self._spelled[token_id] = (raw.decode("utf-8", errors="backslashreplace"), list(raw))
+        return found
+
+    def alternative(self, token_id: int, logprob: float | None) -> LogprobAlternative:
+        text, raw = self.spell(token_id)
+        return LogprobAlternative(token=text, logprob=logprob, bytes=raw)
+
+    def entries(self, logprobs: Sequence[TokenLogprob]) -> list[WireLogprob]:
+        return [self._entry(lp.token_id, lp) for lp in logprobs]
+
+    def prompt_entries(self, prompt: Sequence[int], logprobs: Sequence[TokenLogprob | None]) -> list[WireLogprob]:
+        """One per prompt token; the first (and any the engine could not predict) without a logprob."""
+        return [self._entry(t, lp) for t, lp in zip(prompt, logprobs, strict=True)]
+
+    def _entry(self, token_id: int, lp: TokenLogprob | None) -> WireLogprob:
+        text, raw = self.spell(token_id)
+        if lp is None:
+            return WireLogprob(token=text, logprob=None, bytes=raw)
+        top = [self.alternative(t, v) for t, v in lp.top]
+        return WireLogprob(token=text, logprob=lp.logprob, bytes=raw, top=top)

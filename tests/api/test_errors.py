@@ -78,8 +78,9 @@ F = {"type": "function", "function": {"name": "f"}}
 @pytest.mark.parametrize(
     ("route", "patch", "param"),
     [
-        ("/v1/chat/completions", {"logprobs": True}, "logprobs"),
-        ("/v1/chat/completions", {"top_logprobs": 3}, "top_logprobs"),
+        ("/v1/chat/completions", {"logprobs": "yes"}, "logprobs"),
+        ("/v1/chat/completions", {"top_logprobs": 3}, "top_logprobs"),  # without logprobs: true
+        ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         (
             "/v1/chat/completions",
             {"tools": [{"type": "function", "function": {"name": "a b"}}]},
@@ -101,13 +102,19 @@ F = {"type": "function", "function": {"name": "f"}}
         ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions"),
         ("/v1/chat/completions", {"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
         ("/v1/chat/completions", {"response_format": {"type": "xml"}}, "response_format.type"),
-        ("/v1/chat/completions", {"logit_bias": {"50256": -100}}, "logit_bias"),
+        ("/v1/chat/completions", {"logit_bias": {"50256": -101}}, "logit_bias"),
+        ("/v1/chat/completions", {"logit_bias": {"the": 5}}, "logit_bias"),
+        ("/v1/chat/completions", {"logit_bias": {"-1": 5}}, "logit_bias"),
+        ("/v1/chat/completions", {"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
+        ("/v1/chat/completions", {"min_p": 1.5}, "min_p"),
         ("/v1/chat/completions", {"modalities": ["text", "audio"]}, "modalities"),
         ("/v1/chat/completions", {"stream_options": {"include_usage": True}}, "stream_options"),
-        ("/v1/completions", {"logprobs": 2}, "logprobs"),
+        ("/v1/completions", {"logprobs": 6}, "logprobs"),
+        ("/v1/completions", {"logprobs": True}, "logprobs"),
         ("/v1/completions", {"best_of": 3}, "best_of"),
         ("/v1/completions", {"suffix": "and then"}, "suffix"),
-        ("/v1/completions", {"logit_bias": {"1": 5}}, "logit_bias"),
+        ("/v1/completions", {"logit_bias": {"1": "5"}}, "logit_bias"),
+        ("/v1/completions", {"min_p": -0.1}, "min_p"),
         ("/v1/completions", {"prompt": ["p"] * 20, "n": 4}, "prompt"),
         ("/v1/completions", {"prompt": []}, "prompt"),
         ("/v1/completions", {"prompt": [1, "a"]}, "prompt"),
@@ -120,7 +127,7 @@ async def test_unsupported_features_are_400_naming_the_param(route: str, patch: 
         assert_error(resp, 400, param=param)
 
 
-async def test_accepted_off_values_of_unsupported_features() -> None:
+async def test_accepted_off_values() -> None:
     off = {
         "logprobs": False,
         "top_logprobs": 0,
@@ -323,9 +330,8 @@ async def test_cors_only_when_origins_are_set() -> None:
         assert "access-control-allow-origin" not in resp.headers
 
 
-async def test_echo_with_token_id_prompts_is_refused_not_ignored() -> None:
+async def test_echo_takes_text_and_token_id_prompts() -> None:
     from lmfleet.protocol.openai import CompletionRequest
 
-    with pytest.raises(ValueError, match="echo"):
-        CompletionRequest.model_validate({"model": "m", "prompt": [1, 2, 3], "echo": True})
+    assert CompletionRequest.model_validate({"model": "m", "prompt": [1, 2, 3], "echo": True}).echo
     assert CompletionRequest.model_validate({"model": "m", "prompt": "ab", "echo": True}).echo

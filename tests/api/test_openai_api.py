@@ -210,9 +210,13 @@ async def test_request_translation_to_worker() -> None:
             seed=11,
             user="u-1",
             metadata={"k": "v"},
-            extra_body={"top_k": 40, "ignore_eos": True},
+            logit_bias={"5": 10, "7": -100},
+            logprobs=True,
+            top_logprobs=3,
+            extra_body={"top_k": 40, "ignore_eos": True, "min_p": 0.2},
         )
         (req,) = api.fleet.workers["a"].requests
+        assert req.logit_bias == {5: 10.0, 7: -100.0} and req.min_p == 0.2 and req.logprobs == 3
         assert [(m.role, m.content) for m in req.messages] == [("system", "Be brief."), ("user", "first\nsecond")]
         assert (req.temperature, req.top_p, req.top_k) == (0.2, 0.9, 40)
         assert (req.presence_penalty, req.frequency_penalty) == (0.5, -0.5)
@@ -228,6 +232,7 @@ async def test_request_translation_to_worker() -> None:
         assert resp.status_code == 200, resp.text
         req = api.fleet.workers["a"].requests[-1]
         assert (req.temperature, req.top_k, req.stop, req.max_tokens) == (1.0, 0, [], None)
+        assert (req.logit_bias, req.min_p, req.logprobs) == ({}, 0.0, None)
 
 
 async def test_unknown_fields_are_ignored() -> None:

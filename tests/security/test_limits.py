@@ -90,7 +90,7 @@ async def test_non_finite_numbers_name_the_parameter(field: str, param: str) -> 
         ({"max_tokens": 2**64}, "max_tokens"),
         ({"top_logprobs": -1}, "top_logprobs"),
         ({"top_logprobs": 21}, "top_logprobs"),
-        ({"top_logprobs": 5}, "top_logprobs"),  # in range, but log probabilities are not supported yet
+        ({"top_logprobs": 5}, "top_logprobs"),  # in range, but without logprobs: true
         # wrong types
         ({"n": "2"}, "n"),
         ({"n": True}, "n"),
@@ -141,7 +141,7 @@ async def test_out_of_range_and_wrong_types_name_the_parameter(patch: dict, para
         ({"max_tokens": 0}, "max_tokens"),
         ({"echo": "yes"}, "echo"),
         ({"best_of": 2}, "best_of"),
-        ({"logprobs": 1}, "logprobs"),
+        ({"logprobs": 6}, "logprobs"),
     ],
 )
 async def test_completions_out_of_range_name_the_parameter(patch: dict, param: str) -> None:

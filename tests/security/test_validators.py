@@ -139,8 +139,7 @@ valid_completion_bodies = st.fixed_dictionaries(
         | st.lists(st.lists(st.integers(0, 2**31), min_size=1, max_size=4), min_size=1, max_size=4)
     },
     optional={**valid_knobs, "echo": st.booleans(), "best_of": st.just(1), "suffix": st.just("")},
-).filter(lambda b: not (b.get("echo") and not isinstance(b["prompt"], str) and isinstance(b["prompt"][0], (int, list))))
-# echo is for text prompts only (token-id prompts with echo are a 400 naming `echo`)
+)
 
 
 def _top_level_param(param: str | None) -> str | None:

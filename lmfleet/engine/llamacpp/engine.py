@@ -24,6 +24,10 @@ One `step()`:
   4. sample those requests through their own chains, finish them on eos / stop ids / max_new_tokens /
      max_model_len, and free the KV cells and sequence ids of the finished.
 
+Log probabilities (`SamplingParams.logprobs`) are the log-softmax of the raw logits llama.cpp returns, read before
+the request's sampler chain sees them. A request that asks for its prompt's (`prompt_logprobs`, echo) gets logits at
+every prompt position and computes its whole prompt (no prefix reuse).
+
 Sequences grow into a shared pool, so a decode can find the cache full (`llama_decode` returns 1, the cache
 untouched). Then the newest running request is preempted: its cells are freed and it waits at the front of the queue
 to be recomputed (prompt + what it generated) once there is room, keeping its sampler chain (random state, penalty
@@ -40,6 +44,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import math
 import os
 from collections import deque
 from dataclasses import dataclass
@@ -57,6 +62,7 @@ from lmfleet.engine.base import (
     EngineStats,
     FinishReason,
     SamplingParams,
+    TokenLogprob,
     advance_constraint,
     assert_fits,
 )
@@ -104,10 +110,24 @@ class _Seq:
     n_cached: int = 0  # leading tokens of `tokens` in the KV cache
     num_generated: int = 0
     finish: FinishReason | None = None
+    # with prompt_logprobs: the prompt's log probabilities so far ([None] for the first token), until the first output
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def params(self) -> SamplingParams:
         return self.request.params
+
+    def take_prompt_logprobs(self) -> list[TokenLogprob | None] | None:
+        """The prompt's log probabilities, once all are gathered: for the request's first output."""
+        if self.echoing:
+            return None
+        found, self.prompt_logprobs = self.prompt_logprobs, None
+        return found
+
+    @property
+    def echoing(self) -> bool:
+        """The prompt's log probabilities are still being gathered: every prompt position needs its logits."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.request.prompt_token_ids)
 
 
 class LlamaCppEngine:
@@ -257,7 +277,10 @@ class LlamaCppEngine:
         if not p.ignore_eos:
             stop.update(self._eos)
         self._ids.add(request.request_id)
-        self._waiting.append(_Seq(request, frozenset(stop), self._sampler(p), list(prompt)))
+        seq = _Seq(request, frozenset(stop), self._sampler(p), list(prompt))
+        if p.prompt_logprobs is not None:
+            seq.prompt_logprobs = [None]
+        self._waiting.append(seq)
 
     def abort_request(self, request_id: str) -> None:
         if request_id in self._ids:
@@ -320,7 +343,9 @@ class LlamaCppEngine:
     def _reuse_prefix(self, seq: _Seq) -> None:
         """Start `seq` from the cells of the prefix it shares with the last finished request (the chat template and
         system prompt, mostly): they are shared, not copied, and only the rest is computed. One token is always
-        left to compute, for the logits."""
+        left to compute, for the logits. Not for a request that needs its prompt's logits (echo)."""
+        if seq.echoing:
+            return
         limit = min(len(self._prefix), len(seq.tokens) - 1)
         shared = 0
         while shared < limit and self._prefix[shared] == seq.tokens[shared]:
@@ -355,40 +380,58 @@ class LlamaCppEngine:
                 continue
             reason = "the KV cache has no room for this request" if rc == 1 else f"llama_decode returned {rc}"
             logger.error("decode failed (%s); failing %d requests", reason, len(plan))
-            for seq, _, _ in plan:
+            for seq, *_ in plan:
                 # after a fatal error, cells the decode did write stay in the cache: _release frees them
                 self._finish(seq, FinishReason.ERROR, outputs, error=f"engine failure: {reason}")
             return
-        self._apply_constraints(plan)
-        for seq, n, logits_at in plan:
+        for seq, n, logits_at, first in plan:
             if len(seq.tokens) - seq.n_cached == 1:
                 self._decoded += 1
             else:
                 self._prefilled += n
+            if seq.echoing:
+                self._gather_prompt_logprobs(seq, first, n)
             seq.n_cached += n
             if logits_at >= 0:
-                self._advance(seq, llama.llama_sampler_sample(seq.sampler, self._ctx, logits_at), outputs)
+                k = seq.params.logprobs
+                raw = _RawLogprobs(self._logits(logits_at), k) if k is not None else None  # before any mask
+                self._apply_constraint(seq, logits_at)
+                token = llama.llama_sampler_sample(seq.sampler, self._ctx, logits_at)
+                self._advance(seq, token, outputs, raw.of(token) if raw is not None else None)
 
-    def _apply_constraints(self, plan: list[tuple[_Seq, int, int]]) -> None:
-        """Set the logits of every id a request's constraint does not allow next to -inf, in llama.cpp's output
-        buffer, before its sampler chain reads them (requests without a constraint untouched)."""
-        for seq, _, logits_at in plan:
-            constraint = seq.params.constraint
-            if constraint is None or logits_at < 0:
-                continue
-            bits = np.unpackbits(np.frombuffer(constraint.allowed(), dtype=np.uint8), bitorder="little")
-            allowed = np.zeros(self._vocab_size, dtype=bool)
-            n = min(len(bits), self._vocab_size)
-            allowed[:n] = bits[:n]
-            logits = np.ctypeslib.as_array(llama.llama_get_logits_ith(self._ctx, logits_at), shape=(self._vocab_size,))
-            logits[~allowed] = -np.inf
+    def _logits(self, index: int) -> Any:
+        """The logits at batch index `index`: a numpy view of llama.cpp's buffer (samplers copy, never write it; a
+        constraint's mask does, after the raw log probabilities were taken)."""
+        return np.ctypeslib.as_array(llama.llama_get_logits_ith(self._ctx, index), shape=(self._vocab_size,))
 
-    def _fill_batch(self) -> list[tuple[_Seq, int, int]]:
+    def _apply_constraint(self, seq: _Seq, logits_at: int) -> None:
+        """Set the logits of every id the request's constraint does not allow next to -inf, in llama.cpp's output
+        buffer, before its sampler chain reads them (a request without a constraint is untouched)."""
+        constraint = seq.params.constraint
+        if constraint is None:
+            return
+        bits = np.unpackbits(np.frombuffer(constraint.allowed(), dtype=np.uint8), bitorder="little")
+        allowed = np.zeros(self._vocab_size, dtype=bool)
+        n = min(len(bits), self._vocab_size)
+        allowed[:n] = bits[:n]
+        self._logits(logits_at)[~allowed] = -np.inf
+
+    def _gather_prompt_logprobs(self, seq: _Seq, first: int, n: int) -> None:
+        """The log probability of each prompt token this batch predicted for `seq` (its `n` tokens from batch index
+        `first`, all with logits): position p's logits give token p + 1's."""
+        prompt, got = seq.request.prompt_token_ids, seq.prompt_logprobs
+        assert got is not None
+        for j in range(n):
+            target = seq.n_cached + j + 1
+            if target == len(got) and target < len(prompt):
+                got.append(_RawLogprobs(self._logits(first + j), seq.params.prompt_logprobs).of(prompt[target]))
+
+    def _fill_batch(self) -> list[tuple[_Seq, int, int, int]]:
         """Write this step's tokens into the batch: every decoding request's pending token, then prompt chunks in
         admission order within `max_batch_tokens`. Returns (request, tokens written, batch index of its logits or
-        -1) per request in the batch."""
+        -1, batch index of its first token) per request in the batch."""
         b = self._batch
-        plan: list[tuple[_Seq, int, int]] = []
+        plan: list[tuple[_Seq, int, int, int]] = []
         n = 0
         budget = self.max_batch_tokens
         decoding = [s for s in self._running if len(s.tokens) - s.n_cached == 1]
@@ -400,6 +443,7 @@ class LlamaCppEngine:
                 break
             if pending > 1:
                 budget -= take
+            echo = seq.echoing  # echo: every prompt position's logits
             # positions continue exactly where the sequence's cells end: llama.cpp aborts the process otherwise
             for j in range(take):
                 pos = seq.n_cached + j
@@ -407,11 +451,11 @@ class LlamaCppEngine:
                 b.pos[n + j] = pos
                 b.n_seq_id[n + j] = 1
                 b.seq_id[n + j][0] = seq.seq_id
-                b.logits[n + j] = 0
+                b.logits[n + j] = echo
             done = take == pending
             if done:
                 b.logits[n + take - 1] = 1
-            plan.append((seq, take, n + take - 1 if done else -1))
+            plan.append((seq, take, n + take - 1 if done else -1, n))
             n += take
         b.n_tokens = n
         return plan
@@ -463,22 +507,25 @@ class LlamaCppEngine:
 
     # -- bookkeeping --------------------------------------------------------------------------------------------
 
-    def _advance(self, seq: _Seq, token: int, outputs: list[EngineOutput]) -> None:
+    def _advance(self, seq: _Seq, token: int, outputs: list[EngineOutput], logprob: TokenLogprob | None) -> None:
         """Record one sampled token for `seq` and emit its output (finishing it if it is done)."""
         if token in seq.stop_ids:
             self._finish(seq, FinishReason.STOP, outputs)
             return
         seq.num_generated += 1
         seq.tokens.append(token)
+        lps = [logprob] if logprob is not None else None
         grammar = advance_constraint(seq.params, token)  # STOP: the output is complete; ERROR: refused
         if grammar is FinishReason.ERROR:
             self._finish(seq, grammar, outputs, error=CONSTRAINT_REFUSED)
         elif grammar is FinishReason.STOP:
-            self._finish(seq, grammar, outputs, [token])
+            self._finish(seq, grammar, outputs, [token], logprobs=lps)
         elif seq.num_generated >= seq.params.max_new_tokens or len(seq.tokens) >= self._max_model_len:
-            self._finish(seq, FinishReason.LENGTH, outputs, [token])
+            self._finish(seq, FinishReason.LENGTH, outputs, [token], logprobs=lps)
         else:
-            outputs.append(EngineOutput(seq.request.request_id, [token]))
+            outputs.append(
+                EngineOutput(seq.request.request_id, [token], logprobs=lps, prompt_logprobs=seq.take_prompt_logprobs())
+            )
 
     def _finish(
         self,
@@ -487,10 +534,13 @@ class LlamaCppEngine:
         outputs: list[EngineOutput],
         tokens: list[int] | None = None,
         error: str | None = None,
+        logprobs: list[TokenLogprob] | None = None,
     ) -> None:
         seq.finish = reason
         self._ids.discard(seq.request.request_id)
-        outputs.append(EngineOutput(seq.request.request_id, tokens or [], reason, error))
+        outputs.append(
+            EngineOutput(seq.request.request_id, tokens or [], reason, error, logprobs, seq.take_prompt_logprobs())
+        )
 
     def _release(self, seq: _Seq) -> None:
         """Free a finished request's sampler and, if it ran, its KV cells and sequence id."""
@@ -502,3 +552,34 @@ class LlamaCppEngine:
             llama.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
             self._free_ids.append(seq.seq_id)
             seq.seq_id = -1
+
+
+class _RawLogprobs:
+    """The log-softmax of one position's raw logits, computed only where asked: the log of the normalizer (float32
+    exponentials summed in float64) and the k most likely tokens."""
+
+    def __init__(self, logits: Any, k: int | None) -> None:
+        self._logits = logits
+        top = float(logits.max())
+        self._log_z = top + math.log(float(np.exp(logits - top).sum(dtype=np.float64)))
+        best = _top_ids(logits, top, min(k or 0, len(logits)))
+        self._top = tuple((i, float(logits[i]) - self._log_z) for i in best)
+
+    def of(self, token: int) -> TokenLogprob:
+        return TokenLogprob(token, float(self._logits[token]) - self._log_z, self._top)
+
+
+def _top_ids(logits: Any, top: float, k: int) -> list[int]:
+    """The ids of the k largest logits, largest first. The few within a margin of the largest are found first (a
+    full partition of the vocabulary costs more than the rest of the log probabilities)."""
+    if k == 0:
+        return []
+    margin = 8.0
+    while True:
+        candidates = np.flatnonzero(logits >= top - margin)
+        if len(candidates) >= k:
+            break
+        margin *= 4
+    if len(candidates) > 4 * k:
+        candidates = candidates[np.argpartition(logits[candidates], -k)[-k:]]
+    return [int(i) for i in candidates[np.argsort(-logits[candidates], kind="stable")[:k]]]

@@ -181,6 +181,9 @@ class GGUFTokenizer:
                 return list(out[:n])
             capacity = -n
 
+    def token_bytes(self, token_id: int) -> bytes:
+        return self._token_bytes(token_id, special=True)
+
     def _token_bytes(self, token: int, *, special: bool) -> bytes:
         if not 0 <= token < self._n_vocab:  # llama.cpp aborts the process on an id outside the vocabulary
             raise ValueError(f"token id {token} is outside the vocabulary [0, {self._n_vocab})")

@@ -21,6 +21,10 @@ One `step()`:
      single longer prompt is still admitted, alone), prefill them together in a fresh cache, sample their first
      token, and merge that cache into the running one (the shorter side padded on the left, rows concatenated).
 
+Log probabilities (`SamplingParams.logprobs`) are the log-softmax of a row's raw logits, computed once per step
+for the rows that ask, before sampling touches them; a prompt's (`prompt_logprobs`, for echo) come from a prefill
+that keeps every position's logits ([prompt, vocab] floats), so such a request is prefilled alone.
+
 A request's output never depends on its batch companions beyond floating-point rounding: padding is masked,
 positions are per row, and a seeded request draws from its own generator exactly once per token.
 Memory grows with what is cached; nothing is reserved up front. End-of-sequence and stop token ids are never
@@ -32,7 +36,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +51,7 @@ from lmfleet.engine.base import (
     EngineStats,
     FinishReason,
     SamplingParams,
+    TokenLogprob,
     advance_constraint,
     assert_fits,
 )
@@ -65,10 +70,16 @@ class _Seq:
     num_generated: int = 0
     last_token: int = -1  # sampled, not yet in the cache
     finish: FinishReason | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # computed at prefill, sent with the first output
 
     @property
     def params(self) -> SamplingParams:
         return self.request.params
+
+    def take_prompt_logprobs(self) -> list[TokenLogprob | None] | None:
+        """The prompt's log probabilities, once: for the request's first output."""
+        found, self.prompt_logprobs = self.prompt_logprobs, None
+        return found
 
     @property
     def num_tokens(self) -> int:
@@ -238,6 +249,7 @@ class TransformersEngine:
                 use_cache=True,
                 logits_to_keep=1,
             )
+            logprobs = _raw_logprobs(out.logits[:, -1, :], rows)
             tokens = self._sample(out.logits[:, -1, :], rows, self._greedy_batch)
         except Exception as exc:  # a failed forward fails the batch, never the engine
             logger.exception("decode step failed; failing %d running requests", len(rows))
@@ -245,8 +257,8 @@ class TransformersEngine:
             self._batch, self._greedy_batch = _Batch(), True
             return
         self._decoded += len(rows)
-        for seq, token in zip(rows, tokens, strict=True):
-            self._advance(seq, token, outputs)
+        for seq, token, lp in zip(rows, tokens, logprobs(tokens), strict=True):
+            self._advance(seq, token, outputs, lp)
         self._drop_finished()
 
     def _admit(self) -> list[_Seq]:
@@ -257,6 +269,8 @@ class TransformersEngine:
             n = len(self._waiting[0].request.prompt_token_ids)
             if admitted and (len(admitted) + 1) * max(longest, n) > self.max_batch_tokens:
                 break
+            if admitted and (_echoes(admitted[0]) or _echoes(self._waiting[0])):
+                break  # a prefill that keeps every position's logits holds that one request only
             longest = max(longest, n)
             admitted.append(self._waiting.popleft())
         return admitted
@@ -280,22 +294,26 @@ class TransformersEngine:
                 position_ids = (position_ids - pad_t).clamp(min=0)
             cache = DynamicCache(config=self._model.config)
             cache.layers = [_GrowingLayer() for _ in cache.layers]
+            echo = any(s.params.prompt_logprobs is not None for s in seqs)
             out = self._model(
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=position_ids,
                 cache=cache,
                 use_cache=True,
-                logits_to_keep=1,
+                logits_to_keep=0 if echo else 1,  # every position's logits only when a prompt's logprobs are asked
             )
+            if echo:
+                _prompt_logprobs(out.logits, seqs, pads)
+            logprobs = _raw_logprobs(out.logits[:, -1, :], seqs)
             tokens = self._sample(out.logits[:, -1, :], seqs, _all_greedy(seqs))
         except Exception as exc:
             logger.exception("prefill failed; failing %d new requests", len(seqs))
             self._fail(seqs, exc, outputs)
             return
         self._prefilled += sum(lengths)
-        for seq, token in zip(seqs, tokens, strict=True):
-            self._advance(seq, token, outputs)
+        for seq, token, lp in zip(seqs, tokens, logprobs(tokens), strict=True):
+            self._advance(seq, token, outputs, lp)
         try:
             self._merge(_Batch(seqs, cache, pads))
         except Exception as exc:
@@ -349,7 +367,7 @@ class TransformersEngine:
 
     # -- bookkeeping --------------------------------------------------------------------------------------------
 
-    def _advance(self, seq: _Seq, token: int, outputs: list[EngineOutput]) -> None:
+    def _advance(self, seq: _Seq, token: int, outputs: list[EngineOutput], logprob: TokenLogprob | None) -> None:
         """Record one sampled token for `seq` and emit its output (finishing it if it is done)."""
         if token in seq.stop_ids:
             self._finish(seq, FinishReason.STOP, outputs)
@@ -358,15 +376,18 @@ class TransformersEngine:
         seq.last_token = token
         if seq.counts is not None:
             seq.counts[token] += 1
+        lps = [logprob] if logprob is not None else None
         grammar = advance_constraint(seq.params, token)  # STOP: the output is complete; ERROR: refused
         if grammar is FinishReason.ERROR:
             self._finish(seq, grammar, outputs, error=CONSTRAINT_REFUSED)
         elif grammar is FinishReason.STOP:
-            self._finish(seq, grammar, outputs, [token])
+            self._finish(seq, grammar, outputs, [token], logprobs=lps)
         elif seq.num_generated >= seq.params.max_new_tokens or seq.num_tokens >= self._max_model_len:
-            self._finish(seq, FinishReason.LENGTH, outputs, [token])
+            self._finish(seq, FinishReason.LENGTH, outputs, [token], logprobs=lps)
         else:
-            outputs.append(EngineOutput(seq.request.request_id, [token]))
+            outputs.append(
+                EngineOutput(seq.request.request_id, [token], logprobs=lps, prompt_logprobs=seq.take_prompt_logprobs())
+            )
 
     def _finish(
         self,
@@ -375,10 +396,13 @@ class TransformersEngine:
         outputs: list[EngineOutput],
         tokens: list[int] | None = None,
         error: str | None = None,
+        logprobs: list[TokenLogprob] | None = None,
     ) -> None:
         seq.finish = reason
         self._ids.discard(seq.request.request_id)
-        outputs.append(EngineOutput(seq.request.request_id, tokens or [], reason, error))
+        outputs.append(
+            EngineOutput(seq.request.request_id, tokens or [], reason, error, logprobs, seq.take_prompt_logprobs())
+        )
 
     def _fail(self, seqs: Iterable[_Seq], exc: Exception, outputs: list[EngineOutput]) -> None:
         message = f"engine failure: {type(exc).__name__}: {exc}"
@@ -501,6 +525,54 @@ def _apply_constraints(logits: torch.Tensor, seqs: Sequence[_Seq]) -> torch.Tens
     logits = logits.clone()
     logits[rows] = logits[rows].masked_fill(~allowed.to(logits.device), float("-inf"))
     return logits
+
+
+def _raw_logprobs(logits: torch.Tensor, seqs: Sequence[_Seq]) -> Callable[[list[int]], list[TokenLogprob | None]]:
+    """The log-softmax of the raw logits ([rows, vocab]) of the rows that ask for log probabilities, taken before
+    any sampling step changes them; returns a function of the sampled tokens giving each row's `TokenLogprob`."""
+    rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+    if not rows:
+        return lambda tokens: [None] * len(tokens)
+    lsm = logits[rows].float().log_softmax(dim=-1)
+
+    def pick(tokens: list[int]) -> list[TokenLogprob | None]:
+        found = _token_logprobs(lsm, [tokens[i] for i in rows], [seqs[i].params.logprobs or 0 for i in rows])
+        out: list[TokenLogprob | None] = [None] * len(tokens)
+        for i, lp in zip(rows, found, strict=True):
+            out[i] = lp
+        return out
+
+    return pick
+
+
+def _prompt_logprobs(logits: torch.Tensor, seqs: Sequence[_Seq], pads: Sequence[int]) -> None:
+    """Each prompt token's log probability (after the first) for the rows that ask, from a prefill's logits at every
+    position ([rows, width, vocab], rows left-padded by `pads`)."""
+    for i, (seq, pad) in enumerate(zip(seqs, pads, strict=True)):
+        k = seq.params.prompt_logprobs
+        if k is None:
+            continue
+        prompt = seq.request.prompt_token_ids
+        lsm = logits[i, pad : pad + len(prompt) - 1].float().log_softmax(dim=-1)
+        seq.prompt_logprobs = [None, *_token_logprobs(lsm, prompt[1:], [k] * (len(prompt) - 1))]
+
+
+def _token_logprobs(lsm: torch.Tensor, tokens: Sequence[int], ks: Sequence[int]) -> list[TokenLogprob]:
+    """Row j of the log-probabilities `lsm`: token j's value and the ks[j] most likely (id, value)."""
+    if not tokens:
+        return []
+    chosen = lsm.gather(1, torch.tensor(tokens, device=lsm.device)[:, None])[:, 0].tolist()
+    k = max(ks)
+    top_v, top_i = lsm.topk(k, dim=-1) if k else (lsm[:, :0], lsm[:, :0].long())
+    values, ids = top_v.tolist(), top_i.tolist()
+    return [
+        TokenLogprob(t, c, tuple(zip(ids[j][:kj], values[j][:kj], strict=True)))
+        for j, (t, c, kj) in enumerate(zip(tokens, chosen, ks, strict=True))
+    ]
+
+
+def _echoes(seq: _Seq) -> bool:
+    return seq.params.prompt_logprobs is not None
 
 
 def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:

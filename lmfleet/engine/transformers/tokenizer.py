@@ -8,6 +8,7 @@ text layer).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,6 +51,23 @@ class HFTokenizer:
 
         return from_tokenizer(self._tok, eos_token=list(self._eos))
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """Byte-level BPE pieces map back to bytes (GPT-2's table), SentencePiece byte pieces (`<0xE2>`) to their
+        byte; any other piece is its own text."""
+        piece = self._tok.convert_ids_to_tokens(token_id)
+        if not isinstance(piece, str):
+            return b""
+        if self._byte_level and all(c in _BYTE_OF_CHAR for c in piece):
+            return bytes(_BYTE_OF_CHAR[c] for c in piece)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes.fromhex(piece[3:5])
+        return self._tok.decode([token_id], skip_special_tokens=False).encode()
+
+    @functools.cached_property
+    def _byte_level(self) -> bool:
+        decoder = getattr(getattr(self._tok, "backend_tokenizer", None), "decoder", None)
+        return "ByteLevel" in repr(decoder)
+
     def render_chat(
         self,
         messages: list[dict[str, Any]],
@@ -73,3 +91,19 @@ class HFTokenizer:
         except TemplateError as exc:
             raise ChatTemplateError(str(exc)) from exc
         return list(ids)
+
+
+def _gpt2_byte_chars() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: the printable character standing for each byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_OF_CHAR = _gpt2_byte_chars()
