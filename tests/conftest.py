@@ -15,10 +15,24 @@ import httpx
 import pytest
 
 
-def free_port() -> int:
+def _bind(port: int) -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("127.0.0.1", port))
         return s.getsockname()[1]
+
+
+def free_port(consecutive: int = 1) -> int:
+    """A free loopback port; with `consecutive` > 1, the first of that many free in a row (`lmfleet serve` gives its
+    workers --worker-port, +1, ...)."""
+    for _ in range(200):
+        port = _bind(0)
+        try:
+            for i in range(1, consecutive):
+                _bind(port + i)
+        except OSError:
+            continue
+        return port
+    raise RuntimeError(f"no {consecutive} free loopback ports in a row")
 
 
 @dataclass

@@ -55,7 +55,7 @@ def api(smollm2_gguf: Path, minilm: Path, tmp_path_factory: pytest.TempPathFacto
         "--controller-port",
         str(free_port()),
         "--worker-port",
-        str(free_port()),
+        str(free_port(2)),  # one port per worker
     )
     proc = Proc("serve", cmd, root / "serve.log", env={"HF_HUB_OFFLINE": "1"}).start()
     try:

@@ -208,7 +208,7 @@ def test_lmfleet_serve_demo_runs_the_whole_stack(tmp_path: Path) -> None:
         "--controller-port",
         str(free_port()),
         "--worker-port",
-        str(free_port()),
+        str(free_port(2)),  # one port per worker
     )
     proc = Proc("serve", cmd, tmp_path / "serve.log").start()
     try:
