@@ -152,15 +152,19 @@ class EngineRequest:
 CONSTRAINT_REFUSED = "the output grammar refused the sampled token"
 
 
-def advance_constraint(params: SamplingParams, token: int) -> FinishReason | None:
-    """Report a sampled (not stopping) token to the request's constraint, if it has one: ERROR when the grammar refuses
-    it, STOP when the grammar is complete with it, else None (the request goes on)."""
+def finish_after(
+    params: SamplingParams, token: int, *, generated: int, length: int, max_model_len: int
+) -> FinishReason | None:
+    """Why a request ends with the token it just sampled (not a stop token; `generated` and `length` count it): ERROR
+    when its constraint refuses the token, STOP when the constraint is complete with it, LENGTH at max_new_tokens or a
+    full context; None: it goes on. The constraint, if any, consumes the token."""
     constraint = params.constraint
-    if constraint is None:
-        return None
-    if not constraint.advance(token):
-        return FinishReason.ERROR
-    return FinishReason.STOP if constraint.finished else None
+    if constraint is not None:
+        if not constraint.advance(token):
+            return FinishReason.ERROR
+        if constraint.finished:
+            return FinishReason.STOP
+    return FinishReason.LENGTH if generated >= params.max_new_tokens or length >= max_model_len else None
 
 
 def assert_fits(request: EngineRequest, *, max_model_len: int, vocab_size: int) -> None:

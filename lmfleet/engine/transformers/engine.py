@@ -52,8 +52,8 @@ from lmfleet.engine.base import (
     FinishReason,
     SamplingParams,
     TokenLogprob,
-    advance_constraint,
     assert_fits,
+    finish_after,
 )
 
 logger = logging.getLogger("lmfleet.engine")
@@ -377,13 +377,13 @@ class TransformersEngine:
         if seq.counts is not None:
             seq.counts[token] += 1
         lps = [logprob] if logprob is not None else None
-        grammar = advance_constraint(seq.params, token)  # STOP: the output is complete; ERROR: refused
-        if grammar is FinishReason.ERROR:
-            self._finish(seq, grammar, outputs, error=CONSTRAINT_REFUSED)
-        elif grammar is FinishReason.STOP:
-            self._finish(seq, grammar, outputs, [token], logprobs=lps)
-        elif seq.num_generated >= seq.params.max_new_tokens or seq.num_tokens >= self._max_model_len:
-            self._finish(seq, FinishReason.LENGTH, outputs, [token], logprobs=lps)
+        reason = finish_after(
+            seq.params, token, generated=seq.num_generated, length=seq.num_tokens, max_model_len=self._max_model_len
+        )
+        if reason is FinishReason.ERROR:
+            self._finish(seq, reason, outputs, error=CONSTRAINT_REFUSED)
+        elif reason is not None:
+            self._finish(seq, reason, outputs, [token], logprobs=lps)
         else:
             outputs.append(
                 EngineOutput(seq.request.request_id, [token], logprobs=lps, prompt_logprobs=seq.take_prompt_logprobs())
