@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -114,7 +113,6 @@ def load(source: ModelSource, settings: EmbeddingSettings) -> LoadedModel:
     folder = source.path  # None: a hub id in the local cache, read as a plain encoder
     pooling = pooling_of(folder) if folder is not None else Pooling()
     config = _read(folder / "config.json") if folder is not None else {}
-    started = time.monotonic()
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = "auto" if settings.dtype == "auto" else getattr(torch, settings.dtype)
     model: Any = AutoModel.from_pretrained(source.display, dtype=dtype)
@@ -142,6 +140,6 @@ def load(source: ModelSource, settings: EmbeddingSettings) -> LoadedModel:
     description = (
         f"engine=embedding model={source.display} pooling={pooling.mode}{'+l2' if pooling.normalize else ''} "
         f"dimensions={engine.dimensions} device={device} context={engine.max_model_len} "
-        f"parameters={params / 1e6:.0f}M loaded in {time.monotonic() - started:.1f}s"
+        f"parameters={params / 1e6:.0f}M"
     )
     return LoadedModel(engine, tokenizer, description)

@@ -7,7 +7,6 @@ engine) and `tokenizer` do, when `load` runs.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +36,6 @@ def load(model_path: str, settings: LlamaCppSettings) -> LoadedModel:
     from lmfleet.engine.llamacpp.engine import LlamaCppEngine
     from lmfleet.engine.llamacpp.tokenizer import GGUFTokenizer
 
-    started = time.monotonic()
     engine = LlamaCppEngine(
         model_path,
         max_num_seqs=settings.max_num_seqs,
@@ -61,6 +59,6 @@ def load(model_path: str, settings: LlamaCppSettings) -> LoadedModel:
         f"context={engine.max_model_len} kv_cache={engine.max_model_len} tokens threads={engine.n_threads} "
         f"parameters={llama.llama_model_n_params(engine.model) / 1e6:.0f}M "
         f"size={llama.llama_model_size(engine.model) / 1e6:.0f}MB "
-        f"max_num_seqs={settings.max_num_seqs} loaded in {time.monotonic() - started:.1f}s"
+        f"max_num_seqs={settings.max_num_seqs}"
     )
     return LoadedModel(engine, tokenizer, description)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +44,6 @@ def load(source: ModelSource, settings: TransformersSettings) -> LoadedModel:
     from lmfleet.engine.transformers.engine import TransformersEngine
     from lmfleet.engine.transformers.tokenizer import HFTokenizer
 
-    started = time.monotonic()
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = "auto" if settings.dtype == "auto" else getattr(torch, settings.dtype)
     folder, gguf_file = source.transformers_args()
@@ -69,6 +67,6 @@ def load(source: ModelSource, settings: TransformersSettings) -> LoadedModel:
         f"device={device} context={engine.max_model_len} "
         f"kv_cache=grows to {engine.max_num_seqs * engine.max_model_len} tokens "
         f"parameters={params / 1e6:.1f}M weights={size_mb:.0f}MB "
-        f"max_num_seqs={settings.max_num_seqs} loaded in {time.monotonic() - started:.1f}s"
+        f"max_num_seqs={settings.max_num_seqs}"
     )
     return LoadedModel(engine, tokenizer, description)
