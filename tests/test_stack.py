@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import httpx2
 import openai
 import pytest
+from fastapi import FastAPI
 
 from lmfleet.api.app import ApiSettings
 from lmfleet.api.app import create_app as create_api
@@ -84,35 +86,46 @@ class Link(httpx.AsyncBaseTransport):
         return Watched()
 
 
+async def open_stack(
+    exits: contextlib.AsyncExitStack, make_worker: Callable[[str, httpx.AsyncClient], FastAPI]
+) -> tuple[openai.AsyncOpenAI, httpx.AsyncClient, Cut]:
+    """The real controller app, two worker apps (`make_worker(address, http_client)`) and the real API app over
+    ASGI in one process, closed with `exits`: the official client and a raw httpx client to the API, and the cut
+    between the API and the workers."""
+    cut, hosts = Cut(), Hosts()
+    http = await exits.enter_async_context(httpx.AsyncClient(transport=hosts))
+    controller, _ = await exits.enter_async_context(running(create_controller(ControllerSettings())))
+    hosts.routes[CONTROLLER] = StreamingASGITransport(controller)
+    for name in ("http://worker-a", "http://worker-b"):
+        app, _ = await exits.enter_async_context(running(make_worker(name, http)))
+        hosts.routes[name] = Link(name, StreamingASGITransport(app), cut)
+    api_settings = ApiSettings(controller_address=CONTROLLER, refresh_interval_s=0.05)
+    api, state = await exits.enter_async_context(running(create_api(api_settings, http_client=http)))
+    for _ in range(500):
+        if len(state["router"].healthy()) == 2:
+            break
+        await asyncio.sleep(0.02)
+    assert len(state["router"].healthy()) == 2, "both workers registered and in the API server's view"
+    raw = await exits.enter_async_context(httpx.AsyncClient(transport=httpx.ASGITransport(app=api), base_url=API))
+    h2 = await exits.enter_async_context(httpx2.AsyncClient(transport=httpx2.ASGITransport(app=api), base_url=API))
+    return openai.AsyncOpenAI(base_url=API + "/v1", api_key="none", max_retries=0, http_client=h2), raw, cut
+
+
+def worker_settings(name: str, **kw: Any) -> WorkerSettings:
+    return WorkerSettings(worker_address=name, controller_addresses=[CONTROLLER], heartbeat_interval_s=0.05, **kw)
+
+
 @pytest.fixture
 async def fleet() -> AsyncIterator[tuple[openai.AsyncOpenAI, Cut]]:
-    cut = Cut()
-    hosts = Hosts()
+    def worker(name: str, http: httpx.AsyncClient) -> FastAPI:
+        engine = ScriptedEngine(SCRIPT, max_model_len=512, step_s=0.002, continuing=True)
+        # Named by its path, as FastChat names a model; requests below use its file name, "story".
+        settings = worker_settings(name, model_path="/models/story.gguf")
+        return create_worker(settings, load=lambda _s: loaded(engine), http_client=http)
+
     async with contextlib.AsyncExitStack() as exits:
-        http = await exits.enter_async_context(httpx.AsyncClient(transport=hosts))
-        controller, _ = await exits.enter_async_context(running(create_controller(ControllerSettings())))
-        hosts.routes[CONTROLLER] = StreamingASGITransport(controller)
-        for name in ("http://worker-a", "http://worker-b"):
-            engine = ScriptedEngine(SCRIPT, max_model_len=512, step_s=0.002, continuing=True)
-            # Named by its path, as FastChat names a model; requests below use its file name, "story".
-            settings = WorkerSettings(
-                model_path="/models/story.gguf",
-                worker_address=name,
-                controller_addresses=[CONTROLLER],
-                heartbeat_interval_s=0.05,
-            )
-            worker = create_worker(settings, load=lambda _s, e=engine: loaded(e), http_client=http)
-            app, _ = await exits.enter_async_context(running(worker))
-            hosts.routes[name] = Link(name, StreamingASGITransport(app), cut)
-        api_settings = ApiSettings(controller_address=CONTROLLER, refresh_interval_s=0.05)
-        api, state = await exits.enter_async_context(running(create_api(api_settings, http_client=http)))
-        for _ in range(200):
-            if len(state["router"].healthy()) == 2:
-                break
-            await asyncio.sleep(0.02)
-        assert len(state["router"].healthy()) == 2, "both workers registered and in the API server's view"
-        h2 = await exits.enter_async_context(httpx2.AsyncClient(transport=httpx2.ASGITransport(app=api), base_url=API))
-        yield openai.AsyncOpenAI(base_url=API + "/v1", api_key="none", max_retries=0, http_client=h2), cut
+        client, _, cut = await open_stack(exits, worker)
+        yield client, cut
 
 
 async def story(client: openai.AsyncOpenAI, **kw) -> tuple[str, list]:

@@ -6,29 +6,21 @@ grammar state rebuilt from the ids already sent."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import shutil
 from collections.abc import AsyncIterator
 
 import httpx
-import httpx2
 import jsonschema
 import openai
 import pydantic
 import pytest
+from fastapi import FastAPI
 
-from lmfleet.api.app import ApiSettings
-from lmfleet.api.app import create_app as create_api
-from lmfleet.controller.app import ControllerSettings
-from lmfleet.controller.app import create_app as create_controller
-from lmfleet.worker.app import WorkerSettings
 from lmfleet.worker.app import create_app as create_worker
-from tests.api.fakes import StreamingASGITransport
 from tests.conformance import validate
-from tests.fakes import running
-from tests.test_stack import API, CONTROLLER, Cut, Hosts, Link
+from tests.test_stack import Cut, open_stack, worker_settings
 
 pytest.importorskip("torch")
 pytest.importorskip("llguidance")
@@ -97,33 +89,12 @@ def model_dir(tiny_models, tmp_path_factory) -> str:
 
 @pytest.fixture
 async def fleet(model_dir) -> AsyncIterator[tuple[openai.AsyncOpenAI, httpx.AsyncClient, Cut]]:
-    cut = Cut()
-    hosts = Hosts()
+    def worker(name: str, http: httpx.AsyncClient) -> FastAPI:
+        settings = worker_settings(name, model_path=model_dir, model_names=["tiny"], engine="transformers")
+        return create_worker(settings, http_client=http)
+
     async with contextlib.AsyncExitStack() as exits:
-        http = await exits.enter_async_context(httpx.AsyncClient(transport=hosts))
-        controller, _ = await exits.enter_async_context(running(create_controller(ControllerSettings())))
-        hosts.routes[CONTROLLER] = StreamingASGITransport(controller)
-        for name in ("http://worker-a", "http://worker-b"):
-            settings = WorkerSettings(
-                model_path=model_dir,
-                model_names=["tiny"],
-                engine="transformers",
-                worker_address=name,
-                controller_addresses=[CONTROLLER],
-                heartbeat_interval_s=0.05,
-            )
-            app, _ = await exits.enter_async_context(running(create_worker(settings, http_client=http)))
-            hosts.routes[name] = Link(name, StreamingASGITransport(app), cut)
-        api_settings = ApiSettings(controller_address=CONTROLLER, refresh_interval_s=0.05)
-        api, state = await exits.enter_async_context(running(create_api(api_settings, http_client=http)))
-        for _ in range(500):
-            if len(state["router"].healthy()) == 2:
-                break
-            await asyncio.sleep(0.02)
-        assert len(state["router"].healthy()) == 2
-        raw = await exits.enter_async_context(httpx.AsyncClient(transport=httpx.ASGITransport(app=api), base_url=API))
-        h2 = await exits.enter_async_context(httpx2.AsyncClient(transport=httpx2.ASGITransport(app=api), base_url=API))
-        yield openai.AsyncOpenAI(base_url=API + "/v1", api_key="none", max_retries=0, http_client=h2), raw, cut
+        yield await open_stack(exits, worker)
 
 
 def schema_format(schema: dict) -> dict:
