@@ -37,13 +37,19 @@ def _default(cls: type, name: str) -> Any:
     return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
 
+def _log_args(p: argparse.ArgumentParser) -> None:
+    from lmfleet.server import LOG_FORMATS
+
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--log-format", default="text", choices=LOG_FORMATS, help="json: one object per line, for log shippers"
+    )
+
+
 def _common(p: argparse.ArgumentParser, port: int) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=port)
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    p.add_argument(
-        "--log-format", default="text", choices=["text", "json"], help="json: one object per line, for log shippers"
-    )
+    _log_args(p)
 
 
 def _secret_flag(p: argparse.ArgumentParser) -> None:
@@ -513,10 +519,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--host", default="127.0.0.1", help="address the API server binds (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=API_PORT, help="API server port")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    p.add_argument(
-        "--log-format", default="text", choices=["text", "json"], help="json: one object per line, for log shippers"
-    )
+    _log_args(p)
     p.add_argument(
         "--model-path",
         action="append",

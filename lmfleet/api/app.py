@@ -181,12 +181,21 @@ class ApiKeyGate:
 # Model and worker resolution
 
 
-async def _resolve_model(router: Router, requested: str | None, default: str | None) -> str:
+async def _resolve_model(request: Request, requested: str | None, default: str | None) -> str:
+    """The model a request names (or the default, or the only one served). Labels the request's metrics with it when
+    the fleet serves it: never with a name a client made up."""
+    router: Router = request.state.router
     served = await router.models()
     if requested or default:
-        return router.resolve(requested or default or "")
-    if len(served) == 1:
-        return served[0]
+        model = router.resolve(requested or default or "")
+    elif len(served) == 1:
+        model = served[0]
+    else:
+        model = ""
+    if model:
+        if model in served:
+            request.scope[MODEL_KEY] = model
+        return model
     if not served:
         raise errors.NoWorkerAvailable("No model is being served right now.", headers={"Retry-After": "1"})
     raise errors.InvalidRequest(
@@ -343,9 +352,7 @@ def create_app(
         """`renderer_for(model)`: the endpoint's renderer for this one response (lmfleet.api.render)."""
         settings.limits.check(body)
         router: Router = request.state.router
-        model = await _resolve_model(router, body.model, settings.default_model)
-        if model in await router.models():  # a label only for a model the fleet serves, never what a client typed
-            request.scope[MODEL_KEY] = model
+        model = await _resolve_model(request, body.model, settings.default_model)
         renderer = renderer_for(model)
         meta = renderer.meta
         specs = [
@@ -416,7 +423,7 @@ def create_app(
     ) -> tuple[str, R] | None:
         """(the model, a worker's answer) for a one-reply route (lmfleet.api.oneshot); None if the client left."""
         router: Router = request.state.router
-        model = await _resolve_model(router, requested, settings.default_model)
+        model = await _resolve_model(request, requested, settings.default_model)
         asking = ask(router, request.state.workers, model, task, path, build(model), answer)
         result = await cancel_on_disconnect(request.receive, asking)
         return None if result is None else (model, result)
@@ -467,7 +474,7 @@ def create_app(
         return await answer(request, body, renderer_for=CompletionRenderer)
 
     responses = responses_api.ResponsesConfig(
-        resolve_model=lambda router, model: _resolve_model(router, model, settings.default_model),
+        resolve_model=lambda request, model: _resolve_model(request, model, settings.default_model),
         limits=settings.limits,
         timeouts=timeouts,
         scoped=bool(settings.api_keys),

@@ -34,7 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from lmfleet.api.access import route_path
 from lmfleet.api.routing import Router
 
-GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/"})
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/", "/v1/responses"})
 MAX_SAMPLES_PER_SECOND = 2048  # latencies kept per second bucket (a percentile over a sample beyond that)
 
 

@@ -94,6 +94,7 @@ class ChoiceClock:
         self._model = model
         self._last: float | None = None
         self._started = started
+        self._resumed = False
 
     def tokens(self, n: int) -> None:
         if self._metrics is None or n <= 0:
@@ -101,14 +102,16 @@ class ChoiceClock:
         now = time.monotonic()
         if self._last is None:
             self._metrics.ttft.labels(self._model).observe(now - self._started)
-        else:
+        elif not self._resumed:
             self._metrics.itl.labels(self._model).observe((now - self._last) / n)
-        self._last = now
+        self._last, self._resumed = now, False
 
     def retry(self, queue_full: bool) -> None:
         if self._metrics is not None:
             self._metrics.retries.labels(self._model, "queue_full" if queue_full else "worker_error").inc()
 
     def resume(self) -> None:
+        """The choice moves to another worker: the gap until its next token is failover, not inter-token latency."""
         if self._metrics is not None:
             self._metrics.resumes.labels(self._model).inc()
+        self._resumed = True

@@ -331,7 +331,7 @@ def earlier_items(stored: Stored) -> list[InputItem]:
 class ResponsesConfig:
     """What the routes need from the API server."""
 
-    resolve_model: Callable[[Router, str | None], Awaitable[str]]  # the model a request names, or the default
+    resolve_model: Callable[[Request, str | None], Awaitable[str]]  # the model a request names, or the default
     limits: RequestLimits
     timeouts: Timeouts
     scoped: bool  # API keys are configured: a stored response belongs to the key that made it
@@ -388,7 +388,7 @@ def add_routes(app: FastAPI, config: ResponsesConfig, *, errors_doc: dict[int | 
         if not earlier and not body.input:
             raise errors.InvalidRequest("input: give at least one input item", param="input")
         router: Router = request.state.router
-        model = await config.resolve_model(router, body.model)
+        model = await config.resolve_model(request, body.model)
         chat = chat_request(body, model, earlier)
         try:
             config.limits.check(chat)
@@ -422,13 +422,19 @@ def add_routes(app: FastAPI, config: ResponsesConfig, *, errors_doc: dict[int | 
         if streams is None:
             return HttpResponse(status_code=CLIENT_CLOSED_REQUEST)
         renderer = ChatRenderer(model)
+
+        async def finish() -> None:
+            await close_all(streams)
+            if config.metrics is not None:
+                config.metrics.usage(model, usage_of(streams))
+
         if body.stream:
             events = event_stream(streams, renderer, builder, persist)
-            return EventStreamResponse(events, cleanup=partial(close_all, streams))
+            return EventStreamResponse(events, cleanup=finish)
         try:
             completion = await cancel_on_disconnect(request.receive, collect(streams, renderer))
         finally:
-            await close_all(streams)
+            await finish()
         if completion is None:
             return HttpResponse(status_code=CLIENT_CLOSED_REQUEST)
         response = builder.answer(completion.model_dump(mode="json"))

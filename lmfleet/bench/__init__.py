@@ -28,6 +28,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
 
 import httpx
@@ -322,7 +323,7 @@ def _response_format(value: str) -> dict[str, Any]:
     if value == "json_object":
         return {"type": "json_object"}
     try:
-        text = value if value.lstrip().startswith("{") else open(value).read()
+        text = value if value.lstrip().startswith("{") else Path(value).read_text()
         schema = json.loads(text)
     except (OSError, ValueError) as exc:
         raise argparse.ArgumentTypeError(f"not json_object, a JSON schema or a file holding one: {exc}") from None
@@ -428,7 +429,7 @@ def build_payload(settings: BenchSettings, model: str, prompt: str) -> dict[str,
         payload["stream_options"] = {"include_usage": True}
     if settings.ignore_eos:
         payload["ignore_eos"] = True
-    if settings.response_format is not None:
+    if settings.response_format is not None and settings.endpoint == "chat":  # completions take no response_format
         payload["response_format"] = settings.response_format
     if settings.logprobs is not None:
         payload.update(ENDPOINTS[settings.endpoint].logprobs_body(settings.logprobs))

@@ -375,10 +375,14 @@ class EtcdRegistry(WorkerViews):
         return self._prefix + address.encode()
 
     async def register(self, address: str, status: WorkerStatus) -> WorkerInfo:
+        old = self._entries.get(address)
         async with self._writing() as client:
             lease = await client.lease(self.ttl)
             put = await client.put(self._key(address), _value(status, lease.id), lease=lease.id)
-        known = address in self._entries
+            if old is not None and old.lease != lease.id:  # the key moved to the new lease: the old one holds nothing
+                with contextlib.suppress(aetcd.ClientError):
+                    await client.revoke_lease(old.lease)
+        known = old is not None
         self.events["re-registered" if known else "registered"] += 1
         log_registered(address, status, known)
         return self._apply(address, status, lease.id, put.header.revision)
