@@ -65,7 +65,7 @@ class BearerSecrets:
 
 
 PARSED_BODY = "lmfleet.parsed_body"  # the scope key RequestGuard leaves the parsed JSON body under
-DEFAULT_MAX_DEPTH = 32  # an OpenAI chat body nests 4 deep; tool schemas (not supported yet) rarely pass 10
+DEFAULT_MAX_DEPTH = 32  # an OpenAI chat body nests 4 deep; tool schemas rarely pass 10
 _BOM = b"\xef\xbb\xbf"
 # A `\uD800`-`\uDFFF` escape: only then can a string hold a lone surrogate (raw UTF-8 can not encode one).
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
