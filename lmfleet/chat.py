@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -228,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Ctrl-C is this program's stop key, so it owns SIGINT: a process started in the background by a non-interactive
+    # shell (a script's `&`, many job runners) inherits SIGINT ignored, and Python keeps it so: the terminal would
+    # echo ^C and the reply would go on.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     key = args.api_key if args.api_key is not None else os.environ.get("OPENAI_API_KEY")
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     with contextlib.suppress(ImportError):

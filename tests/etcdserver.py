@@ -5,7 +5,6 @@ stops it (`EtcdCluster` is a context manager that always kills its members)."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import ssl
 import subprocess
@@ -13,19 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import pytest
 
 from tests.conftest import Proc, free_port, wait_until
+from tests.programs import program
 
-ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 
-
-def require_etcd() -> None:
-    """Skip without an etcd server binary; in CI it is a broken install step (`make test` installs etcd-server)."""
-    if not os.access(ETCD, os.X_OK):
-        if os.environ.get("CI"):
-            raise RuntimeError("etcd is not installed: `make test` installs the apt package etcd-server")
-        pytest.skip("etcd is not installed (apt package etcd-server)")
+def require_etcd() -> str:
+    """The etcd server binary (tests.programs: skipped where missing, a failure in CI)."""
+    return program("etcd")
 
 
 @dataclass
@@ -42,12 +36,11 @@ class Certificates:
 
     @classmethod
     def make(cls, root: Path) -> Certificates:
-        if shutil.which("openssl") is None:
-            pytest.skip("openssl is not installed")
+        openssl = program("openssl")
         root.mkdir(parents=True, exist_ok=True)
 
         def run(*args: str) -> None:
-            subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=root, timeout=60)
+            subprocess.run([openssl, *args], check=True, capture_output=True, cwd=root, timeout=60)
 
         run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
             "-subj", "/CN=lmfleet test CA")  # fmt: skip
@@ -101,7 +94,7 @@ class EtcdCluster:
 
     def etcdctl(self, *args: str) -> str:
         """Run etcdctl against the first member (plain HTTP only)."""
-        cmd = [shutil.which("etcdctl") or "/usr/bin/etcdctl", "--endpoints", self.members[0].client_url, *args]
+        cmd = [program("etcdctl"), "--endpoints", self.members[0].client_url, *args]
         return subprocess.run(
             cmd, check=True, capture_output=True, text=True, timeout=30, env={**os.environ, **self.env}
         ).stdout
@@ -115,7 +108,7 @@ class EtcdCluster:
         cluster = ",".join(f"{x.name}={x.peer_url}" for x in self.members)
         return [
             *self.prefix.get(m.name, []),
-            ETCD,
+            program("etcd"),
             "--name", m.name,
             "--data-dir", str(self.root / m.name),
             "--listen-client-urls", m.client_url,

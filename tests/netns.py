@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 from dataclasses import dataclass, field
 
 import pytest
+
+from tests.programs import program
 
 SUBNET = "10.213.0"
 PREFIX = "lmft"  # every namespace and interface these tests create starts with it
@@ -28,8 +29,7 @@ def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 def require_netns() -> None:
     """Skip unless this process can create network namespaces (root and iproute2's `ip netns`)."""
-    if shutil.which("ip") is None:
-        pytest.skip("`ip` (iproute2) is not installed: these tests create network namespaces")
+    program("ip")
     if os.geteuid() != 0:
         pytest.skip("creating network namespaces needs root")
     probe = f"{PREFIX}-probe-{os.getpid()}"

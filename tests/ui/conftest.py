@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from tests.conftest import Fleet, free_port
+from tests.programs import program
 
 playwright = pytest.importorskip("playwright.sync_api")
 
@@ -33,12 +34,9 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
 @pytest.fixture(scope="module")  # not longer: Playwright's sync API holds an event loop; async tests need none
 def browser() -> Iterator[playwright.Browser]:
-    if not shutil.which(CHROMIUM):
-        if os.environ.get("CI"):  # `make test` installs it: in CI a missing browser is a broken install step
-            raise RuntimeError(f"{CHROMIUM} not found: install Debian's chromium package")
-        pytest.skip(f"{CHROMIUM} not found")
+    chromium = program("chromium", CHROMIUM)
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        browser = p.chromium.launch(executable_path=chromium, args=ARGS)
         yield browser
         browser.close()
 

@@ -7,6 +7,7 @@ import fcntl
 import os
 import pty
 import re
+import signal
 import subprocess
 import sys
 import termios
@@ -25,6 +26,14 @@ pytestmark = pytest.mark.timeout(300)
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[=>]|\r")
 
 
+def _as_a_background_job() -> None:
+    """The child's start: the pty is its controlling terminal (^C there is a SIGINT, as for a user), and SIGINT is
+    ignored, as in a job a non-interactive shell started with `&` (CI runners do): the program must still stop on
+    Ctrl-C."""
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class Pty:
     """A program on a pseudo-terminal of its own (its controlling terminal: ^C is a SIGINT, as for a user)."""
 
@@ -37,7 +46,7 @@ class Pty:
             stdout=slave,
             stderr=slave,
             start_new_session=True,
-            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+            preexec_fn=_as_a_background_job,
             env={**os.environ, "TERM": "dumb", "PYTHONUNBUFFERED": "1"},
         )
         os.close(slave)
