@@ -9,7 +9,7 @@ Routes
     POST /v1/embeddings          EmbeddingRequest -> EmbeddingResponse (embedding models only; lmfleet.api.oneshot)
     POST /tokenize, /detokenize  vLLM's shapes, through the model's own tokenizer (any model)
     POST /v1/responses, GET|DELETE /v1/responses/{id}, GET /v1/responses/{id}/input_items
-                                 OpenAI's Responses API over the chat path (lmfleet.api.responses)
+                                 OpenAI's Responses API over the one answer path (lmfleet.api.responses)
     GET  /health                 alive (always 200)
     GET  /ready                  can serve: 200 while some worker is in rotation and the server is not draining
     GET  /docs, /redoc, /openapi.json   served offline (lmfleet.docs)
@@ -17,12 +17,14 @@ Routes
     GET  /metrics                Prometheus (lmfleet.api.metrics); needs a key unless `metrics_public`
 
 Owns: the request edge (API keys, CORS; body size and JSON sanity are lmfleet.guard's, public routes and
-per-request limits lmfleet.api.access's), choosing the model (`model` may be omitted when exactly one
-model is served or `default_model` is set), and turning the answer into a response (lmfleet.api.render,
-lmfleet.api.sse), with a worker per choice picked from a cached view of the fleet that outlives the controller
-(lmfleet.api.routing), failover to another worker before and after the first token (lmfleet.api.upstream), and
-a graceful drain (lmfleet.drain). Knows nothing of tokens: the worker validates prompt length
-against the model's context and its errors (400 context_length_exceeded, 429) pass through unchanged.
+per-request limits lmfleet.api.access's, the one request timer lmfleet.metrics'), and which renderer answers each
+route. Every generating route goes the one answer path (lmfleet.api.answer: limits, the model — `model` may be
+omitted when exactly one model is served or `default_model` is set —, a worker per choice picked from a cached
+view of the fleet that outlives the controller (lmfleet.api.routing), failover to another worker before and
+after the first token (lmfleet.api.upstream), SSE or one JSON body); each endpoint only spells the answer
+(lmfleet.api.render, lmfleet.api.responses). A graceful drain: lmfleet.drain. Knows nothing of tokens: the worker
+validates prompt length against the model's context and its errors (400 context_length_exceeded, 429) pass
+through unchanged.
 
 Errors: every error body is `{"error": {"message", "type", "param", "code"}}` (lmfleet.errors). Unknown model →
 404 model_not_found; a model served a moment ago with no worker now → 503 no_worker_available (lmfleet.api.routing);
@@ -59,19 +61,20 @@ from lmfleet import __version__, docs, errors
 from lmfleet.api import responses as responses_api
 from lmfleet.api import ui
 from lmfleet.api.access import PUBLIC_PATHS, RequestLimits, needs_key
-from lmfleet.api.fleet import FleetStats, RequestStats
+from lmfleet.api.answer import AnswerPath
+from lmfleet.api.fleet import FleetStats
 from lmfleet.api.metrics import ApiMetrics
 from lmfleet.api.oneshot import ask
-from lmfleet.api.render import ChatRenderer, CompletionRenderer, Renderer
+from lmfleet.api.render import ChatRenderer, CompletionRenderer
 from lmfleet.api.response_store import TEMPORARY, ResponseStore
 from lmfleet.api.routing import Router
-from lmfleet.api.sse import EventStreamResponse, cancel_on_disconnect, collect, event_stream
-from lmfleet.api.upstream import ChoiceSpec, ModelBackend, Timeouts, close_all, open_choices, usage_of
+from lmfleet.api.sse import cancel_on_disconnect
+from lmfleet.api.upstream import Timeouts
 from lmfleet.client import DEFAULT_CONTROLLER, ControllerClient, WorkerClient, make_http_client
 from lmfleet.dispatch import DEFAULT_POLICY, get_policy
 from lmfleet.drain import DEFAULT_TIMEOUT_S, Drain, DrainGate
 from lmfleet.guard import BearerSecrets, ParsedBodyRoute, RequestGuard
-from lmfleet.metrics import METRICS_PATH, MODEL_KEY, new_registry
+from lmfleet.metrics import CLIENT_CLOSED_REQUEST, METRICS_PATH, new_registry
 from lmfleet.metrics import install as install_metrics
 from lmfleet.protocol.embeddings import EmbeddingRequest, EmbeddingResponse
 from lmfleet.protocol.errors import ErrorResponse
@@ -92,8 +95,6 @@ from lmfleet.requestid import HEADER, RequestIdMiddleware
 logger = logging.getLogger("lmfleet.api")
 
 R = TypeVar("R", bound=BaseModel)
-
-CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away"; nobody reads it
 
 
 @dataclass
@@ -178,29 +179,7 @@ class ApiKeyGate:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Model and worker resolution
-
-
-async def _resolve_model(request: Request, requested: str | None, default: str | None) -> str:
-    """The model a request names (or the default, or the only one served). Labels the request's metrics with it when
-    the fleet serves it: never with a name a client made up."""
-    router: Router = request.state.router
-    served = await router.models()
-    if requested or default:
-        model = router.resolve(requested or default or "")
-    elif len(served) == 1:
-        model = served[0]
-    else:
-        model = ""
-    if model:
-        if model in served:
-            request.scope[MODEL_KEY] = model
-        return model
-    if not served:
-        raise errors.NoWorkerAvailable("No model is being served right now.", headers={"Retry-After": "1"})
-    raise errors.InvalidRequest(
-        f"You must provide a model parameter; this server serves: {', '.join(sorted(served))}.", param="model"
-    )
+# The app
 
 
 async def _cancel(task: asyncio.Task[Any]) -> None:
@@ -208,9 +187,6 @@ async def _cancel(task: asyncio.Task[Any]) -> None:
     with contextlib.suppress(asyncio.CancelledError):
         await task
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# The app
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": why}
@@ -322,9 +298,7 @@ def create_app(
     app.router.route_class = ParsedBodyRoute  # bodies are parsed once, by the guard
     errors.install_handlers(app)
     _strip_validation_422(app)
-    # Added innermost first: CORS (answers preflights) → API keys → body size and JSON sanity → timing → routes.
-    stats = FleetStats()  # the dashboard's request figures (lmfleet.api.fleet)
-    app.add_middleware(RequestStats, stats=stats)
+    # Added innermost first: CORS (answers preflights) → API keys → body size and JSON sanity → routes.
     app.add_middleware(RequestGuard, max_bytes=settings.max_request_bytes)
     if settings.api_keys:
         public = PUBLIC_PATHS | {METRICS_PATH} if settings.metrics_public else PUBLIC_PATHS
@@ -339,46 +313,18 @@ def create_app(
         )
     # Counts every request in progress and, once draining, refuses new ones (503).
     app.add_middleware(DrainGate, drain=drain)
-    install_metrics(app, metrics.registry, part="lmfleet_api")  # GET /metrics; counts every request
+    # GET /metrics, and the one request timer: every request into Prometheus, the generation requests into the
+    # dashboard's figures (lmfleet.api.fleet), timed alike.
+    stats = FleetStats()
+    install_metrics(app, metrics.registry, part="lmfleet_api", sinks=[stats])
     app.add_middleware(RequestIdMiddleware)  # outermost: every answer carries X-Request-ID, every log line too
-    timeouts = settings.timeouts()
-
-    async def answer(
-        request: Request,
-        body: ChatCompletionRequest | CompletionRequest,
-        *,
-        renderer_for: Callable[[str], Renderer],
-    ) -> Response:
-        """`renderer_for(model)`: the endpoint's renderer for this one response (lmfleet.api.render)."""
-        settings.limits.check(body)
-        router: Router = request.state.router
-        model = await _resolve_model(request, body.model, settings.default_model)
-        renderer = renderer_for(model)
-        meta = renderer.meta
-        specs = [
-            ChoiceSpec(i, body.prompt_index(i), body.to_generate_request(f"{meta.id}-{i}", model, choice=i))
-            for i in range(body.num_choices)
-        ]
-        # Until the first chunk of every choice is in hand (a long prefill, a queue) the client may leave too.
-        backend = ModelBackend(router, request.state.workers, model, timeouts, on_tokens=stats.tokens, metrics=metrics)
-        streams = await cancel_on_disconnect(request.receive, open_choices(specs, backend))
-        if streams is None:
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
-
-        async def finish() -> None:
-            await close_all(streams)
-            metrics.usage(model, usage_of(streams))
-
-        if body.stream:
-            events = event_stream(streams, renderer, include_usage=body.include_usage)
-            return EventStreamResponse(events, cleanup=finish)
-        try:
-            result = await cancel_on_disconnect(request.receive, collect(streams, renderer))
-        finally:
-            await finish()
-        if result is None:
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
-        return JSONResponse(result.model_dump(mode="json"))
+    answer_path = AnswerPath(
+        metrics,
+        settings.limits,
+        settings.timeouts(),
+        default_model=settings.default_model,
+        on_tokens=stats.tokens,
+    )
 
     @app.get("/health", tags=["ops"])
     async def health() -> dict[str, str]:
@@ -423,7 +369,7 @@ def create_app(
     ) -> tuple[str, R] | None:
         """(the model, a worker's answer) for a one-reply route (lmfleet.api.oneshot); None if the client left."""
         router: Router = request.state.router
-        model = await _resolve_model(request, requested, settings.default_model)
+        model = await answer_path.resolve_model(request, requested)
         asking = ask(router, request.state.workers, model, task, path, build(model), answer)
         result = await cancel_on_disconnect(request.receive, asking)
         return None if result is None else (model, result)
@@ -457,7 +403,7 @@ def create_app(
         "/v1/chat/completions", response_model=ChatCompletion, responses=_with_stream(ChatCompletion), tags=["openai"]
     )
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        return await answer(request, body, renderer_for=ChatRenderer)
+        return await answer_path.answer(request, body, partial(ChatRenderer, include_usage=body.include_usage))
 
     @app.post(
         "/",
@@ -467,20 +413,13 @@ def create_app(
         summary="Chat completions (FastChat-compatible alias of /v1/chat/completions)",
     )
     async def chat_completions_root(body: ChatCompletionRequest, request: Request) -> Response:
-        return await answer(request, body, renderer_for=ChatRenderer)
+        return await answer_path.answer(request, body, partial(ChatRenderer, include_usage=body.include_usage))
 
     @app.post("/v1/completions", response_model=Completion, responses=_with_stream(Completion), tags=["openai"])
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        return await answer(request, body, renderer_for=CompletionRenderer)
+        return await answer_path.answer(request, body, partial(CompletionRenderer, include_usage=body.include_usage))
 
-    responses = responses_api.ResponsesConfig(
-        resolve_model=lambda request, model: _resolve_model(request, model, settings.default_model),
-        limits=settings.limits,
-        timeouts=timeouts,
-        scoped=bool(settings.api_keys),
-        on_tokens=stats.tokens,
-        metrics=metrics,
-    )
+    responses = responses_api.ResponsesConfig(path=answer_path, scoped=bool(settings.api_keys))
     responses_api.add_routes(app, responses, errors_doc=_ERRORS)
 
     ui.install(app, stats)

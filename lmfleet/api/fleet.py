@@ -3,11 +3,11 @@ of every worker with them (`GET /v1/fleet`, lmfleet.api.ui).
 
 Owns
   * `FleetStats`: per-second buckets over the last `window_s` seconds of what this server itself saw: generation
-    requests finished (status, latency to the last byte, time to the first byte — for a stream, its first token)
-    and the token ids it relayed from each worker (`tokens`, called by lmfleet.api.upstream for each chunk). Kept
-    in memory, lost on restart; the clock is injected.
-  * `RequestStats`: the pure ASGI middleware that times each generation request (`GENERATION_PATHS`, POST) into a
-    `FleetStats`, disconnects included (no status: 499).
+    requests (POST to `GENERATION_PATHS`) finished, as the one request timer recorded them (lmfleet.metrics: its
+    status, 499 for a client that left, its latency to the last byte and time to the first byte — for a stream,
+    its first token; `FleetStats` is one of its sinks, Prometheus the other, so the two agree), those in
+    progress, and the token ids it relayed from each worker (`tokens`, called by lmfleet.api.upstream for each
+    chunk). Kept in memory, lost on restart; the clock is injected.
   * `snapshot()`: `FleetView`, the dashboard's one JSON answer: every worker of the API server's cached view
     (lmfleet.api.routing) with its state — `ready`, `ejected` (this server took it out of rotation; `reason` says
     why) or `draining` (it left the controller while this server still streams from it) — its load as last
@@ -15,8 +15,8 @@ Owns
     server relayed from it, how long ago its last heartbeat was seen; and requests per second and latency
     percentiles, now and as a history of `step_s` buckets.
 
-Does not own: the worker view and health (lmfleet.api.routing), the route and the page (lmfleet.api.ui), metrics
-for scrapers.
+Does not own: the worker view and health (lmfleet.api.routing), the route and the page (lmfleet.api.ui), timing
+requests and metrics for scrapers (lmfleet.metrics).
 """
 
 from __future__ import annotations
@@ -29,12 +29,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import BaseModel, Field
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lmfleet.api.access import route_path
 from lmfleet.api.routing import Router
+from lmfleet.metrics import TimedRequest
 
-GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/", "/v1/responses"})
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/", "/v1/responses"})  # POSTed
 MAX_SAMPLES_PER_SECOND = 2048  # latencies kept per second bucket (a percentile over a sample beyond that)
 
 
@@ -73,14 +72,23 @@ class FleetStats:
     def tokens(self, address: str, n: int) -> None:
         self._bucket().tokens[address] += n
 
-    def request_done(self, *, status: int, latency_s: float, first_byte_s: float | None) -> None:
+    # The request timer's sink (lmfleet.metrics.RequestSink): generation requests only.
+
+    def request_started(self, route: str, method: str) -> None:
+        if method == "POST" and route in GENERATION_PATHS:
+            self.in_progress += 1
+
+    def request_done(self, request: TimedRequest) -> None:
+        if request.method != "POST" or request.route not in GENERATION_PATHS:
+            return
+        self.in_progress -= 1
         bucket = self._bucket()
         bucket.requests += 1
-        bucket.errors += status >= 400
-        if status < 400 and len(bucket.latencies) < MAX_SAMPLES_PER_SECOND:
-            bucket.latencies.append(latency_s)
-            if first_byte_s is not None:
-                bucket.first_bytes.append(first_byte_s)
+        bucket.errors += request.status >= 400
+        if request.status < 400 and len(bucket.latencies) < MAX_SAMPLES_PER_SECOND:
+            bucket.latencies.append(request.duration_s)
+            if request.first_byte_s is not None:
+                bucket.first_bytes.append(request.first_byte_s)
 
     def _last(self, seconds: int, end: int | None = None) -> list[_Second]:
         """The buckets of the seconds in [end - seconds, end); `end` defaults to the current second, so that only
@@ -118,37 +126,6 @@ def quantile(samples: Sequence[float], q: float) -> float | None:
         return None
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
-
-
-class RequestStats:
-    """Times every generation request (POST to `GENERATION_PATHS`) into `stats`: latency to the last byte sent,
-    time to the first body byte, the status (499 when the client left before an answer began)."""
-
-    def __init__(self, app: ASGIApp, stats: FleetStats) -> None:
-        self.app = app
-        self.stats = stats
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or route_path(scope) not in GENERATION_PATHS:
-            await self.app(scope, receive, send)
-            return
-        started = time.monotonic()
-        status, first_byte = 499, None
-
-        async def timed_send(message: Message) -> None:
-            nonlocal status, first_byte
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            elif message["type"] == "http.response.body" and first_byte is None:
-                first_byte = time.monotonic() - started
-            await send(message)
-
-        self.stats.in_progress += 1
-        try:
-            await self.app(scope, receive, timed_send)
-        finally:
-            self.stats.in_progress -= 1
-            self.stats.request_done(status=status, latency_s=time.monotonic() - started, first_byte_s=first_byte)
 
 
 # ---------------------------------------------------------------------------------------------------------------

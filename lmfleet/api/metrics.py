@@ -1,6 +1,7 @@
 """The API server's Prometheus metrics: what its clients saw, per model, and what failover did about the workers.
 
-    lmfleet_api_requests_total{route, method, model, status}       counter (lmfleet.metrics; 429s and 503s included)
+    lmfleet_api_requests_total{route, method, model, status}       counter (lmfleet.metrics; 429s and 503s included,
+                                                                   499: the client left before an answer began)
     lmfleet_api_request_duration_seconds{route, model}             histogram: end to end, to the last byte
     lmfleet_api_time_to_first_token_seconds{model}                 histogram: request parsed -> first token of a choice
     lmfleet_api_inter_token_latency_seconds{model}                 histogram: between a choice's tokens (a chunk of n
@@ -14,7 +15,8 @@
     lmfleet_api_controller_up                                      gauge: 1 while a controller answers
 
 `model` is always a model some worker serves (the route sets it only then), never what a client typed.
-Does not own: when these move (lmfleet.api.upstream, lmfleet.api.routing, lmfleet.api.app call in).
+Does not own: when these move (lmfleet.api.upstream, lmfleet.api.routing, lmfleet.api.answer call in), the
+request timer behind the first two (lmfleet.metrics).
 """
 
 from __future__ import annotations

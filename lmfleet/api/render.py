@@ -1,18 +1,22 @@
-"""`ChoiceDelta`s → OpenAI objects: how each endpoint spells one answer. Pure: no I/O, no workers, no SSE.
+"""`ChoiceDelta`s → OpenAI objects: how chat and completions spell one answer, as renderers of the one answer
+path (lmfleet.api.answer.Renderer). Pure: no I/O, no workers.
 
 Owns, per response (one renderer is made for each, knowing its model):
   * what every object of the answer repeats (`ResponseMeta`: the same `id`, `created` and `model`);
-  * a streamed chunk for one delta (`chunk`; None when the delta has nothing worth sending), the usage chunk that
-    `stream_options.include_usage` asks for last (`usage_chunk`, with empty `choices`), and the whole non-streamed
-    answer (`answer`, from each choice as one joined delta);
+  * the stream both endpoints share: a `data:` event per chunk, for each delta that has something worth sending
+    (`chunk`), the usage chunk that `stream_options.include_usage` asks for last (`usage_chunk`, with empty
+    `choices`), then `[DONE]`; a failure after the 200 is `data: {"error": {...}}` (lmfleet.errors), then
+    `[DONE]`;
+  * the whole non-streamed answer (`answer`, from each choice as one joined delta);
   * the difference between the two endpoints: `ChatRenderer` (chat.completion[.chunk]: the first chunk of each
     choice says `role: "assistant"`) and `CompletionRenderer` (text_completion);
   * log probabilities in each endpoint's shape (chat: `logprobs.content[]`; completions: the parallel lists
     `tokens`, `token_logprobs`, `top_logprobs`, `text_offset`), streamed with the chunk that carries their text
     (entries of tokens whose text is held back wait for the next chunk sent).
 
-Does not own: where deltas come from, failover, usage accounting (lmfleet.api.upstream), SSE framing, the JSON
-response and client disconnects (lmfleet.api.sse), the models themselves (lmfleet.protocol.openai).
+Does not own: where deltas come from, failover, usage accounting (lmfleet.api.upstream), when each hook runs, the
+JSON response and client disconnects (lmfleet.api.answer), SSE framing (lmfleet.api.sse), the models themselves
+(lmfleet.protocol.openai).
 """
 
 from __future__ import annotations
@@ -20,12 +24,15 @@ from __future__ import annotations
 import codecs
 import time
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Protocol, cast
+from typing import ClassVar, cast
 
 from pydantic import BaseModel
 
+from lmfleet import errors
+from lmfleet.api.sse import DONE, Event
 from lmfleet.api.upstream import ChoiceDelta
 from lmfleet.protocol.openai import (
     AssistantMessage,
@@ -65,24 +72,46 @@ class ResponseMeta:
         return cls(id=f"{id_prefix}-{uuid.uuid4().hex}", created=int(time.time()), model=model)
 
 
-class Renderer(Protocol):
-    """One response's spelling. `chunk` is called for every delta in arrival order and may keep state."""
+class _OneResponse(ABC):
+    """What chat and completions share: the stream's shape around the chunks each spells."""
 
-    meta: ResponseMeta
-
-    def chunk(self, delta: ChoiceDelta) -> BaseModel | None: ...
-
-    def usage_chunk(self, usage: Usage) -> BaseModel: ...
-
-    def answer(self, choices: Sequence[ChoiceDelta], usage: Usage) -> BaseModel: ...
-
-
-class _OneResponse:
     id_prefix: ClassVar[str]
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, *, include_usage: bool = False) -> None:
         self.meta = ResponseMeta.new(self.id_prefix, model)
+        self._include_usage = include_usage  # stream_options.include_usage: a usage chunk last
         self._held: dict[int, list[TokenLogprob]] = {}  # per choice: entries not sent yet (their text is held back)
+
+    @property
+    def id(self) -> str:
+        return self.meta.id
+
+    @abstractmethod
+    def chunk(self, delta: ChoiceDelta) -> BaseModel | None:
+        """The chunk for one delta; None when it has nothing worth sending."""
+
+    @abstractmethod
+    def usage_chunk(self, usage: Usage) -> BaseModel: ...
+
+    @abstractmethod
+    def answer(self, choices: Sequence[ChoiceDelta], usage: Usage) -> BaseModel: ...
+
+    def start(self) -> list[Event]:
+        return []
+
+    def delta(self, delta: ChoiceDelta) -> list[Event]:
+        chunk = self.chunk(delta)
+        return [] if chunk is None else [Event(chunk)]
+
+    def end(self, usage: Usage) -> list[Event]:
+        return [Event(self.usage_chunk(usage)), DONE] if self._include_usage else [DONE]
+
+    def fail(self, exc: errors.LmfleetError) -> list[Event]:
+        return [Event(exc.body()), DONE]
+
+    async def settle(self) -> None:
+        """Nothing is kept once the answer is sent."""
+        return None
 
     def _logprobs(self, delta: ChoiceDelta, sending: bool) -> list[TokenLogprob] | None:
         """The entries to send with this delta's chunk (None: not asked for); held back when no chunk is sent."""
@@ -115,8 +144,8 @@ class ChatRenderer(_OneResponse):
 
     id_prefix = "chatcmpl"
 
-    def __init__(self, model: str) -> None:
-        super().__init__(model)
+    def __init__(self, model: str, *, include_usage: bool = False) -> None:
+        super().__init__(model, include_usage=include_usage)
         self._announced: set[int] = set()  # choices whose first chunk (the one with `role`) has been made
 
     def chunk(self, delta: ChoiceDelta) -> ChatCompletionChunk | None:
@@ -169,8 +198,8 @@ class CompletionRenderer(_OneResponse):
 
     id_prefix = "cmpl"
 
-    def __init__(self, model: str) -> None:
-        super().__init__(model)
+    def __init__(self, model: str, *, include_usage: bool = False) -> None:
+        super().__init__(model, include_usage=include_usage)
         self._offsets: dict[int, _TextOffsets] = {}
 
     def chunk(self, delta: ChoiceDelta) -> CompletionChunk | None:

@@ -1,4 +1,4 @@
-"""OpenAI's Responses API over the chat path.
+"""OpenAI's Responses API over the one answer path.
 
 Routes (lmfleet.api.app adds them with `add_routes`)
     POST   /v1/responses                     CreateResponseRequest -> Response | SSE of typed events
@@ -8,30 +8,31 @@ Routes (lmfleet.api.app adds them with `add_routes`)
 
 Owns:
   * the way a Responses request is answered: as the chat request it translates to (lmfleet.protocol.responses),
-    validated by the chat path's own model, opened on workers like any chat request (lmfleet.api.upstream:
-    failover before the first token, token-exact resume after it) and spelled by the chat renderer; the chat
-    answer (its text and tool calls, OpenAI's chat wire shapes) then becomes output items (`ResponseBuilder`);
-  * the typed SSE stream (`event: <type>` + `data: {...}`, numbered by `sequence_number`): response.created,
-    .in_progress, output_item.added, content_part.added, output_text.delta ..., output_text.done,
-    content_part.done, output_item.done (function calls: function_call_arguments.delta / .done), then
-    response.completed, or response.incomplete when `max_output_tokens` cut the answer. A failure after the 200
-    is an `error` event followed by response.failed;
+    validated by the chat path's own model and answered by the one answer path like any chat request
+    (lmfleet.api.answer: limits, the model, failover before the first token, token-exact resume after it);
+  * `ResponseRenderer`, that path's renderer for a response: the neutral deltas of its one choice (text,
+    tool-call pieces, finish reason) and usage become output items, and, streamed, the typed SSE stream
+    (`event: <type>` + `data: {...}`, numbered by `sequence_number`): response.created, .in_progress,
+    output_item.added, content_part.added, output_text.delta ..., output_text.done, content_part.done,
+    output_item.done (function calls: function_call_arguments.delta / .done), then response.completed, or
+    response.incomplete when `max_output_tokens` cut the answer. A failure after the 200 is an `error` event
+    followed by response.failed;
   * `store` / `previous_response_id`: a finished response is stored (lmfleet.api.response_store) before its last
-    event or its body is sent, so the client may continue it at once. Stored responses belong to the API key that
-    made them.
+    event or its body is sent (the renderer's `settle`), so the client may continue it at once. Stored responses
+    belong to the API key that made them.
 
-Does not own: parsing and translating requests (lmfleet.protocol.responses), workers, failover and the chat
-renderer (lmfleet.api.upstream, lmfleet.api.render), the database (lmfleet.api.response_store).
+Does not own: parsing and translating requests (lmfleet.protocol.responses), the generation path, workers and
+failover (lmfleet.api.answer, lmfleet.api.upstream), SSE framing (lmfleet.api.sse), the database
+(lmfleet.api.response_store).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
@@ -43,23 +44,11 @@ from fastapi.responses import Response as HttpResponse
 from pydantic import ValidationError
 
 from lmfleet import errors
-from lmfleet.api.access import RequestLimits
-from lmfleet.api.metrics import ApiMetrics
-from lmfleet.api.render import ChatRenderer
+from lmfleet.api.answer import AnswerPath
 from lmfleet.api.response_store import ResponseStore, Stored
-from lmfleet.api.routing import Router
-from lmfleet.api.sse import EventStreamResponse, cancel_on_disconnect, collect
-from lmfleet.api.upstream import (
-    ChoiceSpec,
-    ChoiceStream,
-    ModelBackend,
-    Timeouts,
-    close_all,
-    merge,
-    open_choices,
-    usage_of,
-)
-from lmfleet.protocol.openai import ChatCompletionRequest, Usage
+from lmfleet.api.sse import Event
+from lmfleet.api.upstream import ChoiceDelta
+from lmfleet.protocol.openai import ChatCompletionRequest, FinishReason, Usage
 from lmfleet.protocol.responses import (
     CHAT_PARAMS,
     INPUT_ITEMS,
@@ -86,27 +75,85 @@ from lmfleet.protocol.responses import (
     new_id,
     with_ids,
 )
+from lmfleet.protocol.worker import ToolCallChunk
 
 logger = logging.getLogger("lmfleet.api")
 
-CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away"; nobody reads it
+Persist = Callable[[Response], Awaitable[None]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Chat answer -> output items and events
+# Neutral deltas -> output items and events
 
 
-class ResponseBuilder:
-    """One response being made from the chat path's answer. Each method returns the stream events its step makes
-    (a non-streamed answer goes through the same steps and drops them) and keeps `response` up to date: output
-    items in the order they began, a message's text, a call's arguments, and at the end status and usage."""
+def _sse(events: list[StreamEvent]) -> list[Event]:
+    return [Event(event, type=event.type) for event in events]
 
-    def __init__(self, response: Response) -> None:
+
+class ResponseRenderer:
+    """One response being made from the answer path's deltas (lmfleet.api.answer.Renderer). Each step keeps
+    `response` up to date (output items in the order they began, a message's text, a call's arguments, and at the
+    end status and usage) and returns the stream events it makes (a non-streamed answer goes through the same
+    steps and drops them). `persist` stores the finished response (`settle`)."""
+
+    def __init__(self, response: Response, persist: Persist | None = None) -> None:
         self.response = response
+        self._persist = persist
         self._sequence = itertools.count()
         self._index: dict[str, int] = {}  # output item id -> its output_index
         self._message: OutputMessage | None = None  # the message being written
-        self._calls: dict[int, FunctionCall] = {}  # chat tool-call index -> its function call, until done
+        self._calls: dict[int, FunctionCall] = {}  # tool-call index -> its function call, until done
+        self._finish_reason: FinishReason | None = None
+
+    @property
+    def id(self) -> str:
+        return self.response.id
+
+    # The answer path's hooks
+
+    def start(self) -> list[Event]:
+        return _sse([self._lifecycle("created"), self._lifecycle("in_progress")])
+
+    def delta(self, delta: ChoiceDelta) -> list[Event]:
+        self._finish_reason = delta.finish_reason or self._finish_reason
+        return _sse(self._add(delta))
+
+    def end(self, usage: Usage) -> list[Event]:
+        return _sse(self._finish(self._finish_reason, usage))
+
+    def fail(self, exc: errors.LmfleetError) -> list[Event]:
+        """The answer broke off after the 200: an `error` event, then response.failed with what was made."""
+        for item in self.response.output:
+            if item.status == "in_progress":
+                item.status = "incomplete"
+        self._message, self._calls = None, {}
+        response = self.response
+        response.status, response.completed_at = "failed", None
+        code: Literal["rate_limit_exceeded", "server_error"] = (
+            "rate_limit_exceeded" if isinstance(exc, errors.QueueFull) else "server_error"
+        )
+        response.error = ResponseError(code=code, message=exc.message)
+        error = self._event(ErrorEvent, code=exc.code or code, message=exc.message, param=exc.param)
+        return _sse([error, self._lifecycle("failed")])
+
+    def answer(self, choices: Sequence[ChoiceDelta], usage: Usage) -> Response:
+        """The whole (non-streamed) answer, its one choice joined, as the finished response."""
+        (choice,) = choices
+        self._add(choice)
+        self._finish(choice.finish_reason, usage)
+        return self.response
+
+    async def settle(self) -> None:
+        """Store the response, finished or failed, before its last event or its body is sent."""
+        if self._persist is None:
+            return
+        try:
+            await self._persist(self.response)
+        except Exception as exc:
+            logger.exception("%s could not be stored", self.response.id)
+            raise errors.LmfleetError("the response could not be stored") from exc
+
+    # Items and events
 
     def _event(self, cls: type[StreamEvent], **fields: Any) -> StreamEvent:
         return cls(sequence_number=next(self._sequence), **fields)
@@ -133,23 +180,18 @@ class ResponseBuilder:
             item=item.model_copy(deep=True),
         )
 
-    def start(self) -> list[StreamEvent]:
-        return [self._lifecycle("created"), self._lifecycle("in_progress")]
-
-    def add(self, delta: dict[str, Any]) -> list[StreamEvent]:
-        """One chat delta (a chunk's `choices[0].delta`, or a whole answer's `message` with each tool call given
-        its `index`): text goes to the open message, tool calls to function calls."""
+    def _add(self, delta: ChoiceDelta) -> list[StreamEvent]:
+        """One delta: text goes to the open message, tool-call pieces to function calls."""
         events = []
-        text = delta.get("content")
-        if text:
+        if delta.text:
             events += self._open_message()
             message = self._message
             assert message is not None
-            message.content[0].text += text
+            message.content[0].text += delta.text
             index = self._index[message.id]
-            events.append(self._event(TextDeltaEvent, item_id=message.id, output_index=index, delta=text))
-        for call in delta.get("tool_calls") or []:
-            events += self._call_delta(call)
+            events.append(self._event(TextDeltaEvent, item_id=message.id, output_index=index, delta=delta.text))
+        for piece in delta.tool_calls:
+            events += self._call_delta(piece)
         return events
 
     def _open_message(self) -> list[StreamEvent]:
@@ -180,22 +222,20 @@ class ResponseBuilder:
             self._done_item(message, status),
         ]
 
-    def _call_delta(self, call: dict[str, Any]) -> list[StreamEvent]:
-        function = call.get("function") or {}
+    def _call_delta(self, piece: ToolCallChunk) -> list[StreamEvent]:
         events = []
-        item = self._calls.get(call.get("index", 0))
+        item = self._calls.get(piece.index)
         if item is None:  # what came before a new call is complete: items are made one after another
             events += self._close_message("completed") + self._close_calls("completed")
-            item = FunctionCall(
-                id=new_id("fc"), call_id=call.get("id") or new_id("call"), name=function.get("name", "")
-            )
-            self._calls[call.get("index", 0)] = item
+            item = FunctionCall(id=new_id("fc"), call_id=piece.id or new_id("call"), name=piece.name or "")
+            self._calls[piece.index] = item
             events.append(self._add_item(item))
-        arguments = function.get("arguments") or ""
-        if arguments:
-            item.arguments += arguments
+        if piece.arguments:
+            item.arguments += piece.arguments
             events.append(
-                self._event(ArgumentsDeltaEvent, item_id=item.id, output_index=self._index[item.id], delta=arguments)
+                self._event(
+                    ArgumentsDeltaEvent, item_id=item.id, output_index=self._index[item.id], delta=piece.arguments
+                )
             )
         return events
 
@@ -208,9 +248,9 @@ class ResponseBuilder:
                 events.append(self._done_item(item, status))
         return events
 
-    def finish(self, finish_reason: str | None, usage: Usage) -> list[StreamEvent]:
-        """The chat answer ended with `finish_reason`: close every item, then response.completed (or .incomplete
-        when the token limit cut it)."""
+    def _finish(self, finish_reason: str | None, usage: Usage) -> list[StreamEvent]:
+        """The answer ended with `finish_reason`: close every item, then response.completed (or .incomplete when
+        the token limit cut it)."""
         cut = finish_reason == "length"
         status: Literal["completed", "incomplete"] = "incomplete" if cut else "completed"
         events = [] if self.response.output else self._open_message()  # an empty answer is an empty message
@@ -223,71 +263,6 @@ class ResponseBuilder:
             input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens, total_tokens=usage.total_tokens
         )
         return [*events, self._lifecycle(status)]
-
-    def answer(self, completion: dict[str, Any]) -> Response:
-        """A whole (non-streamed) chat answer, as chat completions' JSON has it, as the finished response."""
-        choice = completion["choices"][0]
-        message = choice["message"]
-        calls = [{"index": i, **call} for i, call in enumerate(message.get("tool_calls") or [])]
-        self.add({"content": message.get("content"), "tool_calls": calls})
-        self.finish(choice["finish_reason"], Usage.model_validate(completion["usage"]))
-        return self.response
-
-    def fail(self, exc: errors.LmfleetError) -> list[StreamEvent]:
-        """The answer broke off after the 200: an `error` event, then response.failed with what was made."""
-        for item in self.response.output:
-            if item.status == "in_progress":
-                item.status = "incomplete"
-        self._message, self._calls = None, {}
-        response = self.response
-        response.status, response.completed_at = "failed", None
-        code: Literal["rate_limit_exceeded", "server_error"] = (
-            "rate_limit_exceeded" if isinstance(exc, errors.QueueFull) else "server_error"
-        )
-        response.error = ResponseError(code=code, message=exc.message)
-        error = self._event(ErrorEvent, code=exc.code or code, message=exc.message, param=exc.param)
-        return [error, self._lifecycle("failed")]
-
-
-def sse_event(event: StreamEvent) -> bytes:
-    return f"event: {event.type}\ndata: {event.model_dump_json()}\n\n".encode()
-
-
-Persist = Callable[[Response], Awaitable[None]]
-
-
-async def event_stream(
-    streams: Sequence[ChoiceStream], chat: ChatRenderer, builder: ResponseBuilder, persist: Persist | None
-) -> AsyncIterator[bytes]:
-    """The SSE body: the chat renderer's chunks, as Responses events."""
-    for event in builder.start():
-        yield sse_event(event)
-    finish_reason = None
-    try:
-        async with contextlib.aclosing(merge(streams)) as deltas:
-            async for delta in deltas:
-                chunk = chat.chunk(delta)
-                if chunk is None:
-                    continue
-                choice = chunk.model_dump(mode="json")["choices"][0]
-                finish_reason = choice["finish_reason"] or finish_reason
-                for event in builder.add(choice["delta"]):
-                    yield sse_event(event)
-        final = builder.finish(finish_reason, usage_of(streams))
-    except errors.LmfleetError as exc:
-        logger.warning("%s failed mid-stream: %s", builder.response.id, exc.message)
-        final = builder.fail(exc)
-    except Exception:
-        logger.exception("%s failed mid-stream", builder.response.id)
-        final = builder.fail(errors.LmfleetError("internal server error"))
-    if persist is not None:
-        try:
-            await persist(builder.response)
-        except Exception:
-            logger.exception("%s could not be stored", builder.response.id)
-            final = builder.fail(errors.LmfleetError("the response could not be stored"))
-    for event in final:
-        yield sse_event(event)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -303,10 +278,15 @@ def _responses_loc(loc: Sequence[Any]) -> tuple[Any, ...]:
     return (*CHAT_PARAMS[loc[0]].split("."), *loc[1:])
 
 
-def chat_request(body: CreateResponseRequest, model: str, earlier: Sequence[InputItem]) -> ChatCompletionRequest:
+def _responses_param(name: str) -> str:
+    """A chat request parameter (`stop.0`), as the Responses request names it."""
+    return ".".join(map(str, _responses_loc(name.split("."))))
+
+
+def chat_request(body: CreateResponseRequest, earlier: Sequence[InputItem]) -> ChatCompletionRequest:
     """The chat request `body` is generated with, validated by the chat path's own model: what it refuses is a 400
-    naming the Responses parameter."""
-    chat_body = body.chat_body(model, earlier)
+    naming the Responses parameter. It names the model as the client did (the answer path resolves it)."""
+    chat_body = {**body.chat_body(body.model or "", earlier), "model": body.model}
     try:
         chat = ChatCompletionRequest.model_validate(chat_body)
     except ValidationError as exc:
@@ -331,12 +311,8 @@ def earlier_items(stored: Stored) -> list[InputItem]:
 class ResponsesConfig:
     """What the routes need from the API server."""
 
-    resolve_model: Callable[[Request, str | None], Awaitable[str]]  # the model a request names, or the default
-    limits: RequestLimits
-    timeouts: Timeouts
+    path: AnswerPath  # the one answer path (lmfleet.api.answer)
     scoped: bool  # API keys are configured: a stored response belongs to the key that made it
-    on_tokens: Callable[[str, int], None] | None = None  # ModelBackend's: the dashboard counts relayed tokens
-    metrics: ApiMetrics | None = None  # ModelBackend's: token timing and failover counts
 
 
 def _owner(request: Request, config: ResponsesConfig) -> str:
@@ -387,60 +363,18 @@ def add_routes(app: FastAPI, config: ResponsesConfig, *, errors_doc: dict[int | 
             earlier = earlier_items(stored)
         if not earlier and not body.input:
             raise errors.InvalidRequest("input: give at least one input item", param="input")
-        router: Router = request.state.router
-        model = await config.resolve_model(request, body.model)
-        chat = chat_request(body, model, earlier)
-        try:
-            config.limits.check(chat)
-        except errors.InvalidRequest as exc:
-            exc.param = ".".join(map(str, _responses_loc((exc.param or "").split("."))))
-            raise
-        builder = ResponseBuilder(
-            Response(
-                id=new_id("resp"),
-                created_at=int(time.time()),
-                model=model,
-                store=store is not None and body.store is not False,
-                **body.echoed(),
-            )
-        )
+        chat = chat_request(body, earlier)
+        kept = store is not None and body.store is not False
         items = [*earlier, *with_ids(body.input)]
-        persist = partial(_persist, store, owner, items) if store is not None and builder.response.store else None
-        spec = ChoiceSpec(0, 0, chat.to_generate_request(f"{builder.response.id}-0", model))
-        opening = open_choices(
-            [spec],
-            ModelBackend(
-                router,
-                request.state.workers,
-                model,
-                config.timeouts,
-                on_tokens=config.on_tokens,
-                metrics=config.metrics,
-            ),
-        )
-        streams = await cancel_on_disconnect(request.receive, opening)
-        if streams is None:
-            return HttpResponse(status_code=CLIENT_CLOSED_REQUEST)
-        renderer = ChatRenderer(model)
+        persist = partial(_persist, store, owner, items) if store is not None and kept else None
 
-        async def finish() -> None:
-            await close_all(streams)
-            if config.metrics is not None:
-                config.metrics.usage(model, usage_of(streams))
+        def renderer_for(model: str) -> ResponseRenderer:
+            response = Response(
+                id=new_id("resp"), created_at=int(time.time()), model=model, store=kept, **body.echoed()
+            )
+            return ResponseRenderer(response, persist)
 
-        if body.stream:
-            events = event_stream(streams, renderer, builder, persist)
-            return EventStreamResponse(events, cleanup=finish)
-        try:
-            completion = await cancel_on_disconnect(request.receive, collect(streams, renderer))
-        finally:
-            await finish()
-        if completion is None:
-            return HttpResponse(status_code=CLIENT_CLOSED_REQUEST)
-        response = builder.answer(completion.model_dump(mode="json"))
-        if persist is not None:
-            await persist(response)
-        return JSONResponse(response.model_dump(mode="json"))
+        return await config.path.answer(request, chat, renderer_for, param=_responses_param)
 
     @app.get("/v1/responses/{response_id}", response_model=Response, responses=errors_doc, tags=["openai"])
     async def retrieve_response(

@@ -1,16 +1,16 @@
-"""Opened choices → an HTTP answer: one SSE stream or one JSON body, and what happens when the client goes away.
+"""Server-sent events, and what happens when the client goes away.
 
 Owns:
-  * the SSE body (`event_stream`: `data: {json}\\n\\n` ... `data: [DONE]\\n\\n`). The first chunk of every
-    choice was in hand before the 200, so the 200 was right; a failure after it is sent as
-    `data: {"error": {...}}` then `[DONE]`, and logged;
-  * the non-streamed answer (`collect`): every delta gathered, each choice joined, usage included;
-  * cancellation: when the client goes away (`cancel_on_disconnect`, `EventStreamResponse`) the work in progress
-    is cancelled and the worker streams closed, which closes their HTTP connections, and the workers abort the
-    sequences.
+  * the framing of one event (`Event.encode`): `data: {json}\\n\\n`, with an `event: <type>` line before it for
+    protocols that name their events (Responses); `DONE` is chat and completions' `data: [DONE]`;
+  * `EventStreamResponse`: a stream of encoded events that stops as soon as the client goes away, then runs its
+    cleanup (which closes the worker streams, so the workers abort the sequences);
+  * `cancel_on_disconnect`: any other work (opening the choices, collecting a whole answer, one-reply routes) is
+    cancelled when the client goes away.
 
-Does not own: opening, failover, merging and usage accounting (lmfleet.api.upstream), how a chunk or an answer
-is spelled (lmfleet.api.render), the error JSON (lmfleet.errors).
+Does not own: which events an answer is made of (each endpoint's renderer: lmfleet.api.render,
+lmfleet.api.responses), driving a renderer from the workers' deltas (lmfleet.api.answer), the error JSON
+(lmfleet.errors).
 """
 
 from __future__ import annotations
@@ -18,63 +18,40 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from lmfleet import errors
-from lmfleet.api.render import Renderer
-from lmfleet.api.upstream import ChoiceDelta, ChoiceStream, joined, merge, usage_of
-
-logger = logging.getLogger("lmfleet.api")
-
 T = TypeVar("T")
 
-DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def sse(payload: BaseModel | dict[str, Any]) -> bytes:
-    data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
-    return b"data: " + data.encode() + b"\n\n"
+@dataclass(frozen=True)
+class Event:
+    """One server-sent event: `data` as JSON (a model or a dict) or as it is (a string such as `[DONE]`), under
+    an `event:` type when the protocol names its events."""
+
+    data: BaseModel | dict[str, Any] | str
+    type: str | None = None
+
+    def encode(self) -> bytes:
+        data = self.data
+        if isinstance(data, BaseModel):
+            text = data.model_dump_json()
+        elif isinstance(data, dict):
+            text = json.dumps(data)
+        else:
+            text = data
+        head = b"" if self.type is None else b"event: " + self.type.encode() + b"\n"
+        return head + b"data: " + text.encode() + b"\n\n"
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The two ways to answer
-
-
-async def event_stream(
-    streams: Sequence[ChoiceStream], renderer: Renderer, *, include_usage: bool
-) -> AsyncIterator[bytes]:
-    """The SSE body. Always ends with `[DONE]` unless the client went away."""
-    try:
-        async with contextlib.aclosing(merge(streams)) as deltas:
-            async for delta in deltas:
-                chunk = renderer.chunk(delta)
-                if chunk is not None:
-                    yield sse(chunk)
-        if include_usage:
-            yield sse(renderer.usage_chunk(usage_of(streams)))
-    except errors.LmfleetError as exc:
-        logger.warning("%s failed mid-stream: %s", renderer.meta.id, exc.message)
-        yield sse(exc.body())
-    except Exception:
-        logger.exception("%s failed mid-stream", renderer.meta.id)
-        yield sse(errors.LmfleetError("internal server error").body())
-    yield DONE
-
-
-async def collect(streams: Sequence[ChoiceStream], renderer: Renderer) -> BaseModel:
-    """The whole answer as one object, usage included; the choices in the order of `streams`."""
-    deltas: dict[int, list[ChoiceDelta]] = {s.spec.index: [] for s in streams}
-    async with contextlib.aclosing(merge(streams)) as merged:
-        async for delta in merged:
-            deltas[delta.index].append(delta)
-    return renderer.answer([joined(deltas[s.spec.index]) for s in streams], usage_of(streams))
+DONE = Event("[DONE]")  # the last event of a chat or completions stream
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Worker chunks → one `ChoiceDelta` stream per choice: the upstream side of an answer, for chat and completions
-alike.
+"""Worker chunks → one `ChoiceDelta` stream per choice: the upstream side of an answer, for every endpoint of the
+answer path (lmfleet.api.answer) alike.
 
 Owns, for one request already resolved to a model (`ModelBackend`) and translated into one `GenerateRequest` per
 choice (`ChoiceSpec`):
@@ -18,7 +18,8 @@ choice (`ChoiceSpec`):
 
 Does not own: parsing requests (lmfleet.protocol.openai), the fleet view, health and the pick of a worker
 (lmfleet.api.routing, behind `WorkerPool`), the HTTP transport (lmfleet.client), how a delta is spelled for an
-endpoint (lmfleet.api.render), SSE, JSON bodies and client disconnects (lmfleet.api.sse).
+endpoint (lmfleet.api.render, lmfleet.api.responses), SSE, JSON bodies and client disconnects (lmfleet.api.answer,
+lmfleet.api.sse).
 """
 
 from __future__ import annotations

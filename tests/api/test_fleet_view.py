@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from lmfleet.api.fleet import FleetStats, FleetView, quantile
+from lmfleet.metrics import TimedRequest
 
 from .fakes import Fleet, serve
 from .test_routing import Clock
@@ -15,11 +16,16 @@ from .test_routing import Clock
 pytestmark = pytest.mark.timeout(60)
 
 
+def chat(status: int, latency_s: float, first_byte_s: float | None) -> TimedRequest:
+    return TimedRequest("/v1/chat/completions", "POST", "m", status, latency_s, first_byte_s)
+
+
 def test_rates_percentiles_and_history_over_the_window() -> None:
     clock = Clock()
     stats = FleetStats(window_s=60, step_s=5, clock=clock)
     for i in range(10):  # one request per second for 10 s, latencies 0.1 .. 1.0, 7 tokens each
-        stats.request_done(status=200, latency_s=0.1 * (i + 1), first_byte_s=0.05)
+        stats.request_started("/v1/chat/completions", "POST")
+        stats.request_done(chat(200, 0.1 * (i + 1), 0.05))
         stats.tokens("w", 7)
         clock.advance(1)
     assert stats.rate(10) == pytest.approx(1.0)
@@ -31,9 +37,14 @@ def test_rates_percentiles_and_history_over_the_window() -> None:
 
     history = stats.history(lambda b: sum(x.requests for x in b) / 5)
     assert len(history) == 12 and history[-2:] == [1.0, 1.0] and history[:-2] == [0.0] * 10
-    stats.request_done(status=502, latency_s=9.0, first_byte_s=None)  # errors count, their latency does not
+    stats.request_started("/v1/chat/completions", "POST")
+    stats.request_done(chat(502, 9.0, None))  # errors count, their latency does not
     assert stats.latency(1.0) == pytest.approx(1.0)
     assert stats.history(lambda b: sum(x.errors for x in b))[-1] == 0  # the current second is not history yet
+
+    stats.request_started("/v1/models", "GET")  # not a generation request: not counted
+    stats.request_done(TimedRequest("/v1/models", "GET", "", 200, 5.0, 0.1))
+    assert stats.latency(1.0) == pytest.approx(1.0) and stats.in_progress == 0
 
     clock.advance(61)  # everything has left the window
     stats.tokens("w", 1)

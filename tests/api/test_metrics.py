@@ -1,15 +1,20 @@
 """The API server's /metrics after real traffic through it (fake workers): requests by route, model and status,
 tokens as usage counts them, first-token and inter-token latency, retries, resumes, ejections and 429s; the key
-gate in front of it; and nothing a client sent (prompt, unknown model name, key, path) in a label."""
+gate in front of it; nothing a client sent (prompt, unknown model name, key, path) in a label; and the same
+request figures as the dashboard's (one timer, two sinks)."""
 
 from __future__ import annotations
 
-import pytest
+import asyncio
 
+import pytest
+from starlette.types import Message
+
+from lmfleet.api.fleet import FleetView
 from lmfleet.protocol.errors import ErrorResponse
 from tests.scrape import scrape
 
-from .fakes import Fleet, assert_error, serve
+from .fakes import Api, Fleet, assert_error, serve
 
 PROMPT = "zebra quokka narwhal axolotl"
 MESSAGES = [{"role": "user", "content": PROMPT}]
@@ -104,3 +109,56 @@ async def test_metrics_needs_the_api_key_unless_made_public(public: bool) -> Non
         m = await scrape(api.raw, headers=AUTH)
     assert m.value("lmfleet_api_requests_total", route="/metrics", status="401") == (0 if public else 1)
     assert KEY not in m.text and "zebra" not in m.text
+
+
+async def hang_up_mid_upload(api: Api, path: str) -> list[Message]:
+    """Send half a body, then disconnect; what the app sent back."""
+    incoming: list[Message] = [
+        {"type": "http.request", "body": b'{"model": "echo", "messages": [{"role": "us', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return incoming.pop(0) if len(incoming) > 1 else incoming[0]
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"api.test"), (b"content-type", b"application/json"), (b"content-length", b"200")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("api.test", 80),
+    }
+    await api.asgi(scope, receive, send)
+    return sent
+
+
+async def test_metrics_and_the_dashboard_record_each_request_alike() -> None:
+    """One timer, two sinks: an answer, an error and a client that hung up mid-upload count the same in /metrics
+    and in the dashboard's figures (/v1/fleet)."""
+    async with serve() as api:
+        await api.openai.chat.completions.create(model="echo", messages=MESSAGES)
+        assert (await api.raw.post(CHAT, json={"model": "no-such-model", "messages": MESSAGES})).status_code == 404
+        assert await hang_up_mid_upload(api, CHAT) == []  # nobody to answer
+        m = await scrape(api.raw)
+        await asyncio.sleep(1.1)  # the dashboard's history holds complete seconds only
+        view = FleetView.model_validate((await api.raw.get("/v1/fleet")).json())
+
+    by_status = {s["status"]: v for s, v in m.samples["lmfleet_api_requests_total"] if s["route"] == CHAT}
+    assert by_status == {"200": 1, "404": 1, "499": 1}  # the hang-up is the client's 499, not a server error
+    assert m.value("lmfleet_api_request_duration_seconds_count", route=CHAT) == 3
+    requests, step = view.requests, view.step_s
+    assert round(sum(requests.per_s_history) * step) == sum(by_status.values())
+    assert round(sum(requests.errors_per_s_history) * step) == by_status["404"] + by_status["499"]
+    assert requests.in_progress == 0
+    assert [v for v in requests.latency_p50_s_history if v is not None]  # the answer's latency, the only sample

@@ -268,6 +268,26 @@ async def test_a_streamed_response_is_stored_before_its_last_event() -> None:
                 assert follow.output_text == "c"
 
 
+async def test_a_response_that_cannot_be_stored_fails_instead_of_ending_well(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmfleet.api.response_store import ResponseStore
+
+    async def broken(*_: Any) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ResponseStore, "put", broken)
+    async with serve() as api:
+        events = events_of(
+            (await api.raw.post("/v1/responses", json={"model": "echo", "input": "a b", "stream": True})).text
+        )
+        assert [e["type"] for e in events[-2:]] == ["error", "response.failed"]
+        assert events[-1]["response"]["error"]["message"] == "the response could not be stored"
+        assert "response.completed" not in [e["type"] for e in events]
+        resp = await api.raw.post("/v1/responses", json={"model": "echo", "input": "a b"})
+        assert assert_error(resp, 500)["message"] == "the response could not be stored"
+        unstored = await api.openai.responses.create(model="echo", input="a b", store=False)  # nothing to store
+        assert unstored.output_text == "a b"
+
+
 async def test_retrieve_delete_and_input_items() -> None:
     async with serve() as api:
         items = [

@@ -1,7 +1,8 @@
-"""The translation between the Responses API and the chat path, on its own: requests into chat request bodies
-(messages, tools, tool_choice, text.format), chat answers (text and OpenAI-shaped tool calls, whole or as stream
-deltas) into output items and typed events. Tool calls and JSON output are the chat path's to produce; this is
-what the Responses side makes of them, checked against OpenAI's published schemas."""
+"""The translation between the Responses API and the answer path, on its own: requests into chat request bodies
+(messages, tools, tool_choice, text.format), the path's neutral deltas (text and tool-call pieces, whole or as
+stream deltas) into output items and typed events by `ResponseRenderer`. Tool calls and JSON output are the
+workers' to produce; this is what the Responses side makes of them, checked against OpenAI's published
+schemas."""
 
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ import pytest
 from pydantic import ValidationError
 
 from lmfleet.api.response_store import Stored
-from lmfleet.api.responses import ResponseBuilder, earlier_items
+from lmfleet.api.responses import ResponseRenderer, earlier_items
+from lmfleet.api.sse import Event
+from lmfleet.api.upstream import ChoiceDelta
 from lmfleet.protocol.openai import Usage
 from lmfleet.protocol.responses import CreateResponseRequest, Response, chat_messages
+from lmfleet.protocol.worker import ToolCallChunk
 from tests.conformance import validate
 
 WEATHER = {
@@ -110,35 +114,33 @@ def test_a_json_schema_format_needs_a_name_and_a_schema() -> None:
         request(text={"format": {"type": "json_schema", "name": "x"}})
 
 
-def fresh(**fields: Any) -> ResponseBuilder:
+def fresh(**fields: Any) -> ResponseRenderer:
     req = request(**fields)
-    return ResponseBuilder(Response(id="resp_1", created_at=1, model="m", store=True, **req.echoed()))
+    return ResponseRenderer(Response(id="resp_1", created_at=1, model="m", store=True, **req.echoed()))
 
 
 USAGE = Usage(prompt_tokens=10, completion_tokens=7, total_tokens=17)
 
 
+def call(index: int, arguments: str, call_id: str | None = None, name: str | None = None) -> tuple[ToolCallChunk]:
+    return (ToolCallChunk(index=index, id=call_id, name=name, arguments=arguments),)
+
+
 def test_streamed_text_then_tool_calls_become_a_message_then_function_calls() -> None:
-    builder = fresh(tools=[WEATHER])
-    events = builder.start()
-    deltas = [  # chat.completion.chunk deltas, as OpenAI streams tool calls
-        {"role": "assistant", "content": "Let me check."},
-        {
-            "tool_calls": [
-                {"index": 0, "id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": ""}}
-            ]
-        },
-        {"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]},
-        {"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]},
-        {
-            "tool_calls": [
-                {"index": 1, "id": "call_b", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
-            ]
-        },
+    renderer = fresh(tools=[WEATHER])
+    sent: list[Event] = renderer.start()
+    deltas = [  # the pieces of tool calls as the worker streams them
+        ChoiceDelta(0, text="Let me check."),
+        ChoiceDelta(0, tool_calls=call(0, "", call_id="call_a", name="get_weather")),
+        ChoiceDelta(0, tool_calls=call(0, '{"city": ')),
+        ChoiceDelta(0, tool_calls=call(0, '"Paris"}')),
+        ChoiceDelta(0, tool_calls=call(1, "{}", call_id="call_b", name="get_weather"), finish_reason="tool_calls"),
     ]
     for delta in deltas:
-        events += builder.add(delta)
-    events += builder.finish("tool_calls", USAGE)
+        sent += renderer.delta(delta)
+    sent += renderer.end(USAGE)
+    events = [e.data for e in sent]
+    assert [e.type for e in sent] == [getattr(e, "type", None) for e in events]  # sent as `event: <its type>`
     wire = [e.model_dump(mode="json") for e in events]
     for event in wire:
         validate("ResponseStreamEvent", event)
@@ -179,25 +181,12 @@ def test_streamed_text_then_tool_calls_become_a_message_then_function_calls() ->
     assert wire[8]["item"]["arguments"] == "" and wire[8]["output_index"] == 1  # added before its arguments
 
 
-def test_a_whole_chat_answer_with_tool_calls_becomes_the_same_output() -> None:
-    completion = {
-        "choices": [
-            {
-                "index": 0,
-                "finish_reason": "tool_calls",
-                "message": {
-                    "role": "assistant",
-                    "content": None,
-                    "tool_calls": [
-                        {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}},
-                        {"id": "call_b", "type": "function", "function": {"name": "now", "arguments": ""}},
-                    ],
-                },
-            }
-        ],
-        "usage": USAGE.model_dump(),
-    }
-    response = fresh().answer(completion)
+def test_a_whole_answer_with_tool_calls_becomes_the_same_output() -> None:
+    pieces = (
+        ToolCallChunk(index=0, id="call_a", name="get_weather", arguments="{}"),
+        ToolCallChunk(index=1, id="call_b", name="now"),
+    )
+    response = fresh().answer([ChoiceDelta(0, tool_calls=pieces, finish_reason="tool_calls")], USAGE)
     wire = response.model_dump(mode="json")
     validate("Response", wire)
     assert [(o["type"], o["call_id"], o["name"]) for o in wire["output"]] == [
@@ -213,12 +202,11 @@ def test_a_whole_chat_answer_with_tool_calls_becomes_the_same_output() -> None:
 
 
 def test_a_json_answer_is_text_and_an_empty_answer_an_empty_message() -> None:
-    text = {"choices": [{"finish_reason": "stop", "message": {"content": '{"a": 1}'}}], "usage": USAGE.model_dump()}
+    text = [ChoiceDelta(0, text='{"a": 1}', finish_reason="stop")]
     json_format = {"format": {"type": "json_schema", "name": "a", "schema": {"type": "object"}}}
-    wire = fresh(text=json_format).answer(text).model_dump(mode="json")
+    wire = fresh(text=json_format).answer(text, USAGE).model_dump(mode="json")
     validate("Response", wire)
     assert wire["output"][0]["content"][0]["text"] == '{"a": 1}'
     assert wire["text"]["format"]["schema"] == {"type": "object"}  # echoed as OpenAI names it
-    empty = {"choices": [{"finish_reason": "stop", "message": {"content": ""}}], "usage": USAGE.model_dump()}
-    wire = fresh().answer(empty).model_dump(mode="json")
+    wire = fresh().answer([ChoiceDelta(0, finish_reason="stop")], USAGE).model_dump(mode="json")
     assert [o["content"][0]["text"] for o in wire["output"]] == [""]
