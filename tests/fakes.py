@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -148,6 +149,20 @@ class ScriptedEngine:
             waiting=0,
             tokens_in_flight=sum(len(r.prompt_token_ids) + n for r, n in self.running.values()),
         )
+
+
+class PausingEngine(ScriptedEngine):
+    """The scripted engine, which stops stepping once a request has `pause_at` tokens until `release` is set."""
+
+    def __init__(self, pause_at: int, script: str = "Hello wörld 🙂 again.") -> None:
+        super().__init__(script)
+        self.pause_at = pause_at
+        self.release = threading.Event()
+
+    def step(self) -> list[EngineOutput]:
+        if any(n >= self.pause_at for _, n in self.running.values()):
+            self.release.wait(10)
+        return super().step()
 
 
 def fake_logprob(position: int, token: int, k: int) -> TokenLogprob:

@@ -42,6 +42,12 @@ def test_the_engine_boundary_knows_no_http() -> None:
     assert not [n for n in loaded if n.split(".")[0] in HEAVY]
 
 
+def test_the_worker_pipeline_knows_no_http() -> None:
+    loaded = modules_loaded_by("import lmfleet.worker.pipeline")
+    http = sorted(n for n in loaded if n.split(".")[0] in ("fastapi", "starlette", "httpx", "uvicorn"))
+    assert not http, f"the worker's generation pipeline imports {http}"
+
+
 def test_the_cli_builds_every_settings_without_loading_a_model_library() -> None:
     code = "from lmfleet import cli\ncli.build_parser().parse_args(['worker', '--model-path', 'x.gguf'])"
     assert not [n for n in modules_loaded_by(code) if n.split(".")[0] in HEAVY]

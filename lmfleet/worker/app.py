@@ -1,10 +1,8 @@
 """The model worker's HTTP shell: one process, one model.
 
 Owns: loading the model through its engine's loader (lmfleet.engine.registry; in the lifespan, off the event
-loop), the one check that a request fits the model, the `/worker/*` routes that turn a `GenerateRequest` into an
-NDJSON stream of `GenerateChunk`s (the first one carries the prompt's token ids, so the API server can resume the
-generation elsewhere; a resumed request's text starts where the client's stopped: protocol.worker), mapping an
-engine's refusal (`Rejection`) to the public error, and readiness.
+loop), the settings, the `/worker/*` routes (a generation goes through worker/pipeline.py and comes back as an NDJSON
+stream of `GenerateChunk`s), readiness, and the lifespan that starts the engine's runner and the fleet membership.
 
     POST /worker/generate     GenerateRequest -> NDJSON GenerateChunks (503 while draining)
     POST /worker/embed        EmbedRequest -> EmbedResponse (an embedding model's worker; worker/embed.py)
@@ -17,19 +15,15 @@ Drain (lmfleet.drain, awaited by the process runner on the first SIGTERM): leave
 (worker/registration.py), answer new requests 503, let the open streams finish for up to `drain_timeout_s`; then
 uvicorn's graceful shutdown closes what is left, and the API server resumes those generations on another replica.
 
-Structured output and tools: the worker picks a request's grammar (JSON for `json_schema`, a call for a forced tool
-choice), compiles it in a thread (lmfleet.engine.grammar), advances it through resumed ids and hands it to the engine
-on `SamplingParams.constraint`; tool prompts, tool-call parsing and call grammars are worker/tools.py's.
-
-Does not own: batching and sampling (lmfleet.engine), text handling (worker/textgen.py), fleet membership
-(worker/registration.py), OpenAI semantics (lmfleet.api).
+Does not own: a generation's steps (prompt, fit check, output grammar, admission, text, tool calls, log
+probabilities: worker/pipeline.py), batching and sampling (lmfleet.engine), text handling (worker/textgen.py), fleet
+membership (worker/registration.py), OpenAI semantics (lmfleet.api).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import resource
 import sys
@@ -51,18 +45,11 @@ from lmfleet.engine.base import (
     BatchSettings,
     EmbeddingEngine,
     Engine,
-    EngineOutput,
     EngineRejected,
-    EngineRequest,
     EngineStats,
-    FinishReason,
     LoadedModel,
-    Rejection,
-    SamplingParams,
     Tokenizer,
-    TokenLogprob,
 )
-from lmfleet.engine.grammar import Constraint, GrammarError, Grammars
 from lmfleet.engine.pooling import EmbeddingRunner
 from lmfleet.engine.runner import DEFAULT_MAX_QUEUED, AsyncEngine
 from lmfleet.guard import BearerSecrets, ParsedBodyRoute, RequestGuard
@@ -77,12 +64,12 @@ from lmfleet.protocol.worker import (
     GenerateRequest,
     TokenizeRequest,
     TokenizeResponse,
-    ToolCallChunk,
     WorkerStatus,
 )
 from lmfleet.requestid import RequestIdMiddleware
 from lmfleet.worker import embed, textgen, tools
 from lmfleet.worker.metrics import WorkerMetrics
+from lmfleet.worker.pipeline import Pipeline, refusal
 from lmfleet.worker.registration import Registration
 
 logger = logging.getLogger("lmfleet.worker")
@@ -137,14 +124,6 @@ def load_model(settings: WorkerSettings) -> LoadedModel:
     return registry.load(source, entry, given)
 
 
-_REJECTIONS: dict[Rejection, Callable[[str], errors.LmfleetError]] = {
-    Rejection.QUEUE_FULL: lambda detail: errors.QueueFull(detail),
-    Rejection.NOT_RUNNING: lambda detail: errors.ServiceUnavailable(detail),
-    Rejection.DUPLICATE_ID: lambda detail: errors.InvalidRequest(detail, param="request_id"),
-    Rejection.UNSUPPORTED: lambda detail: errors.InvalidRequest(detail),
-}
-
-
 class Worker:
     """Per-process state, created in the lifespan: the running engine, its tokenizer, the drain and the fleet
     membership."""
@@ -164,11 +143,9 @@ class Worker:
         self.engine_name = engine_name
         self.max_model_len = runner.engine.max_model_len
         self.vocab_size = min(runner.engine.vocab_size, len(tokenizer))  # ids both can handle
-        self.grammars = Grammars(tokenizer)
-        template = tokenizer.chat_template
-        self.native_tools = tools.takes_tools(template)  # else the generic tool prompt (Hermes)
-        self.tool_format = tools.detect(template if self.native_tools else None, settings.tool_parser)
-        self.speller = textgen.LogprobSpeller(tokenizer)
+        self.pipeline = Pipeline(
+            tokenizer, max_model_len=self.max_model_len, vocab_size=self.vocab_size, tool_parser=settings.tool_parser
+        )
 
     @property
     def serving(self) -> bool:
@@ -211,7 +188,7 @@ class Worker:
         try:
             vectors = await runner.embed(seqs)
         except EngineRejected as exc:
-            raise _REJECTIONS[exc.reason](exc.detail) from None
+            raise refusal(exc) from None
         except RuntimeError as exc:
             raise errors.UpstreamError(str(exc)) from None
         return EmbedResponse(embeddings=embed.shorten(vectors, req.dimensions), prompt_tokens=sum(map(len, seqs)))
@@ -229,171 +206,12 @@ class Worker:
             raise errors.InvalidRequest(f"token ids must be in [0, {self.vocab_size})", param="tokens")
         return DetokenizeResponse(prompt=self.tokenizer.decode(req.tokens, skip_special_tokens=False))
 
-    def prompt_ids(self, req: GenerateRequest) -> list[int]:
-        if req.messages is not None:
-            if not req.messages:
-                raise errors.InvalidRequest("messages must not be empty", param="messages")
-            messages = [m.model_dump(exclude_none=True) for m in req.messages]
-            offered = req.tools if req.tool_choice != "none" else []
-            messages, specs = tools.prepare(messages, offered, native=self.native_tools)
-            return textgen.render_chat(
-                self.tokenizer, messages, add_generation_prompt=req.add_generation_prompt, tools=specs
-            )
-        if req.prompt is not None:
-            return textgen.encode_prompt(self.tokenizer, req.prompt)
-        return list(req.prompt_token_ids or [])
-
-    def constraint(self, req: GenerateRequest) -> Constraint | None:
-        """The grammar the output must follow, if any (JSON output, a forced tool call), advanced through the
-        resumed ids. Compiling takes a while: call it in a thread. InvalidRequest naming the parameter whose schema
-        llguidance cannot compile."""
-        if req.json_schema is not None:
-            param, build = "response_format", lambda: self.grammars.json_schema(req.json_schema or {})
-        elif req.tool_choice == "required" and req.tools:
-            forced = [t for t in req.tools if req.tool_name in (None, t.name)]
-            grammar = self.tool_format.grammar(forced, parallel=req.parallel_tool_calls and req.tool_name is None)
-            param, build = "tools", lambda: self.grammars.lark(grammar)
-        else:
-            return None
-        try:
-            constraint = self.grammars.constraint(build())
-        except GrammarError as exc:
-            raise errors.InvalidRequest(f"this schema cannot be enforced: {exc}", param=param) from None
-        if not constraint.advance_all(list(req.resume_token_ids)):
-            raise errors.InvalidRequest("the resumed ids do not follow the output grammar", param="resume_token_ids")
-        return constraint
-
-    def engine_request(self, req: GenerateRequest, prompt: list[int]) -> EngineRequest:
-        """The one check that a request fits the model (a prompt, ids inside the vocabulary, prompt + resumed ids +
-        max_tokens within the context), then the engine's request (prompt + any resumed ids)."""
-        if not prompt:
-            raise errors.InvalidRequest("the prompt is empty", param="prompt")
-        for name, ids in (("prompt", prompt), ("resume_token_ids", req.resume_token_ids)):
-            if ids and not (0 <= min(ids) and max(ids) < self.vocab_size):
-                raise errors.InvalidRequest(f"token ids must be in [0, {self.vocab_size})", param=name)
-        if any(not 0 <= t < self.vocab_size for t in req.logit_bias):
-            raise errors.InvalidRequest(f"logit_bias token ids must be in [0, {self.vocab_size})", param="logit_bias")
-        context = prompt + list(req.resume_token_ids)
-        room = self.max_model_len - len(context)
-        wanted = (req.max_tokens - len(req.resume_token_ids)) if req.max_tokens is not None else room
-        if room < 1 or wanted > room:
-            raise errors.ContextLengthExceeded(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{len(prompt) + (req.max_tokens or 1)} tokens ({len(prompt)} in the messages, "
-                f"{req.max_tokens or 1} in the completion). Please reduce the length of the messages or completion.",
-                param="max_tokens" if req.max_tokens is not None and room >= 1 else "messages",
-            )
-        params = SamplingParams(
-            max_new_tokens=max(wanted, 1),
-            temperature=req.temperature,
-            top_p=req.top_p,
-            top_k=req.top_k,
-            min_p=req.min_p,
-            seed=req.seed,
-            presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty,
-            logit_bias=tuple(sorted(req.logit_bias.items())),
-            stop_token_ids=tuple(req.stop_token_ids),
-            ignore_eos=req.ignore_eos,
-            logprobs=req.logprobs,
-            prompt_logprobs=req.logprobs if req.echo else None,
-        )
-        return EngineRequest(request_id=req.request_id, prompt_token_ids=context, params=params)
-
     async def generate(self, req: GenerateRequest) -> tuple[GenerateChunk, AsyncGenerator[GenerateChunk, None]]:
-        """Validate, admit, and produce the first chunk; then the rest. Errors before the first chunk raise (the
-        caller answers with JSON): 400, 429 queue full, 503 engine not running (the drain gate answers 503 while
-        draining)."""
-        prompt = self.prompt_ids(req)
-        engine_req = self.engine_request(req, prompt)
-        constraint = await asyncio.to_thread(self.constraint, req)  # after the fit check: compiling takes a while
-        if constraint is not None:
-            engine_req.params = dataclasses.replace(engine_req.params, constraint=constraint)
-        chunks = self._chunks(req, prompt, self._generator().generate(engine_req))
-        try:
-            first = await anext(chunks)  # the engine's first output: QueueFull / ContextLengthExceeded raise here
-        except BaseException:
-            await chunks.aclose()
-            raise
-        return first, chunks
-
-    async def _chunks(
-        self, req: GenerateRequest, prompt: list[int], outputs: AsyncGenerator[EngineOutput, None]
-    ) -> AsyncGenerator[GenerateChunk, None]:
-        resumed = list(req.resume_token_ids)
-        calls = None  # tool calls are parsed out of the text (and never sent as text) when tools are offered
-        if req.tools and req.tool_choice != "none":
-            skip = req.resume_text_chars or 0
-            calls = tools.CallStream(
-                self.tool_format,
-                single=not req.parallel_tool_calls,
-                skip_content=skip,
-                skip_calls=req.resume_tool_chars,
-            )
-        if req.resume_text_chars is None:  # resumed ids are context only: their text is not sent
-            text = textgen.TextStream(self.tokenizer, prompt + resumed, req.stop, special=calls is not None)
-            pending = ""
-        else:  # decode them again; send only what the client has not got yet
-            text = textgen.TextStream(self.tokenizer, prompt, req.stop, special=calls is not None)
-            pending = text.resume(resumed, 0 if calls is not None else req.resume_text_chars)
-        done = len(resumed)
-        logprobs: list[TokenLogprob] = []  # the engine's, for the ids of the chunk being made
-        base: dict[str, Any] = {"request_id": req.request_id, "prompt_tokens": len(prompt)}
-        opening: dict[str, Any] = {"prompt_token_ids": prompt}  # on the first chunk only
-
-        def chunk(delta: str = "", ids: list[int] | None = None, **kw: Any) -> GenerateChunk:
-            nonlocal opening
-            extra, opening = opening, {}
-            pieces: list[ToolCallChunk] = []
-            if calls is not None:
-                delta, pieces = calls.push(delta)
-                if kw.get("finish_reason") is not None:
-                    rest, more = calls.finish()
-                    delta, pieces = delta + rest, pieces + more
-                    if calls.calls and kw["finish_reason"] == "stop":
-                        kw["finish_reason"] = "tool_calls"
-            if req.logprobs is not None and "logprobs" not in kw:  # asked for: one entry per id
-                kw["logprobs"] = self.speller.entries(logprobs[: len(ids or [])])
-            return GenerateChunk(
-                text=delta, tool_calls=pieces, token_ids=ids or [], completion_tokens=done, **base, **extra, **kw
-            )
-
-        try:
-            try:
-                out: EngineOutput | None = await anext(outputs)  # admission errors raise before anything is yielded
-            except EngineRejected as exc:
-                raise _REJECTIONS[exc.reason](exc.detail) from None
-            if req.echo:  # the prompt's text as given, or its ids' text
-                echoed = out.prompt_logprobs if out is not None and req.logprobs is not None else None
-                text_of_prompt = req.prompt if req.prompt is not None else self.tokenizer.decode(prompt)
-                yield chunk(text_of_prompt, logprobs=self.speller.prompt_entries(prompt, echoed) if echoed else None)
-            if text.stopped:  # the resumed ids already end in a stop string
-                yield chunk(pending, finish_reason="stop")
-                return
-            while out is not None:
-                logprobs = out.logprobs or []
-                piece, used = text.push_counted(out.new_token_ids)
-                ids = out.new_token_ids[:used]  # a stop string may end the completion inside a merged output
-                done += used
-                delta, pending = pending + piece, ""
-                if text.stopped:
-                    yield chunk(delta, ids, finish_reason="stop")
-                    return  # closing `outputs` in finally aborts the sequence in the engine
-                if out.finish_reason is FinishReason.ERROR:
-                    err = errors.UpstreamError(f"generation failed: {out.error or 'engine error'}")
-                    yield chunk(delta, ids, finish_reason="error", error=err.body()["error"])
-                    return
-                if out.finished:
-                    delta += text.finish()
-                    reason = "stop" if text.stopped else out.finish_reason.value  # type: ignore[union-attr]
-                    yield chunk(delta, ids, finish_reason=reason)
-                    return
-                yield chunk(delta, ids)
-                out = await anext(outputs, None)
-            err = errors.UpstreamError("engine ended the stream early")
-            yield chunk(finish_reason="error", error=err.body()["error"])
-        finally:
-            await outputs.aclose()
+        """Validate, admit, and produce the first chunk; then the rest (worker/pipeline.py). Errors before the first
+        chunk raise (the caller answers with JSON): 400, 429 queue full, 503 engine not running (the drain gate
+        answers 503 while draining)."""
+        prepared = await self.pipeline.prepare(req)
+        return await self.pipeline.start(prepared, self._generator())
 
 
 class _NdjsonStream(StreamingResponse):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import threading
 from typing import Any
 
 import httpx
@@ -20,7 +19,7 @@ from lmfleet.engine.base import EngineOutput, EngineRequest, EngineStats, Finish
 from lmfleet.worker.app import WorkerSettings, create_app
 from lmfleet.worker.textgen import TextStream
 from tests.api.fakes import StreamingASGITransport
-from tests.fakes import EOS, ByteTokenizer, ScriptedEngine, loaded, running
+from tests.fakes import EOS, ByteTokenizer, PausingEngine, loaded, running
 
 SCRIPT = "Hello wörld 🙂 again."
 SCRIPT_IDS = list(SCRIPT.encode())
@@ -67,20 +66,6 @@ class ContinuingEngine:
 
     def stats(self) -> EngineStats:
         return EngineStats(running=len(self.running), waiting=0, tokens_in_flight=0)
-
-
-class PausingEngine(ScriptedEngine):
-    """The scripted engine, which stops stepping once a request has `pause_at` tokens until `release` is set."""
-
-    def __init__(self, pause_at: int) -> None:
-        super().__init__(SCRIPT)
-        self.pause_at = pause_at
-        self.release = threading.Event()
-
-    def step(self) -> list[EngineOutput]:
-        if any(n >= self.pause_at for _, n in self.running.values()):
-            self.release.wait(10)
-        return super().step()
 
 
 def fake_controller(calls: list[str]) -> FastAPI:
