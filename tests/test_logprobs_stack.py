@@ -68,7 +68,7 @@ async def test_chat_streamed_and_whole(fleet) -> None:
 async def test_a_resumed_stream_sends_each_tokens_logprob_once(fleet, piece: str, into: int) -> None:
     client, cut = fleet
     whole, expected, _ = await streamed_entries(client)
-    cut.after_lines = inside(whole, piece, into)
+    cut.after_tokens = inside(whole, piece, into)
     text, entries, _ = await streamed_entries(client)
     assert cut.victim is not None, "the stream was cut"
     assert text == whole
@@ -81,7 +81,7 @@ async def test_stop_strings_keep_the_logprobs_of_the_tokens_they_end_on(fleet) -
     text, entries, chunks = await streamed_entries(client, stop=["wörker"])
     assert text.endswith("a ") and len(entries) == chunks[-1].usage.completion_tokens
     assert b"".join(bytes(e.bytes) for e in entries) == (text + "wörker").encode()
-    cut.after_lines = inside(text + "wörker", "wörker", 2)  # after "w" and half of "ö" went out
+    cut.after_tokens = inside(text + "wörker", "wörker", 2)  # after "w" and half of "ö" went out
     again, resumed, _ = await streamed_entries(client, stop=["wörker"])
     assert cut.victim is not None and again == text
     assert [e.model_dump() for e in resumed] == [e.model_dump() for e in entries]
@@ -173,7 +173,7 @@ async def test_echo_of_text_and_token_id_prompts_across_a_resume(fleet, prompt) 
 
     text, tokens = await streamed()
     assert text.startswith("Tïny 🙂 prompt") and len(tokens) == len("Tïny 🙂 prompt".encode()) + 40
-    cut.after_lines = 6  # the echo chunk and five tokens went out
+    cut.after_tokens = 5  # the echo chunk and five tokens went out
     again, resumed_tokens = await streamed()
     assert cut.victim is not None
     assert (again, resumed_tokens) == (text, tokens)

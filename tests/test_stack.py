@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -47,10 +48,12 @@ class Hosts(httpx.AsyncBaseTransport):
 
 @dataclass
 class Cut:
-    """One planned failure: the first generate stream to pass `after_lines` NDJSON lines breaks, and its worker
-    refuses connections from then on, as a killed process would."""
+    """One planned failure: the first generate stream that would pass `after_tokens` generated tokens breaks at the
+    last chunk boundary before that point, and its worker refuses connections from then on, as a killed process
+    would. Counted in tokens, not lines: a worker merges several tokens into one chunk when its reader falls behind
+    (a busy machine), so the cut lands at or before the planned token, never after the stream's end."""
 
-    after_lines: int | None = None
+    after_tokens: int | None = None
     victim: str | None = None
 
 
@@ -71,13 +74,15 @@ class Link(httpx.AsyncBaseTransport):
 
         class Watched(httpx.AsyncByteStream):
             async def __aiter__(self) -> AsyncIterator[bytes]:
-                lines = 0
+                sent, pending = 0, b""  # tokens passed on; the start of a line not complete yet
                 async for part in inner:  # type: ignore[union-attr]
+                    *lines, pending = (pending + part).split(b"\n")
+                    coming = sum(len(json.loads(line)["token_ids"]) for line in lines if line.strip())
                     cut = link.cut
-                    if cut.victim is None and cut.after_lines is not None and lines >= cut.after_lines:
+                    if cut.victim is None and cut.after_tokens is not None and sent + coming > cut.after_tokens:
                         cut.victim = link.name
                         raise httpx.ReadError("connection reset by peer")
-                    lines += part.count(b"\n")
+                    sent += coming
                     yield part
 
             async def aclose(self) -> None:
@@ -155,7 +160,7 @@ async def test_a_stream_cut_mid_way_resumes_on_the_real_worker_beside_it(fleet, 
     """Cut between two characters, inside a two-byte and inside a four-byte character."""
     client, cut = fleet
     whole, _ = await story(client)
-    cut.after_lines = inside(whole, piece, into)
+    cut.after_tokens = inside(whole, piece, into)
     text, chunks = await story(client)
     assert cut.victim is not None, "the stream was cut"
     assert text == whole
@@ -167,7 +172,7 @@ async def test_a_stop_string_split_by_the_cut_still_stops(fleet) -> None:
     client, cut = fleet
     whole, _ = await story(client, stop=["wörker"])
     assert whole.endswith("Once upon a tïme, a ")
-    cut.after_lines = inside(whole + "wörker", "wörker", 2)  # after "w" and half of "ö" went out
+    cut.after_tokens = inside(whole + "wörker", "wörker", 2)  # after "w" and half of "ö" went out
     text, chunks = await story(client, stop=["wörker"])
     assert cut.victim is not None
     assert text == whole

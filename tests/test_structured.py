@@ -264,7 +264,7 @@ async def test_a_stream_cut_inside_a_tool_call_resumes_token_exact(fleet) -> Non
     _, whole = await calls()
     assert len(whole) >= 4
     for after in (3, len(whole) // 2):  # right after the name, and mid-arguments
-        cut.victim, cut.after_lines = None, after
+        cut.victim, cut.after_tokens = None, after
         chunks, pieces = await calls()
         assert cut.victim is not None, "the stream was cut"
         assert [p.id for p in pieces if p.id] == [pieces[0].id] and pieces[0].function.name == "get_weather"
@@ -287,6 +287,6 @@ async def test_a_stream_cut_inside_json_output_resumes_to_the_same_valid_json(fl
 
     whole = await text()
     jsonschema.validate(json.loads(whole), PERSON)
-    cut.after_lines = 10
+    cut.after_tokens = 10
     assert await text() == whole
     assert cut.victim is not None
