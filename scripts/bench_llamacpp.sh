@@ -7,15 +7,28 @@
 #   llama-server llama.cpp's C++ server, -np 16, built from the llama.cpp that llama-cpp-python vendors
 #   llama_cpp    `python -m llama_cpp.server` (llama-cpp-python's bundled server)
 # and records each one's peak resident memory; rounds interleave the systems (the machine drifts), and the
-# summary prints medians and the ratios taken in the same run.
+# summary prints medians and the ratios taken in the same run. Each system is measured once it lists the model
+# in /v1/models (lmfleet answers /v1/models before its worker has registered; llama-server answers 503 while
+# loading).
+# MODEL: the GGUF (default: the packaged SmolLM2). NAME: the model name every system serves it under and the bench
+# asks for (default: smollm2). On Qwen2.5-Coder-1.5B-Instruct:
+#   MODEL=$(python3 scripts/real_models.py path qwen2.5-coder-1.5b) NAME=qwen2.5-coder-1.5b scripts/bench_llamacpp.sh 2
 # LLAMA_SERVER: path to the llama-server binary (skipped when unset). LLAMA_CPP_PY: a Python that has
-# `llama-cpp-python[server]` (skipped when unset). MODEL: the GGUF (default: the packaged SmolLM2).
+# `llama-cpp-python[server]` (skipped when unset). This script builds neither. llama-server from the llama.cpp that
+# llama-cpp-python 0.3.36 vendors (about 6-8 minutes on 2 cores; the UI flags keep cmake from downloading the web
+# UI, which it cannot here):
+#   pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d /tmp/lcp
+#   tar xzf /tmp/lcp/llama_cpp_python-0.3.36.tar.gz -C /tmp/lcp
+#   cmake -S /tmp/lcp/llama_cpp_python-0.3.36/vendor/llama.cpp -B /tmp/lcp/build -G Ninja -DCMAKE_BUILD_TYPE=Release \
+#     -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF && cmake --build /tmp/lcp/build --target llama-server
+#   LLAMA_SERVER=/tmp/lcp/build/bin/llama-server scripts/bench_llamacpp.sh 2
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-2}
 OUT=${2:-bench-results/llamacpp}
 BIN=${BIN:-.venv/bin}
 MODEL=${MODEL:-$("$BIN/lmfleet" model-path)}
+NAME=${NAME:-smollm2}
 THREADS=${THREADS:-$(nproc)}
 PORT=${PORT:-8131}
 WORDS=${WORDS:-8}  # 8 words + the chat template ≈ 28 prompt tokens
@@ -24,12 +37,16 @@ PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
-wait_http() {  # URL PID LOG
+wait_model() {  # URL PID LOG: until URL/v1/models lists $NAME (or the server exits)
   for _ in $(seq 600); do
-    curl -sf "$1" >/dev/null 2>&1 && return 0
+    curl -sf "$1/v1/models" 2>/dev/null | "$BIN/python" -c \
+      'import json, sys; sys.exit(sys.argv[1] not in [m["id"] for m in json.load(sys.stdin)["data"]])' "$NAME" \
+      2>/dev/null && return 0
     kill -0 "$2" 2>/dev/null || { tail -20 "$3"; return 1; }
     sleep 0.5
   done
+  echo "$1 did not list the model $NAME in 300 s" >&2
+  tail -20 "$3"
   return 1
 }
 
@@ -38,27 +55,27 @@ peak_rss() {  # PATTERN: the peak RSS (MB) of the newest process whose command l
   [ -n "$pid" ] && awk '/VmHWM/ {printf "%.0f", $2/1024}' "/proc/$pid/status" || echo ""
 }
 
-run_one() {  # NAME ROUND
+run_one() {  # SYSTEM ROUND
   local name=$1 round=$2 log="$OUT/$1-$2.log" pid rss pattern
   case $name in
     lmfleet)
-      "$BIN/lmfleet" serve --model-path "$MODEL" --model-names smollm2 --port "$PORT" --controller-port \
+      "$BIN/lmfleet" serve --model-path "$MODEL" --model-names "$NAME" --port "$PORT" --controller-port \
         $((PORT + 1)) --worker-port $((PORT + 2)) --threads "$THREADS" --log-level warning > "$log" 2>&1 &
       pattern="lmfleet.worker --port $((PORT + 2))" ;;
     llama-server)
       "$LLAMA_SERVER" -m "$MODEL" -np 16 -c 8192 -t "$THREADS" --host 127.0.0.1 --port "$PORT" \
-        --alias smollm2 > "$log" 2>&1 &
+        --alias "$NAME" > "$log" 2>&1 &
       pattern="llama-server -m" ;;
     llama_cpp)
-      "$LLAMA_CPP_PY" -m llama_cpp.server --model "$MODEL" --model_alias smollm2 --n_threads "$THREADS" \
+      "$LLAMA_CPP_PY" -m llama_cpp.server --model "$MODEL" --model_alias "$NAME" --n_threads "$THREADS" \
         --n_ctx 8192 --interrupt_requests False --host 127.0.0.1 --port "$PORT" > "$log" 2>&1 &
       pattern="llama_cpp.server --model" ;;
   esac
   pid=$!
   PIDS+=("$pid")
-  wait_http "http://127.0.0.1:$PORT/v1/models" "$pid" "$log"
+  wait_model "http://127.0.0.1:$PORT" "$pid" "$log"
   echo "== round $round: $name"
-  "$BIN/lmfleet" bench --base-url "http://127.0.0.1:$PORT/v1" --model smollm2 --concurrency 1,4,16 --warmup 2 \
+  "$BIN/lmfleet" bench --base-url "http://127.0.0.1:$PORT/v1" --model "$NAME" --concurrency 1,4,16 --warmup 2 \
     --prompt-tokens "$WORDS" --ignore-eos --max-tokens 64 --quiet --json "$OUT/$name-$round.json"
   rss=$(peak_rss "$pattern")
   echo "{\"rss_mb\": ${rss:-null}}" > "$OUT/$name-$round.rss.json"

