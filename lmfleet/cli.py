@@ -191,8 +191,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--engine",
         default=AUTO,
         choices=[AUTO, *ENGINES],
-        help="auto (default): llamacpp for a .gguf, embedding for a sentence-transformers folder (modules.json), "
-        "transformers for any other Hugging Face folder or hub id; embedding: serve an encoder's pooled vectors",
+        help="auto (default): llamacpp for a .gguf, embedding for a sentence-transformers folder (modules.json) or a "
+        "cross-encoder, transformers for any other Hugging Face folder or hub id; embedding: serve an encoder's "
+        "pooled vectors (or a cross-encoder's scores)",
     )
     seqs = _default(BatchSettings, "max_num_seqs")
     g.add_argument(

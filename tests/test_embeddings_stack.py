@@ -263,11 +263,11 @@ async def test_model_cards_carry_the_context_length(stack: Stack) -> None:
 
 async def test_workers_report_their_task_and_refuse_the_other(stack: Stack) -> None:
     embedder, chatter = f"http://worker-{MINI}", f"http://worker-{CHAT}"
-    assert (await stack.http.get(embedder + "/worker/status")).json()["tasks"] == ["embed"]
+    assert (await stack.http.get(embedder + "/worker/status")).json()["tasks"] == ["embed", "score"]
     assert (await stack.http.get(chatter + "/worker/status")).json()["tasks"] == ["generate"]
     generate = {"request_id": "g", "prompt": "hi", "max_tokens": 2}
     err = assert_error(await stack.http.post(embedder + "/worker/generate", json=generate), 400, param="model")
-    assert "embeddings only" in err["message"]
+    assert "does not generate text" in err["message"]
     embed = {"request_id": "e", "input": ["hi"]}
     assert_error(await stack.http.post(chatter + "/worker/embed", json=embed), 400, param="model")
     ok = (await stack.http.post(embedder + "/worker/embed", json=embed)).json()

@@ -8,6 +8,7 @@ Routes
     POST /                       = /v1/chat/completions (FastChat users post here, often without `model`)
     POST /v1/embeddings          EmbeddingRequest -> EmbeddingResponse (embedding models only; lmfleet.api.oneshot)
     POST /tokenize, /detokenize  vLLM's shapes, through the model's own tokenizer (any model)
+    POST /v1/rerank, /v1/score   (and /rerank, /score) cross-encoders and embedding models (lmfleet.api.rerank)
     POST /v1/responses, GET|DELETE /v1/responses/{id}, GET /v1/responses/{id}/input_items
                                  OpenAI's Responses API over the one answer path (lmfleet.api.responses)
     GET  /health                 alive (always 200)
@@ -58,6 +59,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lmfleet import __version__, docs, errors
+from lmfleet.api import rerank as rerank_api
 from lmfleet.api import responses as responses_api
 from lmfleet.api import ui
 from lmfleet.api.access import PUBLIC_PATHS, RequestLimits, needs_key
@@ -421,6 +423,7 @@ def create_app(
 
     responses = responses_api.ResponsesConfig(path=answer_path, scoped=bool(settings.api_keys))
     responses_api.add_routes(app, responses, errors_doc=_ERRORS)
+    rerank_api.add_routes(app, one_reply, errors_doc=_ERRORS)
 
     ui.install(app, stats)
     return app

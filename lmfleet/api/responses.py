@@ -335,12 +335,21 @@ async def _stored(request: Request, config: ResponsesConfig, response_id: str) -
     return stored
 
 
+# One typed server-sent event, as OpenAPI tools (schemathesis; OpenAPI 3.2's `itemSchema`) read an event stream.
+_TYPED_EVENT = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {"type": "string", "description": "The event's type (response.created, ..., response.completed)"},
+        "data": {"type": "string", "description": "The event as JSON"},
+    },
+}
+
+
 def add_routes(app: FastAPI, config: ResponsesConfig, *, errors_doc: dict[int | str, dict[str, Any]]) -> None:
     """The Responses routes on `app` (whose route class is ParsedBodyRoute); `errors_doc`: the error answers the
     OpenAPI document lists for each."""
-    stream_doc: dict[int | str, dict[str, Any]] = {
-        200: {"content": {"text/event-stream": {"schema": {"type": "string", "description": "typed events"}}}}
-    }
+    stream_doc: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {"schema": _TYPED_EVENT}}}}
 
     @app.post("/v1/responses", response_model=Response, responses={**stream_doc, **errors_doc}, tags=["openai"])
     async def create_response(body: CreateResponseRequest, request: Request) -> HttpResponse:

@@ -45,7 +45,7 @@ from lmfleet.protocol.worker import Task, WorkerInfo
 logger = logging.getLogger("lmfleet.api")
 
 PROBE_TIMEOUT_S = 2.0  # a probe of an ejected worker while the controllers are down
-_TASK_NAMES: dict[str, str] = {"generate": "chat and text completions", "embed": "embeddings"}
+_TASK_NAMES = {"generate": "chat and text completions", "embed": "embeddings", "score": "rerank and score"}
 
 
 @dataclass
@@ -296,7 +296,7 @@ class Router:
                 offered = sorted({t for w in serving for t in w.status.tasks})
                 raise errors.InvalidRequest(
                     f"The model `{model}` does not support {_TASK_NAMES[task]}; it serves "
-                    f"{' and '.join(_TASK_NAMES.get(t, t) for t in offered)}.",
+                    f"{', '.join(_TASK_NAMES.get(t, t) for t in offered)}.",
                     param="model",
                 )
             serving = doing

@@ -14,7 +14,8 @@ worker maps the reason to the public error.
 
 A loader (`lmfleet.engine.registry`) hands the worker a `LoadedModel`: the engine and the `Tokenizer` that goes
 with its vocabulary. A pooling model's engine is an `EmbeddingEngine` instead (token ids in, one vector per
-sequence out); `lmfleet.engine.pooling.EmbeddingRunner` batches the inputs of concurrent requests for it.
+sequence out), and a cross-encoder's a `ScoringEngine` (a pair's token ids in, one score out);
+`lmfleet.engine.pooling` batches the inputs of concurrent requests for either.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import enum
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 
 class FinishReason(str, enum.Enum):
@@ -363,11 +364,58 @@ class EmbeddingEngine(Protocol):
         ...
 
 
+class TokenPair(NamedTuple):
+    """Two texts as a cross-encoder reads them together: the ids the tokenizer joined them into (its special tokens
+    included) and, per id, the segment it belongs to (0 the first text, 1 the second; all 0 for a tokenizer
+    without segments)."""
+
+    ids: list[int]
+    segments: list[int]
+
+
+@runtime_checkable
+class PairTokenizer(Protocol):
+    """A tokenizer that joins two texts into one input, as a cross-encoder was trained on them."""
+
+    def encode_pair(self, first: str, second: str) -> TokenPair:
+        """The pair's ids with the model's special tokens, never truncated."""
+        ...
+
+
+@runtime_checkable
+class ScoringEngine(Protocol):
+    """A cross-encoder: a (query, document) pair's token ids in, one relevance score out (the classifier's single
+    logit through the model's activation). Single-threaded like `Engine`; the pairs fit (ids inside the vocabulary,
+    at most `max_model_len` each: the worker checked), the engine asserts it."""
+
+    @property
+    def max_model_len(self) -> int:
+        """Longest pair (both texts and the special tokens); longer pairs are refused above the engine."""
+        ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def max_num_seqs(self) -> int:
+        """Most pairs in one `score` call."""
+        ...
+
+    @property
+    def max_batch_tokens(self) -> int:
+        """Most padded tokens (longest pair x pairs) in one `score` call; a single pair always fits."""
+        ...
+
+    def score(self, batch: list[TokenPair]) -> list[float]:
+        """One forward over `batch`: a score per pair."""
+        ...
+
+
 @dataclass
 class LoadedModel:
     """What a loader returns: the engine, its tokenizer, and one line saying what was loaded."""
 
-    engine: Engine | EmbeddingEngine
+    engine: Engine | EmbeddingEngine | ScoringEngine
     tokenizer: Tokenizer
     description: str = ""  # one line for the log: engine, model, dtype or quantization, context, size
     engine_name: str = ""  # the registry's name for the engine (lmfleet.engine.registry sets it)

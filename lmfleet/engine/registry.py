@@ -3,8 +3,8 @@
 Owns
   * `locate(model_path)`: what `--model-path` names, checked before anything loads, with one line saying what was
     expected when it names nothing usable: a `.gguf` file, a folder holding one `.gguf`, a Hugging Face model
-    folder (`config.json`; a sentence-transformers folder, with `modules.json`, is an embedding model), or a hub id
-    (`org/name`) for transformers to find in its cache.
+    folder (`config.json`; a sentence-transformers folder, with `modules.json`, or a cross-encoder is a pooling
+    model), or a hub id (`org/name`) for transformers to find in its cache.
   * `ENGINES`: engines by name (`--engine NAME`), each owning its settings and its loader; `auto` picks llama.cpp
     for GGUF, the embedding engine for sentence-transformers folders and transformers for other Hugging Face
     folders and hub ids (`--engine embedding` serves any other encoder as an embedding model). `--engine
@@ -80,7 +80,7 @@ def locate(model_path: str) -> ModelSource:
         return ModelSource(model_path, "gguf", path.resolve())
     if path.is_dir():
         if (path / "config.json").is_file():
-            st = embedding.is_sentence_transformers(path)
+            st = embedding.is_pooling_model(path)
             return ModelSource(model_path, "st-folder" if st else "folder", path.resolve())
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:

@@ -4,7 +4,7 @@ Worker ↔ controller uses FastChat's route names and field names (`/register_wo
 `check_heart_beat`, `worker_status`; `/receive_heart_beat` answering `{"exist": bool}`; `/list_models`;
 `/get_worker_address`), so a FastChat model worker can register with an lmfleet controller. lmfleet adds
 optional fields FastChat ignores (running/waiting/tokens in flight, context length, dispatch weight, the tasks
-it serves: `generate`, the default a FastChat worker gets, or `embed`).
+it serves: `generate`, the default a FastChat worker gets, `embed` or `score`).
 
 API server → worker: `POST /worker/generate` with a `GenerateRequest`; the worker validates before it answers
 (errors come back as a non-200 OpenAI error body), then streams `GenerateChunk`s as NDJSON, one JSON object per
@@ -28,8 +28,9 @@ with `tool_name`: that one) call one; the worker renders them, enforces forced c
 calls out of the text into `GenerateChunk.tool_calls`.
 
 One-reply routes (JSON in, JSON out): `POST /worker/embed` (`EmbedRequest` -> `EmbedResponse`, embedding workers
-only), `POST /worker/tokenize` (`TokenizeRequest` -> `TokenizeResponse`) and `POST /worker/detokenize`
-(`DetokenizeRequest` -> `DetokenizeResponse`), through the worker's own tokenizer.
+only), `POST /worker/score` (`ScorePairsRequest` -> `ScorePairsResponse`: a cross-encoder's worker, or an
+embedding model's), `POST /worker/tokenize` (`TokenizeRequest` -> `TokenizeResponse`) and `POST
+/worker/detokenize` (`DetokenizeRequest` -> `DetokenizeResponse`), through the worker's own tokenizer.
 
 Log probabilities of resumed ids are not sent again (the new worker sends those of the ids it generates).
 
@@ -48,8 +49,8 @@ from lmfleet.protocol.errors import ErrorInfo
 
 # lmfleet.engine.base.FinishReason's values, as the wire spells them.
 FinishReason = Literal["stop", "length", "abort", "error", "tool_calls"]
-# What a worker serves: `generate` (chat and text completions) or `embed` (embeddings).
-Task = Literal["generate", "embed"]
+# What a worker serves: `generate` (chat and text completions), `embed` (embeddings), `score` (rerank and score).
+Task = Literal["generate", "embed", "score"]
 
 # Bounds on what a peer may report or ask for, so no message can overflow a float, a tensor or a generator seed.
 MAX_COUNT = 10_000_000  # FastChat's queue length
@@ -245,6 +246,34 @@ class EmbedRequest(BaseModel):
 class EmbedResponse(BaseModel):
     embeddings: list[list[float]]  # one per input, in order
     prompt_tokens: int
+
+
+MAX_SCORE_PAIRS = 2048  # pairs in one rerank or score request
+
+
+class ScorePairsRequest(BaseModel):
+    """`POST /worker/score`: a score for each pair (`text_1[i]`, `text_2[i]`); a single `text_1` is paired with
+    every `text_2`."""
+
+    request_id: str = Field(min_length=1, max_length=256)
+    model: str | None = None
+    text_1: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1, max_length=MAX_SCORE_PAIRS)
+    text_2: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1, max_length=MAX_SCORE_PAIRS)
+
+    @model_validator(mode="after")
+    def _pairs(self) -> ScorePairsRequest:
+        if len(self.text_1) not in (1, len(self.text_2)):
+            raise ValueError("text_1 must hold one text, or as many as text_2")
+        return self
+
+    def pairs(self) -> list[tuple[str, str]]:
+        firsts = self.text_1 * len(self.text_2) if len(self.text_1) == 1 else self.text_1
+        return list(zip(firsts, self.text_2, strict=True))
+
+
+class ScorePairsResponse(BaseModel):
+    scores: list[float]  # one per pair, in order
+    prompt_tokens: int  # the tokens the model read (a cross-encoder: each pair's; an embedding model: each text's)
 
 
 class TokenizeRequest(BaseModel):

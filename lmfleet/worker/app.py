@@ -6,6 +6,7 @@ stream of `GenerateChunk`s), readiness, and the lifespan that starts the engine'
 
     POST /worker/generate     GenerateRequest -> NDJSON GenerateChunks (503 while draining)
     POST /worker/embed        EmbedRequest -> EmbedResponse (an embedding model's worker; worker/embed.py)
+    POST /worker/score        ScorePairsRequest -> ScorePairsResponse (a cross-encoder's or an embedding model's)
     POST /worker/tokenize     TokenizeRequest -> TokenizeResponse;  POST /worker/detokenize: the reverse
     GET  /worker/status       WorkerStatus;  POST /worker_get_status: FastChat's shape
     GET  /health              alive;  GET /ready: 200 while the engine steps and the worker is not draining
@@ -48,9 +49,10 @@ from lmfleet.engine.base import (
     EngineRejected,
     EngineStats,
     LoadedModel,
+    ScoringEngine,
     Tokenizer,
 )
-from lmfleet.engine.pooling import EmbeddingRunner
+from lmfleet.engine.pooling import EmbeddingRunner, ScoringRunner
 from lmfleet.engine.runner import DEFAULT_MAX_QUEUED, AsyncEngine
 from lmfleet.guard import BearerSecrets, ParsedBodyRoute, RequestGuard
 from lmfleet.metrics import install as install_metrics
@@ -62,12 +64,15 @@ from lmfleet.protocol.worker import (
     EmbedResponse,
     GenerateChunk,
     GenerateRequest,
+    ScorePairsRequest,
+    ScorePairsResponse,
+    Task,
     TokenizeRequest,
     TokenizeResponse,
     WorkerStatus,
 )
 from lmfleet.requestid import RequestIdMiddleware
-from lmfleet.worker import embed, textgen, tools
+from lmfleet.worker import embed, score, textgen, tools
 from lmfleet.worker.metrics import WorkerMetrics
 from lmfleet.worker.pipeline import Pipeline, refusal
 from lmfleet.worker.registration import Registration
@@ -131,7 +136,7 @@ class Worker:
     def __init__(
         self,
         settings: WorkerSettings,
-        runner: AsyncEngine | EmbeddingRunner,
+        runner: AsyncEngine | EmbeddingRunner | ScoringRunner,
         tokenizer: Tokenizer,
         drain: Drain,
         engine_name: str,
@@ -165,13 +170,22 @@ class Worker:
             kv_cache_usage=s.kv_cache_usage,
             context_length=self.max_model_len,
             engine=self.engine_name,
-            tasks=["embed"] if isinstance(self.runner, EmbeddingRunner) else ["generate"],
+            tasks=list(self.tasks),
         )
+
+    @property
+    def tasks(self) -> tuple[Task, ...]:
+        """What this worker serves: an embedding model also scores pairs (the cosine of their vectors)."""
+        if isinstance(self.runner, ScoringRunner):
+            return ("score",)
+        return ("embed", "score") if isinstance(self.runner, EmbeddingRunner) else ("generate",)
 
     def _generator(self) -> AsyncEngine:
         if not isinstance(self.runner, AsyncEngine):
             raise errors.InvalidRequest(
-                "this model computes embeddings only; use /v1/embeddings, not chat or text completions", param="model"
+                "this model does not generate text: it computes embeddings or scores; use /v1/embeddings, "
+                "/v1/rerank or /v1/score, not chat or text completions",
+                param="model",
             )
         return self.runner
 
@@ -180,9 +194,7 @@ class Worker:
         model does not allow; 429 / 503 as for generation."""
         runner = self.runner
         if not isinstance(runner, EmbeddingRunner):
-            raise errors.InvalidRequest(
-                "this model generates text and does not compute embeddings; use an embedding model", param="model"
-            )
+            raise errors.InvalidRequest("this model does not compute embeddings; use an embedding model", param="model")
         embed.check_dimensions(req.dimensions, runner.engine)
         seqs = embed.token_ids(req, self.tokenizer, runner.engine, self.vocab_size)
         try:
@@ -192,6 +204,22 @@ class Worker:
         except RuntimeError as exc:
             raise errors.UpstreamError(str(exc)) from None
         return EmbedResponse(embeddings=embed.shorten(vectors, req.dimensions), prompt_tokens=sum(map(len, seqs)))
+
+    async def score(self, req: ScorePairsRequest) -> ScorePairsResponse:
+        """A score per pair (worker/score.py): 400 for a generation model or a pair that does not fit; 429 / 503 as
+        for generation."""
+        runner = self.runner
+        if isinstance(runner, AsyncEngine):
+            raise errors.InvalidRequest(
+                "this model generates text and does not score; use a cross-encoder or an embedding model",
+                param="model",
+            )
+        try:
+            return await score.score(req, runner, self.tokenizer)
+        except EngineRejected as exc:
+            raise refusal(exc) from None
+        except RuntimeError as exc:
+            raise errors.UpstreamError(str(exc)) from None
 
     def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
         if req.messages is not None:
@@ -237,12 +265,16 @@ class _NdjsonStream(StreamingResponse):
 
 
 def _runner(
-    engine: Engine | EmbeddingEngine, max_queued: int, on_step: Callable[[float, EngineStats], None]
-) -> AsyncEngine | EmbeddingRunner:
-    """The thread that drives the engine: a batch of generations (`on_step` after each step), or of embedding
-    inputs."""
+    engine: Engine | EmbeddingEngine | ScoringEngine,
+    max_queued: int,
+    on_step: Callable[[float, EngineStats], None],
+) -> AsyncEngine | EmbeddingRunner | ScoringRunner:
+    """The thread that drives the engine: a batch of generations (`on_step` after each step), of embedding
+    inputs, or of pairs to score."""
     if isinstance(engine, EmbeddingEngine):
         return EmbeddingRunner(engine, max_queued=max_queued)
+    if isinstance(engine, ScoringEngine):
+        return ScoringRunner(engine, max_queued=max_queued)
     return AsyncEngine(engine, max_queued=max_queued, on_step=on_step)
 
 
@@ -329,6 +361,10 @@ def create_app(
     @app.post("/worker/embed", dependencies=[Depends(require_secret)])
     async def embed_route(body: EmbedRequest, request: Request) -> EmbedResponse:
         return await request.state.worker.embed(body)
+
+    @app.post("/worker/score", dependencies=[Depends(require_secret)])
+    async def score_route(body: ScorePairsRequest, request: Request) -> ScorePairsResponse:
+        return await request.state.worker.score(body)
 
     @app.post("/worker/tokenize", dependencies=[Depends(require_secret)])
     async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:

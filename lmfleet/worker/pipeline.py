@@ -59,7 +59,7 @@ _REFUSALS: dict[Rejection, Callable[[str], errors.LmfleetError]] = {
 
 def refusal(exc: EngineRejected) -> errors.LmfleetError:
     """An engine's refusal at admission as the public error: 429 queue full, 503 not running, 400 otherwise (the
-    embedding route maps its runner's refusals with it too)."""
+    embedding and scoring routes map their runner's refusals with it too)."""
     return _REFUSALS[exc.reason](exc.detail)
 
 

@@ -1,4 +1,4 @@
-"""Routing by task: a worker says which tasks it serves (`generate`, `embed`; a FastChat worker, which says
+"""Routing by task: a worker says which tasks it serves (`generate`, `embed`, `score`; a FastChat worker, which says
 nothing, generates), and the API server sends each request only to workers of its task."""
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ def test_a_status_without_tasks_means_generate() -> None:
     assert WorkerStatus(model_names=["m"]).tasks == ["generate"]
     assert WorkerStatus.model_validate({"model_names": ["e"], "tasks": ["embed"]}).tasks == ["embed"]
     # a task this version does not know (a newer worker's) is carried, not refused: the worker still registers
-    assert WorkerStatus.model_validate({"model_names": ["e"], "tasks": ["rerank"]}).tasks == ["rerank"]
+    assert WorkerStatus.model_validate({"model_names": ["e"], "tasks": ["transcribe"]}).tasks == ["transcribe"]
 
 
 async def test_requests_go_to_the_workers_of_their_task_only() -> None:
-    fleet = Fleet({"chat": ["a"], "mixed": ["b", "c"], "vectors": ["c"], "ranker": ["d"]})
+    fleet = Fleet({"chat": ["a"], "mixed": ["b", "c"], "vectors": ["c"], "speech": ["d"]})
     listed = fleet.controller.workers
     embedder = fleet.workers["c"].address
 
@@ -28,10 +28,10 @@ async def test_requests_go_to_the_workers_of_their_task_only() -> None:
         rows = listed()
         for row in rows:
             if row["address"] == embedder:
-                row["status"]["tasks"] = ["embed"]
+                row["status"]["tasks"] = ["embed", "score"]  # an embedding model also scores (cosine)
                 row["status"]["context_length"] = 256
             if row["address"] == fleet.workers["d"].address:
-                row["status"]["tasks"] = ["rerank"]  # a newer worker's task
+                row["status"]["tasks"] = ["transcribe"]  # a newer worker's task
         return rows
 
     fleet.controller.workers = with_tasks  # type: ignore[method-assign]
@@ -40,9 +40,13 @@ async def test_requests_go_to_the_workers_of_their_task_only() -> None:
         with pytest.raises(errors.InvalidRequest, match="does not support embeddings; it serves chat") as chat:
             await router.acquire("chat", task="embed")
         assert chat.value.param == "model"
-        with pytest.raises(errors.InvalidRequest, match="does not support chat and text completions"):
+        with pytest.raises(
+            errors.InvalidRequest, match="chat and text completions; it serves embeddings, rerank and score"
+        ):
             await router.acquire("vectors")
-        for task, address in (("embed", embedder), ("generate", fleet.workers["b"].address)):
+        with pytest.raises(errors.InvalidRequest, match="does not support rerank and score; it serves chat"):
+            await router.acquire("chat", task="score")
+        for task, address in (("embed", embedder), ("score", embedder), ("generate", fleet.workers["b"].address)):
             lease = await router.acquire("mixed", task=task)
             assert lease is not None and lease.address == address
             lease.release()
@@ -50,5 +54,5 @@ async def test_requests_go_to_the_workers_of_their_task_only() -> None:
         assert lease is not None and lease.address == embedder
         lease.release()
         assert router.context_length("vectors") == 256 and router.context_length("chat") is None
-        with pytest.raises(errors.InvalidRequest, match="it serves rerank"):
-            await router.acquire("ranker")
+        with pytest.raises(errors.InvalidRequest, match="it serves transcribe"):
+            await router.acquire("speech")

@@ -1,5 +1,6 @@
-"""The embedding runner: the inputs of concurrent requests go through one forward together, within the engine's
-limits, each request gets its own vectors back in order, and failures, capacity and shutdown are answered."""
+"""The pooling runners: the inputs of concurrent requests go through one forward together, within the engine's
+limits, each request gets its own vectors (or, for a cross-encoder, scores) back in order, and failures, capacity
+and shutdown are answered."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import threading
 
 import pytest
 
-from lmfleet.engine.base import EngineRejected, Rejection
-from lmfleet.engine.pooling import EmbeddingRunner
+from lmfleet.engine.base import EngineRejected, Rejection, TokenPair
+from lmfleet.engine.pooling import EmbeddingRunner, ScoringRunner
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -125,3 +126,51 @@ async def test_queue_full_cancelled_and_stopped() -> None:
     with pytest.raises(EngineRejected) as stopped:
         await runner.embed([[6]])
     assert stopped.value.reason is Rejection.NOT_RUNNING
+
+
+class FakeScorer:
+    """A score per pair that says which pair it was: first id + length / 100. The first forward waits for
+    `release`."""
+
+    max_model_len = 64
+    vocab_size = 1000
+
+    def __init__(self, max_num_seqs: int = 8, max_batch_tokens: int = 1000) -> None:
+        self.max_num_seqs = max_num_seqs
+        self.max_batch_tokens = max_batch_tokens
+        self.release = threading.Event()
+        self.started = threading.Event()
+        self.forwards: list[list[TokenPair]] = []
+
+    def score(self, batch: list[TokenPair]) -> list[float]:
+        self.started.set()
+        self.release.wait(10)
+        self.forwards.append(batch)
+        return [p.ids[0] + len(p.ids) / 100 for p in batch]
+
+
+def pair(first: int, length: int) -> TokenPair:
+    return TokenPair([first] * length, [0] * length)
+
+
+async def test_the_pairs_of_concurrent_requests_share_forwards_within_the_limits() -> None:
+    engine = FakeScorer(max_num_seqs=4, max_batch_tokens=20)
+    runner = ScoringRunner(engine)
+    runner.start()
+    try:
+        first = asyncio.ensure_future(runner.score([pair(9, 1)]))
+        await asyncio.to_thread(engine.started.wait, 10)
+        requests = [[pair(i, 2), pair(i, 3)] for i in range(1, 4)]  # three requests, two pairs each
+        tasks = [asyncio.ensure_future(runner.score(r)) for r in requests]
+        await asyncio.sleep(0.05)
+        assert runner.stats().waiting == 6
+        engine.release.set()
+        results = await asyncio.gather(*tasks)
+        assert await first == [9.01]
+        for i, scores in enumerate(results, start=1):
+            assert scores == [i + 0.02, i + 0.03]
+        assert [len(b) for b in engine.forwards] == [1, 4, 2], "queued pairs ran together, four at most"
+        for batch in engine.forwards:
+            assert max(len(p.ids) for p in batch) * len(batch) <= 20
+    finally:
+        await runner.stop()

@@ -45,7 +45,7 @@ async def test_worker_context_check_names_max_tokens() -> None:
         assert_error(resp, 400, param="max_tokens", code="context_length_exceeded")
 
 
-async def test_embedding_and_tokenizer_routes_need_the_fleet_secret() -> None:
+async def test_embedding_scoring_and_tokenizer_routes_need_the_fleet_secret() -> None:
     from lmfleet.worker.app import WorkerSettings
     from lmfleet.worker.app import create_app as create_worker
     from tests.fakes import ScriptedEngine, loaded, running
@@ -56,6 +56,7 @@ async def test_embedding_and_tokenizer_routes_need_the_fleet_secret() -> None:
     app = create_worker(settings, load=lambda _s: loaded(ScriptedEngine()))
     bodies = {
         "/worker/embed": {"request_id": "e", "input": ["hi"]},
+        "/worker/score": {"request_id": "s", "text_1": ["hi"], "text_2": ["there"]},
         "/worker/tokenize": {"prompt": "hi"},
         "/worker/detokenize": {"tokens": [104, 105]},
     }
@@ -73,6 +74,5 @@ async def test_embedding_and_tokenizer_routes_need_the_fleet_secret() -> None:
         }
         back = await worker.post("/worker/detokenize", json=bodies["/worker/detokenize"], headers=secret)
         assert back.json() == {"prompt": "hi"}
-        assert_error(
-            await worker.post("/worker/embed", json=bodies["/worker/embed"], headers=secret), 400, param="model"
-        )
+        for path in ("/worker/embed", "/worker/score"):  # past the secret: a generation model does neither
+            assert_error(await worker.post(path, json=bodies[path], headers=secret), 400, param="model")

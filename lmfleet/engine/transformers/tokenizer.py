@@ -2,8 +2,8 @@
 
 Owns: loading the tokenizer of a model folder (or a GGUF file, which transformers reads with `gguf_file=`) and
 rendering chat prompts with its own chat template, control tokens inside message text encoded as plain text
-(transformers' `sanitize_control_tokens`). Does not own: incremental detokenizing and stop strings (the worker's
-text layer).
+(transformers' `sanitize_control_tokens`), and joining two texts as a cross-encoder reads them. Does not own:
+incremental detokenizing and stop strings (the worker's text layer).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import functools
 from collections.abc import Sequence
 from typing import Any
 
-from lmfleet.engine.base import FALLBACK_CHAT_TEMPLATE, ChatTemplateError
+from lmfleet.engine.base import FALLBACK_CHAT_TEMPLATE, ChatTemplateError, TokenPair
 
 
 class HFTokenizer:
@@ -41,6 +41,12 @@ class HFTokenizer:
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
+
+    def encode_pair(self, first: str, second: str) -> TokenPair:
+        """Two texts joined as the model's tokenizer joins a pair (a cross-encoder's input), never truncated."""
+        enc = self._tok(first, second, add_special_tokens=True, truncation=False, verbose=False)
+        ids = list(enc["input_ids"])
+        return TokenPair(ids, list(enc.get("token_type_ids") or [0] * len(ids)))
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         return str(self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens))
