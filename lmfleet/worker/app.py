@@ -217,9 +217,13 @@ class Worker:
         return EmbedResponse(embeddings=embed.shorten(vectors, req.dimensions), prompt_tokens=sum(map(len, seqs)))
 
     def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
-        if req.messages is not None:
-            messages = [m.model_dump(exclude_none=True) for m in req.messages]
-            ids = textgen.render_chat(self.tokenizer, messages, add_generation_prompt=req.add_generation_prompt)
+        if req.messages is not None:  # rendered as `prompt_ids` renders a chat generation's prompt
+            messages, specs = tools.prepare(
+                [m.model_dump(exclude_none=True) for m in req.messages], req.tools, native=self.native_tools
+            )
+            ids = textgen.render_chat(
+                self.tokenizer, messages, add_generation_prompt=req.add_generation_prompt, tools=specs
+            )
         else:
             ids = self.tokenizer.encode(req.prompt or "", add_special_tokens=req.add_special_tokens)
         return TokenizeResponse(tokens=ids, max_model_len=self.max_model_len)
@@ -352,6 +356,8 @@ class Worker:
                     delta, pieces = delta + rest, pieces + more
                     if calls.calls and kw["finish_reason"] == "stop":
                         kw["finish_reason"] = "tool_calls"
+            if kw.get("finish_reason") == "stop":
+                kw["stop_string"] = text.stop_string
             if req.logprobs is not None and "logprobs" not in kw:  # asked for: one entry per id
                 kw["logprobs"] = self.speller.entries(logprobs[: len(ids or [])])
             return GenerateChunk(
