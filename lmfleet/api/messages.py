@@ -46,11 +46,12 @@ from lmfleet.api.sse import Event
 from lmfleet.api.upstream import ChoiceDelta
 from lmfleet.metrics import CLIENT_CLOSED_REQUEST
 from lmfleet.protocol.anthropic import (
+    AnthropicError,
+    AnthropicUsage,
     ContentBlockDeltaEvent,
     ContentBlockStartEvent,
     ContentBlockStopEvent,
     CountTokensRequest,
-    ErrorResponse,
     InputJsonDelta,
     Message,
     MessageDelta,
@@ -63,7 +64,6 @@ from lmfleet.protocol.anthropic import (
     TextDelta,
     TokenCount,
     ToolUseBlock,
-    Usage,
     anthropic_loc,
     new_id,
     stop_reason,
@@ -96,7 +96,7 @@ class MessageRenderer:
     closes it and begins the next."""
 
     def __init__(self, model: str) -> None:
-        self.message = Message(id=new_id("msg"), model=model, usage=Usage(input_tokens=0, output_tokens=0))
+        self.message = Message(id=new_id("msg"), model=model, usage=AnthropicUsage(input_tokens=0, output_tokens=0))
         self._current: int | None = None  # the index of the block being written
         self._calls: dict[int, int] = {}  # tool-call index -> its block's index
         self._arguments: dict[int, str] = {}  # a tool_use block's index -> its arguments' JSON so far
@@ -110,7 +110,7 @@ class MessageRenderer:
     # The answer path's hooks
 
     def start(self, usage: ChatUsage) -> list[Event]:
-        self.message.usage = Usage.of(usage)
+        self.message.usage = AnthropicUsage.of(usage)
         return _sse([MessageStartEvent(message=self.message.model_copy(deep=True))])
 
     def delta(self, delta: ChoiceDelta) -> list[Event]:
@@ -192,7 +192,7 @@ class MessageRenderer:
         message = self.message
         message.stop_reason = stop_reason(finish_reason, stop)
         message.stop_sequence = stop if message.stop_reason == "stop_sequence" else None
-        message.usage = Usage.of(usage)
+        message.usage = AnthropicUsage.of(usage)
         delta = MessageDelta(stop_reason=message.stop_reason, stop_sequence=message.stop_sequence)
         return [*events, MessageDeltaEvent(delta=delta, usage=message.usage), MessageStopEvent()]
 
@@ -242,7 +242,7 @@ class MessagesConfig:
 def add_routes(app: FastAPI, config: MessagesConfig, *, errors_doc: dict[int | str, dict[str, Any]]) -> None:
     """The Messages routes on `app` (whose route class is ParsedBodyRoute); `errors_doc`: the error answers the
     OpenAPI document lists for the other routes, listed here with Anthropic's body (lmfleet.errors)."""
-    errors_doc = {status: {**doc, "model": ErrorResponse} for status, doc in errors_doc.items()}
+    errors_doc = {status: {**doc, "model": AnthropicError} for status, doc in errors_doc.items()}
     stream_doc: dict[int | str, dict[str, Any]] = {
         200: {"content": {"text/event-stream": {"schema": {"type": "string", "description": "typed events"}}}}
     }

@@ -31,7 +31,7 @@ Usage: lmfleet's workers do not report prompt-cache hits, so `cache_read_input_t
 the three, so it stays right).
 
 Does not own: turning chat answers into messages and events (lmfleet.api.messages), spelling errors
-(lmfleet.errors.anthropic_body: `ErrorResponse` here is its shape, for the OpenAPI document).
+(lmfleet.errors.anthropic_body: `AnthropicError` here is its shape, for the OpenAPI document).
 """
 
 from __future__ import annotations
@@ -473,14 +473,14 @@ class ToolUseBlock(BaseModel):
 ContentBlock = Annotated[TextBlock | ToolUseBlock, Field(discriminator="type")]
 
 
-class Usage(BaseModel):
+class AnthropicUsage(BaseModel):
     input_tokens: int
     output_tokens: int
     cache_creation_input_tokens: int = 0
     cache_read_input_tokens: int = 0
 
     @classmethod
-    def of(cls, usage: ChatUsage) -> Usage:
+    def of(cls, usage: ChatUsage) -> AnthropicUsage:
         return cls(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens)
 
 
@@ -492,19 +492,19 @@ class Message(BaseModel):
     content: list[ContentBlock] = Field(default_factory=list)
     stop_reason: StopReason | None = None  # null only in message_start
     stop_sequence: str | None = None
-    usage: Usage
+    usage: AnthropicUsage
 
 
-class ErrorObject(BaseModel):
+class AnthropicErrorObject(BaseModel):
     type: str  # Anthropic's error type (lmfleet.errors maps each status to one)
     message: str
 
 
-class ErrorResponse(BaseModel):
+class AnthropicError(BaseModel):
     """Every error on these routes has this body (lmfleet.errors.anthropic_body), the stream's `error` event too."""
 
     type: Literal["error"] = "error"
-    error: ErrorObject
+    error: AnthropicErrorObject
     request_id: str | None = None
 
 
@@ -558,7 +558,7 @@ class MessageDelta(BaseModel):
 class MessageDeltaEvent(BaseModel):
     type: Literal["message_delta"] = "message_delta"
     delta: MessageDelta
-    usage: Usage  # cumulative: Anthropic's message_delta usage has the same fields
+    usage: AnthropicUsage  # cumulative: Anthropic's message_delta usage has the same fields
 
 
 class MessageStopEvent(BaseModel):
