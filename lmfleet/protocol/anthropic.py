@@ -6,9 +6,10 @@ Owns:
   * parsing a `MessagesRequest` (and a `CountTokensRequest`, the same conversation without the sampling knobs)
     once, at the edge: `system` as a string or text blocks; `messages` of `user` and `assistant` turns whose
     content is a string or blocks: `text`, `tool_use` (assistant) and `tool_result` (user; its content a string or
-    text blocks); custom `tools` (name, description, input_schema) and `tool_choice` (auto, any, tool, none;
-    disable_parallel_tool_use); `max_tokens` (required), `stop_sequences`, `temperature`, `top_p`, `top_k`,
-    `output_config.format` (a JSON schema the answer follows), `stream`.
+    text blocks; with `is_error` its text goes to the model as it is); custom `tools` (name, description,
+    input_schema) and `tool_choice` (auto, any, tool, none; disable_parallel_tool_use); `max_tokens` (required),
+    `stop_sequences`, `temperature`, `top_p`, `top_k`, `output_config.format` (a JSON schema the answer follows),
+    `stream`.
     What lmfleet cannot do is a 400 naming it: image, document and other blocks, server tools (web search, code
     execution, ...), `mcp_servers`, `container`, and a last message from the assistant (Anthropic continues it;
     the chat path starts a new turn). Hints that change nothing lmfleet can act on are accepted and ignored:

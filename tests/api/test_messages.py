@@ -334,6 +334,23 @@ async def test_every_error_on_these_routes_is_anthropics_and_the_others_stay_ope
         assert_anthropic_error(await post("/v1/messages", json=ask(QUESTION), headers=AUTH), 503, "overloaded_error")
 
 
+async def test_a_bug_is_a_bare_api_error(caplog: pytest.LogCaptureFixture) -> None:
+    async with serve() as api:
+
+        @api.app.post("/v1/messages/boom")
+        async def boom() -> None:
+            raise RuntimeError("SECRET-INTERNAL-DETAIL")
+
+        transport = httpx.ASGITransport(app=api.asgi, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url=API) as client:
+            resp = await client.post("/v1/messages/boom", json={})
+        assert resp.status_code == 500 and "SECRET" not in resp.text
+        body = resp.json()
+        validate("ErrorResponse", body)
+        assert body["error"] == {"type": "api_error", "message": "internal server error"}
+    assert any("SECRET-INTERNAL-DETAIL" in (r.exc_text or "") for r in caplog.records)
+
+
 async def test_anthropic_headers_are_accepted() -> None:
     async with serve(api_keys=["sk-test"]) as api:
         headers = {**AUTH, "anthropic-version": "2023-06-01", "anthropic-beta": "interleaved-thinking-2025-05-14"}
