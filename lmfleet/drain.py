@@ -18,7 +18,6 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Collection
 
-from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lmfleet import errors
@@ -82,7 +81,7 @@ class DrainGate:
         if self.drain.draining:
             exc = errors.ServiceUnavailable("This server is shutting down; retry on another one.")
             headers = {"Connection": "close", "Retry-After": "1"}
-            await JSONResponse(exc.body(), status_code=exc.status, headers=headers)(scope, receive, send)
+            await errors.response(exc, scope, headers)(scope, receive, send)
             return
         self.drain.in_progress += 1
         try:

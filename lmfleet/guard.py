@@ -9,14 +9,14 @@
     nesting;
 then hands the app the buffered body, unchanged, and the parsed object under `scope[PARSED_BODY]`: routes of the
 class `ParsedBodyRoute` read it instead of parsing the JSON again (one parse per request per process). Every
-refusal is an OpenAI-shaped error (lmfleet.errors) whose
+refusal is an error in the request's style (lmfleet.errors: OpenAI's shape unless the route speaks another) whose
 message says what is wrong; it quotes nothing from the body but a duplicated key's name.
 
 `check_json(body)` is the same check as a plain function (tests, and any caller that already holds a body).
 
-`BearerSecrets` is the one comparison of `Authorization: Bearer <token>` against configured secrets (API keys,
-the fleet's registration secret): over SHA-256 digests with `hmac.compare_digest` and no short-circuit, so
-neither a secret's content nor its length shows in the timing.
+`BearerSecrets` is the one comparison of `Authorization: Bearer <token>` (or a bare token, as `x-api-key` holds
+one) against configured secrets (API keys, the fleet's registration secret): over SHA-256 digests with
+`hmac.compare_digest` and no short-circuit, so neither a secret's content nor its length shows in the timing.
 
 Does not own: what the fields mean or their limits (pydantic models in lmfleet.protocol validate the parsed
 object; NaN and Infinity, which Python's JSON accepts, are left to them, so the 400 names
@@ -39,7 +39,6 @@ from email.message import Message as _ContentType
 from typing import Any
 
 from fastapi import Request, Response
-from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -48,7 +47,8 @@ from lmfleet import errors
 
 
 class BearerSecrets:
-    """Does a request's Authorization header carry one of these secrets? Holds digests, never the secrets."""
+    """Does a request's Authorization header (or another header holding a secret as it is) carry one of these
+    secrets? Holds digests, never the secrets."""
 
     def __init__(self, secrets: Sequence[str]) -> None:
         self._digests = [hashlib.sha256(s.encode("utf-8")).digest() for s in secrets]
@@ -57,11 +57,16 @@ class BearerSecrets:
         return bool(self._digests)
 
     def match(self, authorization: str | None) -> bool:
+        """`Authorization: Bearer <secret>`."""
         scheme, _, token = (authorization or "").partition(" ")
+        return self.match_token(token) and scheme.lower() == "bearer"
+
+    def match_token(self, token: str | None) -> bool:
+        """The secret itself, as a header such as `x-api-key` holds it (surrounding spaces aside)."""
         # latin-1 undoes the header decoding, so the comparison is over the bytes the client sent
-        presented = hashlib.sha256(token.strip().encode("latin-1", "replace")).digest()
+        presented = hashlib.sha256((token or "").strip().encode("latin-1", "replace")).digest()
         matches = [hmac.compare_digest(presented, d) for d in self._digests]  # no short-circuit
-        return scheme.lower() == "bearer" and any(matches)
+        return token is not None and any(matches)
 
 
 PARSED_BODY = "lmfleet.parsed_body"  # the scope key RequestGuard leaves the parsed JSON body under
@@ -238,7 +243,7 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 
 async def _reply(exc: errors.LmfleetError, scope: Scope, receive: Receive, send: Send) -> None:
-    await JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers or None)(scope, receive, send)
+    await errors.response(exc, scope)(scope, receive, send)
 
 
 class _ParsedBodyRequest(Request):

@@ -6,14 +6,18 @@ Owns
     (`--metrics-public`).
     Everything else, including any route added later and any unknown path, needs a key when keys are
     configured: `needs_key` is a deny-by-default test, so a new route cannot be left open by mistake.
+  * `presented_key`: where a request's key is read, on every route: `Authorization: Bearer <key>` (OpenAI's
+    clients, and Anthropic's with an auth token), else `x-api-key: <key>` (Anthropic's clients and Claude Code).
+    One rule everywhere rather than a header per route: the keys and their check are the same, and a client of
+    one protocol that lists models or reads a stored response needs no second way to say who it is.
   * `RequestLimits`: limits the operator may tighten with flags (`--max-n`, `--max-stop`, `--max-stop-chars`,
     `--max-messages`, `--max-message-chars`), checked after the request is parsed. The ceilings are the
     `Field()` limits of lmfleet.protocol.openai (what `/openapi.json` documents); a limit can be set lower,
     never higher. Each refusal is a 400 naming the parameter.
 
-Does not own: comparing keys (the gate in lmfleet.api.app), body size and JSON sanity (lmfleet.guard),
-`max_tokens` against the model's context (the worker knows the context; it answers 400
-context_length_exceeded).
+Does not own: comparing keys (the gate in lmfleet.api.app, with lmfleet.guard's constant-time comparison), body
+size and JSON sanity (lmfleet.guard), `max_tokens` against the model's context (the worker knows the context; it
+answers 400 context_length_exceeded).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from starlette.datastructures import Headers
 from starlette.types import Scope
 
 from lmfleet import errors
@@ -56,6 +61,16 @@ def needs_key(scope: Scope, public: frozenset[str] = PUBLIC_PATHS) -> bool:
     """Deny by default: only `public` paths (`PUBLIC_PATHS`, plus /metrics with `--metrics-public`) and `GET /` go
     without a key."""
     return not is_public(scope["method"], route_path(scope), public)
+
+
+def presented_key(headers: Headers) -> str | None:
+    """The API key a request presents: the token of `Authorization: Bearer <key>`, else `x-api-key`; None when it
+    presents neither."""
+    scheme, _, token = (headers.get("authorization") or "").partition(" ")
+    if scheme.lower() == "bearer":
+        return token.strip()
+    key = headers.get("x-api-key")
+    return None if key is None else key.strip()
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""The one generation path: chat, completions and Responses (and the next protocol) are answered here, and each
-endpoint only renders.
+"""The one generation path: chat, completions, Responses and Anthropic's Messages (and the next protocol) are
+answered here, and each endpoint only renders.
 
 Owns, for one request that generates, in this order:
   1. the operator's limits on the request it generates with (lmfleet.api.access; an endpoint that translated its
@@ -10,17 +10,18 @@ Owns, for one request that generates, in this order:
      that leaves first gets a 499 and no worker goes on generating for it;
   3. the answer, streamed (SSE, stopped when the client leaves) or collected (one JSON body; 499 when the client
      leaves first), spelled by the endpoint's `Renderer` from the neutral deltas (upstream.ChoiceDelta: text,
-     tool-call pieces, finish reason), and usage;
+     tool-call pieces, finish reason and the stop string that caused it), and usage;
   4. closing every worker stream and recording usage (lmfleet.api.metrics), whatever happened.
 
 A new protocol is a new `Renderer` and a route that translates its request into a chat or completions request
-and calls `AnswerPath.answer`. Errors before the 200 (limits, no such model, no worker, a worker's 400 or 429) are
-raised as lmfleet.errors exceptions, so the route's error handling spells them, as it spells the request's own
-validation errors; a failure after the 200 is the renderer's to spell (`fail`).
+and calls `AnswerPath.answer` (lmfleet.api.responses, lmfleet.api.messages). Errors before the 200 (limits, no
+such model, no worker, a worker's 400 or 429) are raised as lmfleet.errors exceptions, so the route's error
+handling spells them, as it spells the request's own validation errors; a failure after the 200 is the renderer's
+to spell (`fail`).
 
 Does not own: parsing requests (lmfleet.protocol), workers, failover and usage accounting (lmfleet.api.upstream),
-how a delta is spelled (lmfleet.api.render for chat and completions, lmfleet.api.responses), SSE framing and
-disconnect watching (lmfleet.api.sse), request timing (lmfleet.metrics).
+how a delta is spelled (lmfleet.api.render for chat and completions, lmfleet.api.responses,
+lmfleet.api.messages), SSE framing and disconnect watching (lmfleet.api.sse), request timing (lmfleet.metrics).
 """
 
 from __future__ import annotations
@@ -61,10 +62,11 @@ logger = logging.getLogger("lmfleet.api")
 class Renderer(Protocol):
     """One answer in an endpoint's wire shape, made for it once its model is known.
 
-    Streamed, the path calls `start()` once the first chunk of every choice is in hand (the 200 goes out with what
-    it returns), `delta()` for each delta in arrival order (each choice's last one has its finish reason), then
-    `end(usage)` after the last; or `fail(exc)` instead of the rest once the answer broke off after the 200 (no
-    worker could make up for a failure, or a bug). Each returns the events to send now, perhaps none; `end` and
+    Streamed, the path calls `start(usage)` once the first chunk of every choice is in hand (the 200 goes out with
+    what it returns; `usage` counts the prompt's tokens and none generated yet), `delta()` for each delta in
+    arrival order (each choice's last one has its finish reason), then `end(usage)` after the last; or
+    `fail(exc)` instead of the rest once the answer broke off after the 200 (no worker could make up for a
+    failure, or a bug). Each returns the events to send now, perhaps none; `end` and
     `fail` return the stream's last ones. Not streamed, it calls `answer(choices, usage)` once, each choice's
     deltas joined into one (upstream.joined); a failure is then raised. Either way `settle()` runs before the last
     event or the body is sent (Responses stores the response there); what it raises is sent as `fail(exc)`, or
@@ -75,7 +77,7 @@ class Renderer(Protocol):
         """The answer's id: choice i is generated as the worker request `{id}-{i}`; logs name it."""
         ...
 
-    def start(self) -> list[Event]: ...
+    def start(self, usage: Usage) -> list[Event]: ...
 
     def delta(self, delta: ChoiceDelta) -> list[Event]: ...
 
@@ -136,7 +138,9 @@ class AnswerPath:
             self.limits.check(body)
         except errors.InvalidRequest as exc:
             if param is not None and exc.param is not None:
-                exc.param = param(exc.param)
+                named, exc.param = exc.param, param(exc.param)
+                if exc.message.startswith(f"{named}:"):  # the message names it too (access.RequestLimits)
+                    exc.message = exc.param + exc.message[len(named) :]
             raise
         model = await self.resolve_model(request, body.model)
         renderer = renderer_for(model)
@@ -176,7 +180,7 @@ class AnswerPath:
 async def _stream(streams: Sequence[ChoiceStream], renderer: Renderer) -> AsyncIterator[bytes]:
     """The SSE body: the renderer's events for the deltas of every choice in arrival order, then its last ones
     (`end`, or `fail` once the answer broke off). Stops where it is when the client goes away."""
-    for event in renderer.start():
+    for event in renderer.start(usage_of(streams)):
         yield event.encode()
     try:
         async with contextlib.aclosing(merge(streams)) as deltas:

@@ -11,6 +11,9 @@ Routes
     POST /v1/rerank, /v1/score   (and /rerank, /score) cross-encoders and embedding models (lmfleet.api.rerank)
     POST /v1/responses, GET|DELETE /v1/responses/{id}, GET /v1/responses/{id}/input_items
                                  OpenAI's Responses API over the one answer path (lmfleet.api.responses)
+    POST /v1/messages, /v1/messages/count_tokens
+                                 Anthropic's Messages API over the one answer path (lmfleet.api.messages); its
+                                 errors in Anthropic's shape
     GET  /health                 alive (always 200)
     GET  /ready                  can serve: 200 while some worker is in rotation and the server is not draining
     GET  /docs, /redoc, /openapi.json   served offline (lmfleet.docs)
@@ -27,11 +30,13 @@ after the first token (lmfleet.api.upstream), SSE or one JSON body); each endpoi
 validates prompt length against the model's context and its errors (400 context_length_exceeded, 429) pass
 through unchanged.
 
-Errors: every error body is `{"error": {"message", "type", "param", "code"}}` (lmfleet.errors). Unknown model →
-404 model_not_found; a model served a moment ago with no worker now → 503 no_worker_available (lmfleet.api.routing);
-a worker failure no other worker could make up for → 502 (or an SSE error event once the answer has started); API
-key missing or wrong → 401 (on every route but `access.PUBLIC_PATHS`); body over `max_request_bytes` → 413; a body
-that is not one sane JSON object → 400 (lmfleet.guard); a value over an operator's limit → 400 naming it
+Errors: every error body is `{"error": {"message", "type", "param", "code"}}` (lmfleet.errors), but on the
+Anthropic routes, where it is `{"type": "error", "error": {"type", "message"}}` with the same status. Unknown model
+→ 404 model_not_found; a model served a moment ago with no worker now → 503 no_worker_available
+(lmfleet.api.routing); a worker failure no other worker could make up for → 502 (or an SSE error event once the
+answer has started); API key (`Authorization: Bearer` or `x-api-key`) missing or wrong → 401 (on every route but
+`access.PUBLIC_PATHS`); body over `max_request_bytes` → 413; a body that is not one sane JSON object → 400
+(lmfleet.guard); a value over an operator's limit → 400 naming it
 (`access.RequestLimits`). FastAPI's 422 never appears, in answers or in the OpenAPI schema.
 
 Resources (one pooled httpx client, the controller and worker clients, the router and its refresh task) live in
@@ -59,10 +64,11 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lmfleet import __version__, docs, errors
+from lmfleet.api import messages as messages_api
 from lmfleet.api import rerank as rerank_api
 from lmfleet.api import responses as responses_api
 from lmfleet.api import ui
-from lmfleet.api.access import PUBLIC_PATHS, RequestLimits, needs_key
+from lmfleet.api.access import PUBLIC_PATHS, RequestLimits, needs_key, presented_key
 from lmfleet.api.answer import AnswerPath
 from lmfleet.api.fleet import FleetStats
 from lmfleet.api.metrics import ApiMetrics
@@ -156,9 +162,9 @@ class ApiState(TypedDict):
 
 
 class ApiKeyGate:
-    """`Authorization: Bearer <key>` on every route but `access.PUBLIC_PATHS` (/health, /ready, the docs and
-    /openapi.json), unknown paths included. Each key is compared in constant time; the presented key is never
-    logged or echoed."""
+    """An API key (`Authorization: Bearer <key>` or `x-api-key: <key>`: access.presented_key) on every route but
+    `access.PUBLIC_PATHS` (/health, /ready, the docs and /openapi.json), unknown paths included. Each key is
+    compared in constant time; the presented key is never logged or echoed."""
 
     def __init__(self, app: ASGIApp, keys: Sequence[str], public: frozenset[str] = PUBLIC_PATHS) -> None:
         self.app = app
@@ -166,16 +172,16 @@ class ApiKeyGate:
         self._public = public
 
     def _authorized(self, scope: Scope) -> bool:
-        return self._keys.match(Headers(scope=scope).get("authorization"))
+        return self._keys.match_token(presented_key(Headers(scope=scope)))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and needs_key(scope, self._public) and not self._authorized(scope):
             logger.info("refused %s %s: missing or invalid API key", scope["method"], scope["path"])
             exc = errors.AuthenticationFailed(
-                "Missing or invalid API key: send it as 'Authorization: Bearer <key>'.",
+                "Missing or invalid API key: send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'.",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-            await JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)(scope, receive, send)
+            await errors.response(exc, scope)(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
@@ -310,7 +316,7 @@ def create_app(
             CORSMiddleware,
             allow_origins=settings.allow_origins,
             allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type", HEADER],
+            allow_headers=["Authorization", "Content-Type", HEADER, "x-api-key", "anthropic-version", "anthropic-beta"],
             expose_headers=[HEADER],
         )
     # Counts every request in progress and, once draining, refuses new ones (503).
@@ -319,7 +325,9 @@ def create_app(
     # dashboard's figures (lmfleet.api.fleet), timed alike.
     stats = FleetStats()
     install_metrics(app, metrics.registry, part="lmfleet_api", sinks=[stats])
-    app.add_middleware(RequestIdMiddleware)  # outermost: every answer carries X-Request-ID, every log line too
+    app.add_middleware(RequestIdMiddleware)  # every answer carries X-Request-ID, every log line too
+    # Outermost: the routes of another protocol have every error, from any middleware, spelled their way.
+    app.add_middleware(errors.ErrorStyles, by_path=messages_api.ERROR_PATHS)
     answer_path = AnswerPath(
         metrics,
         settings.limits,
@@ -424,6 +432,8 @@ def create_app(
     responses = responses_api.ResponsesConfig(path=answer_path, scoped=bool(settings.api_keys))
     responses_api.add_routes(app, responses, errors_doc=_ERRORS)
     rerank_api.add_routes(app, one_reply, errors_doc=_ERRORS)
+    messages = messages_api.MessagesConfig(path=answer_path, one_reply=one_reply)
+    messages_api.add_routes(app, messages, errors_doc=_ERRORS)
 
     ui.install(app, stats)
     return app

@@ -33,7 +33,8 @@ from pydantic import BaseModel, Field
 from lmfleet.api.routing import Router
 from lmfleet.metrics import TimedRequest
 
-GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/", "/v1/responses"})  # POSTed
+# POSTed to these, a request generates
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/", "/v1/responses", "/v1/messages"})
 MAX_SAMPLES_PER_SECOND = 2048  # latencies kept per second bucket (a percentile over a sample beyond that)
 
 

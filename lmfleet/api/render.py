@@ -96,7 +96,7 @@ class _OneResponse(ABC):
     @abstractmethod
     def answer(self, choices: Sequence[ChoiceDelta], usage: Usage) -> BaseModel: ...
 
-    def start(self) -> list[Event]:
+    def start(self, usage: Usage) -> list[Event]:
         return []
 
     def delta(self, delta: ChoiceDelta) -> list[Event]:

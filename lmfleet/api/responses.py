@@ -44,6 +44,7 @@ from fastapi.responses import Response as HttpResponse
 from pydantic import ValidationError
 
 from lmfleet import errors
+from lmfleet.api.access import presented_key
 from lmfleet.api.answer import AnswerPath
 from lmfleet.api.response_store import ResponseStore, Stored
 from lmfleet.api.sse import Event
@@ -111,7 +112,7 @@ class ResponseRenderer:
 
     # The answer path's hooks
 
-    def start(self) -> list[Event]:
+    def start(self, usage: Usage) -> list[Event]:
         return _sse([self._lifecycle("created"), self._lifecycle("in_progress")])
 
     def delta(self, delta: ChoiceDelta) -> list[Event]:
@@ -319,7 +320,7 @@ def _owner(request: Request, config: ResponsesConfig) -> str:
     """Whose stored responses a request may see: a digest of its API key (never the key itself)."""
     if not config.scoped:
         return ""
-    token = request.headers.get("authorization", "").partition(" ")[2].strip()
+    token = presented_key(request.headers) or ""
     return hashlib.sha256(token.encode("latin-1", "replace")).hexdigest()
 
 

@@ -58,6 +58,7 @@ class ChoiceDelta:
     # when asked for: one per token of `token_ids`, or of the echoed prompt (protocol.worker); None: not asked for
     logprobs: tuple[TokenLogprob, ...] | None = None
     tool_calls: tuple[ToolCallChunk, ...] = ()  # pieces of tool calls (the first of a call has its id and name)
+    stop_string: str | None = None  # last delta: the stop string that ended the choice (its finish_reason "stop")
 
 
 def joined(deltas: Sequence[ChoiceDelta]) -> ChoiceDelta:
@@ -75,6 +76,7 @@ def joined(deltas: Sequence[ChoiceDelta]) -> ChoiceDelta:
         finish_reason=last.finish_reason,
         tool_calls=tuple(calls[i] for i in sorted(calls)),
         logprobs=None if first.logprobs is None else tuple(lp for d in deltas for lp in d.logprobs or ()),
+        stop_string=last.stop_string,
     )
 
 
@@ -240,6 +242,7 @@ class ChoiceStream:
                 lease.release()
                 raise
             self._stream, self._lease, self._first = stream, lease, first
+            self.prompt_tokens = first.prompt_tokens  # known from the first chunk on (usage_of before any delta)
             return
 
     async def deltas(self) -> AsyncGenerator[ChoiceDelta, None]:
@@ -264,6 +267,7 @@ class ChoiceStream:
                 finish_reason=self.finish_reason,
                 tool_calls=tuple(chunk.tool_calls),
                 logprobs=tuple(chunk.logprobs or ()) if self.spec.request.logprobs is not None else None,
+                stop_string=chunk.stop_string if chunk.finish_reason == "stop" else None,
             )
             if chunk.finish_reason is not None:
                 return

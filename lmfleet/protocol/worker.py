@@ -219,6 +219,7 @@ class GenerateChunk(BaseModel):
     tool_calls: list[ToolCallChunk] = Field(default_factory=list)  # never raw text of a call in `text`
     token_ids: list[int] = Field(default_factory=list)  # ids generated since the previous chunk
     finish_reason: FinishReason | None = None
+    stop_string: str | None = None  # with finish_reason "stop": the stop string (of `stop`) that ended the output
     prompt_tokens: int = 0
     completion_tokens: int = 0  # generated so far, resume_token_ids included
     error: ErrorInfo | None = None
@@ -278,11 +279,12 @@ class ScorePairsResponse(BaseModel):
 
 class TokenizeRequest(BaseModel):
     """`POST /worker/tokenize`: exactly one of `prompt` (tokenized as a document) and `messages` (through the chat
-    template)."""
+    template, with the `tools` offered, as a generation renders them)."""
 
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessageIn] | None = Field(default=None, min_length=1)
+    tools: list[ToolFunction] = Field(default_factory=list, max_length=128)  # messages only
     add_special_tokens: bool = True  # prompt only
     add_generation_prompt: bool = True  # messages only
 

@@ -72,7 +72,7 @@ from lmfleet.protocol.worker import (
     WorkerStatus,
 )
 from lmfleet.requestid import RequestIdMiddleware
-from lmfleet.worker import embed, score, textgen, tools
+from lmfleet.worker import embed, score, tools
 from lmfleet.worker.metrics import WorkerMetrics
 from lmfleet.worker.pipeline import Pipeline, refusal
 from lmfleet.worker.registration import Registration
@@ -223,8 +223,7 @@ class Worker:
 
     def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
         if req.messages is not None:
-            messages = [m.model_dump(exclude_none=True) for m in req.messages]
-            ids = textgen.render_chat(self.tokenizer, messages, add_generation_prompt=req.add_generation_prompt)
+            ids = self.pipeline.chat_ids(req.messages, req.tools, add_generation_prompt=req.add_generation_prompt)
         else:
             ids = self.tokenizer.encode(req.prompt or "", add_special_tokens=req.add_special_tokens)
         return TokenizeResponse(tokens=ids, max_model_len=self.max_model_len)

@@ -44,8 +44,8 @@ from lmfleet.engine.base import (
 from lmfleet.engine.grammar import Constraint, GrammarError, Grammars
 from lmfleet.engine.runner import AsyncEngine
 from lmfleet.protocol.errors import ErrorInfo
+from lmfleet.protocol.worker import ChatMessageIn, GenerateChunk, GenerateRequest, ToolCallChunk, ToolFunction
 from lmfleet.protocol.worker import FinishReason as WireFinishReason
-from lmfleet.protocol.worker import GenerateChunk, GenerateRequest, ToolCallChunk
 from lmfleet.protocol.worker import TokenLogprob as WireLogprob
 from lmfleet.worker import textgen, tools
 
@@ -106,16 +106,22 @@ class Pipeline:
             engine_req.params = dataclasses.replace(engine_req.params, constraint=constraint)
         return Prepared(req, prompt, engine_req)
 
+    def chat_ids(
+        self, messages: Sequence[ChatMessageIn], offered: Sequence[ToolFunction], *, add_generation_prompt: bool
+    ) -> list[int]:
+        """A chat's prompt ids: the messages and the offered tools through the model's template (or the generic
+        tool prompt). Generation and /worker/tokenize render with it, so a count is the generation's count."""
+        rendered, specs = tools.prepare(
+            [m.model_dump(exclude_none=True) for m in messages], offered, native=self.native_tools
+        )
+        return textgen.render_chat(self.tokenizer, rendered, add_generation_prompt=add_generation_prompt, tools=specs)
+
     def prompt_ids(self, req: GenerateRequest) -> list[int]:
         if req.messages is not None:
             if not req.messages:
                 raise errors.InvalidRequest("messages must not be empty", param="messages")
-            messages = [m.model_dump(exclude_none=True) for m in req.messages]
             offered = req.tools if req.tool_choice != "none" else []
-            messages, specs = tools.prepare(messages, offered, native=self.native_tools)
-            return textgen.render_chat(
-                self.tokenizer, messages, add_generation_prompt=req.add_generation_prompt, tools=specs
-            )
+            return self.chat_ids(req.messages, offered, add_generation_prompt=req.add_generation_prompt)
         if req.prompt is not None:
             return textgen.encode_prompt(self.tokenizer, req.prompt)
         return list(req.prompt_token_ids or [])
@@ -347,6 +353,7 @@ class _Output:
             tool_calls=pieces,
             token_ids=ids,
             finish_reason=finish_reason,
+            stop_string=self._text.stop_string if finish_reason == "stop" else None,
             prompt_tokens=len(self._prompt),
             completion_tokens=self._done,
             error=ErrorInfo(**error.body()["error"]) if error is not None else None,

@@ -97,14 +97,16 @@ class StopStrings:
         self._stops = [s for s in stops if s]
         self._longest = max((len(s) for s in self._stops), default=0)
         self._pending = ""
+        self.found: str | None = None  # the stop string that ended the text (the first in it)
 
     def push(self, text: str) -> tuple[str, bool]:
         if not self._stops:
             return text, False
         self._pending += text
-        hits = [i for i in (self._pending.find(s) for s in self._stops) if i >= 0]
+        hits = [(i, s) for i, s in ((self._pending.find(s), s) for s in self._stops) if i >= 0]
         if hits:
-            out = self._pending[: min(hits)]
+            at, self.found = min(hits, key=lambda hit: hit[0])
+            out = self._pending[:at]
             self._pending = ""
             return out, True
         hold = self._held_suffix()
@@ -151,6 +153,11 @@ class TextStream:
         text not delivered yet (possibly empty). Call once, before `push`."""
         self._skip = delivered_chars
         return self.push(generated_ids)
+
+    @property
+    def stop_string(self) -> str | None:
+        """The stop string that ended the output, once `stopped` by one."""
+        return self._stops.found
 
     def push(self, new_ids: Sequence[int]) -> str:
         """Text to send for these ids; sets `stopped` when a stop string ended the output."""

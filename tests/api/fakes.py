@@ -9,7 +9,9 @@
   send an error chunk, abort, break the connection, send a line that is not a chunk, or hang until the client
   goes away; to hold each word's text back until the next chunk (`holdback`, as a real worker holds half a
   UTF-8 character); or not to say what the prompt was (`resumable=False`, as a FastChat worker). It records the
-  requests it got and the streams the client closed early (`cancelled`).
+  requests it got and the streams the client closed early (`cancelled`). A word of the reply that is one of the
+  request's stop strings ends it there (finish_reason "stop", `stop_string`). `POST /worker/tokenize` answers a
+  token id per word of every message (recorded in `tokenized`).
 * `FakeController` serves `/list_models`, `/get_worker_address` (round robin) and `/workers` from a dict; a worker
   in `silent` stops heartbeating (its `last_heartbeat` freezes).
 * `StreamingASGITransport`: `httpx.ASGITransport` buffers the whole response and never reports a disconnect; this
@@ -17,7 +19,8 @@
   waits until the app has finished, so a test can then assert what the app did about it. `Switchable` puts a
   fake behind it, or refuses connections while the fake is `down`.
 * `serve(fleet, ...)` starts the API app (lifespan included) with all of that wired in and yields clients for it:
-  the official `openai.AsyncOpenAI` (over httpx2), plain httpx, and a streaming httpx.
+  the official `openai.AsyncOpenAI` and `anthropic.AsyncAnthropic` (over httpx2), plain httpx, and a streaming
+  httpx.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import anthropic
 import httpx
 import httpx2
 import openai
@@ -40,7 +44,7 @@ from starlette.types import ASGIApp, Message
 from lmfleet.api.app import ApiSettings, create_app
 from lmfleet.api.routing import Router
 from lmfleet.drain import Drain
-from lmfleet.protocol.worker import GenerateChunk, GenerateRequest
+from lmfleet.protocol.worker import GenerateChunk, GenerateRequest, TokenizeRequest
 from tests.fakes import running
 
 API = "http://api.test"
@@ -200,6 +204,7 @@ class FakeWorker:
         self.address = f"http://{name}.test"
         self.vocab = vocab or Vocab()
         self.requests: list[GenerateRequest] = []
+        self.tokenized: list[TokenizeRequest] = []
         self.reject: tuple[int, dict[str, Any]] | None = None  # answer this (status, body) instead
         self.then: Then | None = None  # what to do after `after` chunks ("stall": hang before the first)
         self.after = 1  # chunks sent before `then` happens
@@ -219,6 +224,9 @@ class FakeWorker:
         base = {"request_id": req.request_id, "prompt_tokens": len(words)}
         out = [GenerateChunk(text=req.prompt, **base)] if req.echo and req.prompt else []
         reply = expected_reply(" ".join(words), max_tokens=req.max_tokens, seed=req.seed).split()
+        stop = next((word for word in reply if word in req.stop), None)
+        if stop is not None:
+            reply = reply[: reply.index(stop)]
         texts = [word if i == 0 else " " + word for i, word in enumerate(reply)]
         if self.holdback:  # chunk i sends word i's id and word i-1's text; the last one flushes
             texts = ["", *texts[:-2], texts[-2] + texts[-1]] if len(texts) > 1 else texts
@@ -226,7 +234,10 @@ class FakeWorker:
             out.append(GenerateChunk(text=text, token_ids=[i], completion_tokens=i, **base))
             if i == 1:  # a real worker holds text back at times: an empty chunk
                 out.append(GenerateChunk(completion_tokens=i, **base))
-        out[-1].finish_reason = "length" if len(reply) < len(words) else "stop"
+        if not out:  # a stop string first: nothing to say
+            out.append(GenerateChunk(**base))
+        out[-1].finish_reason = "length" if len(reply) < len(words) and stop is None else "stop"
+        out[-1].stop_string = stop
         if req.resume_token_ids:  # continue after the chunk that carried the last resumed id
             done = len(req.resume_token_ids)
             sent = [c for c in out if not c.token_ids or c.token_ids[-1] <= done]
@@ -284,6 +295,12 @@ class FakeWorker:
                 status, body = self.reject
                 return JSONResponse(body, status_code=status)
             return StreamingResponse(self._stream(req), media_type="application/x-ndjson")
+
+        @app.post("/worker/tokenize")
+        async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
+            self.tokenized.append(req)
+            words = [w for m in req.messages or [] for w in (m.content or "").split()]
+            return {"tokens": self.vocab.ids(words or (req.prompt or "").split()), "max_model_len": 4096}
 
         @app.get("/ready")
         async def ready() -> JSONResponse:
@@ -369,6 +386,7 @@ class Api:
     asgi: ASGIApp
     raw: httpx.AsyncClient  # plain httpx (buffered)
     openai: openai.AsyncOpenAI  # the official client
+    anthropic: anthropic.AsyncAnthropic  # Anthropic's official client (its key as `Authorization: Bearer`)
     fleet: Fleet
     app: FastAPI
     router: Router  # the app's worker view (lifespan state)
@@ -392,7 +410,17 @@ async def serve(fleet: Fleet | None = None, *, api_key: str = "sk-test", **setti
             httpx2.AsyncClient(transport=httpx2.ASGITransport(app=asgi), base_url=API) as h2,
         ):
             client = openai.AsyncOpenAI(api_key=api_key, base_url=API + "/v1", http_client=h2, max_retries=0)
-            yield Api(asgi=asgi, raw=raw, openai=client, fleet=fleet, app=app, router=state["router"], drain=drain)
+            claude = anthropic.AsyncAnthropic(api_key=api_key, base_url=API, http_client=h2, max_retries=0)
+            yield Api(
+                asgi=asgi,
+                raw=raw,
+                openai=client,
+                anthropic=claude,
+                fleet=fleet,
+                app=app,
+                router=state["router"],
+                drain=drain,
+            )
 
 
 def assert_error(

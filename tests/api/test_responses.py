@@ -357,6 +357,11 @@ async def test_stored_responses_belong_to_the_key_that_made_them() -> None:
         assert_error(await api.raw.post("/v1/responses", json=body, headers=two), 400, param="previous_response_id")
         assert_error(await api.raw.get(f"/v1/responses/{out.id}"), 401)  # no key at all
         assert (await api.openai.responses.retrieve(out.id)).output_text == "a b"
+        # the same key sent as Anthropic's clients send it is the same owner; another key in it is not
+        mine = await api.raw.get(f"/v1/responses/{out.id}", headers={"x-api-key": "key-one"})
+        assert mine.status_code == 200 and mine.json()["id"] == out.id
+        theirs = await api.raw.get(f"/v1/responses/{out.id}", headers={"x-api-key": "key-two"})
+        assert_error(theirs, 404, param="response_id")
 
 
 async def test_the_database_survives_a_restart(tmp_path) -> None:  # noqa: ANN001

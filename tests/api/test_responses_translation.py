@@ -128,7 +128,7 @@ def call(index: int, arguments: str, call_id: str | None = None, name: str | Non
 
 def test_streamed_text_then_tool_calls_become_a_message_then_function_calls() -> None:
     renderer = fresh(tools=[WEATHER])
-    sent: list[Event] = renderer.start()
+    sent: list[Event] = renderer.start(USAGE)
     deltas = [  # the pieces of tool calls as the worker streams them
         ChoiceDelta(0, text="Let me check."),
         ChoiceDelta(0, tool_calls=call(0, "", call_id="call_a", name="get_weather")),

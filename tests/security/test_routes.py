@@ -10,6 +10,7 @@ import pytest
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 
 from lmfleet.api.access import PUBLIC_PATHS, is_public
+from lmfleet.api.messages import ERROR_PATHS
 from tests.api.fakes import API, assert_error, serve
 from tests.fakes import running
 
@@ -44,11 +45,17 @@ async def test_every_route_is_public_or_needs_a_key() -> None:
             if is_public(method, path):
                 assert anonymous.status_code != 401, f"{method} {path} is public but asked for a key"
             else:
-                err = assert_error(anonymous, 401, code="invalid_api_key")
+                if path.startswith(tuple(ERROR_PATHS)):  # Anthropic's routes spell their errors Anthropic's way
+                    assert anonymous.status_code == 401
+                    err = anonymous.json()["error"]
+                    assert err["type"] == "authentication_error"
+                else:
+                    err = assert_error(anonymous, 401, code="invalid_api_key")
                 assert KEY not in err["message"]
                 assert anonymous.headers["www-authenticate"] == "Bearer"
-                keyed = await api.raw.request(method, concrete(path), json=body, headers=AUTH)
-                assert keyed.status_code != 401, f"{method} {path} refused a good key: {keyed.text}"
+                for auth in (AUTH, {"x-api-key": KEY}):  # OpenAI's clients send the one, Anthropic's the other
+                    keyed = await api.raw.request(method, concrete(path), json=body, headers=auth)
+                    assert keyed.status_code != 401, f"{method} {path} refused a good key: {keyed.text}"
 
 
 @pytest.mark.parametrize(

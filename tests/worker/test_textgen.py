@@ -77,6 +77,16 @@ def test_stop_strings_across_chunks(pieces: list[str], stops: list[str], expecte
     assert out == expected
 
 
+def test_stop_strings_name_the_one_that_ended_the_text() -> None:
+    """The first in the text, whatever the order they were given in (Anthropic's `stop_sequence` says it)."""
+    s = StopStrings(["y", "zz"])
+    assert s.push("az") == ("a", False) and s.found is None  # "z" is held: it may begin "zz"
+    assert s.push("zy") == ("", True) and s.found == "zz"
+    ts = TextStream(ByteTokenizer(), [], ["END", "x"])
+    assert ts.push(list(b"abc")) == "abc" and ts.stop_string is None
+    assert ts.push(list(b"dENDx")) == "d" and ts.stopped and ts.stop_string == "END"
+
+
 def test_stop_strings_hold_back_only_a_possible_prefix() -> None:
     s = StopStrings(["STOP"])
     assert s.push("abc ST") == ("abc ", False)

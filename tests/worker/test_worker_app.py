@@ -47,7 +47,7 @@ async def test_streams_text_and_token_ids(worker) -> None:
     assert status == 200
     assert "".join(c["text"] for c in chunks) == SCRIPT
     assert sum((c["token_ids"] for c in chunks), []) == list(SCRIPT.encode())
-    assert [c["finish_reason"] for c in chunks][-1] == "stop"
+    assert [c["finish_reason"] for c in chunks][-1] == "stop" and chunks[-1]["stop_string"] is None  # the end
     assert all(c["finish_reason"] is None for c in chunks[:-1])
     assert chunks[-1]["completion_tokens"] == len(SCRIPT.encode())
     assert chunks[-1]["prompt_tokens"] == 2
@@ -67,9 +67,23 @@ async def test_stop_string_is_cut_and_the_sequence_freed(worker) -> None:
     status, chunks = await generate(client, prompt="x", stop=["wörld"], ignore_eos=True, max_tokens=100)
     assert status == 200
     assert "".join(c["text"] for c in chunks) == "Hello "
-    assert chunks[-1]["finish_reason"] == "stop"
+    assert chunks[-1]["finish_reason"] == "stop" and chunks[-1]["stop_string"] == "wörld"  # which one ended it
     assert await settles(lambda: not engine.running)  # aborted at the engine's next step
     assert (await client.get("/worker/status")).json()["running"] == 0
+
+
+async def test_tokenize_renders_the_tools_as_a_generation_does() -> None:
+    engine = ScriptedEngine(SCRIPT, max_model_len=4096)  # the generic tool prompt is long in bytes
+    settings = WorkerSettings(model_path="fake", worker_address="http://worker", controller_addresses=[])
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "weather?"}]
+    tools = [{"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+    async with running(create_app(settings, load=lambda _s: loaded(engine))) as (asgi, _):
+        async with httpx.AsyncClient(transport=StreamingASGITransport(asgi), base_url="http://worker") as client:
+            with_tools = (await client.post("/worker/tokenize", json={"messages": messages, "tools": tools})).json()
+            without = (await client.post("/worker/tokenize", json={"messages": messages})).json()
+            status, chunks = await generate(client, messages=messages, tools=tools, tool_choice="auto", max_tokens=1)
+    assert status == 200, chunks
+    assert len(with_tools["tokens"]) == chunks[-1]["prompt_tokens"] > len(without["tokens"])
 
 
 async def test_echo_prepends_the_prompt(worker) -> None:
