@@ -9,7 +9,7 @@ text layer).
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lmfleet.engine.base import FALLBACK_CHAT_TEMPLATE, ChatTemplateError
@@ -74,6 +74,7 @@ class HFTokenizer:
         *,
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
     ) -> list[int]:
         from jinja2 import TemplateError
 
@@ -86,7 +87,8 @@ class HFTokenizer:
                 add_generation_prompt=add_generation_prompt,
                 tokenize=True,
                 return_dict=False,
-                sanitize_control_tokens=True,
+                sanitize_control_tokens=True,  # also in the template kwargs' strings
+                **(template_kwargs or {}),
             )
         except TemplateError as exc:
             raise ChatTemplateError(str(exc)) from exc
