@@ -230,6 +230,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         choices=["auto", "hermes", "llama3_json", "mistral"],  # lmfleet.worker.tools.FORMATS (not imported here)
         help="how the model writes tool calls (default auto: from its chat template; hermes for the generic prompt)",
     )
+    # -- reasoning (lmfleet.worker.reasoning) --
+    g.add_argument(
+        "--reasoning-parser",
+        default="auto",
+        choices=["auto", "none", "deepseek_r1", "qwen3"],  # lmfleet.worker.reasoning.FORMATS (not imported here)
+        help="how the model marks its reasoning (<think>...</think>), sent apart from the answer as "
+        "reasoning_content (default auto: from its chat template; none: the answer keeps it)",
+    )
+    # -- end reasoning --
 
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:
@@ -333,6 +342,7 @@ def worker_settings(args: argparse.Namespace, **overrides: Any) -> Any:  # Worke
         registration_secret=registration_secret(args),
         drain_timeout_s=args.drain_timeout,
         tool_parser=args.tool_parser,
+        reasoning_parser=args.reasoning_parser,  # reasoning
     )
     fields.update(overrides)
     return WorkerSettings(**fields)
@@ -497,6 +507,7 @@ _ENGINE_FLAGS = (
     ("--device", "device"),
     ("--dtype", "dtype"),
     ("--tool-parser", "tool_parser"),
+    ("--reasoning-parser", "reasoning_parser"),  # reasoning
     ("--limit-worker-concurrency", "limit_worker_concurrency"),
     ("--heartbeat-interval", "heartbeat_interval"),
 )

@@ -56,12 +56,55 @@ class ByteTokenizer:
         return bytes([token_id]) if token_id < 256 else b"</s>"
 
     def render_chat(
-        self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True, tools: Any = None
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: Any = None,
+        template_kwargs: Any = None,
     ) -> list[int]:
         if any(m["role"] == "forbidden" for m in messages):
             raise ChatTemplateError("roles must be user or assistant")
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
         return self.encode(text + ("assistant:" if add_generation_prompt else ""))
+
+
+# What the thinking tokenizer's templates say, for the worker's `--reasoning-parser auto` to read.
+THINKING_TEMPLATES = {
+    "qwen3": "{%- if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{%- endif %}",
+    "deepseek_r1": "{% if add_generation_prompt %}<｜Assistant｜><think>\n{% endif %}",
+}
+
+
+class ThinkingTokenizer(ByteTokenizer):
+    """The byte tokenizer behind a chat template of a model that thinks first. `qwen3` style: the model writes
+    `<think>` itself, and `enable_thinking: false` ends the prompt in an empty `<think></think>` block;
+    `deepseek_r1` style: the generation prompt opens `<think>`. Keeps the last messages and template kwargs it
+    rendered."""
+
+    def __init__(self, style: str = "qwen3") -> None:
+        self.style = style
+        self.chat_template = THINKING_TEMPLATES[style]  # type: ignore[assignment]
+        self.messages: list[dict[str, Any]] = []
+        self.template_kwargs: dict[str, Any] = {}
+
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: Any = None,
+        template_kwargs: Any = None,
+    ) -> list[int]:
+        self.messages, self.template_kwargs = messages, dict(template_kwargs or {})
+        ids = super().render_chat(messages, add_generation_prompt=add_generation_prompt, tools=tools)
+        if not add_generation_prompt:
+            return ids
+        if self.style == "deepseek_r1":
+            return ids + self.encode("<think>\n")
+        if self.template_kwargs.get("enable_thinking") is False:
+            return ids + self.encode("<think>\n\n</think>\n\n")
+        return ids
 
 
 class ScriptedEngine:
@@ -70,6 +113,14 @@ class ScriptedEngine:
     With `continuing`, it acts like a deterministic model instead: the token at context position p is
     `script[p % len(script)]`, so a request whose prompt carries earlier output (a resumed generation) continues it
     exactly, and with `ignore_eos` it never ends on its own.
+
+    With `after` (bytes), it acts like a model that writes `script` after the last `after` in its prompt: the
+    output goes on from wherever the prompt's text after it leaves the script (a chat template that already wrote
+    the script's first bytes, a resumed generation), and ends with the script.
+
+    A request under a grammar (`SamplingParams.constraint`) gets the script's token where the grammar allows it,
+    else the highest id it allows (end-of-sequence where the grammar is complete), and stops once the grammar is
+    complete.
 
     Asked for log probabilities, it reports `fake_logprob(position, token)` for the token at each context position,
     with alternatives ids 1, 2, ... (prompt ones on the first output, as engines do)."""
@@ -81,9 +132,11 @@ class ScriptedEngine:
         step_s: float = 0.0,
         *,
         continuing: bool = False,
+        after: bytes | None = None,
     ) -> None:
         self.script = list(script.encode())
         self.continuing = continuing
+        self.after = after
         self.step_s = step_s  # a pause per step, so requests stay running while a test looks at them
         self._max_len = max_model_len
         self.running: dict[str, tuple[EngineRequest, int]] = {}
@@ -118,15 +171,26 @@ class ScriptedEngine:
                 del self.running[rid]
                 outs.append(EngineOutput(rid, [], FinishReason.ABORT))
                 continue
-            if n >= len(self.script) and not req.params.ignore_eos:
+            offset = self._offset(req)
+            constraint = req.params.constraint
+            ended = (offset if self.after is not None else 0) + n >= len(self.script)  # the script is all out
+            if ended and not req.params.ignore_eos and constraint is None:
                 del self.running[rid]
                 outs.append(EngineOutput(rid, [], FinishReason.STOP))
                 continue
-            offset = len(req.prompt_token_ids) if self.continuing else 0
             token = self.script[(offset + n) % len(self.script)]
+            if constraint is not None:
+                token = _allowed(constraint.allowed(), None if ended else token)
+                if token == EOS or not constraint.advance(token):
+                    del self.running[rid]
+                    outs.append(EngineOutput(rid, [], FinishReason.STOP))
+                    continue
             position = len(req.prompt_token_ids) + n
             n += 1
-            if n >= req.params.max_new_tokens:
+            if constraint is not None and constraint.finished:
+                del self.running[rid]
+                out = EngineOutput(rid, [token], FinishReason.STOP)
+            elif n >= req.params.max_new_tokens:
                 del self.running[rid]
                 out = EngineOutput(rid, [token], FinishReason.LENGTH)
             else:
@@ -139,6 +203,13 @@ class ScriptedEngine:
                 out.prompt_logprobs = [None] + [fake_logprob(p, prompt[p], k_prompt) for p in range(1, len(prompt))]
             outs.append(out)
         return outs
+
+    def _offset(self, req: EngineRequest) -> int:
+        """Where in the script this request's output starts."""
+        if self.after is not None:
+            text = bytes(t for t in req.prompt_token_ids if t < EOS)
+            return len(text) - text.rindex(self.after) - len(self.after)
+        return len(req.prompt_token_ids) if self.continuing else 0
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.running)
@@ -163,6 +234,12 @@ class PausingEngine(ScriptedEngine):
         if any(n >= self.pause_at for _, n in self.running.values()):
             self.release.wait(10)
         return super().step()
+
+
+def _allowed(mask: bytes, wanted: int | None) -> int:
+    """`wanted` if the bitmask allows it, else the highest id it allows."""
+    ok = [t for t in range(EOS + 1) if t // 8 < len(mask) and mask[t // 8] >> (t % 8) & 1]
+    return wanted if wanted in ok else max(ok)
 
 
 def fake_logprob(position: int, token: int, k: int) -> TokenLogprob:

@@ -9,7 +9,8 @@ Owns, per response (one renderer is made for each, knowing its model):
     `[DONE]`;
   * the whole non-streamed answer (`answer`, from each choice as one joined delta);
   * the difference between the two endpoints: `ChatRenderer` (chat.completion[.chunk]: the first chunk of each
-    choice says `role: "assistant"`) and `CompletionRenderer` (text_completion);
+    choice says `role: "assistant"`; a model's reasoning in `reasoning_content` and `reasoning`, apart from
+    `content`) and `CompletionRenderer` (text_completion: the raw text, reasoning never split from it);
   * log probabilities in each endpoint's shape (chat: `logprobs.content[]`; completions: the parallel lists
     `tokens`, `token_logprobs`, `top_logprobs`, `text_offset`), streamed with the chunk that carries their text
     (entries of tokens whose text is held back wait for the next chunk sent).
@@ -135,7 +136,13 @@ def _message(choice: ChoiceDelta) -> AssistantMessage:
         ToolCall(id=c.id or "", function=FunctionCall(name=c.name or "", arguments=c.arguments))
         for c in choice.tool_calls
     ]
-    return AssistantMessage(content=choice.text or (None if calls else ""), tool_calls=calls or None)
+    reasoning = choice.reasoning or None
+    return AssistantMessage(
+        content=choice.text or (None if calls else ""),
+        tool_calls=calls or None,
+        reasoning_content=reasoning,
+        reasoning=reasoning,
+    )
 
 
 class ChatRenderer(_OneResponse):
@@ -150,7 +157,7 @@ class ChatRenderer(_OneResponse):
 
     def chunk(self, delta: ChoiceDelta) -> ChatCompletionChunk | None:
         first = delta.index not in self._announced
-        sending = bool(delta.text or first or delta.finish_reason or delta.tool_calls)
+        sending = bool(delta.text or delta.reasoning or first or delta.finish_reason or delta.tool_calls)
         logprobs = self._logprobs(delta, sending)
         if not sending:
             return None
@@ -165,7 +172,14 @@ class ChatRenderer(_OneResponse):
             for c in delta.tool_calls
         ]
         text = delta.text if first and not calls else delta.text or None
-        content = ChatDelta(role="assistant" if first else None, content=text, tool_calls=calls or None)
+        reasoning = delta.reasoning or None
+        content = ChatDelta(
+            role="assistant" if first else None,
+            content=text,
+            tool_calls=calls or None,
+            reasoning_content=reasoning,
+            reasoning=reasoning,
+        )
         choice = ChatChunkChoice(
             index=delta.index, delta=content, finish_reason=delta.finish_reason, logprobs=_chat_logprobs(logprobs)
         )

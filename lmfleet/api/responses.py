@@ -14,9 +14,10 @@ Owns:
     tool-call pieces, finish reason) and usage become output items, and, streamed, the typed SSE stream
     (`event: <type>` + `data: {...}`, numbered by `sequence_number`): response.created, .in_progress,
     output_item.added, content_part.added, output_text.delta ..., output_text.done, content_part.done,
-    output_item.done (function calls: function_call_arguments.delta / .done), then response.completed, or
-    response.incomplete when `max_output_tokens` cut the answer. A failure after the 200 is an `error` event
-    followed by response.failed;
+    output_item.done (function calls: function_call_arguments.delta / .done; a model's reasoning, before the
+    answer: a `reasoning` item whose one `reasoning_text` part streams as reasoning_text.delta / .done), then
+    response.completed, or response.incomplete when `max_output_tokens` cut the answer. A failure after the 200 is
+    an `error` event followed by response.failed;
   * `store` / `previous_response_id`: a finished response is stored (lmfleet.api.response_store) before its last
     event or its body is sent (the renderer's `settle`), so the client may continue it at once. Stored responses
     belong to the API key that made them.
@@ -63,9 +64,15 @@ from lmfleet.protocol.responses import (
     IncompleteDetails,
     InputItem,
     ItemList,
+    OutputItem,
     OutputItemEvent,
     OutputMessage,
     OutputText,
+    OutputTokensDetails,
+    ReasoningDeltaEvent,
+    ReasoningDoneEvent,
+    ReasoningOutput,
+    ReasoningText,
     Response,
     ResponseError,
     ResponseEvent,
@@ -103,6 +110,7 @@ class ResponseRenderer:
         self._sequence = itertools.count()
         self._index: dict[str, int] = {}  # output item id -> its output_index
         self._message: OutputMessage | None = None  # the message being written
+        self._reasoning: ReasoningOutput | None = None  # the reasoning being written
         self._calls: dict[int, FunctionCall] = {}  # tool-call index -> its function call, until done
         self._finish_reason: FinishReason | None = None
 
@@ -127,7 +135,7 @@ class ResponseRenderer:
         for item in self.response.output:
             if item.status == "in_progress":
                 item.status = "incomplete"
-        self._message, self._calls = None, {}
+        self._message, self._reasoning, self._calls = None, None, {}
         response = self.response
         response.status, response.completed_at = "failed", None
         code: Literal["rate_limit_exceeded", "server_error"] = (
@@ -162,7 +170,7 @@ class ResponseRenderer:
     def _lifecycle(self, kind: str) -> StreamEvent:
         return self._event(ResponseEvent, type=f"response.{kind}", response=self.response.model_copy(deep=True))
 
-    def _add_item(self, item: OutputMessage | FunctionCall) -> StreamEvent:
+    def _add_item(self, item: OutputItem) -> StreamEvent:
         self._index[item.id] = len(self.response.output)
         self.response.output.append(item)
         return self._event(
@@ -172,7 +180,7 @@ class ResponseRenderer:
             item=item.model_copy(deep=True),
         )
 
-    def _done_item(self, item: OutputMessage | FunctionCall, status: Literal["completed", "incomplete"]) -> StreamEvent:
+    def _done_item(self, item: OutputItem, status: Literal["completed", "incomplete"]) -> StreamEvent:
         item.status = status
         return self._event(
             OutputItemEvent,
@@ -182,8 +190,13 @@ class ResponseRenderer:
         )
 
     def _add(self, delta: ChoiceDelta) -> list[StreamEvent]:
-        """One delta: text goes to the open message, tool-call pieces to function calls."""
+        """One delta: reasoning goes to the open reasoning item, text to the open message, tool-call pieces to
+        function calls; the reasoning is complete once anything else comes."""
         events = []
+        if delta.reasoning:
+            events += self._reason(delta.reasoning)
+        if delta.text or delta.tool_calls:
+            events += self._close_reasoning("completed")
         if delta.text:
             events += self._open_message()
             message = self._message
@@ -194,6 +207,32 @@ class ResponseRenderer:
         for piece in delta.tool_calls:
             events += self._call_delta(piece)
         return events
+
+    def _reason(self, text: str) -> list[StreamEvent]:
+        events = []
+        item = self._reasoning
+        if item is None:
+            item = self._reasoning = ReasoningOutput(id=new_id("rs"))
+            events.append(self._add_item(item))
+            item.content.append(ReasoningText())
+            where = {"item_id": item.id, "output_index": self._index[item.id], "content_index": 0}
+            added = self._event(ContentPartEvent, type="response.content_part.added", part=ReasoningText(), **where)
+            events.append(added)
+        item.content[0].text += text
+        events.append(self._event(ReasoningDeltaEvent, item_id=item.id, output_index=self._index[item.id], delta=text))
+        return events
+
+    def _close_reasoning(self, status: Literal["completed", "incomplete"]) -> list[StreamEvent]:
+        item, self._reasoning = self._reasoning, None
+        if item is None:
+            return []
+        part = item.content[0]
+        where = {"item_id": item.id, "output_index": self._index[item.id], "content_index": 0}
+        return [
+            self._event(ReasoningDoneEvent, text=part.text, **where),
+            self._event(ContentPartEvent, type="response.content_part.done", part=part.model_copy(), **where),
+            self._done_item(item, status),
+        ]
 
     def _open_message(self) -> list[StreamEvent]:
         if self._message is not None:
@@ -254,14 +293,20 @@ class ResponseRenderer:
         the token limit cut it)."""
         cut = finish_reason == "length"
         status: Literal["completed", "incomplete"] = "incomplete" if cut else "completed"
-        events = [] if self.response.output else self._open_message()  # an empty answer is an empty message
+        events = self._close_reasoning(status)
+        if not any(item.type != "reasoning" for item in self.response.output):
+            events += self._open_message()  # an empty answer is an empty message
         events += self._close_message(status) + self._close_calls(status)
         response = self.response
         response.status = status
         response.incomplete_details = IncompleteDetails(reason="max_output_tokens") if cut else None
         response.completed_at = None if cut else int(time.time())
+        details = usage.completion_tokens_details
         response.usage = ResponseUsage(
-            input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens, total_tokens=usage.total_tokens
+            input_tokens=usage.prompt_tokens,
+            output_tokens=usage.completion_tokens,
+            output_tokens_details=OutputTokensDetails(reasoning_tokens=details.reasoning_tokens if details else 0),
+            total_tokens=usage.total_tokens,
         )
         return [*events, self._lifecycle(status)]
 

@@ -14,7 +14,8 @@ choice (`ChoiceSpec`):
     (lmfleet.api.render);
   * merging the n choice streams in arrival order (`merge`), with back-pressure towards the workers, and closing
     them (`close_all`: closing a worker's HTTP stream is how it learns to abort the sequence);
-  * usage accounting (`usage_of`): each prompt once, every choice's completion tokens.
+  * usage accounting (`usage_of`): each prompt once, every choice's completion tokens (and, of those, the
+    reasoning's, when an answer reasoned).
 
 Does not own: parsing requests (lmfleet.protocol.openai), the fleet view, health and the pick of a worker
 (lmfleet.api.routing, behind `WorkerPool`), the HTTP transport (lmfleet.client), how a delta is spelled for an
@@ -37,7 +38,7 @@ from lmfleet import errors
 from lmfleet.api.metrics import ApiMetrics, ChoiceClock
 from lmfleet.api.routing import Lease
 from lmfleet.client import WorkerClient
-from lmfleet.protocol.openai import FinishReason, Usage
+from lmfleet.protocol.openai import CompletionTokensDetails, FinishReason, Usage
 from lmfleet.protocol.worker import GenerateChunk, GenerateRequest, Task, TokenLogprob, ToolCallChunk
 
 logger = logging.getLogger("lmfleet.api")
@@ -59,6 +60,7 @@ class ChoiceDelta:
     logprobs: tuple[TokenLogprob, ...] | None = None
     tool_calls: tuple[ToolCallChunk, ...] = ()  # pieces of tool calls (the first of a call has its id and name)
     stop_string: str | None = None  # last delta: the stop string that ended the choice (its finish_reason "stop")
+    reasoning: str = ""  # the next piece of the model's reasoning (never in `text`); a chat answer that thinks
 
 
 def joined(deltas: Sequence[ChoiceDelta]) -> ChoiceDelta:
@@ -72,6 +74,7 @@ def joined(deltas: Sequence[ChoiceDelta]) -> ChoiceDelta:
     return ChoiceDelta(
         index=first.index,
         text="".join(d.text for d in deltas),
+        reasoning="".join(d.reasoning for d in deltas),
         token_ids=tuple(t for d in deltas for t in d.token_ids),
         finish_reason=last.finish_reason,
         tool_calls=tuple(calls[i] for i in sorted(calls)),
@@ -191,9 +194,11 @@ class ChoiceStream:
         self.prompt_token_ids: list[int] | None = list(req.prompt_token_ids) if req.prompt_token_ids else None
         self.token_ids: list[int] = []  # every id passed on, in order
         self.text_chars = 0  # characters passed on (echo included)
+        self.reasoning_chars = 0  # characters of reasoning passed on
         self.tool_chars: list[int] = []  # per tool call passed on: characters of its arguments
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.reasoning_tokens = 0  # of the completion tokens, the reasoning's
         self.finish_reason: FinishReason | None = None
         self.resumes = 0
         self._clock = ChoiceClock(backend.metrics, backend.model, backend.started)
@@ -263,6 +268,7 @@ class ChoiceStream:
             yield ChoiceDelta(
                 index=self.spec.index,
                 text=chunk.text,
+                reasoning=chunk.reasoning,
                 token_ids=tuple(chunk.token_ids),
                 finish_reason=self.finish_reason,
                 tool_calls=tuple(chunk.tool_calls),
@@ -282,10 +288,12 @@ class ChoiceStream:
             self.prompt_token_ids = list(chunk.prompt_token_ids)
         self.token_ids.extend(chunk.token_ids)
         self.text_chars += len(chunk.text)
+        self.reasoning_chars += len(chunk.reasoning)
         for piece in chunk.tool_calls:
             self.tool_chars.extend([0] * (piece.index + 1 - len(self.tool_chars)))
             self.tool_chars[piece.index] += len(piece.arguments)
         self.prompt_tokens, self.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
+        self.reasoning_tokens = chunk.reasoning_tokens
         self.finish_reason = cast(FinishReason | None, chunk.finish_reason)  # abort/error were raised
 
     async def _resume(self, failure: errors.LmfleetError) -> GenerateChunk:
@@ -303,6 +311,7 @@ class ChoiceStream:
                 finish_reason="length",
                 prompt_tokens=self.prompt_tokens,
                 completion_tokens=len(self.token_ids),
+                reasoning_tokens=self.reasoning_tokens,
             )
         self.resumes += 1
         self._clock.resume()
@@ -314,6 +323,7 @@ class ChoiceStream:
                 "prompt_token_ids": self.prompt_token_ids,
                 "resume_token_ids": list(self.token_ids),
                 "resume_text_chars": max(self.text_chars - (self._echo_chars or 0), 0),
+                "resume_reasoning_chars": self.reasoning_chars,
                 "resume_tool_chars": list(self.tool_chars),
                 "echo": False,
             }
@@ -440,6 +450,11 @@ def usage_of(streams: Sequence[ChoiceStream]) -> Usage:
         prompts[s.spec.prompt_index] = max(prompts.get(s.spec.prompt_index, 0), s.prompt_tokens)
     prompt_tokens = sum(prompts.values())
     completion_tokens = sum(s.completion_tokens for s in streams)
+    reasoning_tokens = sum(s.reasoning_tokens for s in streams)
+    details = CompletionTokensDetails(reasoning_tokens=reasoning_tokens) if reasoning_tokens else None
     return Usage(
-        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+        completion_tokens_details=details,
     )

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
@@ -312,10 +312,13 @@ class Tokenizer(Protocol):
         *,
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
     ) -> list[int]:
         """The ids of a chat prompt through the model's own chat template (or a documented fallback), `tools` (OpenAI
-        function definitions) passed to the template as `tools`. Raises `ChatTemplateError` when the template refuses
-        the messages."""
+        function definitions) passed to the template as `tools`, `template_kwargs` as more template variables (e.g.
+        `enable_thinking`; their names never clash with the template's own, the worker's request checked them;
+        control tokens inside their strings stay text). Raises `ChatTemplateError` when the template refuses the
+        messages."""
         ...
 
     def grammar_vocabulary(self) -> Any:

@@ -2,8 +2,9 @@
 `TokenConstraint` the engines apply (lmfleet.engine.base).
 
 Owns: turning a JSON schema or a Lark grammar (which may embed JSON schemas with `%json`) into a checked grammar for
-the model's vocabulary (`Grammars`), refusing what llguidance cannot compile (`GrammarError`, with its reason), and
-`Constraint`, one request's matcher: the ids allowed next, the ids consumed, whether the output is complete.
+the model's vocabulary (`Grammars`; `then` puts a Lark lead before another grammar), refusing what llguidance
+cannot compile (`GrammarError`, with its reason), and `Constraint`, one request's matcher: the ids allowed next, the
+ids consumed, whether the output is complete.
 Does not own: which grammar a request needs (the worker: `response_format`, forced tool calls), sampling (the
 engines), the vocabulary itself (each tokenizer's `grammar_vocabulary()`).
 
@@ -87,6 +88,15 @@ class Grammars:
 
     def lark(self, text: str) -> str:
         return self._checked(llguidance.LLMatcher.grammar_from_lark(text))
+
+    def then(self, lead: str, grammar: str) -> str:
+        """A grammar for text that the Lark grammar `lead` matches, `lead` reaching the rest of the output as
+        `@then`, which follows `grammar` (one this class made): e.g. free reasoning up to its closing tag, then JSON
+        (lmfleet.worker.reasoning)."""
+        # llguidance writes a JSON schema's grammar as its JSON grammar list, a Lark grammar as the Lark text itself
+        rest = json.loads(grammar)["grammars"] if grammar.lstrip().startswith("{") else [{"lark_grammar": grammar}]
+        rest[0] = {**rest[0], "name": "then"}
+        return self._checked(json.dumps({"grammars": [{"lark_grammar": lead}, *rest]}))
 
     def constraint(self, grammar: str) -> Constraint:
         vocab = self.vocabulary

@@ -6,7 +6,8 @@ Owns: parsing a client's request once, at the edge. Every limit is a `Field()` c
 are rejected by name rather than silently ignored; fields OpenAI tools send
 that change nothing about the output (`user`, `metadata`, `store`, ...) are ignored. A JSON `null` for a knob
 means its default, as with OpenAI. Each request model carries its own translation to the worker's
-`GenerateRequest`, one per choice, beside the fields it reads.
+`GenerateRequest`, one per choice, beside the fields it reads (a chat request asks the worker to split a model's
+reasoning from its answer; `reasoning_effort` and `chat_template_kwargs` become chat template variables).
 
 Does not own: model resolution, worker choice, streaming (lmfleet.api), or the error JSON (lmfleet.errors).
 
@@ -19,10 +20,19 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+)
 from pydantic_core import PydanticCustomError
 
-from lmfleet.protocol.worker import MAX_TOKEN_ID, ChatMessageIn, GenerateRequest
+from lmfleet.protocol.worker import MAX_TOKEN_ID, ChatMessageIn, GenerateRequest, TemplateKwargs
 from lmfleet.protocol.worker import SEED_MAX as WORKER_SEED_MAX
 
 MAX_N = 16  # choices per prompt
@@ -40,6 +50,8 @@ MAX_COMPLETION_LOGPROBS = 5  # completions' logprobs, as OpenAI
 MAX_LOGIT_BIAS = 300  # entries, as OpenAI
 
 FinishReason = Literal["stop", "length", "tool_calls"]
+# OpenAI's `reasoning_effort` values; lmfleet hands the value to the chat template as `reasoning_effort`.
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
 
 
 def _error(kind: str, message: str) -> PydanticCustomError:
@@ -392,6 +404,12 @@ class ChatMessage(BaseModel):
     name: str | None = Field(None, max_length=MAX_NAME_CHARS)
     tool_call_id: str | None = Field(None, max_length=MAX_NAME_CHARS, validate_default=True)
     tool_calls: list[ToolCall] | None = Field(None, max_length=MAX_CHOICES, description="Assistant messages only.")
+    reasoning_content: str | None = Field(
+        None,
+        validation_alias=AliasChoices("reasoning_content", "reasoning"),
+        description="Assistant messages only: the reasoning of an earlier answer, for chat templates that show it "
+        "(Qwen3 keeps it after the last user message); also accepted as `reasoning`.",
+    )
 
     @field_validator("content")
     @classmethod
@@ -416,6 +434,8 @@ class ChatMessage(BaseModel):
         }
         if self.tool_calls:
             extra["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.reasoning_content is not None and self.role == "assistant":
+            extra["reasoning_content"] = self.reasoning_content
         return ChatMessageIn(role=role, content=self.content, **extra)
 
 
@@ -467,6 +487,15 @@ class ChatCompletionRequest(_GenerationRequest):
     modalities: list[str] | None = Field(None, description="Only ['text'].")
     audio: dict[str, Any] | None = Field(None, description="Not supported.")
     prediction: dict[str, Any] | None = Field(None, description="Not supported.")
+    reasoning_effort: ReasoningEffort | None = Field(
+        None, description="Passed to the chat template as `reasoning_effort` (templates that read it)."
+    )
+    chat_template_kwargs: TemplateKwargs | None = Field(
+        None,
+        description='vLLM extension: more variables for the chat template, e.g. {"enable_thinking": false} for '
+        "Qwen3 (no reasoning). Names the template's renderer sets itself (messages, tools, add_generation_prompt, "
+        "bos_token, ...) are refused.",
+    )
 
     check_supported = field_validator(
         "functions",
@@ -529,9 +558,16 @@ class ChatCompletionRequest(_GenerationRequest):
             messages=[m.to_worker() for m in self.messages],
             max_tokens=self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens,
             logprobs=(self.top_logprobs or 0) if self.logprobs else None,
+            chat_template_kwargs=self._template_kwargs(),
+            split_reasoning=True,
             **self._sampling(choice),
             **self._tooling(),
         )
+
+    def _template_kwargs(self) -> dict[str, Any]:
+        """The chat template's extra variables: `reasoning_effort`, then `chat_template_kwargs` (which win)."""
+        effort = {"reasoning_effort": self.reasoning_effort} if self.reasoning_effort is not None else {}
+        return {**effort, **(self.chat_template_kwargs or {})}
 
 
 class CompletionRequest(_GenerationRequest):
@@ -603,17 +639,33 @@ class CompletionRequest(_GenerationRequest):
 # Responses (field names and shapes as in the `openai` package's types)
 
 
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int = 0  # of the completion tokens, those of the reasoning (its tags included)
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    # only when an answer reasoned (a chat answer of a model with a reasoning parser)
+    completion_tokens_details: CompletionTokensDetails | None = Field(default=None, exclude_if=lambda d: d is None)
+
+
+def _absent(value: Any) -> bool:
+    return value is None
 
 
 class AssistantMessage(BaseModel):
+    """The reasoning, when the model reasoned, is in `reasoning_content` (vLLM's name, SGLang's, llama.cpp's,
+    DeepSeek's API) and in `reasoning` (the name newer vLLM and OpenRouter use): the same text, so clients of either
+    read it."""
+
     role: Literal["assistant"] = "assistant"
     content: str | None  # None when the answer is only tool calls
     refusal: None = None  # OpenAI requires the field; lmfleet's models never refuse by a separate channel
     tool_calls: list[ToolCall] | None = Field(default=None, exclude_if=lambda calls: not calls)
+    reasoning_content: str | None = Field(default=None, exclude_if=_absent)
+    reasoning: str | None = Field(default=None, exclude_if=_absent)
 
 
 class TopLogprob(BaseModel):
@@ -677,6 +729,9 @@ class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = Field(default=None, exclude_if=lambda role: role is None)
     content: str | None = None
     tool_calls: list[ToolCallDelta] | None = Field(default=None, exclude_if=lambda calls: not calls)
+    # the next piece of the reasoning, under both names as in AssistantMessage; absent when none
+    reasoning_content: str | None = Field(default=None, exclude_if=_absent)
+    reasoning: str | None = Field(default=None, exclude_if=_absent)
 
 
 class ChatChunkChoice(BaseModel):

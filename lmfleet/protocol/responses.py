@@ -2,18 +2,20 @@
 
 Owns:
   * parsing a `CreateResponseRequest` once, at the edge: `input` as a string or a list of items (messages with
-    string or text content parts, `function_call` and `function_call_output` items), the sampling knobs,
-    `text.format`, function `tools` and `tool_choice`; every parameter lmfleet cannot honour (built-in tools,
-    `background`, reasoning options, image or file inputs, ...) is a 400 naming it, never silently ignored.
-    Hints that change nothing about the output (`user`, `prompt_cache_key`, `safety_identifier`,
-    `stream_options`) are accepted and ignored;
+    string or text content parts, `function_call`, `function_call_output` and `reasoning` items), the sampling
+    knobs, `text.format`, function `tools` and `tool_choice`, `reasoning.effort` and `chat_template_kwargs` (for
+    the chat template); every parameter lmfleet cannot honour (built-in tools, `background`, `reasoning.mode`,
+    image or file inputs, ...) is a 400 naming it, never silently ignored. Hints that change nothing about the
+    output (`user`, `prompt_cache_key`, `safety_identifier`, `stream_options`, `reasoning.summary`: no summary is
+    made) are accepted and ignored;
   * the translation of a request, after the items of the response it continues, into the body of the chat
     completions request lmfleet generates it with (`chat_body`): a Responses request IS a chat request
     underneath, so the chat path's checks, failover and resume apply unchanged, and so do its refusals (a
     feature the chat path lacks is the chat path's 400). `CHAT_PARAMS` maps the chat request's parameter names
     back to the Responses names, for those 400s;
-  * the objects a response is made of (`Response`, `OutputMessage`, `FunctionCall`, `ResponseUsage`), the typed
-    stream events, the stored input items as `GET /v1/responses/{id}/input_items` lists them (`resource`).
+  * the objects a response is made of (`Response`, `ReasoningOutput`, `OutputMessage`, `FunctionCall`,
+    `ResponseUsage`), the typed stream events, the stored input items as `GET /v1/responses/{id}/input_items`
+    lists them (`resource`).
 
 Does not own: turning chat answers into responses and events (lmfleet.api.responses), storage
 (lmfleet.api.response_store), the error JSON (lmfleet.errors).
@@ -43,7 +45,8 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from lmfleet.protocol.openai import MAX_MESSAGES, MAX_NAME_CHARS, MAX_TOKENS
+from lmfleet.protocol.openai import MAX_MESSAGES, MAX_NAME_CHARS, MAX_TOKENS, ReasoningEffort
+from lmfleet.protocol.worker import TemplateKwargs
 
 MAX_METADATA_KEYS, MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS = 16, 64, 512  # OpenAI's limits
 MAX_ID_CHARS = 256
@@ -157,7 +160,42 @@ class FunctionCallOutputItem(BaseModel):
         return {**self.model_dump(), "status": "completed"}
 
 
-_ITEM_TYPES = ("message", "function_call", "function_call_output")
+class SummaryText(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["summary_text"] = "summary_text"
+    text: str
+
+
+class ReasoningText(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["reasoning_text"] = "reasoning_text"
+    text: str = ""
+
+
+class ReasoningInputItem(BaseModel):
+    """The model's reasoning before an answer (from an earlier response's output, or replayed by the client): it
+    goes to the chat template with the assistant message after it (`reasoning_content`); `encrypted_content` is
+    never made here and is ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["reasoning"]
+    id: str | None = Field(None, max_length=MAX_ID_CHARS)
+    summary: list[SummaryText] = Field(default_factory=list)
+    content: list[ReasoningText] | None = None
+
+    @property
+    def text(self) -> str:
+        parts = self.content if self.content else self.summary
+        return "".join(p.text for p in parts)
+
+    def resource(self) -> dict[str, Any]:
+        return {**self.model_dump(exclude_none=True), "status": "completed"}
+
+
+_ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning")
 
 
 def _known_item(value: Any) -> Any:
@@ -191,7 +229,7 @@ def _untagged(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
 
 
 InputItem = Annotated[
-    MessageItem | FunctionCallItem | FunctionCallOutputItem,
+    MessageItem | FunctionCallItem | FunctionCallOutputItem | ReasoningInputItem,
     Field(discriminator="type"),
     BeforeValidator(_known_item),
 ]
@@ -209,23 +247,31 @@ def _input_list(value: Any) -> Any:
 
 def with_ids(items: Sequence[InputItem]) -> list[InputItem]:
     """The items, each with an `id` (kept when the client gave one), as they are stored and listed."""
-    prefix = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}
+    prefix = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
     return [item if item.id else item.model_copy(update={"id": new_id(prefix[item.type])}) for item in items]
 
 
 def chat_messages(items: Sequence[InputItem]) -> list[dict[str, Any]]:
     """Input items as chat messages: a function call joins the assistant message just before it (or starts one);
-    its output is a `tool` message."""
+    its output is a `tool` message; reasoning goes with the assistant message it precedes (a message or calls),
+    and is dropped when none follows."""
     messages: list[dict[str, Any]] = []
+    thought: str | None = None  # reasoning waiting for its assistant message
     for item in items:
+        if isinstance(item, ReasoningInputItem):
+            thought = item.text
+            continue
         if isinstance(item, FunctionCallItem):
             last = messages[-1] if messages else None
-            if last is None or last["role"] != "assistant":
+            if last is None or last["role"] != "assistant" or thought is not None:
                 last = {"role": "assistant", "content": None}
                 messages.append(last)
             last.setdefault("tool_calls", []).append(item.chat_tool_call())
         else:
             messages.append(item.chat_message())
+        if thought is not None and messages[-1]["role"] == "assistant":
+            messages[-1]["reasoning_content"] = thought
+        thought = None
     return messages
 
 
@@ -305,10 +351,6 @@ class TextParam(BaseModel):
 # Parameters lmfleet cannot honour: the values that are fine (absent, or saying "off") and what the 400 says.
 _UNSUPPORTED: dict[str, tuple[Any, str]] = {
     "background": (lambda v: not v, "background responses are not supported"),
-    "reasoning": (
-        lambda v: not v or all(x is None for x in v.values()),
-        "reasoning options do not apply: lmfleet's models have no reasoning settings",
-    ),
     "include": (lambda v: not v, "no additional output data can be included"),
     "conversation": (lambda v: v is None, "conversations are not supported; use previous_response_id"),
     "prompt": (lambda v: v is None, "stored prompt templates are not supported"),
@@ -325,7 +367,31 @@ CHAT_PARAMS = {
     "messages": "input",
     "max_completion_tokens": "max_output_tokens",
     "response_format": "text.format",
+    "reasoning_effort": "reasoning.effort",
 }
+
+
+class ReasoningParam(BaseModel):
+    """`reasoning`: `effort` goes to the chat template (as chat's `reasoning_effort`); a summary may be asked for
+    but none is made (the reasoning item carries the reasoning itself, in `content`)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    effort: ReasoningEffort | None = None
+    summary: Literal["auto", "concise", "detailed"] | None = Field(None, description="Accepted; no summary is made.")
+    generate_summary: Literal["auto", "concise", "detailed"] | None = Field(None, description="Deprecated summary.")
+    mode: Any = Field(None, description="Not supported.")
+    context: Any = Field(None, description="Not supported.")
+
+    @field_validator("mode", "context")
+    @classmethod
+    def _not_supported(cls, value: Any) -> Any:
+        if value is not None:
+            raise _error("unsupported_parameter", "is not supported")
+        return value
+
+    def echoed(self) -> dict[str, Any]:
+        return {"effort": self.effort, "summary": self.summary or self.generate_summary}
 
 
 class CreateResponseRequest(BaseModel):
@@ -368,7 +434,10 @@ class CreateResponseRequest(BaseModel):
     tool_choice: Annotated[str | dict[str, Any] | None, BeforeValidator(_tool_choice)] = None
     parallel_tool_calls: bool | None = None
     background: Any = Field(None, description="Not supported (only false).")
-    reasoning: dict[str, Any] | None = Field(None, description="Not supported (only empty).")
+    reasoning: ReasoningParam | None = Field(None, description="`effort` reaches the chat template.")
+    chat_template_kwargs: TemplateKwargs | None = Field(
+        None, description='vLLM extension: more chat template variables, e.g. {"enable_thinking": false}.'
+    )
     include: list[Any] | None = Field(None, description="Not supported (only empty).")
     conversation: Any = Field(None, description="Not supported; use previous_response_id.")
     prompt: Any = Field(None, description="Not supported.")
@@ -429,6 +498,10 @@ class CreateResponseRequest(BaseModel):
             )
         if self.parallel_tool_calls is not None:
             body["parallel_tool_calls"] = self.parallel_tool_calls
+        if self.reasoning is not None and self.reasoning.effort is not None:
+            body["reasoning_effort"] = self.reasoning.effort
+        if self.chat_template_kwargs:
+            body["chat_template_kwargs"] = self.chat_template_kwargs
         return body
 
     def echoed(self) -> dict[str, Any]:
@@ -448,6 +521,7 @@ class CreateResponseRequest(BaseModel):
             "tool_choice": self.tool_choice or "auto",
             "tools": [tool.model_dump() for tool in self.tools or []],
             "user": self.user,
+            "reasoning": self.reasoning.echoed() if self.reasoning is not None else None,
         }
 
 
@@ -495,7 +569,21 @@ class FunctionCall(BaseModel):
         )
 
 
-OutputItem = Annotated[OutputMessage | FunctionCall, Field(discriminator="type")]
+class ReasoningOutput(BaseModel):
+    """The model's reasoning before its answer: the text in one `reasoning_text` part of `content`; `summary` stays
+    empty (no summary is made)."""
+
+    id: str
+    type: Literal["reasoning"] = "reasoning"
+    status: ItemStatus = "in_progress"
+    summary: list[SummaryText] = Field(default_factory=list)
+    content: list[ReasoningText] = Field(default_factory=list)
+
+    def as_input(self) -> ReasoningInputItem:
+        return ReasoningInputItem(type="reasoning", id=self.id, summary=list(self.summary), content=list(self.content))
+
+
+OutputItem = Annotated[OutputMessage | FunctionCall | ReasoningOutput, Field(discriminator="type")]
 
 
 class InputTokensDetails(BaseModel):
@@ -540,7 +628,6 @@ class Response(BaseModel):
     output: list[OutputItem] = Field(default_factory=list)
     usage: ResponseUsage | None = Field(None, exclude_if=_absent_if_none)  # the schema has no null usage
     store: bool
-    reasoning: None = None
     truncation: Literal["disabled"] = "disabled"
     # echoed from the request (CreateResponseRequest.echoed)
     instructions: str | None
@@ -554,6 +641,7 @@ class Response(BaseModel):
     tool_choice: str | dict[str, Any]
     tools: list[dict[str, Any]]
     user: str | None = Field(None, exclude_if=_absent_if_none)  # a string or absent
+    reasoning: dict[str, Any] | None = None  # the request's reasoning options (effort, summary), if any
 
 
 class DeletedResponse(BaseModel):
@@ -605,7 +693,7 @@ class ContentPartEvent(ItemEvent):
     """response.content_part.added, .done"""
 
     content_index: int
-    part: OutputText
+    part: Annotated[OutputText | ReasoningText, Field(discriminator="type")]
 
 
 class _TextEvent(ItemEvent):
@@ -620,6 +708,18 @@ class TextDeltaEvent(_TextEvent):
 
 class TextDoneEvent(_TextEvent):
     type: Literal["response.output_text.done"] = "response.output_text.done"
+    text: str
+
+
+class ReasoningDeltaEvent(ItemEvent):
+    type: Literal["response.reasoning_text.delta"] = "response.reasoning_text.delta"
+    content_index: int = 0
+    delta: str
+
+
+class ReasoningDoneEvent(ItemEvent):
+    type: Literal["response.reasoning_text.done"] = "response.reasoning_text.done"
+    content_index: int = 0
     text: str
 
 

@@ -27,6 +27,13 @@ Structured output and tools: `json_schema` is the schema the output must follow 
 with `tool_name`: that one) call one; the worker renders them, enforces forced calls with a grammar and parses
 calls out of the text into `GenerateChunk.tool_calls`.
 
+Reasoning: a chat request says `split_reasoning`; a worker with a reasoning parser (lmfleet.worker.reasoning) then
+sends the model's reasoning (`<think>…</think>`, the tags left out) as `GenerateChunk.reasoning` and only the
+answer as `text`; tool calls are parsed from, and a grammar constrains, only what follows the reasoning.
+`reasoning_tokens` counts the ids of the reasoning. A resumed request also says how many characters of reasoning
+were delivered (`resume_reasoning_chars`). `chat_template_kwargs` are more variables for the chat template (e.g.
+`enable_thinking`, `reasoning_effort`).
+
 One-reply routes (JSON in, JSON out): `POST /worker/embed` (`EmbedRequest` -> `EmbedResponse`, embedding workers
 only), `POST /worker/score` (`ScorePairsRequest` -> `ScorePairsResponse`: a cross-encoder's worker, or an
 embedding model's), `POST /worker/tokenize` (`TokenizeRequest` -> `TokenizeResponse`) and `POST
@@ -43,7 +50,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from lmfleet.protocol.errors import ErrorInfo
 
@@ -143,6 +150,34 @@ class ToolFunction(BaseModel):
     parameters: dict[str, Any] | None = None  # a JSON schema; None: no parameters
 
 
+# Names a chat template's renderer gives meaning to itself (transformers' `apply_chat_template` arguments, the
+# template's own variables and helpers): template kwargs may not replace them.
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {
+        "messages", "conversation", "tools", "documents", "add_generation_prompt", "continue_final_message",
+        "chat_template", "tokenize", "sanitize_control_tokens", "padding", "truncation", "max_length",
+        "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs", "raise_exception",
+        "strftime_now", "bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token",
+        "additional_special_tokens",
+    }
+)  # fmt: skip
+MAX_TEMPLATE_KWARGS = 32
+
+
+def _template_kwargs(value: dict[str, Any]) -> dict[str, Any]:
+    for name in value:
+        if not name.isidentifier() or len(name) > 64:
+            raise ValueError(f"{name[:64]!r} is not a template variable name")
+        if name in RESERVED_TEMPLATE_KWARGS:
+            raise ValueError(f"{name!r} is set by the server, not by chat_template_kwargs")
+    return value
+
+
+# More variables for a chat template (`enable_thinking`, `reasoning_effort`, ...): names that are identifiers and
+# not the renderer's own.
+TemplateKwargs = Annotated[dict[str, Any], Field(max_length=MAX_TEMPLATE_KWARGS), AfterValidator(_template_kwargs)]
+
+
 class GenerateRequest(BaseModel):
     """`POST /worker/generate`. Exactly one of `prompt`, `messages`, `prompt_token_ids` is set."""
 
@@ -178,6 +213,9 @@ class GenerateRequest(BaseModel):
     # per tool call already announced to the client: characters of its arguments delivered (resume)
     resume_tool_chars: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=1024)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)  # None: off; k: with k alternatives
+    chat_template_kwargs: TemplateKwargs = Field(default_factory=dict)  # messages only
+    split_reasoning: bool = False  # a chat answer: reasoning apart from the answer, when the worker has a parser
+    resume_reasoning_chars: int = Field(default=0, ge=0)  # characters of reasoning already delivered (resume)
 
     @model_validator(mode="after")
     def _one_prompt(self) -> GenerateRequest:
@@ -216,12 +254,14 @@ class GenerateChunk(BaseModel):
 
     request_id: str
     text: str = ""  # text delta (may be empty while UTF-8 or a possible stop string is held back)
+    reasoning: str = ""  # reasoning delta (split_reasoning), never in `text`
     tool_calls: list[ToolCallChunk] = Field(default_factory=list)  # never raw text of a call in `text`
     token_ids: list[int] = Field(default_factory=list)  # ids generated since the previous chunk
     finish_reason: FinishReason | None = None
     stop_string: str | None = None  # with finish_reason "stop": the stop string (of `stop`) that ended the output
     prompt_tokens: int = 0
     completion_tokens: int = 0  # generated so far, resume_token_ids included
+    reasoning_tokens: int = 0  # of those, the reasoning's (its tags included)
     error: ErrorInfo | None = None
     prompt_token_ids: list[int] | None = None  # the prompt as the worker tokenized it: first chunk only
     logprobs: list[TokenLogprob] | None = None  # when asked for: one per id of token_ids (echo: per prompt token)

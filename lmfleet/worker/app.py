@@ -72,7 +72,7 @@ from lmfleet.protocol.worker import (
     WorkerStatus,
 )
 from lmfleet.requestid import RequestIdMiddleware
-from lmfleet.worker import embed, score, tools
+from lmfleet.worker import embed, reasoning, score, tools
 from lmfleet.worker.metrics import WorkerMetrics
 from lmfleet.worker.pipeline import Pipeline, refusal
 from lmfleet.worker.registration import Registration
@@ -97,6 +97,8 @@ class WorkerSettings:
     max_request_bytes: int = 32 << 20  # a GenerateRequest body (413 beyond; lmfleet.guard)
     drain_timeout_s: float = DEFAULT_TIMEOUT_S  # on SIGTERM: how long open streams may take to finish
     tool_parser: str = tools.AUTO  # a key of lmfleet.worker.tools.FORMATS, or "auto" (from the chat template)
+    # a key of lmfleet.worker.reasoning.FORMATS, "auto" (from the chat template) or "none" (answers are not split)
+    reasoning_parser: str = reasoning.AUTO
 
     @property
     def names(self) -> list[str]:
@@ -149,7 +151,11 @@ class Worker:
         self.max_model_len = runner.engine.max_model_len
         self.vocab_size = min(runner.engine.vocab_size, len(tokenizer))  # ids both can handle
         self.pipeline = Pipeline(
-            tokenizer, max_model_len=self.max_model_len, vocab_size=self.vocab_size, tool_parser=settings.tool_parser
+            tokenizer,
+            max_model_len=self.max_model_len,
+            vocab_size=self.vocab_size,
+            tool_parser=settings.tool_parser,
+            reasoning_parser=settings.reasoning_parser,
         )
 
     @property

@@ -9,7 +9,7 @@ renders its own), sampling, batching (the engine) or HTTP (worker/app.py). Tests
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lmfleet.engine.base import ChatTemplateError, Tokenizer, TokenLogprob
@@ -28,11 +28,15 @@ def render_chat(
     *,
     add_generation_prompt: bool = True,
     tools: list[dict[str, Any]] | None = None,
+    template_kwargs: Mapping[str, Any] | None = None,
 ) -> list[int]:
-    """Token ids of a chat prompt through the model's chat template (`tools` for templates that take them);
-    InvalidRequest when the template refuses the messages (the client's mistake, not the worker's)."""
+    """Token ids of a chat prompt through the model's chat template (`tools` for templates that take them,
+    `template_kwargs` as more variables); InvalidRequest when the template refuses the messages (the client's
+    mistake, not the worker's)."""
     try:
-        return tokenizer.render_chat(messages, add_generation_prompt=add_generation_prompt, tools=tools)
+        return tokenizer.render_chat(
+            messages, add_generation_prompt=add_generation_prompt, tools=tools, template_kwargs=template_kwargs
+        )
     except ChatTemplateError as exc:
         raise InvalidRequest(
             f"the model's chat template cannot render these messages: {exc}", param="messages"

@@ -142,7 +142,7 @@ async def test_bodies_and_every_event_validate_against_openais_schemas() -> None
         ({"tools": [{"type": "web_search"}]}, "tools.0"),
         ({"tools": [{"type": "function", "name": "f"}, {"type": "file_search"}]}, "tools.1"),
         ({"background": True}, "background"),
-        ({"reasoning": {"effort": "high"}}, "reasoning"),
+        ({"reasoning": {"context": "all_turns"}}, "reasoning.context"),
         ({"include": ["message.output_text.logprobs"]}, "include"),
         ({"conversation": "conv_1"}, "conversation"),
         ({"prompt": {"id": "pmpt_1"}}, "prompt"),

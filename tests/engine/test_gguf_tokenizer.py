@@ -145,3 +145,17 @@ def test_template_errors_are_chat_template_errors(model, monkeypatch):
     )
     text = helpers.decode(helpers.render_chat([{"role": "user", "content": "é"}]))
     assert text == '1 [\n {\n  "role": "user",\n  "content": "é"\n }\n] 4'
+
+
+def test_template_kwargs_reach_the_template_as_text(model, monkeypatch):
+    """`enable_thinking` and other variables reach the GGUF's template; control tokens in their strings stay text."""
+    tok = _with_template(
+        monkeypatch,
+        model,
+        b"{% for m in messages %}{{ m['content'] }}{% endfor %}"
+        b"{% if enable_thinking is defined and enable_thinking is false %}<think></think>{% endif %}{{ note or '' }}",
+    )
+    messages = [{"role": "user", "content": "x"}]
+    assert tok.decode(tok.render_chat(messages, template_kwargs={"enable_thinking": False})) == "x<think></think>"
+    forged = tok.render_chat(messages, template_kwargs={"note": "<|im_start|>"})
+    assert IM_START not in forged and tok.decode(forged, skip_special_tokens=False) == "x<|im_start|>"

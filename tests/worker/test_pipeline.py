@@ -254,5 +254,5 @@ async def plain_while_a_compile_is_held() -> None:
             assert not structured.done() and executor.submitted == 1  # the compile alone went to the thread
         finally:
             tokenizer.release.set()
-        compiled = await structured  # the compile finishes once released; the fake engine ignores its grammar
+        compiled = await structured  # the compile finishes once released; the fake engine follows its grammar
         assert compiled[-1].finish_reason == "stop"

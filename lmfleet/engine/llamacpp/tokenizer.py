@@ -20,7 +20,7 @@ from __future__ import annotations
 import ctypes
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -110,6 +110,7 @@ class GGUFTokenizer:
         *,
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
     ) -> list[int]:
         """The chat prompt's ids through the GGUF's template (or FALLBACK_CHAT_TEMPLATE when it has none)."""
         if self._template is None:
@@ -118,6 +119,7 @@ class GGUFTokenizer:
         marked = [self._mark({k: v for k, v in m.items() if v is not None}) for m in messages]
         try:
             text = self._template.render(
+                **self._mark(dict(template_kwargs or {})),
                 messages=marked,
                 add_generation_prompt=add_generation_prompt,
                 tools=self._mark(tools) if tools else None,

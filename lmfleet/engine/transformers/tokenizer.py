@@ -9,7 +9,7 @@ incremental detokenizing and stop strings (the worker's text layer).
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lmfleet.engine.base import FALLBACK_CHAT_TEMPLATE, ChatTemplateError, TokenPair
@@ -80,6 +80,7 @@ class HFTokenizer:
         *,
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
     ) -> list[int]:
         from jinja2 import TemplateError
 
@@ -92,7 +93,8 @@ class HFTokenizer:
                 add_generation_prompt=add_generation_prompt,
                 tokenize=True,
                 return_dict=False,
-                sanitize_control_tokens=True,
+                sanitize_control_tokens=True,  # also in the template kwargs' strings
+                **(template_kwargs or {}),
             )
         except TemplateError as exc:
             raise ChatTemplateError(str(exc)) from exc
