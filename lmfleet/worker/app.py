@@ -9,7 +9,8 @@ engine's refusal (`Rejection`) to the public error, and readiness.
     POST /worker/generate     GenerateRequest -> NDJSON GenerateChunks (503 while draining)
     POST /worker/embed        EmbedRequest -> EmbedResponse (an embedding model's worker; worker/embed.py)
     POST /worker/tokenize     TokenizeRequest -> TokenizeResponse;  POST /worker/detokenize: the reverse
-    GET  /worker/status       WorkerStatus;  POST /worker_get_status: FastChat's shape
+    GET  /worker/status       WorkerStatus
+    POST /worker_generate_stream, /worker_get_status, ...   FastChat's worker protocol (worker/fastchat.py)
     GET  /health              alive;  GET /ready: 200 while the engine steps and the worker is not draining
     GET  /metrics             Prometheus: load, KV cache, steps, requests (lmfleet.worker.metrics), open like status
 
@@ -81,7 +82,7 @@ from lmfleet.protocol.worker import (
     WorkerStatus,
 )
 from lmfleet.requestid import RequestIdMiddleware
-from lmfleet.worker import embed, textgen, tools
+from lmfleet.worker import embed, fastchat, textgen, tools
 from lmfleet.worker.metrics import WorkerMetrics
 from lmfleet.worker.registration import Registration
 
@@ -105,6 +106,7 @@ class WorkerSettings:
     max_request_bytes: int = 32 << 20  # a GenerateRequest body (413 beyond; lmfleet.guard)
     drain_timeout_s: float = DEFAULT_TIMEOUT_S  # on SIGTERM: how long open streams may take to finish
     tool_parser: str = tools.AUTO  # a key of lmfleet.worker.tools.FORMATS, or "auto" (from the chat template)
+    conv_template: str | None = None  # FastChat clients' template: a key of protocol.fastchat.TEMPLATES; None: mapped
 
     @property
     def names(self) -> list[str]:
@@ -524,10 +526,7 @@ def create_app(
     async def status(request: Request) -> WorkerStatus:
         return request.state.worker.status()
 
-    @app.post("/worker_get_status")  # FastChat's route and shape
-    async def fastchat_status(request: Request) -> dict[str, Any]:
-        s = request.state.worker.status()
-        return {"model_names": s.model_names, "speed": s.speed, "queue_length": s.queue_length}
+    fastchat.add_routes(app, dependencies=[Depends(require_secret)])  # FastChat's worker protocol
 
     @app.get("/health")
     async def health() -> dict[str, str]:
