@@ -5,8 +5,10 @@
 #   bash scripts/install_fastchat.sh [PYTHON] [VENV]      (defaults: python3 .venv-fastchat)
 #
 # FastChat's own requirements need three pins to start at all: transformers 4.x (5.x fails with KeyError 'factor'),
-# pydantic 1 (pydantic 2 breaks its streaming) and the FastAPI release that still takes pydantic 1. torch comes
-# from the machine's local wheels (pip's find-links) like the main environment's. A marker file says it is done.
+# pydantic 1 (pydantic 2 breaks its streaming) and the FastAPI release that still takes pydantic 1. They go in a
+# second step (pip then reports that typer and kernels, which FastChat does not run, wanted newer ones). torch
+# comes from the machine's local wheels (pip's find-links) like the main environment's. A marker file says it is
+# done; `make clean` removes the environment.
 set -euo pipefail
 PYTHON=${1:-python3}
 VENV=${2:-.venv-fastchat}

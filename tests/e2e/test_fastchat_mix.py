@@ -5,12 +5,13 @@ own virtual environment (scripts/install_fastchat.sh, which `make test` runs).
 One fleet for the module: two controllers (FastChat's, lmfleet's); a FastChat model worker registered with each
 (FastChat's `--conv-template qwen-7b-chat`: ChatML), serving `tiny-fastchat`; one lmfleet worker registered with both,
 serving `tiny-lmfleet` (its ChatML chat template mapped to a FastChat template); an API server of each kind over each
-controller. A combination is (controller, worker kind, API server kind): the API server over that controller, asked
-for that worker kind's model. Each answers a greedy chat, and a stream with the same text, and every combination the
-same text (the system prompt is given, so FastChat's ChatML and the chat template render one prompt). Then FastChat's
-own client paths: what its Gradio web server calls (the controller's worker address, then the worker's
-`/worker_generate_stream`; and the controllers' own `/worker_generate_stream`), its embeddings call against an lmfleet
-embedding worker, and FastChat's conversation templates against lmfleet's rendering of them.
+controller; an lmfleet embedding worker (the packaged all-MiniLM-L6-v2). A combination is (controller, worker kind,
+API server kind): the API server over that controller, asked for that worker kind's model. Each answers a greedy
+chat, and a stream with the same text, and every combination the same text (the system prompt is given, so
+FastChat's ChatML and the chat template render one prompt). Then FastChat's own client paths: what its Gradio web
+server calls (the controller's worker address, then the worker's `/worker_generate_stream`; and the controllers'
+own `/worker_generate_stream`), its embeddings call against the lmfleet embedding worker, and FastChat's
+conversation templates against lmfleet's rendering of them.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from lmfleet import models
 from lmfleet.protocol.fastchat import TEMPLATES, Conversation, SepStyle
 from tests.conftest import Proc, free_port, module_cmd, wait_until
 
@@ -73,7 +75,7 @@ class MixedFleet:
         env = {"LOGDIR": str(self.root)}  # FastChat writes its log files there, not into the working directory
         self.procs[name] = Proc(name, cmd, self.root / f"{name}.log", env).start()
 
-    def start(self, model: Path) -> None:
+    def start(self, model: Path, embedding_model: Path | None) -> None:
         fc = [self.fastchat, "-m"]
         port = self.controllers["fastchat"].rsplit(":", 1)[1]
         self.add("fastchat-controller", [*fc, "fastchat.serve.controller", "--host", "127.0.0.1", "--port", port])
@@ -94,6 +96,12 @@ class MixedFleet:
             )
             + ["--controller-address", ",".join(self.controllers.values()), "--heartbeat-interval", "1"],
         )
+        if embedding_model is not None:
+            self.add(
+                "lmfleet-embedding-worker",
+                module_cmd("worker", "--port", str(free_port()), "--model-path", str(embedding_model))
+                + ["--model-names", "minilm", "--controller-address", ",".join(self.controllers.values())],
+            )
         for (api, ctl), url in self.apis.items():
             port, controller = url.rsplit(":", 1)[1], self.controllers[ctl]
             if api == "fastchat":
@@ -127,7 +135,11 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MixedFleet]:
     model = make_test_model(root / "tiny", size="tiny", seed=0, portable=True)  # transformers 4.x and 5.x read it
     mix = MixedFleet(root, fastchat_python())
     try:
-        mix.start(model)
+        embedding_model = models.packaged("all-minilm-l6-v2")
+    except LookupError:  # the embeddings test says so (the `minilm` fixture)
+        embedding_model = None
+    try:
+        mix.start(model, embedding_model)
         mix.wait_models("tiny-fastchat", "tiny-lmfleet")
         yield mix
     except BaseException:
@@ -220,22 +232,11 @@ def test_fastchats_gradio_calls_stream_from_an_lmfleet_worker(
         assert out[route]["text"] == reference  # the Gradio server shows data["text"].strip()
 
 
-@pytest.fixture(scope="module")
-def embedding_worker(fleet: MixedFleet, minilm: Path) -> str:
-    port = free_port()
-    fleet.add(
-        "lmfleet-embedding-worker",
-        module_cmd("worker", "--port", str(port), "--model-path", str(minilm), "--model-names", "minilm")
-        + ["--controller-address", ",".join(fleet.controllers.values()), "--heartbeat-interval", "1"],
-    )
-    fleet.wait_models("minilm", apis=[fleet.apis[("lmfleet", "lmfleet")], fleet.apis[("fastchat", "lmfleet")]])
-    return f"http://127.0.0.1:{port}"
-
-
 @pytest.mark.parametrize("encoding", ["float", "base64"])
 def test_fastchats_embeddings_call_against_an_lmfleet_embedding_worker(
-    fleet: MixedFleet, embedding_worker: str, encoding: str
+    fleet: MixedFleet, minilm: Path, encoding: str
 ) -> None:
+    fleet.wait_models("minilm", apis=[fleet.apis[("lmfleet", "lmfleet")], fleet.apis[("fastchat", "lmfleet")]])
     body = {"model": "minilm", "input": ["The cat sat on the mat.", "Un café, s'il vous plaît."]}
     ours = httpx.post(fleet.apis[("lmfleet", "lmfleet")] + "/v1/embeddings", json=body, timeout=60).json()
     theirs = httpx.post(
