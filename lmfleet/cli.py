@@ -94,8 +94,43 @@ def warn_ignored(args: argparse.Namespace) -> None:
     for name, value in vars(args).items():
         if name.startswith("ignored_") and value not in (None, False):
             flag = "--" + name.removeprefix("ignored_").replace("_", "-")
-            note = " (the model's own chat template is used)" if flag == "--conv-template" else ""
-            logger.warning("%s is a FastChat flag lmfleet ignores%s", flag, note)
+            logger.warning("%s is a FastChat flag lmfleet ignores", flag)
+
+
+# -- FastChat compatibility: the flags of FastChat's protocol on lmfleet's parts (one block) ----------------------
+
+
+def add_fastchat_controller_args(p: argparse.ArgumentParser) -> None:
+    from lmfleet.controller.app import ControllerSettings
+
+    expiry = _default(ControllerSettings, "fastchat_heartbeat_expiry_s")
+    p.add_argument(
+        "--fastchat-heartbeat-expiration",
+        type=float,
+        default=expiry,
+        help="seconds without a heartbeat before a FastChat model worker (one that beats every 45 s) is dropped "
+        f"(default {expiry:g}, FastChat's)",
+    )
+
+
+def fastchat_controller_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {"fastchat_heartbeat_expiry_s": args.fastchat_heartbeat_expiration}
+
+
+def add_fastchat_worker_args(p: argparse.ArgumentParser) -> None:
+    from lmfleet.protocol.fastchat import TEMPLATES
+
+    p.add_argument(
+        "--conv-template",
+        default=None,
+        choices=sorted(TEMPLATES),
+        help="the FastChat conversation template FastChat API servers prompt this model with (default: mapped from "
+        "the model's chat template where FastChat has its format, e.g. ChatML)",
+    )
+
+
+def fastchat_worker_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {"conv_template": args.conv_template}
 
 
 # -- controller -------------------------------------------------------------------------------------------------
@@ -120,6 +155,7 @@ def add_controller_args(p: argparse.ArgumentParser) -> None:
         help=f"seconds without a heartbeat before a worker is dropped (default {expiry:g})",
     )
     _secret_flag(p)
+    add_fastchat_controller_args(p)
     p.add_argument(
         "--allowed-worker-networks",
         type=_csv,
@@ -174,6 +210,7 @@ def controller_settings(args: argparse.Namespace) -> Any:  # ControllerSettings
         registration_secret=registration_secret(args),
         allowed_worker_networks=args.allowed_worker_networks,
         etcd=etcd_settings(args),
+        **fastchat_controller_settings(args),
     )
 
 
@@ -285,9 +322,9 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     )
     beat = _default(WorkerSettings, "heartbeat_interval_s")
     p.add_argument("--heartbeat-interval", type=float, default=beat, help=f"seconds (default {beat:g})")
+    add_fastchat_worker_args(p)
     _fastchat_ignored(
         p,
-        "--conv-template",
         "--num-gpus",
         "--gpus",
         "--max-gpu-memory",
@@ -343,6 +380,7 @@ def worker_settings(args: argparse.Namespace, **overrides: Any) -> Any:  # Worke
         drain_timeout_s=args.drain_timeout,
         tool_parser=args.tool_parser,
         reasoning_parser=args.reasoning_parser,  # reasoning
+        **fastchat_worker_settings(args),
     )
     fields.update(overrides)
     return WorkerSettings(**fields)

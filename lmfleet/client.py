@@ -3,7 +3,8 @@
 Each process creates one `httpx.AsyncClient` (see `make_http_client`) in its app's lifespan and hands it to
 these clients; nothing here owns a connection pool or global state. Transport failures become `UpstreamError`
 (or `ServiceUnavailable` for the controller); OpenAI-shaped error bodies from a worker are rebuilt with
-`errors.from_body`, so the API server passes a worker's 400 on to its client unchanged.
+`errors.from_body`, so the API server passes a worker's 400 on to its client unchanged (any other error body is the
+worker's failure: 502).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def _auth(secret: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {secret}"} if secret else {}
 
 
-async def _raise_for_error(resp: httpx.Response) -> None:
+async def raise_for_error(resp: httpx.Response) -> None:
     if resp.status_code < 400:
         return
     await resp.aread()
@@ -83,7 +84,7 @@ class ControllerClient:
             )
         except httpx.HTTPError as exc:
             raise _unreachable(errors.ServiceUnavailable, "controller", self.address, exc) from exc
-        await _raise_for_error(resp)
+        await raise_for_error(resp)
         return resp
 
     async def register(self, worker_address: str, status: WorkerStatus) -> None:
@@ -99,12 +100,16 @@ class ControllerClient:
     async def unregister(self, worker_address: str) -> None:
         await self._post("/unregister_worker", {"worker_name": worker_address})
 
-    async def workers(self) -> list[WorkerInfo]:
+    async def get(self, path: str) -> httpx.Response:
+        """`GET path`, whatever its status; ServiceUnavailable when the controller cannot be reached."""
         try:
-            resp = await self.http.get(self.address + "/workers", headers=self._headers, timeout=CONTROL_TIMEOUT)
+            return await self.http.get(self.address + path, headers=self._headers, timeout=CONTROL_TIMEOUT)
         except httpx.HTTPError as exc:
             raise _unreachable(errors.ServiceUnavailable, "controller", self.address, exc) from exc
-        await _raise_for_error(resp)
+
+    async def workers(self) -> list[WorkerInfo]:
+        resp = await self.get("/workers")
+        await raise_for_error(resp)
         return [WorkerInfo.model_validate(w) for w in resp.json()["workers"]]
 
 
@@ -122,7 +127,7 @@ class WorkerClient:
             )
         except httpx.HTTPError as exc:
             raise _unreachable(errors.UpstreamError, "worker", address, exc) from exc
-        await _raise_for_error(resp)
+        await raise_for_error(resp)
         return WorkerStatus.model_validate(resp.json())
 
     async def ready(self, address: str, *, timeout: float = 2.0) -> bool:
@@ -143,7 +148,7 @@ class WorkerClient:
             request_id = requestid.current()  # the API server's request: the worker logs it under the same id
             headers = {**self._headers, requestid.HEADER: request_id} if request_id else self._headers
             async with self.http.stream("POST", url, json=body, headers=headers) as resp:
-                await _raise_for_error(resp)
+                await raise_for_error(resp)
                 async for line in resp.aiter_lines():
                     if line:
                         yield _parse_chunk(line, address)
@@ -158,7 +163,7 @@ class WorkerClient:
             resp = await self.http.post(
                 address.rstrip("/") + path, json=request.model_dump(exclude_none=True), headers=self._headers
             )
-            await _raise_for_error(resp)
+            await raise_for_error(resp)
             return answer.model_validate_json(resp.content)
         except httpx.HTTPError as exc:
             raise _unreachable(errors.UpstreamError, "worker", address, exc) from exc

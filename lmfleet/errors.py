@@ -215,10 +215,14 @@ class ErrorStyles:
 
 
 def from_body(status: int, body: Any) -> LmfleetError:
-    """Rebuild an error received from another lmfleet process (or any OpenAI-shaped server)."""
+    """Rebuild an error received from another lmfleet process (or any OpenAI-shaped server). A body without
+    OpenAI's error shape is not such a peer's verdict on the request (a route the peer does not have, a proxy's
+    page): it is the peer's failure, 502, unless the status says busy (429) or unavailable (503)."""
     err = body.get("error") if isinstance(body, dict) else None
     if not isinstance(err, dict):
-        err = {"message": str(body)[:500] if body else f"upstream returned HTTP {status}"}
+        if status not in (429, 503):
+            return UpstreamError(f"upstream answered HTTP {status} without an error body")
+        err = {"message": f"upstream returned HTTP {status}"}
     code = err.get("code")
     cls: type[LmfleetError] = _BY_STATUS.get(status, UpstreamError if status >= 500 else InvalidRequest)
     if code == ContextLengthExceeded.code:

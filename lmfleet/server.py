@@ -29,10 +29,22 @@ from lmfleet.requestid import RequestIdFilter
 
 logger = logging.getLogger("lmfleet")
 
-# Paths the fleet, the web page's dashboard and a Prometheus scraper poll every second or so: an access line for
-# each drowns the log.
+# Paths the fleet, the web page's dashboard and a Prometheus scraper poll every second or so (an API server over
+# FastChat's controller: its model list, a worker per model, each worker's status): an access line for each drowns
+# the log.
 QUIET_PATHS = frozenset(
-    {"/workers", "/receive_heart_beat", "/health", "/ready", "/worker/status", "/v1/fleet", "/metrics"}
+    {
+        "/workers",
+        "/receive_heart_beat",
+        "/health",
+        "/ready",
+        "/worker/status",
+        "/v1/fleet",
+        "/metrics",
+        "/list_models",
+        "/get_worker_address",
+        "/worker_get_status",
+    }
 )
 
 

@@ -7,15 +7,20 @@ trained on it with the `tokenizers` library, a ChatML chat template, seeded rand
 written with `save_pretrained`, so `AutoTokenizer.from_pretrained(dir)` and `AutoModelForCausalLM.from_pretrained(dir)`
 load it through the real code paths.
 
+With `portable`, the tokenizer's config is written the way transformers 4.x writes it too (its class named
+`PreTrainedTokenizerFast`, the chat template inline), so one folder loads in transformers 4.x and 5.x alike: the
+mixed-fleet tests serve it with FastChat 0.2.36, which needs transformers 4.x, and with lmfleet.
+
 Does not own: anything about serving. Nothing is cached between calls; the same (size, seed) always gives the
 same files.
 
-    lmfleet make-test-model DIR --size tiny|small --seed N
+    lmfleet make-test-model DIR --size tiny|small --seed N [--portable]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -119,8 +124,9 @@ def _train_tokenizer(shape: _Shape, seed: int):  # -> PreTrainedTokenizerFast
     )
 
 
-def make_test_model(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
-    """Write a random LLaMA model and its tokenizer to `out_dir` (created if needed); return the directory."""
+def make_test_model(out_dir: str | Path, size: str = "tiny", seed: int = 0, *, portable: bool = False) -> Path:
+    """Write a random LLaMA model and its tokenizer to `out_dir` (created if needed); return the directory. With
+    `portable`, a tokenizer config transformers 4.x reads too."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -158,7 +164,25 @@ def make_test_model(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> P
     )
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    if portable:
+        _portable_tokenizer_config(out)
     return out
+
+
+def _portable_tokenizer_config(out: Path) -> None:
+    """Rewrite the tokenizer config transformers 5 wrote (class `TokenizersBackend`, which transformers 4 cannot
+    load; the chat template in its own file) in the form both read."""
+    config_path, template_path = out / "tokenizer_config.json", out / "chat_template.jinja"
+    config = json.loads(config_path.read_text())
+    portable = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **{k: config.get(k) for k in ("bos_token", "eos_token", "pad_token", "unk_token", "model_max_length")},
+        "additional_special_tokens": ["<|im_start|>"],
+        "clean_up_tokenization_spaces": False,
+        "chat_template": template_path.read_text() if template_path.exists() else CHAT_TEMPLATE,
+    }
+    config_path.write_text(json.dumps(portable, indent=2) + "\n")
+    template_path.unlink(missing_ok=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -168,8 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("dir", help="directory to write the model into")
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--portable", action="store_true", help="a tokenizer config transformers 4.x reads too")
     args = parser.parse_args(argv)
-    path = make_test_model(args.dir, size=args.size, seed=args.seed)
+    path = make_test_model(args.dir, size=args.size, seed=args.seed, portable=args.portable)
     print(path)
     return 0
 

@@ -45,6 +45,7 @@ def test_fastchat_worker_command_line_parses_with_the_same_meaning(tmp_path) -> 
     assert settings.max_queued == 5 and settings.worker_address == "http://127.0.0.1:21003"
     assert settings.controller_addresses == ["http://127.0.0.1:21001"]
     assert settings.engine == "transformers" and settings.engine_settings.device == "cpu"
+    assert settings.conv_template == "vicuna_v1.1"  # FastChat clients are prompted with it (lmfleet.worker.fastchat)
 
 
 @pytest.mark.parametrize(
@@ -81,11 +82,17 @@ def test_a_gguf_file_or_its_folder_picks_llamacpp_and_answers_to_its_name(tmp_pa
 
 
 def test_ignored_fastchat_flags_are_reported(caplog: pytest.LogCaptureFixture) -> None:
-    args = cli.build_parser().parse_args(["worker", "--model-path", "m", "--conv-template", "x", "--load-8bit"])
+    args = cli.build_parser().parse_args(["worker", "--model-path", "m", "--stream-interval", "4", "--load-8bit"])
     with caplog.at_level(logging.WARNING, logger="lmfleet"):
         cli.warn_ignored(args)
-    assert "--conv-template" in caplog.text and "--load-8bit" in caplog.text
+    assert "--stream-interval" in caplog.text and "--load-8bit" in caplog.text
     assert "--num-gpus" not in caplog.text  # not given, not reported
+
+
+def test_an_unknown_conv_template_is_refused_at_once(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["worker", "--model-path", "m", "--conv-template", "no-such-template"])
+    assert "qwen-7b-chat" in capsys.readouterr().err  # the choices are listed
 
 
 def test_fastchat_api_and_controller_command_lines_parse() -> None:

@@ -24,7 +24,8 @@ Owns: the request edge (API keys, CORS; body size and JSON sanity are lmfleet.gu
 per-request limits lmfleet.api.access's, the one request timer lmfleet.metrics'), and which renderer answers each
 route. Every generating route goes the one answer path (lmfleet.api.answer: limits, the model — `model` may be
 omitted when exactly one model is served or `default_model` is set —, a worker per choice picked from a cached
-view of the fleet that outlives the controller (lmfleet.api.routing), failover to another worker before and
+view of the fleet that outlives the controller (lmfleet.api.routing; FastChat's controller and workers are
+spoken to their way: lmfleet.api.fastchat_upstream), failover to another worker before and
 after the first token (lmfleet.api.upstream), SSE or one JSON body); each endpoint only spells the answer
 (lmfleet.api.render, lmfleet.api.responses). A graceful drain: lmfleet.drain. Knows nothing of tokens: the worker
 validates prompt length against the model's context and its errors (400 context_length_exceeded, 429) pass
@@ -70,6 +71,7 @@ from lmfleet.api import responses as responses_api
 from lmfleet.api import ui
 from lmfleet.api.access import PUBLIC_PATHS, RequestLimits, needs_key, presented_key
 from lmfleet.api.answer import AnswerPath
+from lmfleet.api.fastchat_upstream import FallbackControllerClient, MixedWorkerClient
 from lmfleet.api.fleet import FleetStats
 from lmfleet.api.metrics import ApiMetrics
 from lmfleet.api.oneshot import ask
@@ -78,7 +80,7 @@ from lmfleet.api.response_store import TEMPORARY, ResponseStore
 from lmfleet.api.routing import Router
 from lmfleet.api.sse import cancel_on_disconnect
 from lmfleet.api.upstream import Timeouts
-from lmfleet.client import DEFAULT_CONTROLLER, ControllerClient, WorkerClient, make_http_client
+from lmfleet.client import DEFAULT_CONTROLLER, ControllerClient, make_http_client
 from lmfleet.dispatch import DEFAULT_POLICY, get_policy
 from lmfleet.drain import DEFAULT_TIMEOUT_S, Drain, DrainGate
 from lmfleet.guard import BearerSecrets, ParsedBodyRoute, RequestGuard
@@ -152,7 +154,7 @@ class ApiState(TypedDict):
 
     controller: ControllerClient  # the first of `controller_addresses`
     router: Router  # the worker view, health and the pick (lmfleet.api.routing)
-    workers: WorkerClient
+    workers: MixedWorkerClient  # lmfleet and FastChat workers alike (lmfleet.api.fastchat_upstream)
     started: int  # `created` of the model cards
     responses: ResponseStore | None  # stored responses (lmfleet.api.response_store); None: storage off
 
@@ -262,10 +264,10 @@ def create_app(
         async with contextlib.AsyncExitStack() as stack:
             http = http_client if http_client is not None else await stack.enter_async_context(make_http_client())
             controllers = [
-                ControllerClient(http, address, secret=settings.registration_secret)
+                FallbackControllerClient(http, address, secret=settings.registration_secret)
                 for address in settings.controller_addresses
             ]
-            workers = WorkerClient(http, secret=settings.registration_secret)
+            workers = MixedWorkerClient(http, secret=settings.registration_secret, view=lambda: router.workers())
             router = Router(
                 controllers,
                 workers,

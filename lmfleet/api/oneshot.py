@@ -13,9 +13,9 @@ from typing import TypeVar
 from pydantic import BaseModel
 
 from lmfleet import errors
+from lmfleet.api.fastchat_upstream import MixedWorkerClient
 from lmfleet.api.routing import Router
 from lmfleet.api.upstream import another_worker_may_help, next_worker, worse
-from lmfleet.client import WorkerClient
 from lmfleet.protocol.worker import Task
 
 R = TypeVar("R", bound=BaseModel)
@@ -23,7 +23,7 @@ R = TypeVar("R", bound=BaseModel)
 
 async def ask(
     router: Router,
-    workers: WorkerClient,
+    workers: MixedWorkerClient,
     model: str,
     task: Task | None,
     path: str,
@@ -31,7 +31,7 @@ async def ask(
     answer: type[R],
 ) -> R:
     """`request` to `path` on a worker of `model` serving `task` (None: any), as `answer`."""
-    tried: set[str] = set()
+    tried = workers.unable(model)  # FastChat workers answer none of these routes
     failure: errors.LmfleetError | None = None
     while True:
         lease = await next_worker(router, model, tried, failure, task)

@@ -18,9 +18,9 @@ choice (`ChoiceSpec`):
     reasoning's, when an answer reasoned).
 
 Does not own: parsing requests (lmfleet.protocol.openai), the fleet view, health and the pick of a worker
-(lmfleet.api.routing, behind `WorkerPool`), the HTTP transport (lmfleet.client), how a delta is spelled for an
-endpoint (lmfleet.api.render, lmfleet.api.responses), SSE, JSON bodies and client disconnects (lmfleet.api.answer,
-lmfleet.api.sse).
+(lmfleet.api.routing, behind `WorkerPool`), the HTTP transport and each worker's protocol (lmfleet.client,
+lmfleet.api.fastchat_upstream), how a delta is spelled for an endpoint (lmfleet.api.render, lmfleet.api.responses),
+SSE, JSON bodies and client disconnects (lmfleet.api.answer, lmfleet.api.sse).
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, cast
 
 from lmfleet import errors
+from lmfleet.api.fastchat_upstream import MixedWorkerClient
 from lmfleet.api.metrics import ApiMetrics, ChoiceClock
 from lmfleet.api.routing import Lease
-from lmfleet.client import WorkerClient
 from lmfleet.protocol.openai import CompletionTokensDetails, FinishReason, Usage
 from lmfleet.protocol.worker import GenerateChunk, GenerateRequest, Task, TokenLogprob, ToolCallChunk
 
@@ -120,7 +120,7 @@ class ModelBackend:
     tok/s, lmfleet.api.fleet)."""
 
     pool: WorkerPool
-    workers: WorkerClient
+    workers: MixedWorkerClient  # lmfleet and FastChat workers alike (lmfleet.api.fastchat_upstream)
     model: str
     timeouts: Timeouts = Timeouts()
     on_tokens: Callable[[str, int], None] | None = None
@@ -179,8 +179,10 @@ class ChoiceStream:
     silence past the inter-token timeout) resumes the generation on another worker: the prompt's token ids (from
     the first chunk), every token id received, and how many characters of text were passed on go to the next
     worker, which continues under the original `max_tokens` and sends only text not yet sent (protocol.worker).
-    Each worker is tried at most once per choice; a failed one is ejected from the pool. When none is left the
-    last failure is raised. Records the token counts it has seen."""
+    Each worker is tried at most once per choice, and never one that cannot take the request (a FastChat worker
+    cannot take a resume); a failed one is ejected from the pool. When none is left the last failure is raised, as
+    it is at once when the stream cannot be resumed (a FastChat worker's chunks say nothing of the prompt's ids).
+    Records the token counts it has seen."""
 
     def __init__(self, spec: ChoiceSpec, backend: ModelBackend) -> None:
         self.spec = spec
@@ -222,6 +224,7 @@ class ChoiceStream:
         """Send `request` to a worker this choice has not tried and read its first chunk. `failure`: why the
         previous worker was given up, raised if no other worker takes the request."""
         backend = self._backend
+        self._tried.update(backend.workers.unable(backend.model, request))  # e.g. FastChat workers, for a resume
         moved: errors.LmfleetError | None = None  # why the last worker of this attempt was left
         while True:
             lease = await next_worker(backend.pool, backend.model, self._tried, failure)

@@ -7,17 +7,25 @@ validation, fetching a FastChat worker's status when it registers without one, a
     POST /register_worker      RegisterWorkerRequest -> WorkerInfo           (secret; networks)
     POST /receive_heart_beat   HeartbeatRequest -> {"exist": bool}           (secret)
     POST /unregister_worker    {"worker_name"} -> {"removed": bool}          (secret)
-    GET|POST /list_models      -> {"models": [...]}
+    GET|POST /list_models      -> {"models": [...]}; /list_language_models, /list_multimodal_models: FastChat's split
     POST /get_worker_address   {"model"} -> {"address": url}, "" when no live worker serves it
     GET  /workers              -> {"workers": [WorkerInfo, ...]}
     POST /refresh_all_workers  expire now -> {"removed": [...]}
+    POST /worker_get_status    FastChat's aggregate: {"model_names", "speed", "queue_length"} of every live worker
+    POST /worker_generate_stream  FastChat's generation, relayed to a worker of the model (secret)
+    GET  /test_connection      -> "success"
     GET  /health               -> {"status": "ok"}
     GET  /ready                -> {"status": "ready"}; 503 with the reason while the registry's view may be stale
     GET  /metrics              Prometheus: workers by model and state, registry events, dispatch (controller/metrics.py)
 
-Route and field names are FastChat's, so FastChat model workers, its API server and its tools work against
-this controller. Differences: every worker must heartbeat (FastChat's `check_heart_beat: false` is ignored),
-and `/refresh_all_workers` only expires, it does not re-poll workers.
+Route and field names are FastChat's, so FastChat model workers, its API server and its Gradio web server work
+against this controller. A registration whose status does not name its protocol is a FastChat worker's
+(protocol.worker.reported): it expires after `fastchat_heartbeat_expiry_s` (FastChat's 90 s; its workers beat every
+45 s), and the API servers talk FastChat to it. Differences: every worker must heartbeat (FastChat's
+`check_heart_beat: false` is ignored), `/refresh_all_workers` only expires, it does not re-poll workers, and
+`/worker_get_status` sums the load the workers last reported instead of asking each one. `/worker_generate_stream`
+relays bytes, FastChat's NUL-separated objects, and reads none of them; a failure is one in-band object with
+FastChat's error code (no worker: 50005, the worker unreachable or failing: 50006).
 
 Bad input: every body passes lmfleet.guard first (over `max_request_bytes` → 413; not one JSON object in UTF-8,
 duplicate keys, deep nesting → 400); then the protocol models bound every field (lmfleet.protocol.worker: a
@@ -39,17 +47,18 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypedDict
 from urllib.parse import urlsplit
 
 import httpx
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lmfleet import docs, errors
@@ -60,6 +69,7 @@ from lmfleet.dispatch import DEFAULT_POLICY, get_policy
 from lmfleet.guard import BearerSecrets, ParsedBodyRoute, RequestGuard
 from lmfleet.metrics import install as install_metrics
 from lmfleet.metrics import new_registry
+from lmfleet.protocol import fastchat
 from lmfleet.protocol.worker import (
     HeartbeatRequest,
     HeartbeatResponse,
@@ -67,6 +77,7 @@ from lmfleet.protocol.worker import (
     WorkerAddressRequest,
     WorkerInfo,
     WorkerStatus,
+    reported,
 )
 from lmfleet.requestid import RequestIdMiddleware
 
@@ -92,13 +103,15 @@ class ControllerSettings:
     allowed_worker_networks: list[str] | None = None  # CIDRs, e.g. ["127.0.0.0/8", "10.0.0.0/8"]; None: any
     max_request_bytes: int = 1 << 20  # a registration is a few hundred bytes (413 beyond; lmfleet.guard)
     etcd: EtcdSettings | None = None  # None: the registry lives in this process's memory
+    fastchat_heartbeat_expiry_s: float = fastchat.HEARTBEAT_EXPIRY_S  # FastChat workers beat every 45 s
 
     def __post_init__(self) -> None:
         get_policy(self.dispatch_policy)
         if self.max_request_bytes < 1:
             raise ValueError("max_request_bytes must be positive")
-        if not self.heartbeat_expiry_s > 0:
-            raise ValueError(f"heartbeat_expiry_s must be > 0, got {self.heartbeat_expiry_s!r}")
+        for name in ("heartbeat_expiry_s", "fastchat_heartbeat_expiry_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.registration_secret is not None and not self.registration_secret:
             raise ValueError("registration_secret must be non-empty (None disables it)")
         self.networks()
@@ -202,13 +215,60 @@ async def fetch_worker_status(http: httpx.AsyncClient, address: str) -> WorkerSt
         raise failed(f"not a worker status: {exc.errors()[0].get('msg', 'invalid')}") from None
 
 
+def _in_band(code: fastchat.ErrorCode) -> bytes:
+    return json.dumps({"text": fastchat.SERVER_ERROR_MSG, "error_code": int(code)}).encode() + b"\0"
+
+
+async def _relay(
+    http: httpx.AsyncClient, address: str, body: dict[str, Any], authorization: str | None
+) -> AsyncGenerator[bytes, None]:
+    """A worker's `/worker_generate_stream` answer, object by object (each with its NUL byte); a failure, before or
+    after the first object, as one last in-band object."""
+    headers = {"Authorization": authorization} if authorization else {}
+    try:
+        async with http.stream("POST", address + "/worker_generate_stream", json=body, headers=headers) as resp:
+            if resp.status_code != 200:
+                logger.warning("worker %s answered /worker_generate_stream with HTTP %d", address, resp.status_code)
+                yield _in_band(fastchat.ErrorCode.CONTROLLER_WORKER_TIMEOUT)
+                return
+            pending = b""
+            async for data in resp.aiter_bytes():
+                *objects, pending = (pending + data).split(b"\0")
+                for obj in objects:
+                    if obj:
+                        yield obj + b"\0"
+    except httpx.HTTPError as exc:
+        logger.warning("worker %s failed during /worker_generate_stream: %s", address, type(exc).__name__)
+        yield _in_band(fastchat.ErrorCode.CONTROLLER_WORKER_TIMEOUT)
+
+
+class _RelayResponse(StreamingResponse):
+    """Closes the relay (and so the connection to the worker, which aborts the generation) however the response
+    ends."""
+
+    def __init__(self, relay: AsyncGenerator[bytes, None]) -> None:
+        super().__init__(relay, media_type="application/octet-stream")
+        self._relay = relay
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._relay.aclose()
+
+
 def make_registry(settings: ControllerSettings, clock: Callable[[], float] | None = None) -> FleetRegistry:
     """The registry backend the settings name: etcd (shared by every controller on it) or this process's memory."""
     if settings.etcd is None:
-        return Registry(clock or time.monotonic, settings.heartbeat_expiry_s)
+        return Registry(clock or time.monotonic, settings.heartbeat_expiry_s, settings.fastchat_heartbeat_expiry_s)
     from lmfleet.controller.etcd import EtcdRegistry  # needs the `etcd` extra
 
-    return EtcdRegistry(settings.etcd, settings.heartbeat_expiry_s, clock=clock or time.monotonic)
+    return EtcdRegistry(
+        settings.etcd,
+        settings.heartbeat_expiry_s,
+        clock=clock or time.monotonic,
+        fastchat_expiry_s=settings.fastchat_heartbeat_expiry_s,
+    )
 
 
 def create_app(
@@ -278,12 +338,15 @@ def create_app(
         status = req.worker_status
         if status is None:
             status = await fetch_worker_status(request.state.http, address)
+        status = reported(status)
+        if req.multimodal:
+            status = status.model_copy(update={"multimodal": True})
         return await registry.register(address, status)
 
     @app.post("/receive_heart_beat", dependencies=writes)
     async def receive_heart_beat(req: HeartbeatRequest) -> HeartbeatResponse:
         address = normalize_worker_address(req.worker_name)
-        load: WorkerStatus | int = req.worker_status if req.worker_status is not None else req.queue_length
+        load: WorkerStatus | int = reported(req.worker_status) if req.worker_status is not None else req.queue_length
         return HeartbeatResponse(exist=await registry.heartbeat(address, load))
 
     @app.post("/unregister_worker", dependencies=writes)
@@ -293,6 +356,14 @@ def create_app(
     @app.api_route("/list_models", methods=["GET", "POST"])
     async def list_models() -> dict[str, list[str]]:
         return {"models": registry.models()}
+
+    @app.api_route("/list_language_models", methods=["GET", "POST"])
+    async def list_language_models() -> dict[str, list[str]]:
+        return {"models": sorted({n for w in registry.all() if not w.status.multimodal for n in w.status.model_names})}
+
+    @app.api_route("/list_multimodal_models", methods=["GET", "POST"])
+    async def list_multimodal_models() -> dict[str, list[str]]:
+        return {"models": sorted({n for w in registry.all() if w.status.multimodal for n in w.status.model_names})}
 
     @app.post("/get_worker_address")
     async def get_worker_address(req: WorkerAddressRequest) -> dict[str, str]:
@@ -307,6 +378,31 @@ def create_app(
     @app.post("/refresh_all_workers")
     async def refresh_all_workers() -> dict[str, list[str]]:
         return {"removed": await registry.expire()}
+
+    @app.post("/worker_get_status")
+    async def worker_get_status() -> dict[str, Any]:
+        live = [w.status for w in registry.all()]
+        return {
+            "model_names": sorted({n for s in live for n in s.model_names}),
+            "speed": sum(s.speed for s in live),
+            "queue_length": sum(s.queue_length for s in live),
+        }
+
+    @app.post("/worker_generate_stream", dependencies=writes)
+    async def worker_generate_stream(body: dict[str, Any], request: Request) -> StreamingResponse:
+        model = body.get("model")
+        workers = registry.workers_for(model) if isinstance(model, str) else []
+        metrics.dispatched(bool(workers))
+        if not workers:
+            logger.info("no worker for %r: answered FastChat's no-worker error", model)
+            return StreamingResponse(iter([_in_band(fastchat.ErrorCode.CONTROLLER_NO_WORKER)]))
+        address = policy(workers, dispatch_rng).address
+        relay = _relay(request.state.http, address, body, request.headers.get("authorization"))
+        return _RelayResponse(relay)
+
+    @app.get("/test_connection")
+    async def test_connection() -> str:
+        return "success"
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

@@ -4,10 +4,10 @@ Owns `EtcdSettings` (endpoints from `--registry etcd://HOST:PORT[,HOST:PORT…]`
 `EtcdRegistry`, the `FleetRegistry` backend over them:
 
   * One worker is one key, PREFIX + its address, holding its status and its lease id as JSON, and tied to a lease
-    whose TTL is the heartbeat expiry. Register grants a lease and puts the key; a heartbeat, on whichever
-    controller receives it, keeps the lease alive and puts the load it reports; unregister deletes the key and
-    revokes the lease. A worker that stops beating disappears when etcd expires its lease, on every controller at
-    once.
+    whose TTL is the heartbeat expiry (a FastChat worker's is longer: registry.expiry_of). Register grants a lease
+    and puts the key; a heartbeat, on whichever controller receives it, keeps the lease alive and puts the load it
+    reports; unregister deletes the key and revokes the lease. A worker that stops beating disappears when etcd
+    expires its lease, on every controller at once.
   * Each controller's view: a range read of the prefix, then a watch from the next revision, so a controller that
     starts knows the whole fleet before it answers (`running()` waits up to `connect_timeout_s` for it) and every
     heartbeat's load reaches every controller as it is written. Its own writes apply to its view at once; an event
@@ -49,7 +49,16 @@ import aetcd
 import grpc
 from pydantic import BaseModel, ValidationError
 
-from lmfleet.controller.registry import Load, RegistryUnavailable, WorkerViews, apply_load, cancel, log_registered
+from lmfleet.controller.registry import (
+    Load,
+    RegistryUnavailable,
+    WorkerViews,
+    apply_load,
+    cancel,
+    expiry_of,
+    log_registered,
+)
+from lmfleet.protocol import fastchat
 from lmfleet.protocol.worker import WorkerInfo, WorkerStatus
 
 logger = logging.getLogger("lmfleet.controller")
@@ -225,12 +234,19 @@ class EtcdRegistry(WorkerViews):
     """The `FleetRegistry` in etcd; see the module docstring. `clock` stamps `last_heartbeat` (this controller's
     clock: the time it learnt of the heartbeat)."""
 
-    def __init__(self, settings: EtcdSettings, expiry_s: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        settings: EtcdSettings,
+        expiry_s: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        fastchat_expiry_s: float = fastchat.HEARTBEAT_EXPIRY_S,
+    ) -> None:
         if not expiry_s > 0:
             raise ValueError(f"expiry_s must be > 0, got {expiry_s!r}")
         self.settings = settings
         self.expiry_s = float(expiry_s)
-        self.ttl = max(1, math.ceil(expiry_s))  # etcd leases count whole seconds
+        self.fastchat_expiry_s = float(fastchat_expiry_s)
         self._clock = clock
         self._prefix = settings.prefix.encode()
         self._entries: dict[str, _Entry] = {}
@@ -371,13 +387,17 @@ class EtcdRegistry(WorkerViews):
             self._failed(exc)
             raise RegistryUnavailable(f"the fleet registry cannot record this now: {self._problem}") from None
 
+    def ttl(self, status: WorkerStatus) -> int:
+        """The lease TTL of a worker reporting `status`, in whole seconds as etcd counts them."""
+        return max(1, math.ceil(expiry_of(status, self.expiry_s, self.fastchat_expiry_s)))
+
     def _key(self, address: str) -> bytes:
         return self._prefix + address.encode()
 
     async def register(self, address: str, status: WorkerStatus) -> WorkerInfo:
         old = self._entries.get(address)
         async with self._writing() as client:
-            lease = await client.lease(self.ttl)
+            lease = await client.lease(self.ttl(status))
             put = await client.put(self._key(address), _value(status, lease.id), lease=lease.id)
             if old is not None and old.lease != lease.id:  # the key moved to the new lease: the old one holds nothing
                 with contextlib.suppress(aetcd.ClientError):

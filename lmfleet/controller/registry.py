@@ -5,9 +5,9 @@ Owns `FleetRegistry`, the interface the controller app talks to, which every bac
 `models()`, `all()`), `running()` (the backend's background work, entered by the app's lifespan) and `problem`
 (None, or why the view may be stale: the controller's `/ready` says it). Also owns the default backend, `Registry`,
 in this process's memory: a worker is alive from its registration until `expiry_s` seconds pass without a
-heartbeat; every call first drops workers that are past that (so a reader never sees a dead worker, even between
-two sweeps), and `running()` sweeps every `expiry_s / 4`. Several controllers sharing one fleet need a shared
-backend: lmfleet.controller.etcd.
+heartbeat (`fastchat_expiry_s` for a FastChat worker, which beats every 45 s: `expiry_of`); every call first drops
+workers that are past that (so a reader never sees a dead worker, even between two sweeps), and `running()` sweeps
+every `expiry_s / 4`. Several controllers sharing one fleet need a shared backend: lmfleet.controller.etcd.
 
 Does not own: HTTP, authentication, address validation or normalisation (the app hands in clean addresses),
 choosing a worker (`dispatch`). The clock is injected (`time.monotonic` by default) so tests drive time by
@@ -25,7 +25,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 from lmfleet import errors
-from lmfleet.protocol.worker import WorkerInfo, WorkerStatus
+from lmfleet.protocol import fastchat
+from lmfleet.protocol.worker import FASTCHAT, WorkerInfo, WorkerStatus
 
 logger = logging.getLogger("lmfleet.controller")
 
@@ -76,6 +77,12 @@ def apply_load(current: WorkerStatus, report: Load) -> WorkerStatus:
     return current.model_copy(update={"queue_length": int(report), **cleared})
 
 
+def expiry_of(status: WorkerStatus, expiry_s: float, fastchat_expiry_s: float) -> float:
+    """How long a worker may stay silent: a FastChat worker heartbeats every 45 s (FastChat's own controller waits
+    90 s), so it gets `fastchat_expiry_s`, or `expiry_s` if that is longer."""
+    return max(expiry_s, fastchat_expiry_s) if status.protocol == FASTCHAT else expiry_s
+
+
 class WorkerViews:
     """The three reads every backend answers the same way, over `_live()`: its current workers in registration
     order."""
@@ -101,11 +108,17 @@ class Registry(WorkerViews):
 
     problem: str | None = None  # nothing can make this view stale
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic, expiry_s: float = DEFAULT_EXPIRY_S) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        expiry_s: float = DEFAULT_EXPIRY_S,
+        fastchat_expiry_s: float = fastchat.HEARTBEAT_EXPIRY_S,
+    ) -> None:
         if not expiry_s > 0:
             raise ValueError(f"expiry_s must be > 0, got {expiry_s!r}")
         self._clock = clock
         self.expiry_s = float(expiry_s)
+        self.fastchat_expiry_s = float(fastchat_expiry_s)
         self._workers: dict[str, WorkerInfo] = {}
         self.events: Counter[str] = Counter()  # registered, re-registered, unregistered, expired (the metrics)
 
@@ -161,11 +174,16 @@ class Registry(WorkerViews):
         return removed
 
     async def expire(self) -> list[str]:
-        """Drop every worker whose last heartbeat is more than `expiry_s` ago; return their addresses."""
+        """Drop every worker whose last heartbeat is more than its expiry (`expiry_of`) ago; return their
+        addresses."""
         return self._expire(self._clock())
 
     def _expire(self, now: float) -> list[str]:
-        dead = [a for a, info in self._workers.items() if now - info.last_heartbeat > self.expiry_s]
+        dead = [
+            a
+            for a, info in self._workers.items()
+            if now - info.last_heartbeat > expiry_of(info.status, self.expiry_s, self.fastchat_expiry_s)
+        ]
         for address in dead:
             info = self._workers.pop(address)
             self.events["expired"] += 1

@@ -4,7 +4,9 @@ Worker ↔ controller uses FastChat's route names and field names (`/register_wo
 `check_heart_beat`, `worker_status`; `/receive_heart_beat` answering `{"exist": bool}`; `/list_models`;
 `/get_worker_address`), so a FastChat model worker can register with an lmfleet controller. lmfleet adds
 optional fields FastChat ignores (running/waiting/tokens in flight, context length, dispatch weight, the tasks
-it serves: `generate`, the default a FastChat worker gets, `embed` or `score`).
+it serves: `generate`, the default a FastChat worker gets, `embed` or `score`; the protocol it speaks: `lmfleet`'s
+routes below, or `fastchat`'s, lmfleet.protocol.fastchat). A status that does not name its protocol is a FastChat
+worker's (`reported`): FastChat's workers report their model names, speed and queue length only.
 
 API server → worker: `POST /worker/generate` with a `GenerateRequest`; the worker validates before it answers
 (errors come back as a non-200 OpenAI error body), then streams `GenerateChunk`s as NDJSON, one JSON object per
@@ -58,6 +60,8 @@ from lmfleet.protocol.errors import ErrorInfo
 FinishReason = Literal["stop", "length", "abort", "error", "tool_calls"]
 # What a worker serves: `generate` (chat and text completions), `embed` (embeddings), `score` (rerank and score).
 Task = Literal["generate", "embed", "score"]
+# What a worker speaks: lmfleet's `/worker/generate` (token ids, resumable) or FastChat's `/worker_generate_stream`.
+LMFLEET, FASTCHAT = "lmfleet", "fastchat"
 
 # Bounds on what a peer may report or ask for, so no message can overflow a float, a tensor or a generator seed.
 MAX_COUNT = 10_000_000  # FastChat's queue length
@@ -88,6 +92,15 @@ class WorkerStatus(BaseModel):
     tasks: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
         default_factory=lambda: ["generate"], min_length=1, max_length=16
     )
+    protocol: str = Field(default=LMFLEET, min_length=1, max_length=64)  # LMFLEET or FASTCHAT (plain, as tasks)
+    multimodal: bool = False  # FastChat's registration flag (its controller lists such models apart)
+
+
+def reported(status: WorkerStatus) -> WorkerStatus:
+    """A status as a worker sent it: one that does not name its protocol is a FastChat worker's."""
+    if "protocol" in status.model_fields_set:
+        return status
+    return status.model_copy(update={"protocol": FASTCHAT})
 
 
 class RegisterWorkerRequest(BaseModel):

@@ -8,7 +8,8 @@ stream of `GenerateChunk`s), readiness, and the lifespan that starts the engine'
     POST /worker/embed        EmbedRequest -> EmbedResponse (an embedding model's worker; worker/embed.py)
     POST /worker/score        ScorePairsRequest -> ScorePairsResponse (a cross-encoder's or an embedding model's)
     POST /worker/tokenize     TokenizeRequest -> TokenizeResponse;  POST /worker/detokenize: the reverse
-    GET  /worker/status       WorkerStatus;  POST /worker_get_status: FastChat's shape
+    GET  /worker/status       WorkerStatus
+    POST /worker_generate_stream, /worker_get_status, ...   FastChat's worker protocol (worker/fastchat.py)
     GET  /health              alive;  GET /ready: 200 while the engine steps and the worker is not draining
     GET  /metrics             Prometheus: load, KV cache, steps, requests (lmfleet.worker.metrics), open like status
 
@@ -72,7 +73,7 @@ from lmfleet.protocol.worker import (
     WorkerStatus,
 )
 from lmfleet.requestid import RequestIdMiddleware
-from lmfleet.worker import embed, reasoning, score, tools
+from lmfleet.worker import embed, fastchat, reasoning, score, tools
 from lmfleet.worker.metrics import WorkerMetrics
 from lmfleet.worker.pipeline import Pipeline, refusal
 from lmfleet.worker.registration import Registration
@@ -99,6 +100,7 @@ class WorkerSettings:
     tool_parser: str = tools.AUTO  # a key of lmfleet.worker.tools.FORMATS, or "auto" (from the chat template)
     # a key of lmfleet.worker.reasoning.FORMATS, "auto" (from the chat template) or "none" (answers are not split)
     reasoning_parser: str = reasoning.AUTO
+    conv_template: str | None = None  # FastChat clients' template: a key of protocol.fastchat.TEMPLATES; None: mapped
 
     @property
     def names(self) -> list[str]:
@@ -383,10 +385,7 @@ def create_app(
     async def status(request: Request) -> WorkerStatus:
         return request.state.worker.status()
 
-    @app.post("/worker_get_status")  # FastChat's route and shape
-    async def fastchat_status(request: Request) -> dict[str, Any]:
-        s = request.state.worker.status()
-        return {"model_names": s.model_names, "speed": s.speed, "queue_length": s.queue_length}
+    fastchat.add_routes(app, dependencies=[Depends(require_secret)])  # FastChat's worker protocol
 
     @app.get("/health")
     async def health() -> dict[str, str]:

@@ -1,6 +1,7 @@
 """In-process fakes for the API server's tests: a fake controller, fake workers, and the plumbing to reach them.
 
-* `FakeWorker` answers `POST /worker/generate` with deterministic NDJSON derived from the request: the words of
+* `FakeWorker` answers `POST /worker/generate` (and `/worker/tokenize`, `/worker/detokenize` through the fleet's
+  `Vocab`) with deterministic NDJSON derived from the request: the words of
   the prompt (chat: the last message), rotated by `seed`, one word per chunk (token id = the word's position),
   at most `max_tokens` of them (finish_reason "length") else all of them ("stop"). Its first chunk carries the
   prompt's ids (words through the fleet's `Vocab`), and it resumes a generation as a real worker does
@@ -12,8 +13,13 @@
   requests it got and the streams the client closed early (`cancelled`). A word of the reply that is one of the
   request's stop strings ends it there (finish_reason "stop", `stop_string`). `POST /worker/tokenize` answers a
   token id per word of every message (recorded in `tokenized`).
+* `FakeFastChatWorker` is the same worker speaking FastChat's protocol (lmfleet.protocol.fastchat): it answers the
+  words of the last user turn of the prompt its conversation template (`CONV`) renders, as cumulative objects each
+  followed by a NUL byte, and misbehaves the same ways (`then` "error_chunk" is an in-band error; `inband` an
+  in-band error code before any text). Its objects carry no token ids: its generations cannot be resumed.
 * `FakeController` serves `/list_models`, `/get_worker_address` (round robin) and `/workers` from a dict; a worker
-  in `silent` stops heartbeating (its `last_heartbeat` freezes).
+  in `silent` stops heartbeating (its `last_heartbeat` freezes); a FastChat worker's status names no protocol, as
+  the controller stores it (`protocols`). With `fastchat=True` it is FastChat's controller: no `/workers`.
 * `StreamingASGITransport`: `httpx.ASGITransport` buffers the whole response and never reports a disconnect; this
   one streams the body as the app sends it, and closing the response early sends the app `http.disconnect` and
   waits until the app has finished, so a test can then assert what the app did about it. `Switchable` puts a
@@ -28,8 +34,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -44,6 +51,7 @@ from starlette.types import ASGIApp, Message
 from lmfleet.api.app import ApiSettings, create_app
 from lmfleet.api.routing import Router
 from lmfleet.drain import Drain
+from lmfleet.protocol.fastchat import Conversation
 from lmfleet.protocol.worker import GenerateChunk, GenerateRequest, TokenizeRequest
 from tests.fakes import running
 
@@ -202,6 +210,7 @@ Then = Literal["stall", "error_chunk", "abort", "break", "garbage", "hang"]
 class FakeWorker:
     def __init__(self, name: str, vocab: Vocab | None = None) -> None:
         self.address = f"http://{name}.test"
+        self.models: list[str] = []  # what its /worker_get_status names (the Fleet sets it)
         self.vocab = vocab or Vocab()
         self.requests: list[GenerateRequest] = []
         self.tokenized: list[TokenizeRequest] = []
@@ -306,12 +315,102 @@ class FakeWorker:
         async def ready() -> JSONResponse:
             return JSONResponse({"ready": self.ready}, status_code=200 if self.ready else 503)
 
+        @app.post("/worker_get_status")
+        async def worker_get_status() -> dict[str, Any]:
+            return {"model_names": self.models, "speed": 1, "queue_length": 0, "protocol": "lmfleet"}
+
+        @app.post("/worker/detokenize")
+        async def detokenize(body: dict[str, Any]) -> dict[str, Any]:
+            return {"prompt": " ".join(self.vocab.word(t) for t in body.get("tokens") or [])}
+
+        return app
+
+
+# The conversation template of every FakeFastChatWorker: "<system>\nUSER: <words>\nASSISTANT:".
+CONV = Conversation(name="fake", roles=("USER", "ASSISTANT"), sep="\n", stop_str="USER:", stop_token_ids=[7])
+
+
+class FakeFastChatWorker:
+    """A FastChat model worker (see the module docstring). `params` records what `/worker_generate_stream` got."""
+
+    context_length = 64
+
+    def __init__(self, name: str) -> None:
+        self.address = f"http://{name}.test"
+        self.models: list[str] = []
+        self.params: list[dict[str, Any]] = []
+        self.requests = self.params  # what the tests of either kind of worker count
+        self.reject: tuple[int, Any] | None = None  # answer this (status, body) instead
+        self.inband: int | None = None  # answer only this in-band error code
+        self.then: Then | None = None  # "error_chunk" or "break" after `after` objects
+        self.after = 1
+        self.down = False
+        self.app = self._make_app()
+
+    @staticmethod
+    def words(prompt: str) -> list[str]:
+        """The words of the prompt's last user turn."""
+        return prompt.rpartition("USER: ")[2].partition("\n")[0].split()
+
+    def objects(self, params: dict[str, Any]) -> list[dict[str, Any]]:
+        words = self.words(params["prompt"])
+        reply = expected_reply(" ".join(words), max_tokens=params["max_new_tokens"]).split()
+        usage = {"prompt_tokens": len(params["prompt"].split())}
+        out, text = [], params["prompt"] if params.get("echo", True) else ""
+        for i, word in enumerate(reply, 1):
+            text += word if i == 1 else " " + word
+            out.append(
+                {"text": text, "error_code": 0, "usage": {**usage, "completion_tokens": i}, "finish_reason": None}
+            )
+        out[-1]["finish_reason"] = "length" if len(reply) < len(words) else "stop"
+        return out
+
+    async def _stream(self, params: dict[str, Any]) -> AsyncIterator[bytes]:
+        objects = self.objects(params)
+        for obj in objects[: self.after] if self.then else objects:
+            yield json.dumps(obj).encode() + b"\0"
+        if self.then == "error_chunk":
+            yield json.dumps({"text": "CUDA out of memory", "error_code": 50002}).encode() + b"\0"
+        elif self.then == "break":
+            raise RuntimeError("worker crashed mid-stream")
+
+    def _make_app(self) -> FastAPI:
+        app = FastAPI()
+
+        @app.post("/worker_generate_stream")
+        async def generate(params: dict[str, Any]):
+            self.params.append(params)
+            if self.reject is not None:
+                status, body = self.reject
+                return JSONResponse(body, status_code=status)
+            if self.inband is not None:
+                return StreamingResponse(iter([json.dumps({"text": "no", "error_code": self.inband}).encode() + b"\0"]))
+            return StreamingResponse(self._stream(params))
+
+        @app.post("/worker_get_conv_template")
+        async def conv_template() -> dict[str, Any]:
+            return {"conv": CONV.model_dump(mode="json")}
+
+        @app.post("/model_details")
+        async def model_details() -> dict[str, int]:
+            return {"context_length": self.context_length}
+
+        @app.post("/count_token")
+        async def count_token(body: dict[str, Any]) -> dict[str, int]:
+            return {"count": len(body["prompt"].split()), "error_code": 0}
+
+        @app.post("/worker_get_status")
+        async def worker_get_status() -> dict[str, Any]:
+            return {"model_names": self.models, "speed": 1, "queue_length": 0}
+
         return app
 
 
 class FakeController:
-    def __init__(self, models: dict[str, list[str]]) -> None:
+    def __init__(self, models: dict[str, list[str]], *, fastchat: bool = False) -> None:
         self.models = models  # model -> worker addresses (an empty list: listed, but no live worker)
+        self.fastchat = fastchat  # FastChat's controller: no /workers
+        self.protocols: dict[str, str] = {}  # address -> the protocol its status names (none: lmfleet's default)
         self.silent: set[str] = set()  # addresses that stopped heartbeating
         self.down = False  # refuses connections (see Switchable)
         self.load: dict[str, int] = {}  # address -> the queue length it reports
@@ -329,6 +428,8 @@ class FakeController:
             if address not in self.silent or address not in self._heartbeats:
                 self._heartbeats[address] = time.monotonic()
             status = {"model_names": models, "queue_length": self.load.get(address, 0)}
+            if address in self.protocols:
+                status["protocol"] = self.protocols[address]
             out.append({"address": address, "status": status, "last_heartbeat": self._heartbeats[address]})
         return out
 
@@ -345,9 +446,11 @@ class FakeController:
             turn = next(self._turns.setdefault(body["model"], itertools.count()))
             return {"address": addresses[turn % len(addresses)]}
 
-        @app.get("/workers")
-        async def workers() -> dict[str, list[dict[str, Any]]]:
-            return {"workers": self.workers()}
+        if not self.fastchat:
+
+            @app.get("/workers")
+            async def workers() -> dict[str, list[dict[str, Any]]]:
+                return {"workers": self.workers()}
 
         return app
 
@@ -357,14 +460,24 @@ class Fleet:
     """A fake controller and its fake workers, reachable through one httpx client (`http_client()`)."""
 
     models: dict[str, list[str]] = field(default_factory=lambda: {"echo": ["a"]})  # model -> worker names
-    workers: dict[str, FakeWorker] = field(init=False)
+    fastchat: Collection[str] = ()  # the names of the workers that are FastChat's (FakeFastChatWorker)
+    fastchat_controller: bool = False  # the controller is FastChat's (no /workers)
+    workers: dict[str, Any] = field(init=False)  # name -> FakeWorker | FakeFastChatWorker
     controller: FakeController = field(init=False)
 
     def __post_init__(self) -> None:
         names = sorted({w for ws in self.models.values() for w in ws})
         self.vocab = Vocab()
-        self.workers = {name: FakeWorker(name, self.vocab) for name in names}
-        self.controller = FakeController({m: [self.workers[w].address for w in ws] for m, ws in self.models.items()})
+        self.workers = {
+            name: FakeFastChatWorker(name) if name in self.fastchat else FakeWorker(name, self.vocab) for name in names
+        }
+        for name, worker in self.workers.items():
+            worker.models = sorted(m for m, ws in self.models.items() if name in ws)
+        self.controller = FakeController(
+            {m: [self.workers[w].address for w in ws] for m, ws in self.models.items()},
+            fastchat=self.fastchat_controller,
+        )
+        self.controller.protocols = {self.workers[name].address: "fastchat" for name in self.fastchat}
 
     def all_workers(self, **attrs: Any) -> None:
         for worker in self.workers.values():

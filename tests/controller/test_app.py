@@ -46,8 +46,10 @@ async def controller(
             yield client, clock
 
 
-def reg_body(address: str, *models: str, **status) -> dict:
-    return {"worker_name": address, "check_heart_beat": True, "worker_status": {"model_names": list(models), **status}}
+def reg_body(address: str, *models: str, protocol: str | None = "lmfleet", **status) -> dict:
+    """An lmfleet worker's registration; with `protocol=None`, a FastChat worker's (its status names no protocol)."""
+    status = {"model_names": list(models), **status, **({"protocol": protocol} if protocol else {})}
+    return {"worker_name": address, "check_heart_beat": True, "worker_status": status}
 
 
 def auth(secret: str = SECRET) -> dict[str, str]:

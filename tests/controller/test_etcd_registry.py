@@ -134,7 +134,8 @@ async def test_a_worker_that_stops_beating_leaves_every_registry_when_its_lease_
     etcd: EtcdCluster, prefix: str
 ) -> None:
     async with registry(etcd, prefix, expiry_s=2) as one, registry(etcd, prefix, expiry_s=2) as two:
-        assert one.ttl == 2
+        assert one.ttl(status("m")) == 2
+        assert one.ttl(status("m").model_copy(update={"protocol": "fastchat"})) == 90  # FastChat's 45 s beats
         await one.register(A, status("m"))
         await one.register(B, status("m"))
         await eventually(lambda: len(two.all()) == 2)

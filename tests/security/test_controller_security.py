@@ -157,13 +157,15 @@ async def test_extreme_but_valid_reports_do_not_break_dispatch(policy: str) -> N
             assert picks == {W2}
 
 
-async def test_a_worker_cannot_opt_out_of_expiry() -> None:
-    """FastChat's `check_heart_beat: false` asks never to be expired; lmfleet expires every worker."""
+@pytest.mark.parametrize(("protocol", "expiry_s"), [("lmfleet", 6.0), (None, 90.0)], ids=["lmfleet", "fastchat"])
+async def test_a_worker_cannot_opt_out_of_expiry(protocol: str | None, expiry_s: float) -> None:
+    """FastChat's `check_heart_beat: false` asks never to be expired; lmfleet expires every worker (a FastChat
+    worker, which beats every 45 s, after FastChat's own 90 s)."""
     clock = FakeClock()
     async with controller(clock=clock) as (c, _):
-        body = {**reg_body(W1, "m"), "check_heart_beat": False}
+        body = {**reg_body(W1, "m", protocol=protocol), "check_heart_beat": False}
         assert (await c.post("/register_worker", json=body)).is_success
-        clock.now += 6.5
+        clock.now += expiry_s + 0.5
         assert await addresses(c) == []
         assert (await c.post("/get_worker_address", json={"model": "m"})).json() == {"address": ""}
 
