@@ -1,8 +1,9 @@
 """Reasoning models through the whole stack in one process: the real API app, the real controller app and two real
 worker apps whose model thinks before it answers (a scripted engine behind the byte tokenizer and a chat template
 that thinks: tests/fakes.py ThinkingTokenizer; no reasoning model installs offline here), driven by the official
-`openai` client. Chat answers carry the reasoning in `reasoning_content` (and `reasoning`) and never the tags in
-`content`; streamed equals whole; Responses has a `reasoning` item, checked against OpenAI's published schemas;
+`openai` client (and the official `anthropic` one). Chat answers carry the reasoning in `reasoning_content` (and
+`reasoning`) and never the tags in `content`; streamed equals whole; Responses has a `reasoning` item, checked against
+OpenAI's published schemas; Messages a `thinking` block, checked against Anthropic's;
 `enable_thinking: false` and `reasoning_effort` reach the template; a JSON schema or a tool call applies after the
 reasoning; a stream cut inside the reasoning or inside its closing tag resumes on the other worker with nothing
 repeated or missing; completions keep the raw text."""
@@ -15,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import anthropic
 import httpx
 import jsonschema
 import openai
@@ -23,10 +25,12 @@ from fastapi import FastAPI
 
 from lmfleet.engine.base import LoadedModel
 from lmfleet.worker.app import create_app as create_worker
+from tests.api.test_messages import events_of as anthropic_events
 from tests.api.test_responses import events_of
+from tests.conformance import anthropic as anthropic_schemas
 from tests.conformance import validate
 from tests.fakes import ScriptedEngine, ThinkingTokenizer
-from tests.test_stack import Cut, open_stack, worker_settings
+from tests.test_stack import API, Cut, open_stack, worker_settings
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -58,6 +62,10 @@ class Stack:
     def rendered(self) -> ThinkingTokenizer:
         """The tokenizer that rendered the last chat prompt."""
         return self.renders[-1]
+
+    def claude(self) -> anthropic.AsyncAnthropic:
+        """Anthropic's official client, over the openai client's HTTP client (to the same API app)."""
+        return anthropic.AsyncAnthropic(api_key="none", base_url=API, http_client=self.client._client, max_retries=0)
 
 
 @contextlib.asynccontextmanager
@@ -157,6 +165,53 @@ async def test_responses_have_a_reasoning_item_valid_against_openai_schema() -> 
         items = (await stack.raw.get(f"/v1/responses/{later.id}/input_items", params={"order": "asc"})).json()
         validate("ResponseItemList", items)
         assert [i["type"] for i in items["data"]] == ["message", "reasoning", "message", "message"]
+
+
+async def test_messages_have_a_thinking_block_valid_against_anthropic_schema() -> None:
+    thought, answer, _ = expected("qwen3")
+    ask = {"model": "thinker", "max_tokens": 200, "messages": ASK}
+    async with thinker() as stack:
+        claude = stack.claude()
+        whole = await claude.messages.create(**ask)  # type: ignore[arg-type]
+        blocks = [b.model_dump(exclude_none=True) for b in whole.content]
+        assert blocks == [
+            {"type": "thinking", "thinking": thought, "signature": ""},  # no signature: a local model has no key
+            {"type": "text", "text": answer},  # the answer without the reasoning or its tags
+        ]
+        assert whole.stop_reason == "end_turn" and stack.rendered().template_kwargs == {}
+        anthropic_schemas.validate("Message", (await stack.raw.post("/v1/messages", json=ask)).json())
+
+        async with claude.messages.stream(**ask) as stream:  # type: ignore[arg-type]
+            final = await stream.get_final_message()
+        assert [b.model_dump(exclude_none=True) for b in final.content] == blocks and final.usage == whole.usage
+
+        resp = await stack.raw.post("/v1/messages", json={**ask, "stream": True})
+        events = anthropic_events(resp.text)  # each one valid against its schema
+        starts = [e["content_block"] for kind, e in events if kind == "content_block_start"]
+        assert starts == [{"type": "thinking", "thinking": "", "signature": ""}, {"type": "text", "text": ""}]
+        deltas = [(e["index"], e["delta"]) for kind, e in events if kind == "content_block_delta"]
+        assert "".join(d["thinking"] for i, d in deltas if d["type"] == "thinking_delta" and i == 0) == thought
+        assert "".join(d["text"] for i, d in deltas if d["type"] == "text_delta" and i == 1) == answer
+        assert {d["type"] for _, d in deltas} == {"thinking_delta", "text_delta"}  # no signature_delta: none to send
+        kinds = [(kind, e.get("index")) for kind, e in events]
+        assert kinds.index(("content_block_stop", 0)) < kinds.index(("content_block_start", 1))
+
+        # the thinking of an earlier turn goes back to the template with its assistant message
+        turns = [*ASK, {"role": "assistant", "content": blocks}]
+        await claude.messages.create(**{**ask, "messages": [*turns, {"role": "user", "content": "And 3?"}]})  # type: ignore[arg-type]
+        assistant = [m for m in stack.rendered().messages if m["role"] == "assistant"]
+        assert assistant == [{"role": "assistant", "content": answer, "reasoning_content": thought}]
+
+
+async def test_messages_thinking_disabled_reaches_the_template() -> None:
+    """`thinking: {"type": "disabled"}` is `enable_thinking: false`: the template closes an empty block, the model
+    answers at once, and the message has no thinking block."""
+    async with thinker(script=f"<think>\n\n</think>\n\n{ANSWER.strip()}") as stack:
+        out = await stack.claude().messages.create(
+            model="thinker", max_tokens=200, messages=ASK, thinking={"type": "disabled"}
+        )
+        assert stack.rendered().template_kwargs == {"enable_thinking": False}
+        assert [(b.type, getattr(b, "text", None)) for b in out.content] == [("text", ANSWER.strip())]
 
 
 async def test_enable_thinking_false_and_reasoning_effort_reach_the_template() -> None:

@@ -10,19 +10,19 @@ Owns:
     by the one answer path like any chat request (lmfleet.api.answer: limits, the model, tool calls under the
     chat path's grammar, failover before the first token, token-exact resume after it, metrics);
   * `MessageRenderer`, that path's renderer for a message: the neutral deltas of its one choice become content
-    blocks (text; tool_use, whose `input` is the call's arguments) and, streamed, Anthropic's event stream
-    (`event: <type>` + `data: {...}`): message_start (the message with no content, and the prompt's tokens),
-    then per block content_block_start, content_block_delta (`text_delta`, `input_json_delta`),
-    content_block_stop, then message_delta (stop_reason, stop_sequence, usage) and message_stop. A failure after
-    the 200 is an `error` event with Anthropic's error object (lmfleet.errors.anthropic_body), the last event;
+    blocks (thinking: the model's reasoning, before the answer's blocks; text; tool_use, whose `input` is the
+    call's arguments) and, streamed, Anthropic's event stream (`event: <type>` + `data: {...}`): message_start
+    (the message with no content, and the prompt's tokens), then per block content_block_start,
+    content_block_delta (`thinking_delta`, `text_delta`, `input_json_delta`), content_block_stop, then
+    message_delta (stop_reason, stop_sequence, usage) and message_stop. A failure after the 200 is an `error`
+    event with Anthropic's error object (lmfleet.errors.anthropic_body), the last event;
   * counting a conversation's tokens the way it would be generated: the worker renders the same chat request
     through the model's chat template, tools included (`POST /worker/tokenize`);
   * `ERROR_PATHS`: these routes spell their errors Anthropic's way, every one of them (validation, unknown model,
     API key, limits, 429, 5xx, body too large, bad JSON): lmfleet.api.app puts errors.ErrorStyles in front.
 
-Reasoning (the seam): a model's reasoning, once the chat path carries it as a delta field, is one more block kind
-here: a `thinking` block begun before the answer's text (`_begin`), streamed as `thinking_delta`s and closed when
-the text begins, like text and tool_use blocks.
+Reasoning: a thinking block's `signature` is empty and no `signature_delta` is sent (lmfleet.protocol.anthropic
+says why).
 
 Does not own: parsing and translating requests (lmfleet.protocol.anthropic), the generation path, workers and
 failover (lmfleet.api.answer, lmfleet.api.upstream), SSE framing (lmfleet.api.sse), the error JSON and its map
@@ -62,6 +62,8 @@ from lmfleet.protocol.anthropic import (
     StreamEvent,
     TextBlock,
     TextDelta,
+    ThinkingBlock,
+    ThinkingDelta,
     TokenCount,
     ToolUseBlock,
     anthropic_loc,
@@ -90,10 +92,10 @@ def _sse(events: Sequence[StreamEvent]) -> list[Event]:
 
 class MessageRenderer:
     """One message being made from the answer path's deltas (lmfleet.api.answer.Renderer). Each step keeps
-    `message` up to date (blocks in the order they began, a text block's text, a tool_use block's arguments, and
-    at the end stop_reason and usage) and returns the stream events it makes; a non-streamed answer goes through
-    the same steps and drops them, so both say the same. One block is open at a time: a delta of another kind
-    closes it and begins the next."""
+    `message` up to date (blocks in the order they began, a thinking or text block's text, a tool_use block's
+    arguments, and at the end stop_reason and usage) and returns the stream events it makes; a non-streamed answer
+    goes through the same steps and drops them, so both say the same. One block is open at a time: a delta of
+    another kind closes it and begins the next."""
 
     def __init__(self, model: str) -> None:
         self.message = Message(id=new_id("msg"), model=model, usage=AnthropicUsage(input_tokens=0, output_tokens=0))
@@ -139,10 +141,18 @@ class MessageRenderer:
     # Blocks and events
 
     def _add(self, delta: ChoiceDelta) -> list[StreamEvent]:
-        """One delta: text goes to the open text block (or a new one), tool-call pieces to tool_use blocks."""
+        """One delta: reasoning goes to the open thinking block (or a new one), text to the open text block (or a
+        new one), tool-call pieces to tool_use blocks. The worker sends the reasoning before the answer."""
         events: list[StreamEvent] = []
+        if delta.reasoning:
+            events += self._open(ThinkingBlock)
+            assert self._current is not None
+            thinking = self.message.content[self._current]
+            assert isinstance(thinking, ThinkingBlock)
+            thinking.thinking += delta.reasoning
+            events.append(ContentBlockDeltaEvent(index=self._current, delta=ThinkingDelta(thinking=delta.reasoning)))
         if delta.text:
-            events += self._text_block()
+            events += self._open(TextBlock)
             assert self._current is not None
             block = self.message.content[self._current]
             assert isinstance(block, TextBlock)
@@ -152,7 +162,7 @@ class MessageRenderer:
             events += self._call_piece(piece)
         return events
 
-    def _begin(self, block: TextBlock | ToolUseBlock) -> list[StreamEvent]:
+    def _begin(self, block: ThinkingBlock | TextBlock | ToolUseBlock) -> list[StreamEvent]:
         """Close the open block and start `block` after it."""
         events = self._close()
         self._current = len(self.message.content)
@@ -164,10 +174,11 @@ class MessageRenderer:
         index, self._current = self._current, None
         return [] if index is None else [ContentBlockStopEvent(index=index)]
 
-    def _text_block(self) -> list[StreamEvent]:
-        if self._current is not None and isinstance(self.message.content[self._current], TextBlock):
+    def _open(self, kind: type[ThinkingBlock] | type[TextBlock]) -> list[StreamEvent]:
+        """Keep writing the open block if it is of `kind`, else begin a new one."""
+        if self._current is not None and isinstance(self.message.content[self._current], kind):
             return []
-        return self._begin(TextBlock())
+        return self._begin(kind())
 
     def _call_piece(self, piece: ToolCallChunk) -> list[StreamEvent]:
         events: list[StreamEvent] = []

@@ -14,18 +14,28 @@ Owns:
     execution, ...), `mcp_servers`, `container`, and a last message from the assistant (Anthropic continues it;
     the chat path starts a new turn). Hints that change nothing lmfleet can act on are accepted and ignored:
     `cache_control` anywhere (the engines reuse prompt prefixes on their own), `metadata`, `service_tier`,
-    `context_management`, `output_config.effort`, and `thinking` (see below); `thinking` and `redacted_thinking`
-    blocks of earlier assistant turns are dropped, as Anthropic drops them from the context;
+    `context_management`, `output_config.effort`; `thinking` (see Reasoning below) is taken;
   * the translation of a request into the body of the chat completions request lmfleet generates it with
     (`chat_body`): a Messages request IS a chat request underneath, so the chat path's checks, limits, failover,
-    resume and tool grammar apply unchanged (tool_choice `any` is chat's `required`, `tool` a named function).
+    resume and tool grammar apply unchanged (tool_choice `any` is chat's `required`, `tool` a named function;
+    an assistant turn's `thinking` blocks are its message's `reasoning_content`).
     `anthropic_loc` names the chat request's parameters the Anthropic way, for its 400s;
-  * the answer (`Message`: text and tool_use blocks, `stop_reason`, `stop_sequence`, `usage`), its stream events
-    (message_start, content_block_start / _delta / _stop, message_delta, message_stop) and `TokenCount`.
+  * the answer (`Message`: thinking, text and tool_use blocks, `stop_reason`, `stop_sequence`, `usage`), its
+    stream events (message_start, content_block_start / _delta (text, input_json, thinking) / _stop,
+    message_delta, message_stop) and `TokenCount`.
 
-Reasoning: `thinking` is accepted and not used yet. The seam for reasoning output is the renderer
-(lmfleet.api.messages): a model's reasoning becomes a `thinking` block before the answer's text, streamed as
-`thinking_delta`s, under the same block bookkeeping as text and tool_use.
+Reasoning: a model's reasoning (split from its answer by the worker's reasoning parser) is a `thinking` block
+before the answer's blocks (lmfleet.api.messages renders it). Its `signature` is the empty string: Anthropic signs
+its thinking so that the reasoning a client sends back can be trusted as the model's own; a local model has no key
+to sign with and lmfleet trusts what comes back as it trusts any chat history, but the field is required in
+Anthropic's block (the SDK's `ThinkingBlock.signature: str`), so it is there, empty, and no `signature_delta` is
+sent. The request's `thinking`: `{"type": "disabled"}` is the chat template variable `enable_thinking: false`
+(templates that read it, such as Qwen3's, then write no reasoning; a model that reasons regardless still gets its
+thinking block); `enabled` (its `budget_tokens` is not enforced: `max_tokens` bounds reasoning and answer
+together) and `adaptive` leave the model as it is, thinking if it does. Earlier assistant turns' `thinking` blocks
+go back to the chat template as that message's `reasoning_content` (joined; their signatures are not checked;
+templates such as Qwen3's keep it only after the last user message, as Anthropic drops earlier turns' thinking);
+`redacted_thinking` blocks (encrypted by Anthropic, unreadable here) are dropped.
 
 Usage: lmfleet's workers do not report prompt-cache hits, so `cache_read_input_tokens` and
 `cache_creation_input_tokens` are 0 and `input_tokens` is the whole prompt (Anthropic's total input is the sum of
@@ -134,15 +144,26 @@ class ToolResultBlockParam(BaseModel):
 
 
 class ThinkingBlockParam(BaseModel):
-    """Reasoning of an earlier assistant turn: accepted, and dropped from the prompt."""
+    """Reasoning of an earlier assistant turn: it goes back to the chat template (`reasoning_content`)."""
 
     model_config = ConfigDict(extra="ignore")
 
-    type: Literal["thinking", "redacted_thinking"]
+    type: Literal["thinking"]
+    thinking: str
+    signature: str | None = Field(None, description="Accepted; not checked (lmfleet's own are empty).")
+
+
+class RedactedThinkingBlockParam(BaseModel):
+    """Reasoning Anthropic encrypted: accepted, and dropped from the prompt (nothing here can read it)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["redacted_thinking"]
 
 
 ContentBlockParam = Annotated[
-    TextBlockParam | ToolUseBlockParam | ToolResultBlockParam | ThinkingBlockParam, Field(discriminator="type")
+    TextBlockParam | ToolUseBlockParam | ToolResultBlockParam | ThinkingBlockParam | RedactedThinkingBlockParam,
+    Field(discriminator="type"),
 ]
 _BLOCK_TYPES = ("text", "tool_use", "tool_result", "thinking", "redacted_thinking")
 _ROLE_BLOCKS = {"user": ("text", "tool_result"), "assistant": ("text", "tool_use", "thinking", "redacted_thinking")}
@@ -159,7 +180,7 @@ def _blocks(value: Any) -> Any:
         if kind not in _BLOCK_TYPES:
             raise _error(
                 "unsupported_content_block",
-                f"block {i} has type {kind!r}; lmfleet takes text, tool_use and tool_result blocks",
+                f"block {i} has type {kind!r}; lmfleet takes text, tool_use, tool_result and thinking blocks",
             )
     return value
 
@@ -196,13 +217,17 @@ class MessageParam(BaseModel):
 
     def chat_messages(self) -> list[dict[str, Any]]:
         """This turn as chat messages. A user turn: its tool results as `tool` messages and its text as a user
-        message, in their order; an assistant turn: one message with its text and its tool calls."""
+        message, in their order; an assistant turn: one message with its text, its tool calls and its thinking
+        (`reasoning_content`)."""
         if self.role == "assistant":
             texts = [{"type": "text", "text": b.text} for b in self.content if isinstance(b, TextBlockParam)]
             calls = [b.chat_tool_call() for b in self.content if isinstance(b, ToolUseBlockParam)]
+            thoughts = [b.thinking for b in self.content if isinstance(b, ThinkingBlockParam)]
             message: dict[str, Any] = {"role": "assistant", "content": texts or (None if calls else "")}
             if calls:
                 message["tool_calls"] = calls
+            if thoughts:
+                message["reasoning_content"] = "".join(thoughts)
             return [message]
         out: list[dict[str, Any]] = []
         for block in self.content:
@@ -281,12 +306,16 @@ class OutputConfig(BaseModel):
 
 
 class ThinkingConfig(BaseModel):
-    """Accepted; lmfleet sends no thinking blocks yet (the seam: lmfleet.api.messages)."""
+    """Whether the model thinks: `disabled` is the chat template's `enable_thinking: false`; `enabled` and
+    `adaptive` leave the model as it is (module docstring: Reasoning)."""
 
     model_config = ConfigDict(extra="ignore")
 
     type: Literal["enabled", "disabled", "adaptive"]
-    budget_tokens: int | None = None
+    budget_tokens: int | None = Field(None, description="Accepted; not enforced (max_tokens bounds the answer).")
+
+    def chat_template_kwargs(self) -> dict[str, Any]:
+        return {"enable_thinking": False} if self.type == "disabled" else {}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -317,7 +346,7 @@ class _Conversation(BaseModel):
     )
     tool_choice: ToolChoiceParam | None = None
     output_config: OutputConfig | None = None
-    thinking: ThinkingConfig | None = Field(None, description="Accepted; no thinking blocks are sent yet.")
+    thinking: ThinkingConfig | None = Field(None, description="`disabled`: the template's enable_thinking=false.")
     mcp_servers: Any = Field(None, description="Not supported.")
     container: Any = Field(None, description="Not supported.")
 
@@ -357,6 +386,8 @@ class _Conversation(BaseModel):
         if self.output_config is not None and self.output_config.format is not None:
             schema = {"name": "output", "schema": self.output_config.format.json_schema}
             body["response_format"] = {"type": "json_schema", "json_schema": schema}
+        if self.thinking is not None and (kwargs := self.thinking.chat_template_kwargs()):
+            body["chat_template_kwargs"] = kwargs
         return body
 
 
@@ -471,7 +502,15 @@ class ToolUseBlock(BaseModel):
     input: dict[str, Any] = Field(default_factory=dict)
 
 
-ContentBlock = Annotated[TextBlock | ToolUseBlock, Field(discriminator="type")]
+class ThinkingBlock(BaseModel):
+    """The model's reasoning before its answer; `signature` is always empty (module docstring: Reasoning)."""
+
+    type: Literal["thinking"] = "thinking"
+    thinking: str = ""
+    signature: str = ""
+
+
+ContentBlock = Annotated[TextBlock | ToolUseBlock | ThinkingBlock, Field(discriminator="type")]
 
 
 class AnthropicUsage(BaseModel):
@@ -540,10 +579,15 @@ class InputJsonDelta(BaseModel):
     partial_json: str
 
 
+class ThinkingDelta(BaseModel):
+    type: Literal["thinking_delta"] = "thinking_delta"
+    thinking: str
+
+
 class ContentBlockDeltaEvent(BaseModel):
     type: Literal["content_block_delta"] = "content_block_delta"
     index: int
-    delta: TextDelta | InputJsonDelta
+    delta: TextDelta | InputJsonDelta | ThinkingDelta
 
 
 class ContentBlockStopEvent(BaseModel):

@@ -106,11 +106,13 @@ async def test_turns_become_chat_messages_and_knobs_sampling() -> None:
         assert sent_messages(api.fleet) == [
             ("system", "Be brief.\nUse words."),  # text blocks joined as the chat path joins text parts
             ("user", "one two\nthree"),
-            ("assistant", "ok"),  # an earlier turn's thinking is dropped
+            ("assistant", "ok"),
             ("user", "four five"),
         ]
         sent = api.fleet.workers["a"].requests[-1]
         assert (sent.temperature, sent.top_p, sent.top_k, sent.max_tokens) == (0, 0.5, 3, 8)
+        assert (sent.messages or [])[2].model_extra == {"reasoning_content": "hm"}  # an earlier turn's thinking
+        assert sent.chat_template_kwargs == {"enable_thinking": False}  # thinking disabled
 
 
 async def test_the_stream_helpers_say_what_the_whole_answer_says() -> None:

@@ -14,6 +14,7 @@ from lmfleet.protocol.worker import ToolCallChunk
 from tests.conformance.anthropic import EVENTS, validate
 
 USAGE = Usage(prompt_tokens=10, completion_tokens=7, total_tokens=17)
+ASK = {"role": "user", "content": "hi"}
 WEATHER = {"name": "get_weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}
 
 
@@ -64,6 +65,70 @@ def test_a_claude_code_like_request_is_the_chat_request_it_means() -> None:
     assert chat.messages[3].tool_call_id == "toolu_1"
     assert chat.max_completion_tokens == 100 and chat.stream and chat.parallel_tool_calls is False
     assert chat.tool_choice == "auto" and [t.function.name for t in chat.tools or []] == ["Bash"]
+    assert chat.chat_template_kwargs is None  # thinking enabled: the model as it is
+
+
+def test_thinking_blocks_go_back_as_reasoning_and_disabled_thinking_reaches_the_template() -> None:
+    body = MessagesRequest.model_validate(
+        {
+            "model": "m",
+            "max_tokens": 100,
+            "messages": [
+                {"role": "user", "content": "list files"},
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "thinking", "thinking": "I should list ", "signature": ""},
+                        {"type": "redacted_thinking", "data": "EmwKAhgBEgy3va3pzix/LafPsn4a"},
+                        {"type": "thinking", "thinking": "them.", "signature": "unchecked"},
+                        {"type": "tool_use", "id": "toolu_1", "name": "Bash", "input": {"command": "ls"}},
+                    ],
+                },
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "a.py"}]},
+            ],
+            "tools": [{**WEATHER, "name": "Bash"}],
+            "thinking": {"type": "disabled"},
+        }
+    )
+    chat = chat_request(body)
+    turn = chat.messages[1]
+    assert (turn.role, turn.content, turn.reasoning_content) == ("assistant", None, "I should list them.")
+    assert chat.chat_template_kwargs == {"enable_thinking": False}
+    without = chat_request(MessagesRequest.model_validate({"model": "m", "max_tokens": 1, "messages": [ASK]}))
+    assert without.chat_template_kwargs is None
+
+
+def test_reasoning_is_a_thinking_block_before_the_answer() -> None:
+    streamed, whole = MessageRenderer("m"), MessageRenderer("m")
+    deltas = [
+        ChoiceDelta(0, reasoning="Paris? "),
+        ChoiceDelta(0, reasoning="Check."),
+        ChoiceDelta(0, text="Checking."),
+        ChoiceDelta(0, tool_calls=call(0, '{"city": "Paris"}', call_id="call_a", name="get_weather")),
+        ChoiceDelta(0, finish_reason="tool_calls"),
+    ]
+    events = [*streamed.start(USAGE), *(e for d in deltas for e in streamed.delta(d)), *streamed.end(USAGE)]
+    data = [e.data.model_dump(mode="json") for e in events]  # type: ignore[union-attr]
+    for payload in data:
+        validate(EVENTS[payload["type"]], payload)
+    assert data[1] == {
+        "type": "content_block_start",
+        "index": 0,
+        "content_block": {"type": "thinking", "thinking": "", "signature": ""},
+    }
+    assert [d["delta"] for d in data[2:4]] == [
+        {"type": "thinking_delta", "thinking": "Paris? "},
+        {"type": "thinking_delta", "thinking": "Check."},
+    ]
+    assert [(d["type"], d.get("index")) for d in data[4:6]] == [("content_block_stop", 0), ("content_block_start", 1)]
+    message = whole.answer([joined(deltas)], USAGE)
+    assert message.model_dump(exclude={"id"}) == streamed.message.model_dump(exclude={"id"})
+    validate("Message", message.model_dump(mode="json"))
+    assert [b.model_dump() for b in message.content] == [
+        {"type": "thinking", "thinking": "Paris? Check.", "signature": ""},
+        {"type": "text", "text": "Checking."},
+        {"type": "tool_use", "id": "call_a", "name": "get_weather", "input": {"city": "Paris"}},
+    ]
 
 
 def test_chat_parameters_are_named_the_messages_way() -> None:
