@@ -1,8 +1,8 @@
 """The embedding engine: a transformers encoder (`AutoModel`) behind the `EmbeddingEngine` protocol.
 
-Owns its settings (`EmbeddingSettings`), reading how the model pools and normalizes (`pooling_of`: a
-sentence-transformers folder's `modules.json`, `1_Pooling/config.json` and `Normalize` module; mean pooling and L2
-normalization for a plain folder) and `load`. This module imports no torch: `engine` does, when `load` runs.
+Owns its settings (`EmbeddingSettings`) and `load`, which reads how the model pools and normalizes and which shorter
+vectors it allows (`config`, from its folder) and returns the engine with its tokenizer. This module imports no
+torch: `engine` does, when `load` runs.
 
 `--engine auto` picks this engine for a sentence-transformers folder (one with `modules.json`); `--engine embedding`
 serves any other encoder folder with mean pooling + L2. Shorter vectors (`dimensions`) are allowed when the model
@@ -12,36 +12,18 @@ reads them) or the operator says so (`--matryoshka`).
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmfleet.engine.base import LoadedModel
+from lmfleet.engine.embedding.config import Pooling, matryoshka_of, pooling_of, read_json
 from lmfleet.engine.transformers import TransformersSettings
 
 if TYPE_CHECKING:
-    from lmfleet.engine.registry import ModelSource
+    from lmfleet.engine.source import ModelSource
 
 logger = logging.getLogger("lmfleet.engine")
-
-POOLING_MODES = ("mean", "cls", "max", "lasttoken")
-_POOLING_KEYS = {  # sentence-transformers' 1_Pooling/config.json switches
-    "pooling_mode_mean_tokens": "mean",
-    "pooling_mode_cls_token": "cls",
-    "pooling_mode_max_tokens": "max",
-    "pooling_mode_lasttoken": "lasttoken",
-}
-_ST_MODULES = {  # sentence-transformers module types this engine runs, by their last name
-    "Transformer": "transformer",
-    "Pooling": "pooling",
-    "Normalize": "normalize",
-}
-
-
-class PoolingConfigError(ValueError):
-    """The folder's sentence-transformers pipeline has a step this engine does not run (a Dense layer, ...)."""
 
 
 @dataclass(frozen=True)
@@ -50,57 +32,6 @@ class EmbeddingSettings(TransformersSettings):
     forward; `max_model_len`: a cap on the input length below the model's own."""
 
     matryoshka: bool = False  # the operator allows `dimensions` (truncate + renormalize) for any length
-
-
-@dataclass(frozen=True)
-class Pooling:
-    """How token states become one vector: `mode` (one of POOLING_MODES), then L2 normalization or not."""
-
-    mode: str = "mean"
-    normalize: bool = True
-    max_seq_length: int | None = None  # sentence-transformers' own input limit, when the folder sets one
-
-
-def _read(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def is_sentence_transformers(folder: Path) -> bool:
-    return (folder / "modules.json").is_file()
-
-
-def pooling_of(folder: Path) -> Pooling:
-    """The pooling a model folder prescribes. Without `modules.json`: mean pooling, L2-normalized."""
-    if not is_sentence_transformers(folder):
-        return Pooling()
-    modules = json.loads((folder / "modules.json").read_text())
-    kinds: dict[str, str] = {}
-    for module in modules:
-        name = str(module.get("type", "")).rsplit(".", 1)[-1]
-        if name not in _ST_MODULES:
-            raise PoolingConfigError(
-                f"{folder}: the sentence-transformers module {module.get('type')!r} is not supported"
-            )
-        kinds[_ST_MODULES[name]] = str(module.get("path", ""))
-    mode = "mean"
-    if "pooling" in kinds:
-        config = _read(folder / kinds["pooling"] / "config.json")
-        on = [k for k, v in config.items() if k.startswith("pooling_mode_") and v is True]
-        if len(on) != 1 or on[0] not in _POOLING_KEYS:
-            raise PoolingConfigError(
-                f"{folder}: pooling {', '.join(on) or 'none'} is not supported; one of {', '.join(POOLING_MODES)}"
-            )
-        mode = _POOLING_KEYS[on[0]]
-    limit = _read(folder / "sentence_bert_config.json").get("max_seq_length")
-    return Pooling(mode, "normalize" in kinds, int(limit) if limit else None)
-
-
-def matryoshka_of(config: dict[str, Any], operator_allows: bool) -> tuple[int, ...] | None:
-    """`EmbeddingEngine.matryoshka_dimensions` from a model's `config.json` and the operator's flag."""
-    listed = config.get("matryoshka_dimensions")
-    if listed:
-        return tuple(sorted(int(d) for d in listed))
-    return () if operator_allows or config.get("is_matryoshka") else None
 
 
 def load(source: ModelSource, settings: EmbeddingSettings) -> LoadedModel:
@@ -112,7 +43,7 @@ def load(source: ModelSource, settings: EmbeddingSettings) -> LoadedModel:
 
     folder = source.path  # None: a hub id in the local cache, read as a plain encoder
     pooling = pooling_of(folder) if folder is not None else Pooling()
-    config = _read(folder / "config.json") if folder is not None else {}
+    config = read_json(folder / "config.json") if folder is not None else {}
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = "auto" if settings.dtype == "auto" else getattr(torch, settings.dtype)
     model: Any = AutoModel.from_pretrained(source.display, dtype=dtype)

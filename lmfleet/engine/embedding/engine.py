@@ -1,8 +1,8 @@
 """`PoolingEngine`: one forward of a transformers encoder over a batch of token-id sequences, pooled per sequence.
 
 Right-padded batch with an attention mask; pooling (mean, cls, max, last token) over the real tokens only, then L2
-normalization when the model prescribes it (lmfleet.engine.embedding.Pooling). Vectors come back as float32 values.
-Does not own: batching requests together (lmfleet.engine.pooling), text, HTTP.
+normalization when the model prescribes it (lmfleet.engine.embedding.config.Pooling). Vectors come back as float32
+values. Does not own: batching requests together (lmfleet.engine.pooling), text, HTTP.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from lmfleet.engine.embedding import Pooling
+from lmfleet.engine.embedding.config import Pooling
 
 
 class PoolingEngine:
