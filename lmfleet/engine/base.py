@@ -9,8 +9,8 @@ An engine is single-threaded: `add_request`, `abort_request` and `step` are call
 
 Whether a request fits (a non-empty prompt, ids inside the vocabulary, prompt + max_new_tokens within
 `max_model_len`, a request id not in use) is checked once, by the worker, before the request reaches the engine;
-the engine only asserts it. An engine refuses what it cannot run with `EngineRejected` and a `Rejection`; the
-worker maps the reason to the public error.
+the engine only asserts it (in `lmfleet.engine.sequences`, the bookkeeping the engines share). An engine refuses
+what it cannot run with `EngineRejected` and a `Rejection`; the worker maps the reason to the public error.
 
 A loader (`lmfleet.engine.registry`) hands the worker a `LoadedModel`: the engine and the `Tokenizer` that goes
 with its vocabulary. A pooling model's engine is an `EmbeddingEngine` instead (token ids in, one vector per
@@ -148,32 +148,6 @@ class EngineRequest:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
-
-
-CONSTRAINT_REFUSED = "the output grammar refused the sampled token"
-
-
-def finish_after(
-    params: SamplingParams, token: int, *, generated: int, length: int, max_model_len: int
-) -> FinishReason | None:
-    """Why a request ends with the token it just sampled (not a stop token; `generated` and `length` count it): ERROR
-    when its constraint refuses the token, STOP when the constraint is complete with it, LENGTH at max_new_tokens or a
-    full context; None: it goes on. The constraint, if any, consumes the token."""
-    constraint = params.constraint
-    if constraint is not None:
-        if not constraint.advance(token):
-            return FinishReason.ERROR
-        if constraint.finished:
-            return FinishReason.STOP
-    return FinishReason.LENGTH if generated >= params.max_new_tokens or length >= max_model_len else None
-
-
-def assert_fits(request: EngineRequest, *, max_model_len: int, vocab_size: int) -> None:
-    """What the worker checked before the request reached an engine (module docstring); engines assert it."""
-    prompt, p = request.prompt_token_ids, request.params
-    assert prompt and p.max_new_tokens >= 1, "a request has a prompt and room to generate"
-    assert len(prompt) + p.max_new_tokens <= max_model_len, "the request fits the context"
-    assert 0 <= min(prompt) and max(prompt) < vocab_size, "prompt ids are in the vocabulary"
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,11 @@
 """Which engine serves a model, and where the model's files are.
 
 Owns
-  * `locate(model_path)`: what `--model-path` names, checked before anything loads, with one line saying what was
-    expected when it names nothing usable: a `.gguf` file, a folder holding one `.gguf`, a Hugging Face model
-    folder (`config.json`; a sentence-transformers folder, with `modules.json`, or a cross-encoder is a pooling
-    model), or a hub id (`org/name`) for transformers to find in its cache.
+  * `locate(model_path)`: what `--model-path` names (a `ModelSource`, lmfleet.engine.source), checked before
+    anything loads, with one line saying what was expected when it names nothing usable: a `.gguf` file, a folder
+    holding one `.gguf`, a Hugging Face model folder (`config.json`; a sentence-transformers folder, with
+    `modules.json`, or a cross-encoder is a pooling model), or a hub id (`org/name`) for transformers to find in
+    its cache.
   * `ENGINES`: engines by name (`--engine NAME`), each owning its settings and its loader; `auto` picks llama.cpp
     for GGUF, the embedding engine for sentence-transformers folders and transformers for other Hugging Face
     folders and hub ids (`--engine embedding` serves any other encoder as an embedding model). `--engine
@@ -12,7 +13,8 @@ Owns
 
 Adding an engine is adding an entry: a package `lmfleet.engine.<name>` whose `__init__` defines a settings
 dataclass (extending `BatchSettings`) and `load(source, settings) -> LoadedModel`, and imports nothing heavy, so
-the CLI can build settings without loading torch or llama.cpp.
+the CLI can build settings without loading torch or llama.cpp. Nothing in an engine package imports this module
+(tests/engine/test_imports.py keeps the engine package free of import cycles).
 
 Larger than one host (a design note; no code path here, README "On paper, for GPUs"): a GPU engine such as vLLM
 would be one more entry, `vllm`, whose settings add tensor/pipeline parallel sizes and the executor backend, and
@@ -29,10 +31,12 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from lmfleet.engine import embedding, llamacpp, transformers
 from lmfleet.engine.base import BatchSettings, LoadedModel
+from lmfleet.engine.embedding import config as embedding_config
+from lmfleet.engine.source import ModelSource
 
 AUTO = "auto"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -41,33 +45,6 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 class ModelError(ValueError):
     """The model cannot be served as asked (nothing loadable at the path, its engine not installed); the message
     says in one line what was expected."""
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """What `--model-path` names: a GGUF file, a Hugging Face folder (a sentence-transformers one: "st-folder") or a
-    hub id."""
-
-    given: str  # as the user wrote it (FastChat names a model by it)
-    kind: Literal["gguf", "folder", "st-folder", "hub"]
-    path: Path | None = None  # the .gguf file, or the folder; None for a hub id
-
-    @property
-    def display(self) -> str:
-        return str(self.path) if self.path is not None else self.given
-
-    @property
-    def short_name(self) -> str:
-        """The file name without `.gguf`, or the folder's (or hub id's last part's) name: the name a user types."""
-        if self.kind == "gguf" and self.path is not None:
-            return self.path.stem
-        return (self.path.name if self.path is not None else self.given.rsplit("/", 1)[-1]) or self.given
-
-    def transformers_args(self) -> tuple[str, str | None]:
-        """(what `from_pretrained` takes, its `gguf_file=`)."""
-        if self.kind == "gguf" and self.path is not None:
-            return str(self.path.parent), self.path.name
-        return self.display, None
 
 
 def locate(model_path: str) -> ModelSource:
@@ -80,7 +57,7 @@ def locate(model_path: str) -> ModelSource:
         return ModelSource(model_path, "gguf", path.resolve())
     if path.is_dir():
         if (path / "config.json").is_file():
-            st = embedding.is_pooling_model(path)
+            st = embedding_config.is_pooling_model(path)
             return ModelSource(model_path, "st-folder" if st else "folder", path.resolve())
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:

@@ -11,6 +11,7 @@ import pytest
 
 from lmfleet.engine import embedding, registry
 from lmfleet.engine.base import LoadedModel, PairTokenizer, ScoringEngine
+from lmfleet.engine.embedding import config as folder_config
 from tests.crossencoder import make_cross_encoder
 
 PAIRS = [
@@ -40,33 +41,35 @@ def load(folder: Path) -> LoadedModel:
 def test_auto_serves_a_cross_encoder_on_the_embedding_engine(folders: dict[str, Path], tmp_path: Path) -> None:
     for folder in folders.values():
         source = registry.locate(str(folder))
-        assert embedding.is_cross_encoder(folder) and registry.choose(source).name == "embedding"
+        assert folder_config.is_cross_encoder(folder) and registry.choose(source).name == "embedding"
     reranker = tmp_path / "bge-like"  # a one-label classifier with no sentence-transformers config
     reranker.mkdir()
     config = {"architectures": ["XLMRobertaForSequenceClassification"], "id2label": {"0": "LABEL_0"}}
     (reranker / "config.json").write_text(json.dumps(config))
-    assert embedding.is_cross_encoder(reranker) and registry.choose(registry.locate(str(reranker))).name == "embedding"
+    assert (
+        folder_config.is_cross_encoder(reranker) and registry.choose(registry.locate(str(reranker))).name == "embedding"
+    )
     sentiment = tmp_path / "sentiment"  # a classifier into two labels is not a reranker
     sentiment.mkdir()
     (sentiment / "config.json").write_text(json.dumps({**config, "id2label": {"0": "NEG", "1": "POS"}}))
-    assert not embedding.is_cross_encoder(sentiment)
+    assert not folder_config.is_cross_encoder(sentiment)
     assert registry.choose(registry.locate(str(sentiment))).name == "transformers"
 
 
 def test_the_activation_is_read_as_sentence_transformers_reads_it(folders: dict[str, Path], tmp_path: Path) -> None:
-    assert embedding.scoring_of(folders["st"]) == embedding.Scoring("sigmoid")
-    assert embedding.scoring_of(folders["config"]) == embedding.Scoring("identity")
+    assert folder_config.scoring_of(folders["st"]) == folder_config.Scoring("sigmoid")
+    assert folder_config.scoring_of(folders["config"]) == folder_config.Scoring("identity")
     old = tmp_path / "old"
     old.mkdir()
     (old / "config.json").write_text(json.dumps({"sbert_ce_default_activation_function": IDENTITY}))
-    assert embedding.scoring_of(old).activation == "identity"
+    assert folder_config.scoring_of(old).activation == "identity"
     custom = tmp_path / "custom"  # not torch's: sentence-transformers falls back to its default without remote code
     custom.mkdir()
     (custom / "config.json").write_text(json.dumps({"sentence_transformers": {"activation_fn": "mylib.Act"}}))
-    assert embedding.scoring_of(custom).activation == "sigmoid"
+    assert folder_config.scoring_of(custom).activation == "sigmoid"
     (custom / "config.json").write_text(json.dumps({"sentence_transformers": {"activation_fn": "torch.nn.ReLU"}}))
-    with pytest.raises(embedding.PoolingConfigError, match="ReLU"):
-        embedding.scoring_of(custom)
+    with pytest.raises(folder_config.PoolingConfigError, match="ReLU"):
+        folder_config.scoring_of(custom)
 
 
 def test_pipelines_it_does_not_run_are_refused(folders: dict[str, Path], tmp_path: Path) -> None:
@@ -76,14 +79,14 @@ def test_pipelines_it_does_not_run_are_refused(folders: dict[str, Path], tmp_pat
         (extra / f.name).write_bytes(f.read_bytes())
     modules = json.loads((extra / "modules.json").read_text())
     (extra / "modules.json").write_text(json.dumps([*modules, {"idx": 1, "path": "1_Dense", "type": "x.Dense"}]))
-    with pytest.raises(embedding.PoolingConfigError, match="Dense"):
-        embedding.scoring_of(extra)
+    with pytest.raises(folder_config.PoolingConfigError, match="Dense"):
+        folder_config.scoring_of(extra)
     (extra / "modules.json").write_text(json.dumps(modules))
     st = json.loads((extra / "config_sentence_transformers.json").read_text())
     st.update(prompts={"query": "query: "}, default_prompt_name="query")
     (extra / "config_sentence_transformers.json").write_text(json.dumps(st))
-    with pytest.raises(embedding.PoolingConfigError, match="prompt"):
-        embedding.scoring_of(extra)
+    with pytest.raises(folder_config.PoolingConfigError, match="prompt"):
+        folder_config.scoring_of(extra)
 
 
 @pytest.mark.parametrize("layout", ["st", "config"])

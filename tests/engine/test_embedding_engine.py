@@ -11,6 +11,7 @@ import pytest
 
 from lmfleet.engine import embedding, registry
 from lmfleet.engine.base import EmbeddingEngine, LoadedModel
+from lmfleet.engine.embedding import config
 
 SENTENCES = [
     "A man is eating food.",
@@ -49,7 +50,7 @@ def test_auto_picks_the_embedding_engine_for_a_sentence_transformers_folder(mini
 
 
 def test_the_folder_says_mean_pooling_normalized_and_256_tokens(minilm: Path, loaded: LoadedModel) -> None:
-    assert embedding.pooling_of(minilm) == embedding.Pooling("mean", normalize=True, max_seq_length=256)
+    assert config.pooling_of(minilm) == config.Pooling("mean", normalize=True, max_seq_length=256)
     engine = loaded.engine
     assert isinstance(engine, EmbeddingEngine)
     assert (engine.dimensions, engine.max_model_len, engine.matryoshka_dimensions) == (384, 256, None)
@@ -74,21 +75,21 @@ def _st_folder(root: Path, modules: list[str], pooling: dict[str, bool] | None =
 
 def test_pooling_configs_read_or_refused(tmp_path: Path) -> None:
     cls = _st_folder(tmp_path / "cls", ["Transformer", "Pooling"], {"pooling_mode_cls_token": True})
-    assert embedding.pooling_of(cls) == embedding.Pooling("cls", normalize=False)
-    assert embedding.pooling_of(tmp_path) == embedding.Pooling()  # no modules.json: mean + L2
+    assert config.pooling_of(cls) == config.Pooling("cls", normalize=False)
+    assert config.pooling_of(tmp_path) == config.Pooling()  # no modules.json: mean + L2
     dense = _st_folder(tmp_path / "dense", ["Transformer", "Pooling", "Dense"], {"pooling_mode_mean_tokens": True})
-    with pytest.raises(embedding.PoolingConfigError, match="Dense"):
-        embedding.pooling_of(dense)
+    with pytest.raises(config.PoolingConfigError, match="Dense"):
+        config.pooling_of(dense)
     weighted = _st_folder(tmp_path / "w", ["Transformer", "Pooling"], {"pooling_mode_weightedmean_tokens": True})
-    with pytest.raises(embedding.PoolingConfigError, match="weightedmean"):
-        embedding.pooling_of(weighted)
+    with pytest.raises(config.PoolingConfigError, match="weightedmean"):
+        config.pooling_of(weighted)
 
 
 def test_matryoshka_from_the_config_or_the_operator() -> None:
-    assert embedding.matryoshka_of({}, False) is None
-    assert embedding.matryoshka_of({}, True) == ()
-    assert embedding.matryoshka_of({"is_matryoshka": True}, False) == ()
-    assert embedding.matryoshka_of({"matryoshka_dimensions": [768, 64, 256]}, False) == (64, 256, 768)
+    assert config.matryoshka_of({}, False) is None
+    assert config.matryoshka_of({}, True) == ()
+    assert config.matryoshka_of({"is_matryoshka": True}, False) == ()
+    assert config.matryoshka_of({"matryoshka_dimensions": [768, 64, 256]}, False) == (64, 256, 768)
 
 
 def test_vectors_match_sentence_transformers_in_one_padded_batch(

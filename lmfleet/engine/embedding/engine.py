@@ -2,10 +2,10 @@
 `CrossEncoderEngine`: one forward of a sequence classifier over a batch of (query, document) pairs, a score each.
 
 Right-padded batch with an attention mask; pooling (mean, cls, max, last token) over the real tokens only, then L2
-normalization when the model prescribes it (lmfleet.engine.embedding.Pooling). Vectors come back as float32 values.
-A pair's score is its single logit, in float32, through the model's activation (lmfleet.engine.embedding.Scoring),
-with the pair's segment ids for a model that takes them. Does not own: batching requests together
-(lmfleet.engine.pooling), text, HTTP.
+normalization when the model prescribes it (lmfleet.engine.embedding.config.Pooling). Vectors come back as float32
+values. A pair's score is its single logit, in float32, through the model's activation
+(lmfleet.engine.embedding.config.Scoring), with the pair's segment ids for a model that takes them. Does not own:
+batching requests together (lmfleet.engine.pooling), text, HTTP.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from lmfleet.engine.base import TokenPair
-from lmfleet.engine.embedding import Pooling
+from lmfleet.engine.embedding.config import Pooling
 
 
 class PoolingEngine:

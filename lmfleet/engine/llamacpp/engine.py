@@ -2,8 +2,9 @@
 
 Owns: the llama.cpp model, one context whose KV cache is unified (one pool of `max_model_len` cells shared by every
 sequence, so one sequence may use all of it, as llama.cpp's server does with parallel slots), one reusable
-`llama_batch`, a llama.cpp sequence id per running request, a sampler chain per request, the waiting queue and the
-`step()` loop. Speaks token ids only. Does not own: threads (see `lmfleet.engine.runner`), text, HTTP.
+`llama_batch`, a llama.cpp sequence id per running request, a sampler chain per request, the prefix cache,
+preemption and the `step()` loop. Speaks token ids only. Does not own: the sequences' bookkeeping (queue, admission
+order, aborts, finishing: `lmfleet.engine.sequences`), threads (`lmfleet.engine.runner`), text, HTTP.
 
 Each request is a token list (prompt, then what it generated) of which a prefix is in the KV cache; what is not cached
 yet is its pending part: one token (the last sampled) for a decoding request, the rest of its prompt for a new one.
@@ -46,7 +47,6 @@ import functools
 import logging
 import math
 import os
-from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,7 +55,6 @@ import numpy as np
 from tqdm import tqdm
 
 from lmfleet.engine.base import (
-    CONSTRAINT_REFUSED,
     BatchSettings,
     EngineOutput,
     EngineRequest,
@@ -63,9 +62,8 @@ from lmfleet.engine.base import (
     FinishReason,
     SamplingParams,
     TokenLogprob,
-    assert_fits,
-    finish_after,
 )
+from lmfleet.engine.sequences import Outputs, Seq, Sequences
 
 logger = logging.getLogger("lmfleet.engine")
 llama_logger = logging.getLogger("lmfleet.engine.llamacpp")
@@ -99,35 +97,13 @@ def init_llama() -> Any:
 
 
 @dataclass(eq=False)
-class _Seq:
-    """One admitted request: its tokens so far, how many of them are cached, and its sampler chain."""
+class _Seq(Seq):
+    """A sequence in llama.cpp: its sampler chain and how much of `tokens` its KV cells hold (the last token sampled
+    is never cached yet)."""
 
-    request: EngineRequest
-    stop_ids: frozenset[int]
-    sampler: Any  # llama_sampler pointer (a chain), owned: freed when the request leaves
-    tokens: list[int]  # prompt, then the generated tokens (the last one sampled is not cached yet)
+    sampler: Any = None  # llama_sampler pointer (a chain), owned: freed when the request leaves
     seq_id: int = -1  # llama.cpp sequence id while running, -1 while waiting
     n_cached: int = 0  # leading tokens of `tokens` in the KV cache
-    num_generated: int = 0
-    finish: FinishReason | None = None
-    # with prompt_logprobs: the prompt's log probabilities so far ([None] for the first token), until the first output
-    prompt_logprobs: list[TokenLogprob | None] | None = None
-
-    @property
-    def params(self) -> SamplingParams:
-        return self.request.params
-
-    def take_prompt_logprobs(self) -> list[TokenLogprob | None] | None:
-        """The prompt's log probabilities, once all are gathered: for the request's first output."""
-        if self.echoing:
-            return None
-        found, self.prompt_logprobs = self.prompt_logprobs, None
-        return found
-
-    @property
-    def echoing(self) -> bool:
-        """The prompt's log probabilities are still being gathered: every prompt position needs its logits."""
-        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.request.prompt_token_ids)
 
 
 class LlamaCppEngine:
@@ -152,15 +128,10 @@ class LlamaCppEngine:
         init_llama()
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max_batch_tokens
-        self._waiting: deque[_Seq] = deque()
-        self._running: list[_Seq] = []  # in admission order: the newest last
         self._free_ids = list(range(max_num_seqs - 1, -1, -1))  # a stack: the lowest free id is reused first
         self._prefix_id = max_num_seqs  # the sequence that keeps the last finished request's cells (prefix cache)
         self._prefix: list[int] = []  # the tokens it holds, at positions 0..len-1
         self._prefix_cache = prefix_cache
-        self._ids: set[str] = set()  # every request id waiting or running
-        self._aborts: set[str] = set()
-        self._prefilled = self._decoded = self._preemptions = 0  # counters for stats()
         self._model: Any = None
         self._ctx: Any = None
         self._batch: Any = None
@@ -184,8 +155,14 @@ class LlamaCppEngine:
         try:
             self._open_context(max_num_seqs, max_batch_tokens, max_model_len, n_threads, flash_attn)
         except BaseException:
-            self.close()
+            self._free()
             raise
+        self._seqs = Sequences[_Seq](
+            max_num_seqs=max_num_seqs,
+            max_model_len=self._max_model_len,
+            vocab_size=self._vocab_size,
+            eos_token_ids=self._eos,
+        )
 
     def _open_context(
         self,
@@ -229,10 +206,12 @@ class LlamaCppEngine:
 
     def close(self) -> None:
         """Free the samplers, the batch, the context and the model. Requests still in the engine are dropped."""
-        for seq in [*self._running, *self._waiting]:
+        for seq in self._seqs.clear():
             llama.llama_sampler_free(seq.sampler)
-        self._running, self._waiting = [], deque()
-        self._ids.clear()
+        self._free()
+
+    def _free(self) -> None:
+        """Free the batch, the context and the model (also what a failed `__init__` got so far)."""
         if self._batch is not None:
             llama.llama_batch_free(self._batch)
             self._batch = None
@@ -268,77 +247,46 @@ class LlamaCppEngine:
 
     def add_request(self, request: EngineRequest) -> None:
         """Queue a request that fits (lmfleet.engine.base); EngineRejected for a sampling option it cannot run."""
-        prompt, p = request.prompt_token_ids, request.params
         assert self._batch is not None, "the engine is open"
-        assert request.request_id not in self._ids, "request ids are unique"
-        assert_fits(request, max_model_len=self._max_model_len, vocab_size=self._vocab_size)
-        p.check(self._vocab_size)
-        stop = set(p.stop_token_ids)
-        if not p.ignore_eos:
-            stop.update(self._eos)
-        self._ids.add(request.request_id)
-        seq = _Seq(request, frozenset(stop), self._sampler(p), list(prompt))
-        if p.prompt_logprobs is not None:
-            seq.prompt_logprobs = [None]
-        self._waiting.append(seq)
+        self._seqs.add(request, lambda r, stop_ids: _Seq(r, stop_ids, sampler=self._sampler(r.params)))
 
     def abort_request(self, request_id: str) -> None:
-        if request_id in self._ids:
-            self._aborts.add(request_id)
+        self._seqs.abort(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._ids)
+        return self._seqs.has_unfinished()
 
     def stats(self) -> EngineStats:
-        return EngineStats(
-            running=len(self._running),
-            waiting=len(self._waiting),
-            tokens_in_flight=sum(s.n_cached for s in self._running),
+        return self._seqs.stats(
+            tokens_in_flight=sum(s.n_cached for s in self._seqs.running),
             kv_capacity=self._max_model_len,  # one unified pool of n_ctx cells
-            prefill_tokens=self._prefilled,
-            decode_tokens=self._decoded,
-            preemptions=self._preemptions,
         )
 
     def step(self) -> list[EngineOutput]:
-        outputs: list[EngineOutput] = []
-        self._apply_aborts(outputs)
-        self._admit()
-        if self._running:
+        outputs = Outputs()
+        self._seqs.apply_aborts(outputs)
+        self._release_finished()
+        self._seqs.admit(self._reserve)
+        if self._seqs.running:
             self._forward(outputs)
-            for seq in [s for s in self._running if s.finish is not None]:
-                self._running.remove(seq)
-                self._release(seq)
-        return outputs
+            self._release_finished()
+        return outputs.list()
 
     # -- the steps ----------------------------------------------------------------------------------------------
 
-    def _apply_aborts(self, outputs: list[EngineOutput]) -> None:
-        if not self._aborts:
-            return
-        aborts, self._aborts = self._aborts, set()
-        for queue in (self._waiting, self._running):
-            for seq in [s for s in queue if s.request.request_id in aborts]:
-                queue.remove(seq)
-                self._finish(seq, FinishReason.ABORT, outputs)
-                self._release(seq)
-
-    def _admit(self) -> None:
-        # Room in the pool: the tokens running requests hold or are about to (their whole prompts), plus one new
-        # token each for this step. A request alone in the engine always fits (add_request asserts it). The prefix
-        # cache gives its cells up first.
-        committed = sum(len(s.tokens) + 1 for s in self._running)
-        while self._waiting and len(self._running) < self.max_num_seqs:
-            seq = self._waiting[0]
-            if self._running and committed + len(seq.tokens) + 1 > self._max_model_len:
-                break
-            if committed + len(seq.tokens) + 1 + len(self._prefix) > self._max_model_len:
-                self._drop_prefix()
-            self._waiting.popleft()
-            seq.seq_id = self._free_ids.pop()
-            self._reuse_prefix(seq)
-            self._running.append(seq)
-            committed += len(seq.tokens) + 1
+    def _reserve(self, seq: _Seq, taken: list[_Seq]) -> bool:
+        """Admit `seq` if the pool has room: for the tokens running requests hold or are about to (their whole
+        prompts), plus one new token each for this step. A request alone in the engine always fits (add_request
+        asserts it). The prefix cache gives its cells up first. Gives `seq` a sequence id and its shared prefix."""
+        running = self._seqs.running
+        need = sum(len(s.tokens) + 1 for s in running) + len(seq.tokens) + 1
+        if running and need > self._max_model_len:
+            return False
+        if need + len(self._prefix) > self._max_model_len:
+            self._drop_prefix()
+        seq.seq_id = self._free_ids.pop()
+        self._reuse_prefix(seq)
+        return True
 
     def _reuse_prefix(self, seq: _Seq) -> None:
         """Start `seq` from the cells of the prefix it shares with the last finished request (the chat template and
@@ -365,7 +313,7 @@ class LlamaCppEngine:
             llama.llama_memory_seq_rm(self._memory, self._prefix_id, -1, -1)
             self._prefix = []
 
-    def _forward(self, outputs: list[EngineOutput]) -> None:
+    def _forward(self, outputs: Outputs) -> None:
         """One llama_decode over the running requests, then sampling; preempts on a full cache (module docstring)."""
         while True:
             plan = self._fill_batch()
@@ -375,20 +323,19 @@ class LlamaCppEngine:
             if rc == 1 and self._prefix:
                 self._drop_prefix()
                 continue
-            if rc == 1 and len(self._running) > 1:
-                self._preempt(self._running.pop())
+            if rc == 1 and len(self._seqs.running) > 1:
+                self._preempt(self._seqs.running[-1])
                 continue
             reason = "the KV cache has no room for this request" if rc == 1 else f"llama_decode returned {rc}"
             logger.error("decode failed (%s); failing %d requests", reason, len(plan))
-            for seq, *_ in plan:
-                # after a fatal error, cells the decode did write stay in the cache: _release frees them
-                self._finish(seq, FinishReason.ERROR, outputs, error=f"engine failure: {reason}")
+            # after a fatal error, cells the decode did write stay in the cache: _release frees them
+            self._seqs.fail([seq for seq, *_ in plan], f"engine failure: {reason}", outputs)
             return
         for seq, n, logits_at, first in plan:
             if len(seq.tokens) - seq.n_cached == 1:
-                self._decoded += 1
+                self._seqs.decoded += 1
             else:
-                self._prefilled += n
+                self._seqs.prefilled += n
             if seq.echoing:
                 self._gather_prompt_logprobs(seq, first, n)
             seq.n_cached += n
@@ -397,7 +344,7 @@ class LlamaCppEngine:
                 raw = _RawLogprobs(self._logits(logits_at), k) if k is not None else None  # before any mask
                 self._apply_constraint(seq, logits_at)
                 token = llama.llama_sampler_sample(seq.sampler, self._ctx, logits_at)
-                self._advance(seq, token, outputs, raw.of(token) if raw is not None else None)
+                self._seqs.advance(seq, token, outputs, raw.of(token) if raw is not None else None)
 
     def _logits(self, index: int) -> Any:
         """The logits at batch index `index`: a numpy view of llama.cpp's buffer (samplers copy, never write it; a
@@ -434,8 +381,9 @@ class LlamaCppEngine:
         plan: list[tuple[_Seq, int, int, int]] = []
         n = 0
         budget = self.max_batch_tokens
-        decoding = [s for s in self._running if len(s.tokens) - s.n_cached == 1]
-        prefilling = [s for s in self._running if len(s.tokens) - s.n_cached > 1]
+        running = self._seqs.running
+        decoding = [s for s in running if len(s.tokens) - s.n_cached == 1]
+        prefilling = [s for s in running if len(s.tokens) - s.n_cached > 1]
         for seq in decoding + prefilling:
             pending = len(seq.tokens) - seq.n_cached
             take = 1 if pending == 1 else min(pending, budget)
@@ -465,11 +413,10 @@ class LlamaCppEngine:
         logger.info(
             "KV cache full: preempting request %s (%d tokens) to recompute later", seq.request.request_id, seq.n_cached
         )
-        self._preemptions += 1
         llama.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
         self._free_ids.append(seq.seq_id)
         seq.seq_id, seq.n_cached = -1, 0
-        self._waiting.appendleft(seq)
+        self._seqs.preempt(seq)
 
     # -- sampling -----------------------------------------------------------------------------------------------
 
@@ -505,42 +452,11 @@ class LlamaCppEngine:
         add(llama.llama_sampler_init_dist(seed))
         return chain
 
-    # -- bookkeeping --------------------------------------------------------------------------------------------
+    # -- leaving ------------------------------------------------------------------------------------------------
 
-    def _advance(self, seq: _Seq, token: int, outputs: list[EngineOutput], logprob: TokenLogprob | None) -> None:
-        """Record one sampled token for `seq` and emit its output (finishing it if it is done)."""
-        if token in seq.stop_ids:
-            self._finish(seq, FinishReason.STOP, outputs)
-            return
-        seq.num_generated += 1
-        seq.tokens.append(token)
-        lps = [logprob] if logprob is not None else None
-        reason = finish_after(
-            seq.params, token, generated=seq.num_generated, length=len(seq.tokens), max_model_len=self._max_model_len
-        )
-        if reason is FinishReason.ERROR:
-            self._finish(seq, reason, outputs, error=CONSTRAINT_REFUSED)
-        elif reason is not None:
-            self._finish(seq, reason, outputs, [token], logprobs=lps)
-        else:
-            outputs.append(
-                EngineOutput(seq.request.request_id, [token], logprobs=lps, prompt_logprobs=seq.take_prompt_logprobs())
-            )
-
-    def _finish(
-        self,
-        seq: _Seq,
-        reason: FinishReason,
-        outputs: list[EngineOutput],
-        tokens: list[int] | None = None,
-        error: str | None = None,
-        logprobs: list[TokenLogprob] | None = None,
-    ) -> None:
-        seq.finish = reason
-        self._ids.discard(seq.request.request_id)
-        outputs.append(
-            EngineOutput(seq.request.request_id, tokens or [], reason, error, logprobs, seq.take_prompt_logprobs())
-        )
+    def _release_finished(self) -> None:
+        for seq in self._seqs.drop_finished():
+            self._release(seq)
 
     def _release(self, seq: _Seq) -> None:
         """Free a finished request's sampler and, if it ran, its KV cells and sequence id."""

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from lmfleet.engine.base import BatchSettings, LoadedModel
 
 if TYPE_CHECKING:
-    from lmfleet.engine.registry import ModelSource
+    from lmfleet.engine.source import ModelSource
 
 logger = logging.getLogger("lmfleet.engine")
 

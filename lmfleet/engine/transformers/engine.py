@@ -1,8 +1,9 @@
 """Continuous batching over a Hugging Face causal LM (transformers 5.x, full-attention decoder models).
 
-Owns: the model, one batched KV cache for the running batch, the waiting queue, per-request sampling state
-(a `torch.Generator` per sampled request, token counts for penalties) and the `step()` loop. Speaks token ids only.
-Does not own: threads (see `lmfleet.engine.runner`), text, HTTP.
+Owns: the model, one batched KV cache for the running batch (padding, merging and trimming its rows), per-request
+sampling state (a `torch.Generator` per sampled request, token counts for penalties), the prefill budget and the
+`step()` loop. Speaks token ids only. Does not own: the sequences' bookkeeping (queue, admission order, aborts,
+finishing: `lmfleet.engine.sequences`), threads (`lmfleet.engine.runner`), text, HTTP.
 
 How the batch is kept (one `DynamicCache` shared by every running sequence):
 
@@ -35,7 +36,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,55 +43,25 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from lmfleet.engine.base import (
-    CONSTRAINT_REFUSED,
-    BatchSettings,
-    EngineOutput,
-    EngineRequest,
-    EngineStats,
-    FinishReason,
-    SamplingParams,
-    TokenLogprob,
-    assert_fits,
-    finish_after,
-)
+from lmfleet.engine.base import BatchSettings, EngineOutput, EngineRequest, EngineStats, TokenLogprob
+from lmfleet.engine.sequences import Outputs, Seq, Sequences
 
 logger = logging.getLogger("lmfleet.engine")
 
 
 @dataclass(eq=False)
-class _Seq:
-    """One admitted request: what it generated so far and what it needs to sample its next token."""
+class _Seq(Seq):
+    """A sequence's sampling state (its last token sampled is not in the cache yet; its prompt's log probabilities
+    are computed at prefill)."""
 
-    request: EngineRequest
-    stop_ids: frozenset[int]
-    generator: torch.Generator | None  # None for greedy requests
+    generator: torch.Generator | None = None  # None for greedy requests
     counts: torch.Tensor | None = None  # generated-token counts over the vocabulary, only when penalties are set
-    num_generated: int = 0
-    last_token: int = -1  # sampled, not yet in the cache
-    finish: FinishReason | None = None
-    prompt_logprobs: list[TokenLogprob | None] | None = None  # computed at prefill, sent with the first output
-
-    @property
-    def params(self) -> SamplingParams:
-        return self.request.params
-
-    def take_prompt_logprobs(self) -> list[TokenLogprob | None] | None:
-        """The prompt's log probabilities, once: for the request's first output."""
-        found, self.prompt_logprobs = self.prompt_logprobs, None
-        return found
-
-    @property
-    def num_tokens(self) -> int:
-        """Tokens of this sequence so far, prompt included (the last sampled one too)."""
-        return len(self.request.prompt_token_ids) + self.num_generated
 
 
 @dataclass
 class _Batch:
-    """The running batch: rows in cache order, the shared cache and each row's left padding."""
+    """The running batch's shared cache and each row's left padding; its rows are the running sequences, in order."""
 
-    rows: list[_Seq] = field(default_factory=list)
     cache: DynamicCache | None = None
     pads: list[int] = field(default_factory=list)
 
@@ -142,12 +112,14 @@ class TransformersEngine:
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max_batch_tokens
 
-        self._waiting: deque[_Seq] = deque()
-        self._ids: set[str] = set()  # every request id waiting or running
-        self._aborts: set[str] = set()
+        self._seqs = Sequences[_Seq](
+            max_num_seqs=max_num_seqs,
+            max_model_len=self._max_model_len,
+            vocab_size=self._vocab_size,
+            eos_token_ids=self._eos,
+        )
         self._batch = _Batch()
         self._greedy_batch = True  # every running row greedy without penalties: one argmax per step
-        self._prefilled = self._decoded = 0  # counters for stats()
 
     # -- the Engine protocol ------------------------------------------------------------------------------------
 
@@ -169,74 +141,51 @@ class TransformersEngine:
 
     def add_request(self, request: EngineRequest) -> None:
         """Queue a request that fits (lmfleet.engine.base); EngineRejected for a sampling option it cannot run."""
+        self._seqs.add(request, self._new_seq)
+
+    def _new_seq(self, request: EngineRequest, stop_ids: frozenset[int]) -> _Seq:
         p = request.params
-        assert request.request_id not in self._ids, "request ids are unique"
-        assert_fits(request, max_model_len=self._max_model_len, vocab_size=self._vocab_size)
-        p.check(self._vocab_size)
-        generator = None
+        seq = _Seq(request, stop_ids)
         if p.temperature > 0:
-            generator = torch.Generator(device=self._device)
-            generator.manual_seed(p.seed if p.seed is not None else secrets.randbits(63))
-        stop = set(p.stop_token_ids)
-        if not p.ignore_eos:
-            stop.update(self._eos)
-        seq = _Seq(request, frozenset(stop), generator)
+            seq.generator = torch.Generator(device=self._device)
+            seq.generator.manual_seed(p.seed if p.seed is not None else secrets.randbits(63))
         if p.presence_penalty or p.frequency_penalty:
             seq.counts = torch.zeros(self._vocab_size, dtype=torch.float32, device=self._device)
-        self._ids.add(request.request_id)
-        self._waiting.append(seq)
+        return seq
 
     def abort_request(self, request_id: str) -> None:
-        if request_id in self._ids:
-            self._aborts.add(request_id)
+        self._seqs.abort(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._ids)
+        return self._seqs.has_unfinished()
 
     def stats(self) -> EngineStats:
-        return EngineStats(
-            running=len(self._batch.rows),
-            waiting=len(self._waiting),
-            tokens_in_flight=sum(s.num_tokens - 1 for s in self._batch.rows),
+        return self._seqs.stats(
+            tokens_in_flight=sum(len(s.tokens) - 1 for s in self._seqs.running),
             kv_capacity=self.max_num_seqs * self._max_model_len,  # grows with use; at most this
-            prefill_tokens=self._prefilled,
-            decode_tokens=self._decoded,
         )
 
     def step(self) -> list[EngineOutput]:
-        outputs: list[EngineOutput] = []
+        outputs = Outputs()
         with torch.inference_mode():
-            self._apply_aborts(outputs)
-            if self._batch.rows:
+            self._seqs.apply_aborts(outputs)
+            self._drop_finished()
+            if self._seqs.running:
                 self._decode(outputs)
-            admitted = self._admit()
+            admitted = self._seqs.admit(self._fits_prefill)
             if admitted:
                 self._prefill(admitted, outputs)
-        return outputs
+        return outputs.list()
 
     # -- the steps ----------------------------------------------------------------------------------------------
 
-    def _apply_aborts(self, outputs: list[EngineOutput]) -> None:
-        if not self._aborts:
-            return
-        aborts, self._aborts = self._aborts, set()
-        for seq in [s for s in self._waiting if s.request.request_id in aborts]:
-            self._waiting.remove(seq)
-            self._finish(seq, FinishReason.ABORT, outputs)
-        rows = self._batch.rows
-        if any(s.request.request_id in aborts for s in rows):
-            for seq in rows:
-                if seq.request.request_id in aborts:
-                    self._finish(seq, FinishReason.ABORT, outputs)
-            self._drop_finished()
-
-    def _decode(self, outputs: list[EngineOutput]) -> None:
+    def _decode(self, outputs: Outputs) -> None:
         b = self._batch
-        rows = b.rows
+        rows = self._seqs.running
         dev = self._device
         try:
-            input_ids = torch.tensor([[s.last_token] for s in rows], dtype=torch.long, device=dev)
-            position_ids = torch.tensor([[s.num_tokens - 1] for s in rows], dtype=torch.long, device=dev)
+            input_ids = torch.tensor([[s.tokens[-1]] for s in rows], dtype=torch.long, device=dev)
+            position_ids = torch.tensor([[len(s.tokens) - 1] for s in rows], dtype=torch.long, device=dev)
             mask = None
             if any(b.pads):
                 cols = torch.arange(b.width + 1, device=dev)
@@ -254,28 +203,26 @@ class TransformersEngine:
         except Exception as exc:  # a failed forward fails the batch, never the engine
             logger.exception("decode step failed; failing %d running requests", len(rows))
             self._fail(rows, exc, outputs)
+            self._seqs.drop_finished()
             self._batch, self._greedy_batch = _Batch(), True
             return
-        self._decoded += len(rows)
+        self._seqs.decoded += len(rows)
         for seq, token, lp in zip(rows, tokens, logprobs(tokens), strict=True):
             self._advance(seq, token, outputs, lp)
         self._drop_finished()
 
-    def _admit(self) -> list[_Seq]:
-        admitted: list[_Seq] = []
-        longest = 0
-        room = self.max_num_seqs - len(self._batch.rows)
-        while self._waiting and len(admitted) < room:
-            n = len(self._waiting[0].request.prompt_token_ids)
-            if admitted and (len(admitted) + 1) * max(longest, n) > self.max_batch_tokens:
-                break
-            if admitted and (_echoes(admitted[0]) or _echoes(self._waiting[0])):
-                break  # a prefill that keeps every position's logits holds that one request only
-            longest = max(longest, n)
-            admitted.append(self._waiting.popleft())
-        return admitted
+    def _fits_prefill(self, seq: _Seq, taken: list[_Seq]) -> bool:
+        """Admit `seq` into this step's prefill if the padded prefill (longest prompt x prompts) stays within
+        `max_batch_tokens` (a single longer prompt is still admitted, alone), and neither it nor the prefill holds a
+        request that keeps every position's logits (echo), which is prefilled alone."""
+        if not taken:
+            return True
+        longest = max(len(s.request.prompt_token_ids) for s in [*taken, seq])
+        if (len(taken) + 1) * longest > self.max_batch_tokens:
+            return False
+        return not (_echoes(taken[0]) or _echoes(seq))
 
-    def _prefill(self, seqs: list[_Seq], outputs: list[EngineOutput]) -> None:
+    def _prefill(self, seqs: list[_Seq], outputs: Outputs) -> None:
         dev = self._device
         lengths = [len(s.request.prompt_token_ids) for s in seqs]
         width = max(lengths)
@@ -310,15 +257,17 @@ class TransformersEngine:
         except Exception as exc:
             logger.exception("prefill failed; failing %d new requests", len(seqs))
             self._fail(seqs, exc, outputs)
+            self._seqs.drop_finished()  # the last rows of `running`, never in the cache
             return
-        self._prefilled += sum(lengths)
+        self._seqs.prefilled += sum(lengths)
         for seq, token, lp in zip(seqs, tokens, logprobs(tokens), strict=True):
             self._advance(seq, token, outputs, lp)
         try:
-            self._merge(_Batch(seqs, cache, pads))
+            self._merge(_Batch(cache, pads))
         except Exception as exc:
             logger.exception("merging new requests into the batch failed; failing the batch")
-            self._fail([s for s in self._batch.rows + seqs if s.finish is None], exc, outputs)
+            self._fail([s for s in self._seqs.running if s.finish is None], exc, outputs)
+            self._seqs.drop_finished()
             self._batch, self._greedy_batch = _Batch(), True
             return
         self._drop_finished()
@@ -365,55 +314,24 @@ class TransformersEngine:
                 tokens[i] = t
         return tokens
 
-    # -- bookkeeping --------------------------------------------------------------------------------------------
+    # -- the batch ----------------------------------------------------------------------------------------------
 
-    def _advance(self, seq: _Seq, token: int, outputs: list[EngineOutput], logprob: TokenLogprob | None) -> None:
-        """Record one sampled token for `seq` and emit its output (finishing it if it is done)."""
-        if token in seq.stop_ids:
-            self._finish(seq, FinishReason.STOP, outputs)
-            return
-        seq.num_generated += 1
-        seq.last_token = token
-        if seq.counts is not None:
+    def _advance(self, seq: _Seq, token: int, outputs: Outputs, logprob: TokenLogprob | None) -> None:
+        """Record a sampled token (lmfleet.engine.sequences) and count it for the penalties of a sequence going on."""
+        if not self._seqs.advance(seq, token, outputs, logprob) and seq.counts is not None:
             seq.counts[token] += 1
-        lps = [logprob] if logprob is not None else None
-        reason = finish_after(
-            seq.params, token, generated=seq.num_generated, length=seq.num_tokens, max_model_len=self._max_model_len
-        )
-        if reason is FinishReason.ERROR:
-            self._finish(seq, reason, outputs, error=CONSTRAINT_REFUSED)
-        elif reason is not None:
-            self._finish(seq, reason, outputs, [token], logprobs=lps)
-        else:
-            outputs.append(
-                EngineOutput(seq.request.request_id, [token], logprobs=lps, prompt_logprobs=seq.take_prompt_logprobs())
-            )
 
-    def _finish(
-        self,
-        seq: _Seq,
-        reason: FinishReason,
-        outputs: list[EngineOutput],
-        tokens: list[int] | None = None,
-        error: str | None = None,
-        logprobs: list[TokenLogprob] | None = None,
-    ) -> None:
-        seq.finish = reason
-        self._ids.discard(seq.request.request_id)
-        outputs.append(
-            EngineOutput(seq.request.request_id, tokens or [], reason, error, logprobs, seq.take_prompt_logprobs())
-        )
-
-    def _fail(self, seqs: Iterable[_Seq], exc: Exception, outputs: list[EngineOutput]) -> None:
-        message = f"engine failure: {type(exc).__name__}: {exc}"
-        for seq in seqs:
-            self._finish(seq, FinishReason.ERROR, outputs, error=message)
+    def _fail(self, seqs: list[_Seq], exc: Exception, outputs: Outputs) -> None:
+        self._seqs.fail(seqs, f"engine failure: {type(exc).__name__}: {exc}", outputs)
 
     def _drop_finished(self) -> None:
-        """Remove finished rows from the batch (index selection) and trim columns that are padding everywhere."""
+        """Remove finished sequences; their rows leave the batch (index selection) and columns that are then padding
+        everywhere are trimmed."""
         b = self._batch
-        keep = [i for i, s in enumerate(b.rows) if s.finish is None]
-        if len(keep) == len(b.rows):
+        keep = [i for i, s in enumerate(self._seqs.running) if s.finish is None]
+        rows = len(self._seqs.running)
+        self._seqs.drop_finished()
+        if len(keep) == rows:
             return
         if not keep:
             self._batch = _Batch()
@@ -427,16 +345,16 @@ class TransformersEngine:
         for layer in b.cache.layers:
             layer.keys = layer.keys.index_select(0, index)[:, :, trim:]
             layer.values = layer.values.index_select(0, index)[:, :, trim:]
-        self._batch = _Batch([b.rows[i] for i in keep], b.cache, [p - trim for p in pads])
-        self._greedy_batch = _all_greedy(self._batch.rows)
+        self._batch = _Batch(b.cache, [p - trim for p in pads])
+        self._greedy_batch = _all_greedy(self._seqs.running)
 
     def _merge(self, new: _Batch) -> None:
-        """Append the rows of a freshly prefilled batch to the running one."""
+        """Append the rows of a freshly prefilled batch (the last sequences of `running`) to the batch's cache."""
         old = self._batch
-        if not old.rows:
+        if old.cache is None:
             self._batch = new
         else:
-            assert old.cache is not None and new.cache is not None
+            assert new.cache is not None
             w_old, w_new = old.width, new.width
             width = max(w_old, w_new)
             lo: Any
@@ -445,11 +363,9 @@ class TransformersEngine:
                 lo.keys = torch.cat([_pad_left(lo.keys, width - w_old), _pad_left(ln.keys, width - w_new)])
                 lo.values = torch.cat([_pad_left(lo.values, width - w_old), _pad_left(ln.values, width - w_new)])
             self._batch = _Batch(
-                old.rows + new.rows,
-                old.cache,
-                [p + width - w_old for p in old.pads] + [p + width - w_new for p in new.pads],
+                old.cache, [p + width - w_old for p in old.pads] + [p + width - w_new for p in new.pads]
             )
-        self._greedy_batch = _all_greedy(self._batch.rows)
+        self._greedy_batch = _all_greedy(self._seqs.running)
 
 
 class _GrowingLayer(DynamicLayer):
