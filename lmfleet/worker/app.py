@@ -248,7 +248,8 @@ class Worker:
         resumed ids. Compiling takes a while: call it in a thread. InvalidRequest naming the parameter whose schema
         llguidance cannot compile."""
         if req.json_schema is not None:
-            param, build = "response_format", lambda: self.grammars.json_schema(req.json_schema or {})
+            schema, strict = req.json_schema or {}, req.json_schema_strict
+            param, build = "response_format", lambda: self.grammars.json_schema(schema, strict=strict)
         elif req.tool_choice == "required" and req.tools:
             forced = [t for t in req.tools if req.tool_name in (None, t.name)]
             grammar = self.tool_format.grammar(forced, parallel=req.parallel_tool_calls and req.tool_name is None)
@@ -326,6 +327,7 @@ class Worker:
             skip = req.resume_text_chars or 0
             calls = tools.CallStream(
                 self.tool_format,
+                names=[t.name for t in req.tools],
                 single=not req.parallel_tool_calls,
                 skip_content=skip,
                 skip_calls=req.resume_tool_chars,
