@@ -2,9 +2,10 @@
 `TokenConstraint` the engines apply (lmfleet.engine.base).
 
 Owns: turning a JSON schema or a Lark grammar (which may embed JSON schemas with `%json`) into a checked grammar for
-the model's vocabulary (`Grammars`; `then` puts a Lark lead before another grammar), refusing what llguidance
-cannot compile (`GrammarError`, with its reason), and `Constraint`, one request's matcher: the ids allowed next, the
-ids consumed, whether the output is complete.
+the model's vocabulary (`Grammars`; `then` puts a Lark lead before another grammar), OpenAI's strict mode for
+schemas (`closed`: no properties a schema did not declare), refusing what llguidance cannot compile (`GrammarError`,
+with its reason), and `Constraint`, one request's matcher: the ids allowed next, the ids consumed, whether the output
+is complete.
 Does not own: which grammar a request needs (the worker: `response_format`, forced tool calls), sampling (the
 engines), the vocabulary itself (each tokenizer's `grammar_vocabulary()`).
 
@@ -27,6 +28,49 @@ JSON_LAYOUT = {"whitespace_flexible": False, "key_separator": ": ", "item_separa
 
 class GrammarError(ValueError):
     """llguidance cannot compile the grammar (an unsupported keyword, a bad reference, a regex it does not take)."""
+
+
+# Keywords whose value is a subschema, a list of them, or a map of names to them (JSON Schema 2020-12, and the
+# draft-07 spellings `definitions` and a list under `items`).
+_SUBSCHEMA = (
+    "items",
+    "additionalItems",
+    "unevaluatedItems",
+    "contains",
+    "additionalProperties",
+    "unevaluatedProperties",
+    "propertyNames",
+    "not",
+    "if",
+    "then",
+    "else",
+)
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+# Keywords by which an object schema says itself what its undeclared properties may be.
+_OPEN_OR_CLOSED = ("additionalProperties", "unevaluatedProperties")
+
+
+def closed(schema: Any) -> Any:
+    """The schema in OpenAI's strict mode (xgrammar's default): every object schema that declares properties and does
+    not say what other properties may be gets `additionalProperties: false`, so a model cannot add properties the
+    schema never named, nested schemas and `$defs` included. An object schema without `properties` ({"type":
+    "object"}) stays any object."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SUBSCHEMA:
+        if isinstance(out.get(key), dict):
+            out[key] = closed(out[key])
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [closed(s) for s in out[key]]
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: closed(s) for name, s in out[key].items()}
+    if ("properties" in out or "patternProperties" in out) and not any(k in out for k in _OPEN_OR_CLOSED):
+        out["additionalProperties"] = False
+    return out
 
 
 def with_layout(schema: dict[str, Any]) -> dict[str, Any]:
@@ -78,10 +122,14 @@ class Grammars:
                     raise GrammarError(f"constrained decoding does not support this model's tokenizer: {exc}") from exc
             return self._vocab
 
-    def json_schema(self, schema: dict[str, Any]) -> str:
-        """A grammar for JSON valid against `schema` ({"type": "object"}: any JSON object)."""
+    def json_schema(self, schema: dict[str, Any], *, strict: bool = False) -> str:
+        """A grammar for JSON valid against `schema` ({"type": "object"}: any JSON object); with `strict`, against
+        the schema `closed` (OpenAI's strict mode)."""
         try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=JSON_LAYOUT)  # type: ignore[arg-type]
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(
+                json.dumps(closed(schema) if strict else schema),
+                overrides=JSON_LAYOUT,  # type: ignore[arg-type]
+            )
         except ValueError as exc:
             raise GrammarError(str(exc)) from None
         return self._checked(grammar)

@@ -328,7 +328,11 @@ class JsonSchemaSpec(BaseModel):
     name: FunctionName
     description: str | None = None
     schema_: dict[str, Any] | None = Field(None, alias="schema", description="None: any JSON object.")
-    strict: bool | None = Field(None, description="Accepted; the schema is always enforced.")
+    strict: bool | None = Field(
+        None,
+        description="The schema is always enforced; strict also closes its objects: a property the schema does not "
+        "declare is allowed only where it says so (`additionalProperties`).",
+    )
 
 
 class ResponseFormat(BaseModel):
@@ -347,6 +351,11 @@ class ResponseFormat(BaseModel):
             raise _error("missing_json_schema", "is required when type is 'json_schema'")
         return value
 
+    @property
+    def strict(self) -> bool:
+        """`json_schema.strict`: objects take only the properties their schemas declare, unless they say otherwise."""
+        return self.json_schema is not None and self.json_schema.strict is True
+
     def output_schema(self) -> dict[str, Any] | None:
         """The JSON schema the output must follow; None for plain text."""
         if self.type == "text":
@@ -362,7 +371,11 @@ class FunctionSpec(BaseModel):
     name: FunctionName
     description: str | None = None
     parameters: dict[str, Any] | None = Field(None, description="A JSON schema; None: no parameters.")
-    strict: bool | None = Field(None, description="Accepted; forced calls always follow the schema.")
+    strict: bool | None = Field(
+        None,
+        description="Accepted; forced calls always follow the schema, as strict: no property it does not declare "
+        "unless it says otherwise (`additionalProperties`).",
+    )
 
 
 class ToolSpec(BaseModel):
@@ -544,6 +557,7 @@ class ChatCompletionRequest(_GenerationRequest):
         choice = self.tool_choice if self.tool_choice is not None else ("auto" if self.tools else "none")
         return {
             "json_schema": self.response_format.output_schema() if self.response_format else None,
+            "json_schema_strict": self.response_format is not None and self.response_format.strict,
             "tools": [t.function.model_dump(exclude_none=True) for t in self.tools or []],
             "tool_choice": "required" if isinstance(choice, NamedToolChoice) else choice,
             "tool_name": choice.function.name if isinstance(choice, NamedToolChoice) else None,

@@ -24,7 +24,8 @@ A choice that was streaming tool calls also says how far each announced call got
 of its arguments delivered); the worker parses the resumed text again and sends only the rest. A request under a
 grammar (`json_schema`, a forced tool call) has its grammar advanced through the resumed ids before it continues.
 
-Structured output and tools: `json_schema` is the schema the output must follow (JSON mode: `{"type": "object"}`);
+Structured output and tools: `json_schema` is the schema the output must follow (JSON mode: `{"type": "object"}`;
+with `json_schema_strict`, as OpenAI's strict mode reads it: no property its object schemas do not declare);
 `tools` are the functions in the prompt, `tool_choice` says whether the model may (`auto`) or must (`required`,
 with `tool_name`: that one) call one; the worker renders them, enforces forced calls with a grammar and parses
 calls out of the text into `GenerateChunk.tool_calls`.
@@ -219,6 +220,7 @@ class GenerateRequest(BaseModel):
     ignore_eos: bool = False
     echo: bool = False  # completions: prepend the prompt text to the output
     json_schema: dict[str, Any] | None = None  # the output is JSON valid against it
+    json_schema_strict: bool = False  # OpenAI's strict mode: objects take no property their schema does not declare
     tools: list[ToolFunction] = Field(default_factory=list, max_length=128)
     tool_choice: Literal["none", "auto", "required"] = "none"
     tool_name: str | None = None  # with tool_choice "required": the function that must be called

@@ -217,8 +217,8 @@ class Pipeline:
 
     def _answer_grammar(self, req: GenerateRequest) -> OutputGrammar | None:
         if req.json_schema is not None:
-            schema = req.json_schema
-            return OutputGrammar("response_format", lambda: self.grammars.json_schema(schema))
+            schema, strict = req.json_schema, req.json_schema_strict
+            return OutputGrammar("response_format", lambda: self.grammars.json_schema(schema, strict=strict))
         if req.tool_choice == "required" and req.tools:
             forced = [t for t in req.tools if req.tool_name in (None, t.name)]
             parallel = req.parallel_tool_calls and req.tool_name is None
@@ -293,6 +293,7 @@ def _call_stream(req: GenerateRequest, fmt: tools.ToolFormat) -> tools.CallStrea
         return None
     return tools.CallStream(
         fmt,
+        names=[t.name for t in req.tools],
         single=not req.parallel_tool_calls,
         skip_content=req.resume_text_chars or 0,
         skip_calls=req.resume_tool_chars,

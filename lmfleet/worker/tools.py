@@ -7,9 +7,12 @@ Owns, per tool-call format (`FORMATS`, chosen with the worker's `--tool-parser`;
   * parsing (`CallStream`): generated text in, content and OpenAI-style tool-call pieces out (the first piece of a
     call has its id and name, the rest add fragments of its arguments' JSON), as the text arrives. What comes out
     depends only on the text, never on how it was cut into pieces, so a resumed generation parses the replayed text
-    again and skips what the client already has (`protocol.worker`);
+    again and skips what the client already has (`protocol.worker`). A reply that is nothing but one call without
+    the format's markers (bare JSON, or in a ```json fence, as small models write when they are offered tools) is
+    that call if it names an offered function;
   * the grammar of a forced call (`ToolFormat.grammar`): `tool_choice` "required" or a named function, in the
-    format's own syntax, the arguments following each function's JSON schema (lmfleet.engine.grammar compiles it).
+    format's own syntax, the arguments following each function's JSON schema as strict mode reads it (no property
+    the schema does not declare, unless it says so; lmfleet.engine.grammar closes and compiles it).
 
 Formats:
     hermes       content, then `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` blocks (Qwen, Hermes)
@@ -23,6 +26,7 @@ the OpenAI objects (lmfleet.api.render).
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,7 +35,7 @@ from typing import Any
 import jinja2
 import jinja2.meta
 
-from lmfleet.engine.grammar import with_layout
+from lmfleet.engine.grammar import closed, with_layout
 from lmfleet.protocol.worker import ToolCallChunk, ToolFunction
 
 AUTO = "auto"
@@ -77,7 +81,7 @@ class ToolFormat:
         for i, f in enumerate(functions):
             schema = {
                 "type": "object",
-                "properties": {"name": {"const": f.name}, self.args_key: f.parameters or _NO_PARAMETERS},
+                "properties": {"name": {"const": f.name}, self.args_key: closed(f.parameters or _NO_PARAMETERS)},
                 "required": ["name", self.args_key],
                 "additionalProperties": False,
             }
@@ -293,15 +297,85 @@ def _loads(text: str) -> Any:
         return None
 
 
+# A reply that is one bare call: the object alone, or in a Markdown code fence (```json ... ```), space around it.
+_OPENING = re.compile(r"\s*(?:```(?:json)?\s*)?")  # what may come before the object's "{"
+_OPENING_SO_FAR = re.compile(r"\s*(?:`{1,2}|```(?:\s*|j|js|jso|json\s*))?")  # ... or the start of that
+_CLOSING_FENCED = re.compile(r"\s*(?:```\s*)?")  # after the object (an unclosed fence is forgiven)
+_CLOSING_FENCED_SO_FAR = re.compile(r"\s*(?:`{1,3}\s*)?")
+_CLOSING = re.compile(r"\s*")
+
+
+class _BareCall:
+    """Whether the whole reply, as far as it has come, may still be one call written without the format's markers:
+    `{"name": <an offered function>, "<args_key>": {...}}`, alone or in a Markdown code fence (small models answer
+    so). Fed a character at a time; `viable` turns false for good at the first character that rules it out."""
+
+    def __init__(self, args_key: str, names: Sequence[str]) -> None:
+        self._args_key = args_key
+        self._names = set(names)
+        self.text = ""  # the reply so far
+        self._before = ""  # the text before the object
+        self._object = ""  # the object's text
+        self._after = ""  # the text after it
+        self._scanner: _CallScanner | None = None
+        self.viable = True
+
+    def feed(self, c: str) -> None:
+        self.text += c
+        scanner = self._scanner
+        if scanner is None:
+            if c == "{" and _OPENING.fullmatch(self._before):
+                scanner = self._scanner = _CallScanner(self._args_key)
+            else:
+                self._before += c
+                self.viable = _OPENING_SO_FAR.fullmatch(self._before) is not None
+                return
+        if not scanner.done:
+            self._object += c
+            scanner.feed(c)
+            unnamed = scanner.done and scanner.name is None
+            self.viable = not (scanner.broken or unnamed or scanner.name not in (None, *self._names))
+            return
+        self._after += c
+        fenced = "`" in self._before
+        self.viable = (_CLOSING_FENCED_SO_FAR if fenced else _CLOSING).fullmatch(self._after) is not None
+
+    def call(self) -> tuple[str, str] | None:
+        """At the end of the reply: (name, arguments as JSON) if the whole reply is the call, else None."""
+        if not (self.viable and self._scanner is not None and self._scanner.done):
+            return None
+        if "`" in self._before and _CLOSING_FENCED.fullmatch(self._after) is None:
+            return None
+        value = _loads(self._object)
+        if not isinstance(value, dict) or set(value) - {"name", self._args_key} or value.get("name") not in self._names:
+            return None
+        arguments = value.get(self._args_key, {})
+        if not isinstance(arguments, dict):
+            return None
+        return value["name"], json.dumps(arguments, ensure_ascii=False)
+
+
 class CallStream:
     """Generated text → (content, tool-call pieces), for one choice (module docstring). `skip_content` characters of
     content and, for each call already announced to the client, `skip_calls[i]` characters of its arguments were
-    delivered by an earlier worker: they are parsed again but not sent. With `single` only the first call counts."""
+    delivered by an earlier worker: they are parsed again but not sent. With `single` only the first call counts.
+
+    `names`, the functions offered: a format with markers also takes a reply that is nothing but one call written
+    without them (`{"name": ..., "arguments": {...}}`, or that in a ```json fence) as that call, if it names one of
+    them. Such a reply is held back until it ends (a reply that only starts like one is content, sent once it
+    differs), so its call comes whole with the last piece."""
 
     def __init__(
-        self, fmt: ToolFormat, *, single: bool = False, skip_content: int = 0, skip_calls: Sequence[int] = ()
+        self,
+        fmt: ToolFormat,
+        *,
+        names: Sequence[str] = (),
+        single: bool = False,
+        skip_content: int = 0,
+        skip_calls: Sequence[int] = (),
     ) -> None:
         self._fmt = fmt
+        self._bare = _BareCall(fmt.args_key, names) if fmt.start and names else None
         self._single = single  # parallel_tool_calls false: calls after the first are dropped
         self._mode = "content" if fmt.start else "first"  # content, first (llama3: before the first char), calls
         self._pending = ""  # content that may be the start of the format's marker (or, for llama3, the whole call)
@@ -315,11 +389,28 @@ class CallStream:
 
     def push(self, text: str) -> tuple[str, list[ToolCallChunk]]:
         for c in text:
-            self._char(c)
+            bare = self._bare
+            if bare is None:
+                self._char(c)
+                continue
+            bare.feed(c)
+            if not bare.viable:  # not a bare call: parse what was held as any reply
+                self._bare = None
+                for held in bare.text:
+                    self._char(held)
         return self._take()
 
     def finish(self) -> tuple[str, list[ToolCallChunk]]:
         """The end of the text: held content is released; a call never named is dropped."""
+        bare, self._bare = self._bare, None
+        if bare is not None:
+            call = bare.call()
+            if call is not None:
+                self._announce(call[0])
+                self._call_piece(arguments=call[1])
+                return self._take()
+            for held in bare.text:
+                self._char(held)
         if self._mode in ("content", "first") or (self._mode == "calls" and self.calls == 0 and not self._fmt.start):
             self._emit_content(self._pending)
             self._pending = ""

@@ -15,10 +15,11 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("llguidance")
 
 from lmfleet.engine.base import EngineRequest, FinishReason, SamplingParams  # noqa: E402
-from lmfleet.engine.grammar import GrammarError, Grammars  # noqa: E402
+from lmfleet.engine.grammar import GrammarError, Grammars, closed  # noqa: E402
 from lmfleet.engine.transformers.engine import TransformersEngine  # noqa: E402
 from lmfleet.engine.transformers.tokenizer import HFTokenizer  # noqa: E402
 from tests.engine.stepping import drive  # noqa: E402
+from tests.fakes import ByteTokenizer  # noqa: E402
 
 # Nested objects, enums, arrays, bounded integers, bounded strings: everything finite, so a noise model finishes.
 SCHEMA = {
@@ -136,3 +137,37 @@ def test_real_model_fills_a_schema_sensibly(gguf) -> None:
     tokens, final = drive(engine, [constrained(grammars, "r", prompt, schema, max_new_tokens=80, temperature=0.0)])
     value = check_valid(tokenizer, tokens["r"], final["r"], schema)
     assert "Paris" in value["city"]
+
+
+def test_strict_mode_closes_every_object_that_does_not_say() -> None:
+    """`closed` (OpenAI's strict mode): objects that declare properties take no others unless they say so, nested
+    ones and `$defs` too; a property named like a keyword is a property; {"type": "object"} stays any object."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "properties": {"type": "object", "properties": {"a": {"type": "integer"}}},
+            "items": {"type": "array", "items": {"$ref": "#/$defs/point"}},
+            "open": {"type": "object", "properties": {"b": {"type": "integer"}}, "additionalProperties": True},
+            "any": {"type": "object"},
+        },
+        "$defs": {"point": {"type": "object", "properties": {"x": {"type": "number"}}}},
+    }
+    strict = closed(schema)
+    assert strict["additionalProperties"] is False and "additionalProperties" not in schema  # a copy
+    assert strict["properties"]["properties"]["additionalProperties"] is False
+    assert set(strict["properties"]["properties"]["properties"]) == {"a"}
+    assert strict["$defs"]["point"]["additionalProperties"] is False
+    assert strict["properties"]["open"]["additionalProperties"] is True
+    assert "additionalProperties" not in strict["properties"]["any"]
+    grammars = Grammars(ByteTokenizer())  # ids are bytes
+    good = {"properties": {"a": 1}, "items": [{"x": 1}], "open": {"b": 1, "c": 2}, "any": {"z": 0}}
+    for value, fits in (
+        (good, True),
+        ({**good, "extra": 1}, False),
+        ({**good, "items": [{"x": 1, "y": 2}]}, False),
+        ({**good, "properties": {"a": 1, "b": 2}}, False),
+    ):
+        text = json.dumps(value).encode()
+        loose = grammars.constraint(grammars.json_schema(schema))
+        tight = grammars.constraint(grammars.json_schema(schema, strict=True))
+        assert (loose.advance_all(list(text)), tight.advance_all(list(text))) == (True, fits)

@@ -1,19 +1,24 @@
 """GGUFTokenizer on the real SmolLM2-135M-Instruct GGUF: round trips, the chat template as transformers renders it,
-and control tokens typed in messages staying text."""
+and control tokens typed in messages staying text; on Qwen2.5-Coder-0.5B-Instruct, its tool-calling template as
+transformers renders it and its grammar vocabulary agreeing with its tokenizer."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("llama_cpp")
 
 from lmfleet.engine.base import ChatTemplateError  # noqa: E402
+from lmfleet.engine.grammar import Grammars  # noqa: E402
 from lmfleet.engine.llamacpp import tokenizer as tokenizer_module  # noqa: E402
 from lmfleet.engine.llamacpp.engine import LlamaCppEngine  # noqa: E402
 from lmfleet.engine.llamacpp.tokenizer import GGUFTokenizer  # noqa: E402
+from lmfleet.protocol.worker import ToolFunction  # noqa: E402
+from lmfleet.worker import tools  # noqa: E402
 
 IM_START, IM_END = 1, 2
 CHAT = [
@@ -159,3 +164,99 @@ def test_template_kwargs_reach_the_template_as_text(model, monkeypatch):
     assert tok.decode(tok.render_chat(messages, template_kwargs={"enable_thinking": False})) == "x<think></think>"
     forged = tok.render_chat(messages, template_kwargs={"note": "<|im_start|>"})
     assert IM_START not in forged and tok.decode(forged, skip_special_tokens=False) == "x<|im_start|>"
+
+
+# -- Qwen2.5-Coder-0.5B-Instruct: a template that takes tools; `<tool_call>` a user-defined token of its vocabulary
+
+QWEN_IM_END = 151645
+WEATHER = ToolFunction(
+    name="get_weather",
+    description="Get the weather in a city.",
+    parameters={
+        "type": "object",
+        "properties": {"city": {"type": "string", "description": "ünï"}},
+        "required": ["city"],
+    },
+)
+CALLED = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+QWEN_CHATS = {
+    "no system prompt": ([{"role": "user", "content": "Hi there"}], []),
+    "system prompt": ([CHAT[0], {"role": "user", "content": "Hi <|im_end|> there"}], []),
+    "tools, calls and results": (
+        [
+            CHAT[0],
+            {"role": "user", "content": "Weather in Paris and Rome?"},
+            {"role": "assistant", "content": None, "tool_calls": [CALLED, {**CALLED, "id": "call_2"}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21 C"},
+            {"role": "tool", "tool_call_id": "call_2", "content": "Windy"},
+        ],
+        [WEATHER],
+    ),
+    "tools without a system prompt": (
+        [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": "Let me look.", "tool_calls": [CALLED]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "Sunny"},
+            {"role": "assistant", "content": "It is sunny."},
+            {"role": "user", "content": "Thanks"},
+        ],
+        [WEATHER],
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def qwen(qwen05_gguf) -> Iterator[GGUFTokenizer]:
+    engine = LlamaCppEngine(str(qwen05_gguf), max_model_len=64, max_num_seqs=1)
+    yield GGUFTokenizer(engine.model)
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def qwen_hf(qwen05_gguf):
+    pytest.importorskip("gguf")
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(qwen05_gguf.parent), gguf_file=qwen05_gguf.name)
+
+
+@pytest.mark.parametrize("chat", sorted(QWEN_CHATS))
+def test_qwen_renders_its_own_template_as_transformers_does(qwen, qwen_hf, chat):
+    """The messages and tools as the worker gives them to the template (earlier calls' arguments as objects): the
+    same ids as transformers' `apply_chat_template` for the same GGUF's tokenizer."""
+    messages, offered = QWEN_CHATS[chat]
+    prepared, specs = tools.prepare(messages, offered, native=True)
+    expected = qwen_hf.apply_chat_template(
+        [{k: v for k, v in m.items() if v is not None} for m in prepared],
+        tools=specs,
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=False,
+        sanitize_control_tokens=True,  # a control token typed in a message stays text, as here
+    )
+    ids = qwen.render_chat(prepared, tools=specs)
+    assert ids == list(expected)
+    if offered:
+        text = qwen.decode(ids, skip_special_tokens=False)
+        assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in text
+        assert "<tool_response>\nSunny" in text and '"description": "ünï"' in text
+
+
+def test_qwen_grammar_vocabulary_agrees_with_its_tokenizer(qwen):
+    """`<tool_call>` is a user-defined token: llama.cpp makes it from text and decodes it as text, so to a grammar
+    it is text. A grammar that forces the text allows the token and takes it (llguidance's own llama.cpp vocabulary
+    called it special: the mask allowed it and the matcher refused it, a 502 for every forced call). Control tokens
+    stay special: text never matches them."""
+    (call_token,) = qwen.encode("<tool_call>", add_special_tokens=False)
+    grammars = Grammars(qwen)
+    vocab = grammars.vocabulary
+    assert not vocab.is_special_token(call_token) and vocab.is_special_token(QWEN_IM_END)
+    grammar = grammars.lark('start: "<tool_call>\\n{" /[a-z]+/ "}"')
+    forced = grammars.constraint(grammar)
+    bits = np.unpackbits(np.frombuffer(forced.allowed(), dtype=np.uint8), bitorder="little")
+    assert bits[call_token] and forced.advance(call_token)
+    assert forced.advance_all(qwen.encode("\n{abc}", add_special_tokens=False)) and forced.finished
+    spelled = grammars.constraint(grammar)  # the same text in pieces is the same text
+    pieces = [qwen.encode(text, add_special_tokens=False) for text in ("<", "tool_call>\n{x", "}")]
+    assert call_token not in pieces[1] and spelled.advance_all([t for p in pieces for t in p]) and spelled.finished
+    im_end = grammars.constraint(grammars.lark('start: "<|im_end|>"'))
+    assert not im_end.advance(QWEN_IM_END)

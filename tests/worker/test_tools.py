@@ -175,3 +175,96 @@ def test_a_template_that_takes_tools_gets_them_and_earlier_calls_as_objects(tiny
     text = tokenizer.decode(tokenizer.render_chat(prepared, tools=specs), skip_special_tokens=False)
     assert '"name": "add"' in text and '<tool_call>{"a": 1, "b": 2}</tool_call>' in text
     assert "<|im_start|>tool\n3" in text
+
+
+WEATHER = ToolFunction(
+    name="get_weather",
+    parameters={"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+)
+CALL = '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}'
+BARE_CALLS = [
+    CALL,  # what Qwen2.5-Coder-0.5B answers with one tool offered
+    '```json\n{\n  "name": "get_weather",\n  "arguments": {\n    "city": "Paris",\n    "unit": "celsius"\n  }\n}\n```',
+    f"\n  {CALL}\n",
+    f"```\n{CALL}",  # a fence the model did not get to close
+]
+NOT_CALLS = [
+    '{"name": "Cat", "arguments": {"age": 5}}',  # not an offered function
+    f"{CALL} is how I would call it.",  # more than the call
+    f"```json\n{CALL}\n```\nDone.",
+    f"Here: {CALL}",
+    '{"name": "get_weather", "arguments": 5}',
+    '{"name": "get_weather", "arguments": {"city": "Paris"}, "note": 1}',
+    '{"name": "get_weather", "arguments": {"city": "Par',  # cut by max_tokens
+    "```python\nprint(1)\n```",
+    '{"answer": 42}',
+]
+
+
+@pytest.mark.parametrize("fmt", ["hermes", "mistral"])
+def test_a_reply_that_is_only_a_bare_call_to_an_offered_function_is_that_call(fmt: str) -> None:
+    """Without the format's markers, alone or in a Markdown fence: the call (its arguments in one layout), the same
+    however the text is cut, nothing of it as content; only the first with `single`."""
+    f = tools.FORMATS[fmt]
+    for text in BARE_CALLS:
+        content, pieces = parse(tools.CallStream(f, names=["get_time", "get_weather"]), text)
+        assert (content, calls_of(pieces)) == ("", [("get_weather", '{"city": "Paris", "unit": "celsius"}')]), text
+        assert pieces[0].id is not None
+        for seed in range(10):
+            again = parse(tools.CallStream(f, names=["get_weather"], single=True), text, random.Random(seed))
+            assert (again[0], calls_of(again[1])) == (content, calls_of(pieces))
+
+
+@pytest.mark.parametrize("text", NOT_CALLS)
+def test_a_reply_that_only_looks_like_a_bare_call_is_content(text: str) -> None:
+    for seed in range(10):
+        content, pieces = parse(
+            tools.CallStream(tools.FORMATS["hermes"], names=["get_weather"]), text, random.Random(seed)
+        )
+        assert (content, pieces) == (text, [])
+    assert parse(tools.CallStream(tools.FORMATS["hermes"]), CALL) == (CALL, [])  # no function offered: text
+
+
+def test_content_that_stops_looking_like_a_bare_call_is_sent_at_once() -> None:
+    stream = tools.CallStream(tools.FORMATS["hermes"], names=["get_weather"])
+    assert stream.push('```json\n{"name": "get_we') == ("", [])  # may be a call: held
+    assert stream.push('ather", "arguments": {}}') == ("", [])
+    assert stream.push("\n```\nThat") == ('```json\n{"name": "get_weather", "arguments": {}}\n```\nThat', [])
+    assert stream.push(" is all.") == (" is all.", [])
+    cat = tools.CallStream(tools.FORMATS["hermes"], names=["get_weather"])
+    assert cat.push('{"name": "Cat", "age"') == ('{"name": "Cat", "age"', [])
+
+
+def test_a_resumed_bare_call_is_announced_once() -> None:
+    """A bare call is held until the reply ends, so a worker that dies before has sent nothing of it."""
+    for cut in range(len(CALL) + 1):
+        first = tools.CallStream(tools.FORMATS["hermes"], names=["get_weather"])
+        assert first.push(CALL[:cut]) == ("", [])
+        content, pieces = parse(tools.CallStream(tools.FORMATS["hermes"], names=["get_weather"]), CALL)
+        assert content == "" and len([p for p in pieces if p.id]) == 1
+
+
+@pytest.mark.parametrize("fmt", sorted(tools.FORMATS))
+def test_forced_arguments_take_only_the_declared_properties(fmt: str) -> None:
+    """Strict mode: a schema that does not say what other properties may be gets none (the model used to add one
+    and run on until max_tokens); a schema that allows them keeps them, nested objects too."""
+    f = tools.FORMATS[fmt]
+    grammars = Grammars(ByteTokenizer())
+
+    def takes(function: ToolFunction, arguments: dict) -> bool:
+        text = f.written([{"function": {"name": function.name, "arguments": json.dumps(arguments)}}])
+        return grammars.constraint(grammars.lark(f.grammar([function], parallel=False))).advance_all(
+            list(text.encode())
+        )
+
+    assert takes(WEATHER, {"city": "Paris"}) and not takes(WEATHER, {"city": "Paris", "unit": "c"})
+    nested = ToolFunction(
+        name="book",
+        parameters={
+            "type": "object",
+            "properties": {"who": {"type": "object", "properties": {"name": {"type": "string"}}}},
+            "additionalProperties": True,
+        },
+    )
+    assert takes(nested, {"who": {"name": "Ann"}, "note": "x"})  # the schema allows more at the top
+    assert not takes(nested, {"who": {"name": "Ann", "age": 3}})  # its nested object does not say: closed

@@ -1,9 +1,11 @@
 """A GGUF file's own vocabulary behind the `Tokenizer` protocol of lmfleet.engine.base, through llama.cpp.
 
-Owns: encoding and decoding with the llama vocab, and rendering chat prompts with the GGUF's Jinja chat template
+Owns: encoding and decoding with the llama vocab, rendering chat prompts with the GGUF's Jinja chat template
 (`tokenizer.chat_template`) the way Hugging Face transformers renders them, control tokens typed inside message text
-encoded as plain text. Does not own: the model's lifetime (the `LlamaCppEngine` that loaded it frees it in `close()`;
-a tokenizer must not outlive it), incremental detokenizing and stop strings (the worker's text layer).
+encoded as plain text, and llguidance's view of the vocab (`grammar_vocabulary`: special exactly where llama.cpp's
+tokenizer never makes the token from text). Does not own: the model's lifetime (the `LlamaCppEngine` that loaded it
+frees it in `close()`; a tokenizer must not outlive it), incremental detokenizing and stop strings (the worker's text
+layer).
 
 Control tokens in message text: every string the caller passes in is scanned for the vocab's control tokens (and for
 user-defined tokens the template itself writes); each occurrence is wrapped in two private-use markers before the
@@ -99,10 +101,26 @@ class GGUFTokenizer:
         )
 
     def grammar_vocabulary(self) -> Any:
-        """llguidance's view of this vocabulary (lmfleet.engine.grammar), from the pieces' bytes."""
-        from llguidance.llamacpp import lltokenizer_from_vocab
+        """llguidance's view of this vocabulary (lmfleet.engine.grammar): each token's bytes as llama.cpp decodes
+        them, control tokens marked special (0xFF before their text, so a grammar can name them and no text matches
+        them), and llama.cpp's own tokenizer, which llguidance uses for text the grammar forces.
 
-        return lltokenizer_from_vocab(self._vocab, eos_token=list(self._eos))
+        A token is special exactly when that tokenizer never makes it from text: the control tokens. User-defined
+        tokens (Qwen's `<tool_call>`) are text: llama.cpp makes them from text and decodes them as text. llguidance's
+        `lltokenizer_from_vocab` marks the ones that look like tags special too, so a grammar that forces the text
+        `<tool_call>` is tokenized into the one token, allowed, and then refused as a special token."""
+        from llguidance import LLTokenizer
+
+        tokens = []
+        for i in range(self._n_vocab):
+            if llama.llama_vocab_get_attr(self._vocab, i) & llama.LLAMA_TOKEN_ATTR_CONTROL:
+                tokens.append(b"\xff" + self._token_bytes(i, special=True))
+            else:  # text, or nothing (unused ids decode to no bytes: never allowed)
+                tokens.append(self._token_bytes(i, special=False))
+        tokenize = ctypes.cast(llama._lib.llama_tokenize, ctypes.c_void_p).value
+        return LLTokenizer.from_llamacpp(  # type: ignore[attr-defined]
+            tokens=tokens, vocab_ptr=self._vocab, tokenize_fptr=tokenize, eos_token=list(self._eos), slices=None
+        )
 
     def render_chat(
         self,
