@@ -684,9 +684,9 @@ def run_make_test_model(argv: Sequence[str]) -> int:
 
 
 def run_bench(argv: Sequence[str]) -> int:
-    from lmfleet import bench
+    from lmfleet.bench.main import main as bench
 
-    return bench.main(list(argv)) or 0
+    return bench(list(argv)) or 0
 
 
 def run_chat(argv: Sequence[str]) -> int:
