@@ -1,537 +1,34 @@
-"""The one entry point, and every flag: `lmfleet controller|worker|api|serve|bench|chat|make-test-model|model-path`.
+"""The one entry point: `lmfleet controller|worker|api|serve|bench|chat|make-test-model|model-path`.
 
 `python -m lmfleet.controller`, `python -m lmfleet.worker` and `python -m lmfleet.api` land here too, with
-FastChat's flag names, so a FastChat user's command lines keep working. Owns all argument parsing and turning flags
-into each app's settings, or, for `serve`, into a `ServePlan` (the command lines of the children) that
-lmfleet.serve runs. Each default lives once, in the settings it belongs to (lmfleet.controller.app,
-lmfleet.worker.app, lmfleet.api.app, the engines' settings); the flags read it from there. Secrets may come from
-the environment (LMFLEET_API_KEYS, LMFLEET_REGISTRATION_SECRET, LMFLEET_ETCD_PASSWORD) or a file, so they need not
-appear in `ps`.
+FastChat's flag names, so a FastChat user's command lines keep working. Owns dispatching a command to its part,
+`serve`'s flags, and turning them into a `ServePlan` (the command lines of the children) that lmfleet.serve runs.
+
+Does not own: each part's flags and settings (lmfleet.controller.flags, lmfleet.worker.flags, lmfleet.api.flags,
+which read each default from the settings it belongs to), the flags they share (lmfleet.flags), the commands that
+parse their own flags (bench, chat, make-test-model, model-path). A part's flags are imported when a parser is
+built, so those commands start without loading any app.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import logging
 import os
 import secrets
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-from lmfleet.client import DEFAULT_CONTROLLER
+from lmfleet import flags
 
-CONTROLLER_PORT, WORKER_PORT, API_PORT = 21001, 21002, 8000  # FastChat's ports
+if TYPE_CHECKING:
+    from lmfleet.serve import ServePlan
 
-logger = logging.getLogger("lmfleet")
-
-
-def _csv(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
-def _default(cls: type, name: str) -> Any:
-    """The default of settings field `name`, where it is defined."""
-    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
-
-
-def _log_args(p: argparse.ArgumentParser) -> None:
-    from lmfleet.server import LOG_FORMATS
-
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    p.add_argument(
-        "--log-format", default="text", choices=LOG_FORMATS, help="json: one object per line, for log shippers"
-    )
-
-
-def _common(p: argparse.ArgumentParser, port: int) -> None:
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=port)
-    _log_args(p)
-
-
-def _secret_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--registration-secret",
-        default=None,
-        help="shared secret workers present to the controller (default: $LMFLEET_REGISTRATION_SECRET)",
-    )
-
-
-def registration_secret(args: argparse.Namespace) -> str | None:
-    return args.registration_secret or os.environ.get("LMFLEET_REGISTRATION_SECRET") or None
-
-
-def api_keys(args: argparse.Namespace) -> list[str] | None:
-    keys: list[str] = []
-    if args.api_keys:
-        keys += _csv(args.api_keys)
-    if os.environ.get("LMFLEET_API_KEYS"):
-        keys += _csv(os.environ["LMFLEET_API_KEYS"])
-    if args.api_key_file:
-        keys += [ln.strip() for ln in Path(args.api_key_file).read_text().splitlines() if ln.strip()]
-    return keys or None
-
-
-_FASTCHAT_SWITCHES = {"--load-8bit", "--cpu-offloading", "--embed-in-truncate", "--debug", "--allow-credentials"}
-
-
-def _fastchat_ignored(p: argparse.ArgumentParser, *flags: str) -> None:
-    """FastChat flags with no lmfleet meaning: accepted, so a FastChat command line still starts, and reported
-    once at start-up (`warn_ignored`)."""
-    g = p.add_argument_group("FastChat flags accepted and ignored")
-    for flag in flags:
-        dest = "ignored_" + flag.lstrip("-").replace("-", "_")
-        if flag in _FASTCHAT_SWITCHES:
-            g.add_argument(flag, dest=dest, action="store_true", help=argparse.SUPPRESS)
-        else:
-            g.add_argument(flag, dest=dest, default=None, help=argparse.SUPPRESS)
-
-
-def warn_ignored(args: argparse.Namespace) -> None:
-    for name, value in vars(args).items():
-        if name.startswith("ignored_") and value not in (None, False):
-            flag = "--" + name.removeprefix("ignored_").replace("_", "-")
-            logger.warning("%s is a FastChat flag lmfleet ignores", flag)
-
-
-# -- FastChat compatibility: the flags of FastChat's protocol on lmfleet's parts (one block) ----------------------
-
-
-def add_fastchat_controller_args(p: argparse.ArgumentParser) -> None:
-    from lmfleet.controller.app import ControllerSettings
-
-    expiry = _default(ControllerSettings, "fastchat_heartbeat_expiry_s")
-    p.add_argument(
-        "--fastchat-heartbeat-expiration",
-        type=float,
-        default=expiry,
-        help="seconds without a heartbeat before a FastChat model worker (one that beats every 45 s) is dropped "
-        f"(default {expiry:g}, FastChat's)",
-    )
-
-
-def fastchat_controller_settings(args: argparse.Namespace) -> dict[str, Any]:
-    return {"fastchat_heartbeat_expiry_s": args.fastchat_heartbeat_expiration}
-
-
-def add_fastchat_worker_args(p: argparse.ArgumentParser) -> None:
-    from lmfleet.protocol.fastchat import TEMPLATES
-
-    p.add_argument(
-        "--conv-template",
-        default=None,
-        choices=sorted(TEMPLATES),
-        help="the FastChat conversation template FastChat API servers prompt this model with (default: mapped from "
-        "the model's chat template where FastChat has its format, e.g. ChatML)",
-    )
-
-
-def fastchat_worker_settings(args: argparse.Namespace) -> dict[str, Any]:
-    return {"conv_template": args.conv_template}
-
-
-# -- controller -------------------------------------------------------------------------------------------------
-
-
-def add_controller_args(p: argparse.ArgumentParser) -> None:
-    from lmfleet.controller.app import ControllerSettings
-    from lmfleet.dispatch import DEFAULT_POLICY, POLICIES
-
-    _common(p, CONTROLLER_PORT)
-    p.add_argument(
-        "--dispatch-method",
-        default=DEFAULT_POLICY,
-        choices=sorted(POLICIES),
-        help=f"how a worker is picked per request (default {DEFAULT_POLICY})",
-    )
-    expiry = _default(ControllerSettings, "heartbeat_expiry_s")
-    p.add_argument(
-        "--heartbeat-expiration",
-        type=float,
-        default=expiry,
-        help=f"seconds without a heartbeat before a worker is dropped (default {expiry:g})",
-    )
-    _secret_flag(p)
-    add_fastchat_controller_args(p)
-    p.add_argument(
-        "--allowed-worker-networks",
-        type=_csv,
-        default=None,
-        help="comma-separated CIDRs workers may register from, e.g. 10.0.0.0/8,127.0.0.0/8",
-    )
-    g = p.add_argument_group("the fleet in etcd (several controllers serve one fleet)")
-    g.add_argument(
-        "--registry",
-        default=None,
-        metavar="etcd://HOST:PORT[,HOST:PORT...]",
-        help="keep the fleet's registrations in etcd (default: in this process's memory)",
-    )
-    g.add_argument("--etcd-prefix", default=None, help="key prefix of the fleet's workers (default /lmfleet/workers/)")
-    g.add_argument("--etcd-user", default=None, help="etcd user (default: $LMFLEET_ETCD_USER)")
-    g.add_argument(
-        "--etcd-password", default=None, help="etcd password (default: $LMFLEET_ETCD_PASSWORD, which stays out of ps)"
-    )
-    g.add_argument("--etcd-ca-file", default=None, help="TLS: CA certificate(s) that signed etcd's certificate")
-    g.add_argument("--etcd-cert-file", default=None, help="TLS: this controller's client certificate")
-    g.add_argument("--etcd-key-file", default=None, help="TLS: the client certificate's key")
-
-
-def etcd_settings(args: argparse.Namespace) -> Any:  # lmfleet.controller.etcd.EtcdSettings | None
-    if not args.registry:
-        return None
-    try:
-        from lmfleet.controller.etcd import EtcdSettings
-    except ImportError as exc:
-        hint = "pip install 'lmfleet[etcd]'"
-        raise SystemExit(f"lmfleet controller: --registry needs the etcd extra ({hint}): {exc}") from None
-    given = {
-        "prefix": args.etcd_prefix,
-        "user": args.etcd_user or os.environ.get("LMFLEET_ETCD_USER") or None,
-        "password": args.etcd_password or os.environ.get("LMFLEET_ETCD_PASSWORD") or None,
-        "ca_file": args.etcd_ca_file,
-        "cert_file": args.etcd_cert_file,
-        "key_file": args.etcd_key_file,
-    }
-    try:
-        return EtcdSettings.from_url(args.registry, **{k: v for k, v in given.items() if v is not None})
-    except ValueError as exc:
-        raise SystemExit(f"lmfleet controller: {exc}") from None
-
-
-def controller_settings(args: argparse.Namespace) -> Any:  # ControllerSettings
-    from lmfleet.controller.app import ControllerSettings
-
-    return ControllerSettings(
-        dispatch_policy=args.dispatch_method,
-        heartbeat_expiry_s=args.heartbeat_expiration,
-        registration_secret=registration_secret(args),
-        allowed_worker_networks=args.allowed_worker_networks,
-        etcd=etcd_settings(args),
-        **fastchat_controller_settings(args),
-    )
-
-
-# -- worker -----------------------------------------------------------------------------------------------------
-
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """The model's engine and its settings; `serve` passes them on to every worker."""
-    from lmfleet.engine.base import BatchSettings
-    from lmfleet.engine.registry import AUTO, ENGINES
-    from lmfleet.engine.transformers import DEVICES, DTYPES
-
-    g = p.add_argument_group("engine")
-    g.add_argument(
-        "--engine",
-        default=AUTO,
-        choices=[AUTO, *ENGINES],
-        help="auto (default): llamacpp for a .gguf, embedding for a sentence-transformers folder (modules.json) or a "
-        "cross-encoder, transformers for any other Hugging Face folder or hub id; embedding: serve an encoder's "
-        "pooled vectors (or a cross-encoder's scores)",
-    )
-    seqs = _default(BatchSettings, "max_num_seqs")
-    g.add_argument(
-        "--max-num-seqs", type=int, default=seqs, help=f"sequences decoded together in one batch (default {seqs})"
-    )
-    tokens = _default(BatchSettings, "max_batch_tokens")
-    g.add_argument(
-        "--max-batch-tokens", type=int, default=tokens, help=f"prompt tokens prefilled per step (default {tokens})"
-    )
-    g.add_argument(
-        "--max-model-len",
-        type=int,
-        default=None,
-        help="cap on prompt + output tokens (default: the model's context; llama.cpp caps its KV cache at 8192)",
-    )
-    g.add_argument("--threads", type=int, default=None, help="llamacpp: CPU threads (default: every core)")
-    g.add_argument(
-        "--no-flash-attn",
-        dest="flash_attn",
-        action="store_false",
-        help="llamacpp: plain attention (about 1.4x slower at 16 streams)",
-    )
-    g.add_argument("--device", default=None, choices=list(DEVICES), help="transformers: default cuda when available")
-    g.add_argument("--dtype", default="auto", choices=list(DTYPES), help="transformers: default the checkpoint's")
-    g.add_argument(
-        "--matryoshka",
-        action="store_true",
-        help="embedding: allow `dimensions` (shorter vectors, renormalized) although the model's config does not "
-        "say it was trained for them",
-    )
-    g.add_argument(
-        "--tool-parser",
-        default="auto",
-        choices=["auto", "hermes", "llama3_json", "mistral"],  # lmfleet.worker.tools.FORMATS (not imported here)
-        help="how the model writes tool calls (default auto: from its chat template; hermes for the generic prompt)",
-    )
-    # -- reasoning (lmfleet.worker.reasoning) --
-    g.add_argument(
-        "--reasoning-parser",
-        default="auto",
-        choices=["auto", "none", "deepseek_r1", "qwen3"],  # lmfleet.worker.reasoning.FORMATS (not imported here)
-        help="how the model marks its reasoning (<think>...</think>), sent apart from the answer as "
-        "reasoning_content (default auto: from its chat template; none: the answer keeps it)",
-    )
-    # -- end reasoning --
-
-
-def add_worker_args(p: argparse.ArgumentParser) -> None:
-    from lmfleet.worker.app import WorkerSettings
-
-    _common(p, WORKER_PORT)
-    p.add_argument(
-        "--model-path",
-        required=True,
-        help="a .gguf file, a folder holding one, a Hugging Face model folder, or a hub id",
-    )
-    p.add_argument(
-        "--model-names",
-        type=_csv,
-        default=None,
-        help="comma-separated names to serve the model "
-        "under (default: --model-path as given; its file or folder name is answered to as well)",
-    )
-    p.add_argument(
-        "--worker-address",
-        default=None,
-        help="URL others reach this worker at (default http://HOST:PORT; set it when binding 0.0.0.0)",
-    )
-    p.add_argument(
-        "--controller-address", type=_csv, default=[DEFAULT_CONTROLLER], help="controller URL(s), comma-separated"
-    )
-    p.add_argument("--no-register", action="store_true", help="do not register with a controller")
-    _secret_flag(p)
-    drain = _default(WorkerSettings, "drain_timeout_s")
-    p.add_argument(
-        "--drain-timeout",
-        type=float,
-        default=drain,
-        help="on SIGTERM the worker leaves its "
-        f"controllers and answers new requests 503; running ones get this many seconds (default {drain:g})",
-    )
-    add_engine_args(p)
-    queued = _default(WorkerSettings, "max_queued")
-    p.add_argument(
-        "--limit-worker-concurrency",
-        type=int,
-        default=queued,
-        help=f"requests running + queued before the worker answers 429 (default {queued})",
-    )
-    beat = _default(WorkerSettings, "heartbeat_interval_s")
-    p.add_argument("--heartbeat-interval", type=float, default=beat, help=f"seconds (default {beat:g})")
-    add_fastchat_worker_args(p)
-    _fastchat_ignored(
-        p,
-        "--num-gpus",
-        "--gpus",
-        "--max-gpu-memory",
-        "--stream-interval",
-        "--seed",
-        "--load-8bit",
-        "--cpu-offloading",
-        "--embed-in-truncate",
-        "--debug",
-    )
-
-
-def engine_settings(args: argparse.Namespace, engine: str) -> Any:  # the engine's settings dataclass
-    from lmfleet.engine.registry import ENGINES
-
-    values = {
-        "max_num_seqs": args.max_num_seqs,
-        "max_batch_tokens": args.max_batch_tokens,
-        "max_model_len": args.max_model_len,
-        "n_threads": args.threads,
-        "flash_attn": args.flash_attn,
-        "dtype": args.dtype,
-        "device": args.device,
-        "matryoshka": args.matryoshka,
-    }
-    cls = ENGINES[engine].settings
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in values.items() if k in names})
-
-
-def worker_settings(args: argparse.Namespace, **overrides: Any) -> Any:  # WorkerSettings
-    """The worker's settings, the model located and its engine chosen first: a path that names nothing loadable
-    is one line (SystemExit) before anything loads."""
-    from lmfleet.engine import registry
-    from lmfleet.worker.app import WorkerSettings
-
-    try:
-        source = registry.locate(args.model_path)
-        entry = registry.choose(source, args.engine)
-        engine = engine_settings(args, entry.name)
-    except ValueError as exc:
-        raise SystemExit(f"lmfleet worker: {exc}") from None
-    fields: dict[str, Any] = dict(
-        model_path=args.model_path,
-        model_names=args.model_names,
-        worker_address=args.worker_address or f"http://{args.host}:{args.port}",
-        controller_addresses=[] if args.no_register else args.controller_address,
-        engine=entry.name,
-        engine_settings=engine,
-        max_queued=args.limit_worker_concurrency,
-        heartbeat_interval_s=args.heartbeat_interval,
-        registration_secret=registration_secret(args),
-        drain_timeout_s=args.drain_timeout,
-        tool_parser=args.tool_parser,
-        reasoning_parser=args.reasoning_parser,  # reasoning
-        **fastchat_worker_settings(args),
-    )
-    fields.update(overrides)
-    return WorkerSettings(**fields)
-
-
-# -- API server -------------------------------------------------------------------------------------------------
-
-
-def _limit_flags(p: argparse.ArgumentParser) -> None:
-    """The API server's request limits (lmfleet.api.access.RequestLimits); each can only be lowered from its
-    default, which is also the most the API accepts."""
-    from lmfleet.api.access import RequestLimits
-    from lmfleet.api.app import ApiSettings
-
-    d = RequestLimits()
-    g = p.add_argument_group("request limits (each over-limit request is a 4xx naming the parameter)")
-    g.add_argument(
-        "--max-request-bytes",
-        type=int,
-        default=_default(ApiSettings, "max_request_bytes"),
-        help="request body size (413 beyond)",
-    )
-    g.add_argument("--max-n", type=int, default=d.max_n, help="choices per request (`n`)")
-    g.add_argument("--max-stop", type=int, default=d.max_stop, help="stop sequences per request")
-    g.add_argument("--max-stop-chars", type=int, default=d.max_stop_chars, help="characters per stop sequence")
-    g.add_argument("--max-messages", type=int, default=d.max_messages, help="messages per chat request")
-    g.add_argument(
-        "--max-message-chars",
-        type=int,
-        default=d.max_message_chars,
-        help="characters in one message's content or one prompt",
-    )
-
-
-def add_api_args(p: argparse.ArgumentParser) -> None:
-    from lmfleet.api.app import ApiSettings
-    from lmfleet.dispatch import DEFAULT_POLICY, POLICIES
-
-    _common(p, API_PORT)
-    _fastchat_ignored(p, "--allow-credentials", "--allowed-methods", "--allowed-headers")
-    p.add_argument(
-        "--controller-address",
-        default=DEFAULT_CONTROLLER,
-        help="controller URL(s), comma-separated; "
-        "the first that answers gives the list of workers, which is kept while none answers",
-    )
-    _secret_flag(p)
-    p.add_argument(
-        "--dispatch-method",
-        default=DEFAULT_POLICY,
-        choices=sorted(POLICIES),
-        help="how a worker is picked from the API server's view",
-    )
-    drain = _default(ApiSettings, "drain_timeout_s")
-    p.add_argument(
-        "--drain-timeout",
-        type=float,
-        default=drain,
-        help="on SIGTERM the server answers new "
-        f"requests 503; running ones get this many seconds to finish (default {drain:g})",
-    )
-    add_api_client_args(p)
-
-
-def add_api_client_args(p: argparse.ArgumentParser) -> None:
-    """What the API server offers its clients; `serve` passes these on to its API server."""
-    from lmfleet.api.app import ApiSettings
-
-    _limit_flags(p)
-    first = _default(ApiSettings, "first_token_timeout_s")
-    p.add_argument(
-        "--first-token-timeout",
-        type=float,
-        default=first,
-        help="seconds a worker may take to send "
-        f"its first chunk (queue + prefill) before the request moves to another worker (default {first:g})",
-    )
-    inter = _default(ApiSettings, "inter_token_timeout_s")
-    p.add_argument(
-        "--inter-token-timeout",
-        type=float,
-        default=inter,
-        help="seconds a worker may stay silent "
-        f"mid-stream before the generation is resumed on another worker (default {inter:g})",
-    )
-    p.add_argument(
-        "--api-keys",
-        default=None,
-        help="comma-separated keys clients must send as Bearer tokens "
-        "(also $LMFLEET_API_KEYS; prefer --api-key-file to keep keys out of `ps`)",
-    )
-    p.add_argument("--api-key-file", default=None, help="file with one API key per line")
-    p.add_argument(
-        "--metrics-public",
-        action="store_true",
-        help="serve GET /metrics without an API key (for a Prometheus scraper that holds none)",
-    )
-    p.add_argument("--default-model", default=None, help="model used when a request names none")
-    p.add_argument(
-        "--responses-db",
-        default=None,
-        metavar="PATH",
-        help="SQLite file keeping stored responses (/v1/responses `store`, `previous_response_id`) across restarts "
-        "(default: a temporary database, deleted when the API server exits)",
-    )
-    p.add_argument(
-        "--no-responses-store",
-        action="store_true",
-        help="store no responses: `previous_response_id` is a 400, GET /v1/responses/{id} a 404",
-    )
-    p.add_argument(
-        "--allowed-origins",
-        "--allow-origins",
-        dest="allowed_origins",
-        type=_csv,
-        default=None,
-        help="CORS origins, comma-separated (default: CORS off)",
-    )
-
-
-def api_settings(args: argparse.Namespace) -> Any:  # ApiSettings
-    from lmfleet.api.access import RequestLimits
-    from lmfleet.api.app import ApiSettings
-    from lmfleet.api.response_store import TEMPORARY
-
-    try:
-        limits = RequestLimits(
-            max_n=args.max_n,
-            max_stop=args.max_stop,
-            max_stop_chars=args.max_stop_chars,
-            max_messages=args.max_messages,
-            max_message_chars=args.max_message_chars,
-        )
-        return ApiSettings(
-            controller_address=args.controller_address,
-            api_keys=api_keys(args),
-            default_model=args.default_model,
-            allow_origins=args.allowed_origins,
-            registration_secret=registration_secret(args),
-            max_request_bytes=args.max_request_bytes,
-            limits=limits,
-            dispatch_policy=args.dispatch_method,
-            first_token_timeout_s=args.first_token_timeout,
-            inter_token_timeout_s=args.inter_token_timeout,
-            drain_timeout_s=args.drain_timeout,
-            responses_db=None if args.no_responses_store else (args.responses_db or TEMPORARY),
-            metrics_public=args.metrics_public,
-        )
-    except ValueError as exc:
-        raise SystemExit(f"lmfleet api: {exc}") from None
-
+# `lmfleet --help`'s first line
+DESCRIPTION = (
+    "The one entry point, and every flag: `lmfleet controller|worker|api|serve|bench|chat|make-test-model|model-path`."
+)
 
 # -- serve ------------------------------------------------------------------------------------------------------
 
@@ -545,7 +42,7 @@ _ENGINE_FLAGS = (
     ("--device", "device"),
     ("--dtype", "dtype"),
     ("--tool-parser", "tool_parser"),
-    ("--reasoning-parser", "reasoning_parser"),  # reasoning
+    ("--reasoning-parser", "reasoning_parser"),
     ("--limit-worker-concurrency", "limit_worker_concurrency"),
     ("--heartbeat-interval", "heartbeat_interval"),
 )
@@ -564,12 +61,15 @@ _API_FLAGS = (
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
+    from lmfleet.api import flags as api_flags
+    from lmfleet.controller import flags as controller_flags
     from lmfleet.dispatch import DEFAULT_POLICY, POLICIES
     from lmfleet.models import DEFAULT_MODEL, DEMO_MODEL_NAME
+    from lmfleet.worker import flags as worker_flags
 
     p.add_argument("--host", default="127.0.0.1", help="address the API server binds (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=API_PORT, help="API server port")
-    _log_args(p)
+    p.add_argument("--port", type=int, default=api_flags.PORT, help="API server port")
+    flags.add_log_args(p)
     p.add_argument(
         "--model-path",
         action="append",
@@ -593,20 +93,22 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         default=str(Path.home() / ".cache" / "lmfleet" / "demo-model"),
         help="where --demo builds its model",
     )
-    p.add_argument("--controller-port", type=int, default=CONTROLLER_PORT)
-    p.add_argument("--worker-port", type=int, default=WORKER_PORT, help="first worker's port; the next ones count up")
+    p.add_argument("--controller-port", type=int, default=controller_flags.PORT)
+    p.add_argument(
+        "--worker-port", type=int, default=worker_flags.PORT, help="first worker's port; the next ones count up"
+    )
     p.add_argument("--dispatch-method", default=DEFAULT_POLICY, choices=sorted(POLICIES))
-    add_engine_args(p)
+    worker_flags.add_engine_args(p)
     p.add_argument("--limit-worker-concurrency", type=int, default=None)
     p.add_argument("--heartbeat-interval", type=float, default=None)
-    add_api_client_args(p)
+    api_flags.add_client_args(p)
 
 
 def _flags(args: argparse.Namespace, pairs: Sequence[tuple[str, str]]) -> list[str]:
     return [s for flag, name in pairs if getattr(args, name) is not None for s in (flag, str(getattr(args, name)))]
 
 
-def serve_plan(args: argparse.Namespace) -> Any:  # lmfleet.serve.ServePlan
+def serve_plan(args: argparse.Namespace) -> ServePlan:
     """The children of `lmfleet serve`, controller first, as the same `python -m lmfleet.<part>` command lines a
     multi-host deployment runs."""
     from lmfleet import models
@@ -662,7 +164,7 @@ def serve_plan(args: argparse.Namespace) -> Any:  # lmfleet.serve.ServePlan
             cmd.append("--matryoshka")
         if model_names:
             cmd += ["--model-names", model_names]
-        served.update(_csv(model_names) if model_names else [path])
+        served.update(flags.csv(model_names) if model_names else [path])
         children.append(Child(f"worker {i + 1}", cmd))
     api = py + ["lmfleet.api", "--host", args.host, "--port", str(args.port), "--controller-address", controller]
     if args.allowed_origins:
@@ -673,7 +175,7 @@ def serve_plan(args: argparse.Namespace) -> Any:  # lmfleet.serve.ServePlan
         api.append("--metrics-public")
     children.append(Child("api", api + _flags(args, _API_FLAGS) + log))
     env = {"LMFLEET_REGISTRATION_SECRET": os.environ.get("LMFLEET_REGISTRATION_SECRET") or secrets.token_urlsafe(24)}
-    keys = api_keys(args)
+    keys = flags.api_keys(args)
     if keys:
         env["LMFLEET_API_KEYS"] = ",".join(keys)  # through the environment, not argv: keys stay out of `ps`
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
@@ -685,40 +187,42 @@ def serve_plan(args: argparse.Namespace) -> Any:  # lmfleet.serve.ServePlan
 # -- running ----------------------------------------------------------------------------------------------------
 
 
-def _logs(args: argparse.Namespace) -> dict[str, Any]:
-    return {"log_level": args.log_level, "log_format": args.log_format}
-
-
 def run_controller(args: argparse.Namespace) -> int:
     from lmfleet import server
+    from lmfleet.controller import flags as controller_flags
     from lmfleet.controller.app import create_app
 
-    settings = controller_settings(args)
+    settings = controller_flags.settings(args)
     sock = server.bind("controller", args.host, args.port)
-    return server.run(create_app(settings), name="controller", sock=sock, **_logs(args))
+    app = create_app(settings)
+    return server.run(app, name="controller", sock=sock, log_level=args.log_level, log_format=args.log_format)
 
 
 def run_worker(args: argparse.Namespace) -> int:
     from lmfleet import server
     from lmfleet.drain import Drain
+    from lmfleet.worker import flags as worker_flags
+
+    settings = worker_flags.settings(args)  # first: one line when the engine's extra is missing
     from lmfleet.worker.app import create_app
 
-    settings = worker_settings(args)
     sock = server.bind("worker", args.host, args.port)
     drain = Drain(settings.drain_timeout_s)
     app = create_app(settings, drain=drain)
-    return server.run(app, name="worker", sock=sock, drain=drain, **_logs(args))
+    return server.run(app, name="worker", sock=sock, drain=drain, log_level=args.log_level, log_format=args.log_format)
 
 
 def run_api(args: argparse.Namespace) -> int:
     from lmfleet import server
+    from lmfleet.api import flags as api_flags
     from lmfleet.api.app import create_app
     from lmfleet.drain import Drain
 
-    settings = api_settings(args)
+    settings = api_flags.settings(args)
     sock = server.bind("api", args.host, args.port)
     drain = Drain(settings.drain_timeout_s)
-    return server.run(create_app(settings, drain=drain), name="api", sock=sock, drain=drain, **_logs(args))
+    app = create_app(settings, drain=drain)
+    return server.run(app, name="api", sock=sock, drain=drain, log_level=args.log_level, log_format=args.log_format)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -734,9 +238,9 @@ def run_make_test_model(argv: Sequence[str]) -> int:
 
 
 def run_bench(argv: Sequence[str]) -> int:
-    from lmfleet import bench
+    from lmfleet.bench.main import main as bench
 
-    return bench.main(list(argv)) or 0
+    return bench(list(argv)) or 0
 
 
 def run_chat(argv: Sequence[str]) -> int:
@@ -752,11 +256,17 @@ def run_model_path(argv: Sequence[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmfleet", description=__doc__.split("\n")[0])
+    from lmfleet.api import flags as api_flags
+    from lmfleet.controller import flags as controller_flags
+    from lmfleet.worker import flags as worker_flags
+
+    parser = argparse.ArgumentParser(prog="lmfleet", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
-    add_controller_args(sub.add_parser("controller", help=f"run the controller (default :{CONTROLLER_PORT})"))
-    add_worker_args(sub.add_parser("worker", help=f"run a model worker (default :{WORKER_PORT})"))
-    add_api_args(sub.add_parser("api", help=f"run the OpenAI-compatible API server (default :{API_PORT})"))
+    controller_flags.add_args(
+        sub.add_parser("controller", help=f"run the controller (default :{controller_flags.PORT})")
+    )
+    worker_flags.add_args(sub.add_parser("worker", help=f"run a model worker (default :{worker_flags.PORT})"))
+    api_flags.add_args(sub.add_parser("api", help=f"run the OpenAI-compatible API server (default :{api_flags.PORT})"))
     add_serve_args(sub.add_parser("serve", help="run controller, worker(s) and API server together"))
     sub.add_parser("bench", help="load-test an OpenAI-compatible endpoint (see `lmfleet bench --help`)", add_help=False)
     sub.add_parser("chat", help="chat in the terminal with an OpenAI-compatible endpoint", add_help=False)
@@ -782,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lmfleet import server
 
     server.configure_logging(args.log_level, args.log_format)
-    warn_ignored(args)
+    flags.warn_ignored(args)
     return RUNNERS[args.command](args)
 
 

@@ -11,7 +11,7 @@ lets running ones finish) before uvicorn's graceful shutdown; a second signal sk
 never shows a query string (a client may put a key there) and keeps the fleet's own polling (workers listing,
 heartbeats, health and readiness probes) at debug level.
 
-Does not own: flags (lmfleet.cli), the apps.
+Does not own: flags (lmfleet.cli, each part's flags module), the apps.
 """
 
 from __future__ import annotations

@@ -23,7 +23,10 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from lmfleet import bench, errors
+from lmfleet import errors
+from lmfleet.bench import stats
+from lmfleet.bench.main import main as bench_main
+from lmfleet.bench.settings import BenchSettings
 
 MODEL = "fake-model"
 SECRET = "s3cret-key-for-tests"
@@ -180,7 +183,7 @@ def run(fake, tmp_path):
     def _run(*args: str) -> tuple[int, dict | None]:
         path = tmp_path / "report.json"
         path.unlink(missing_ok=True)
-        code = bench.main(["--base-url", fake.base_url, "--quiet", "--json", str(path), *args])
+        code = bench_main(["--base-url", fake.base_url, "--quiet", "--json", str(path), *args])
         return code, (json.loads(path.read_text()) if path.exists() else None)
 
     return _run
@@ -195,40 +198,40 @@ def _assert_summary(summary: dict) -> None:
 
 
 def test_percentile_interpolates_between_ranks():
-    assert bench.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
-    assert bench.percentile([1.0, 2.0, 3.0, 4.0], 0) == 1.0
-    assert bench.percentile([1.0, 2.0, 3.0, 4.0], 100) == 4.0
-    assert bench.percentile([7.0], 99) == 7.0
+    assert stats.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert stats.percentile([1.0, 2.0, 3.0, 4.0], 0) == 1.0
+    assert stats.percentile([1.0, 2.0, 3.0, 4.0], 100) == 4.0
+    assert stats.percentile([7.0], 99) == 7.0
     values = [float(v) for v in range(1, 101)]
-    assert bench.percentile(values, 95) == pytest.approx(95.05)
-    assert bench.percentile(values, 99) == pytest.approx(99.01)
+    assert stats.percentile(values, 95) == pytest.approx(95.05)
+    assert stats.percentile(values, 99) == pytest.approx(99.01)
     with pytest.raises(ValueError):
-        bench.percentile([], 50)
+        stats.percentile([], 50)
     with pytest.raises(ValueError):
-        bench.percentile([1.0], 101)
+        stats.percentile([1.0], 101)
 
 
 def test_summarize_reports_milliseconds_in_order():
-    assert bench.summarize([]) is None
-    s = bench.summarize([0.3, 0.1, 0.2, 0.4])  # seconds in, unsorted
+    assert stats.summarize([]) is None
+    s = stats.summarize([0.3, 0.1, 0.2, 0.4])  # seconds in, unsorted
     assert s is not None
     assert s.n == 4
     assert s.mean == pytest.approx(250.0)
     assert s.p50 == pytest.approx(250.0)
     assert 100.0 <= s.p50 <= s.p95 <= s.p99 <= 400.0
-    one = bench.summarize([0.05])
+    one = stats.summarize([0.05])
     assert one is not None and one.p50 == one.p95 == one.p99 == pytest.approx(50.0)
 
 
 def test_level_result_counts_only_successful_requests():
     results = [
-        bench.RequestResult(ok=True, latency=1.0, output_tokens=10, ttft=0.1, itl=[0.05, 0.07]),
-        bench.RequestResult(ok=True, latency=2.0, output_tokens=6, token_source="chunks", ttft=0.2, itl=[0.09]),
-        bench.RequestResult(ok=False, latency=0.5, error="HTTP 500: a"),
-        bench.RequestResult(ok=False, latency=0.5, error="HTTP 500: a"),
-        bench.RequestResult(ok=False, latency=0.5, error="timed out after 1 s"),
+        stats.RequestResult(ok=True, latency=1.0, output_tokens=10, ttft=0.1, itl=[0.05, 0.07]),
+        stats.RequestResult(ok=True, latency=2.0, output_tokens=6, token_source="chunks", ttft=0.2, itl=[0.09]),
+        stats.RequestResult(ok=False, latency=0.5, error="HTTP 500: a"),
+        stats.RequestResult(ok=False, latency=0.5, error="HTTP 500: a"),
+        stats.RequestResult(ok=False, latency=0.5, error="timed out after 1 s"),
     ]
-    level = bench.LevelResult.from_results(4, results, duration_s=4.0)
+    level = stats.LevelResult.from_results(4, results, duration_s=4.0)
     assert (level.requests, level.ok, level.errors) == (5, 2, 3)
     assert level.error_messages == ["HTTP 500: a", "timed out after 1 s"]  # distinct, in order seen
     assert level.output_tokens == 16
@@ -239,9 +242,9 @@ def test_level_result_counts_only_successful_requests():
 
 
 def test_requests_per_level_default_and_floor():
-    assert bench.BenchSettings().requests_for(4) == 8
-    assert bench.BenchSettings(requests=3).requests_for(1) == 3
-    assert bench.BenchSettings(requests=3).requests_for(16) == 16
+    assert BenchSettings().requests_for(4) == 8
+    assert BenchSettings(requests=3).requests_for(1) == 3
+    assert BenchSettings(requests=3).requests_for(16) == 16
 
 
 # ---------------------------------------------------------------------------------------------- against the fake
@@ -420,7 +423,7 @@ def test_a_json_answer_to_a_stream_request_is_an_error(fake, run):
 
 def test_json_to_stdout_moves_the_table_to_stderr(fake, capsys):
     fake.reset()
-    code = bench.main(["--base-url", fake.base_url, "--quiet", "--json", "-", "--concurrency", "1", "--warmup", "0"])
+    code = bench_main(["--base-url", fake.base_url, "--quiet", "--json", "-", "--concurrency", "1", "--warmup", "0"])
     assert code == 0
     captured = capsys.readouterr()
     report = json.loads(captured.out)
@@ -434,10 +437,10 @@ def test_unreachable_server(tmp_path, capsys):
     port = sock.getsockname()[1]
     sock.close()  # nothing listens there now
     base = f"http://127.0.0.1:{port}/v1"
-    assert bench.main(["--base-url", base, "--quiet"]) == 2
+    assert bench_main(["--base-url", base, "--quiet"]) == 2
     assert "could not get a model" in capsys.readouterr().err
     path = tmp_path / "r.json"
-    code = bench.main(["--base-url", base, "--quiet", "--model", "m", "--concurrency", "1", "--json", str(path)])
+    code = bench_main(["--base-url", base, "--quiet", "--model", "m", "--concurrency", "1", "--json", str(path)])
     assert code == 1
     lv = json.loads(path.read_text())["levels"][0]
     assert lv["errors"] == 2 and lv["error_messages"][0].startswith("ConnectError")
@@ -463,7 +466,7 @@ def test_unreachable_server(tmp_path, capsys):
 )
 def test_bad_arguments_are_usage_errors(args, capsys):
     with pytest.raises(SystemExit) as exc:
-        bench.main(args)
+        bench_main(args)
     assert exc.value.code == 2
     assert "error:" in capsys.readouterr().err
 
@@ -490,7 +493,7 @@ def test_raw_mode_reports_the_engine_decode_rate(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(raw, "raw_decode", raw_decode)
 
     path = tmp_path / "raw.json"
-    code = bench.main([
+    code = bench_main([
         "--raw", "--model-path", "/models/m", "--dtype", "bfloat16", "--concurrency", "1,4",
         "--max-tokens", "32", "--prompt-tokens", "12", "--quiet", "--json", str(path),
     ])  # fmt: skip
@@ -513,7 +516,7 @@ def test_raw_mode_against_the_real_engine(tmp_path):
 
     model_dir = make_test_model(tmp_path / "tiny", size="tiny", seed=0)
     path = tmp_path / "raw.json"
-    code = bench.main([
+    code = bench_main([
         "--raw", "--model-path", str(model_dir), "--concurrency", "1,2", "--max-tokens", "4",
         "--prompt-tokens", "5", "--warmup", "0", "--quiet", "--json", str(path),
     ])  # fmt: skip
@@ -524,5 +527,5 @@ def test_raw_mode_against_the_real_engine(tmp_path):
 
 
 def test_importing_bench_does_not_import_torch():
-    code = "import sys, lmfleet.bench; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, lmfleet.bench.main; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -55,7 +55,7 @@ def test_the_cli_builds_every_settings_without_loading_a_model_library() -> None
 
 def test_the_default_controller_needs_no_etcd_client() -> None:
     loaded = modules_loaded_by(
-        "import lmfleet.controller.app as m\nimport lmfleet.cli as c\n"
-        "m.create_app(c.controller_settings(c.build_parser().parse_args(['controller']))).openapi()"
+        "import lmfleet.controller.app as m\nimport lmfleet.cli as c\nfrom lmfleet.controller import flags as f\n"
+        "m.create_app(f.settings(c.build_parser().parse_args(['controller']))).openapi()"
     )
     assert not [n for n in loaded if n.split(".")[0] in ("aetcd", "grpc")]

@@ -7,6 +7,9 @@ import logging
 import pytest
 
 from lmfleet import cli
+from lmfleet.api import flags as api_flags
+from lmfleet.flags import api_keys, warn_ignored
+from lmfleet.worker import flags as worker_flags
 
 
 def test_fastchat_worker_command_line_parses_with_the_same_meaning(tmp_path) -> None:
@@ -40,7 +43,7 @@ def test_fastchat_worker_command_line_parses_with_the_same_meaning(tmp_path) -> 
             "--load-8bit",
         ]
     )
-    settings = cli.worker_settings(args)
+    settings = worker_flags.settings(args)
     assert settings.model_names == ["vicuna-7b", "gpt-3.5-turbo"]
     assert settings.max_queued == 5 and settings.worker_address == "http://127.0.0.1:21003"
     assert settings.controller_addresses == ["http://127.0.0.1:21001"]
@@ -48,43 +51,10 @@ def test_fastchat_worker_command_line_parses_with_the_same_meaning(tmp_path) -> 
     assert settings.conv_template == "vicuna_v1.1"  # FastChat clients are prompted with it (lmfleet.worker.fastchat)
 
 
-@pytest.mark.parametrize(
-    ("files", "name", "engine", "expected"),
-    [
-        ({}, "nothing-here", "auto", "does not exist"),
-        ({"m.bin": "x"}, "m.bin", "auto", "not a .gguf file"),
-        ({}, "", "auto", "neither a config.json nor a .gguf"),
-        ({"a.gguf": "", "b.gguf": ""}, "", "auto", "several .gguf files (a.gguf, b.gguf)"),
-        ({"config.json": "{}"}, "", "llamacpp", "reads .gguf files"),
-    ],
-)
-def test_a_model_path_that_names_nothing_loadable_is_one_line_at_once(tmp_path, files, name, engine, expected):
-    for file, text in files.items():
-        (tmp_path / file).write_text(text)
-    args = cli.build_parser().parse_args(["worker", "--model-path", str(tmp_path / name), "--engine", engine])
-    with pytest.raises(SystemExit) as exit_:
-        cli.worker_settings(args)
-    message = str(exit_.value)
-    assert expected in message and "\n" not in message and message.startswith("lmfleet worker: ")
-
-
-def test_a_gguf_file_or_its_folder_picks_llamacpp_and_answers_to_its_name(tmp_path) -> None:
-    (tmp_path / "SmolLM2.Q4.gguf").write_bytes(b"GGUF")
-    for path in (tmp_path / "SmolLM2.Q4.gguf", tmp_path):
-        settings = cli.worker_settings(cli.build_parser().parse_args(["worker", "--model-path", str(path)]))
-        assert settings.engine == "llamacpp" and settings.names == [str(path)]
-    settings = cli.worker_settings(
-        cli.build_parser().parse_args(
-            ["worker", "--model-path", str(tmp_path / "SmolLM2.Q4.gguf"), "--engine", "transformers", "--threads", "3"]
-        )
-    )
-    assert settings.engine == "transformers" and settings.aliases == ["SmolLM2.Q4"]
-
-
 def test_ignored_fastchat_flags_are_reported(caplog: pytest.LogCaptureFixture) -> None:
     args = cli.build_parser().parse_args(["worker", "--model-path", "m", "--stream-interval", "4", "--load-8bit"])
     with caplog.at_level(logging.WARNING, logger="lmfleet"):
-        cli.warn_ignored(args)
+        warn_ignored(args)
     assert "--stream-interval" in caplog.text and "--load-8bit" in caplog.text
     assert "--num-gpus" not in caplog.text  # not given, not reported
 
@@ -112,7 +82,7 @@ def test_fastchat_api_and_controller_command_lines_parse() -> None:
             "k1,k2",
         ]
     )
-    assert api.allowed_origins == ["http://a.example"] and cli.api_keys(api) == ["k1", "k2"]
+    assert api.allowed_origins == ["http://a.example"] and api_keys(api) == ["k1", "k2"]
     ctl = cli.build_parser().parse_args(["controller", "--dispatch-method", "lottery"])
     assert ctl.dispatch_method == "lottery" and ctl.host == "127.0.0.1"
 
@@ -171,10 +141,10 @@ def test_serve_forwards_the_engine_flags_and_the_api_limits_and_timeouts(tmp_pat
     assert worker[worker.index("--threads") + 1] == "2" and worker[worker.index("--max-num-seqs") + 1] == "8"
     assert api[api.index("--max-n") + 1] == "4"
     assert api[api.index("--inter-token-timeout") + 1] == "5.0"
-    api_settings = cli.api_settings(cli.build_parser().parse_args(["api", *api[api.index("--host") :]]))
+    api_settings = api_flags.settings(cli.build_parser().parse_args(["api", *api[api.index("--host") :]]))
     assert api_settings.limits.max_n == 4 and api_settings.metrics_public
     worker_args = cli.build_parser().parse_args(["worker", *worker[worker.index("--port") :]])
-    assert cli.worker_settings(worker_args).engine_settings.n_threads == 2
+    assert worker_flags.settings(worker_args).engine_settings.n_threads == 2
     assert "LMFLEET_REGISTRATION_SECRET" in plan.env and not any("SECRET" in a for a in worker + api)
 
 
@@ -189,7 +159,7 @@ def test_serve_runs_a_chat_model_and_an_embedding_model_side_by_side(tmp_path, m
     plan = cli.serve_plan(cli.build_parser().parse_args(argv))
     workers = [c.argv for c in plan.children if c.name.startswith("worker")]
     settings = [
-        cli.worker_settings(cli.build_parser().parse_args(["worker", *w[w.index("--port") :]])) for w in workers
+        worker_flags.settings(cli.build_parser().parse_args(["worker", *w[w.index("--port") :]])) for w in workers
     ]
     assert [s.engine for s in settings] == ["llamacpp", "embedding"]  # `--engine auto` for each model
     assert settings[1].engine_settings.matryoshka and settings[1].aliases == ["model"]
@@ -203,34 +173,11 @@ def test_responses_storage_flags(tmp_path) -> None:
     from lmfleet.api.response_store import TEMPORARY
 
     parse = cli.build_parser().parse_args
-    assert cli.api_settings(parse(["api"])).responses_db == TEMPORARY
+    assert api_flags.settings(parse(["api"])).responses_db == TEMPORARY
     db = str(tmp_path / "r.sqlite3")
-    assert cli.api_settings(parse(["api", "--responses-db", db])).responses_db == db
-    assert cli.api_settings(parse(["api", "--no-responses-store"])).responses_db is None
+    assert api_flags.settings(parse(["api", "--responses-db", db])).responses_db == db
+    assert api_flags.settings(parse(["api", "--no-responses-store"])).responses_db is None
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     for flags, expected in ((["--responses-db", db], db), (["--no-responses-store"], None)):
         api = cli.serve_plan(parse(["serve", "--model-path", str(tmp_path / "m.gguf"), *flags])).children[-1].argv
-        assert cli.api_settings(parse(["api", *api[api.index("--host") :]])).responses_db == expected
-
-
-def test_controller_registry_flags(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    def settings(*flags: str):
-        return cli.controller_settings(cli.build_parser().parse_args(["controller", *flags]))
-
-    assert settings().etcd is None  # the in-memory registry by default
-    ca = tmp_path / "ca.pem"
-    ca.write_text("x")
-    monkeypatch.setenv("LMFLEET_ETCD_PASSWORD", "from-the-environment")
-    etcd = settings(
-        "--registry", "etcd://10.0.0.1,10.0.0.2:12379", "--etcd-user", "lmfleet", "--etcd-prefix", "/f/",
-        "--etcd-ca-file", str(ca),
-    ).etcd  # fmt: skip
-    assert etcd.endpoints == [("10.0.0.1", 2379), ("10.0.0.2", 12379)] and etcd.prefix == "/f/"
-    assert (etcd.user, etcd.password, etcd.tls) == ("lmfleet", "from-the-environment", True)
-    for bad in (
-        ["--registry", "etcd://user:pw@h"],
-        ["--registry", "redis://h"],
-        ["--registry", "etcd://h", "--etcd-key-file", str(ca)],
-    ):
-        with pytest.raises(SystemExit, match="lmfleet controller: "):
-            settings(*bad)
+        assert api_flags.settings(parse(["api", *api[api.index("--host") :]])).responses_db == expected

@@ -109,7 +109,7 @@ R = TypeVar("R", bound=BaseModel)
 
 @dataclass
 class ApiSettings:
-    """Everything `lmfleet api` is told on its command line (flags in lmfleet.cli). Secrets never print."""
+    """Everything `lmfleet api` is told on its command line (flags in lmfleet.api.flags). Secrets never print."""
 
     controller_address: str = DEFAULT_CONTROLLER  # comma-separated; the first that answers gives the worker view
     api_keys: list[str] | None = field(default=None, repr=False)  # None: no authentication

@@ -215,11 +215,13 @@ class AsyncEngine(EngineThread):
             raise
         finally:
             if not finished:
-                self._abort(rid)
+                self._abort(rid, collector)
 
-    def _abort(self, request_id: str) -> None:
+    def _abort(self, request_id: str, collector: _Collector) -> None:
+        """Abort this stream's request. The stream is named too: an abort that arrives after its request finished
+        must not end a later request that took the same id."""
         with self._cond:
-            self._inbox.append(("abort", request_id, None))
+            self._inbox.append(("abort", request_id, collector))
             self._cond.notify()
 
     # -- the engine thread --------------------------------------------------------------------------------------
@@ -287,7 +289,7 @@ class AsyncEngine(EngineThread):
                     self._send([(collector, err)])
                 else:
                     self._live[rid] = collector
-            elif payload in self._live:
+            elif collector is not None and self._live.get(payload) is collector:
                 self.engine.abort_request(payload)
 
     def _dispatch(self, outputs: list[EngineOutput]) -> None:

@@ -76,7 +76,7 @@ from lmfleet.requestid import RequestIdMiddleware
 from lmfleet.worker import embed, fastchat, reasoning, score, tools
 from lmfleet.worker.metrics import WorkerMetrics
 from lmfleet.worker.pipeline import Pipeline, refusal
-from lmfleet.worker.registration import Registration
+from lmfleet.worker.registration import HEARTBEAT_INTERVAL_S, Registration
 
 logger = logging.getLogger("lmfleet.worker")
 
@@ -92,7 +92,7 @@ class WorkerSettings:
     engine: str = registry.AUTO  # a key of lmfleet.engine.registry.ENGINES, or "auto"
     engine_settings: BatchSettings | None = None  # None: the engine's defaults
     max_queued: int = DEFAULT_MAX_QUEUED  # running + waiting beyond this → 429
-    heartbeat_interval_s: float = 2.0
+    heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S
     registration_secret: str | None = field(default=None, repr=False)  # never printed
     speed: float = 1.0
     max_request_bytes: int = 32 << 20  # a GenerateRequest body (413 beyond; lmfleet.guard)

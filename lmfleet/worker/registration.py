@@ -26,6 +26,8 @@ from lmfleet.protocol.worker import WorkerStatus
 
 logger = logging.getLogger("lmfleet.worker")
 
+HEARTBEAT_INTERVAL_S = 2.0  # a worker's default heartbeat interval (`--heartbeat-interval`)
+
 
 def _local_only(url: str) -> bool:
     """True when the URL's host means "this machine" to whoever uses it: loopback, localhost, or unspecified."""

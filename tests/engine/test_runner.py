@@ -297,3 +297,27 @@ async def test_stats_count_the_inbox_as_waiting():
 def test_the_runner_imports_no_torch():
     code = "import sys, lmfleet.engine, lmfleet.engine.runner; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+async def test_a_late_abort_never_ends_a_later_request_that_took_the_same_id() -> None:
+    """A reader that stops early (a stop string matched above the engine) closes its stream only later; by then the
+    engine may have finished that request and a new one may hold its id. The late abort is for the old stream."""
+    engine = FakeEngine(gated=True)
+    async with running(engine) as runner:
+        old = runner.generate(req("x", max_new_tokens=2))
+        engine.allow(1)
+        first = await anext(old)  # the reader takes one output, then stops reading without closing
+        assert first.new_token_ids == [100] and not first.finished
+        engine.allow(1)  # the engine finishes "x" on its own; its id is free again
+        for _ in range(500):
+            if "x" not in runner._in_flight:
+                break
+            await asyncio.sleep(0.01)
+        new = runner.generate(req("x", max_new_tokens=3))
+        engine.allow(1)
+        assert (await anext(new)).new_token_ids == [100]
+        await old.aclose()  # the old stream's abort arrives now
+        engine.allow(2)
+        rest = [out async for out in new]
+    assert [t for out in rest for t in out.new_token_ids] == [101, 102]
+    assert rest[-1].finish_reason == FinishReason.LENGTH and engine.aborted == []

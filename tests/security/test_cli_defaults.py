@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from lmfleet import cli
+from lmfleet.api import flags as api_flags
 from lmfleet.api.access import RequestLimits
 from lmfleet.api.app import create_app
 
@@ -39,7 +40,7 @@ def test_every_process_binds_loopback_unless_told(part: str) -> None:
 
 def test_api_defaults_are_closed() -> None:
     args = parse("api")
-    settings = cli.api_settings(args)
+    settings = api_flags.settings(args)
     assert settings.allow_origins is None  # CORS off
     assert settings.api_keys is None and settings.registration_secret is None  # nothing invented
     assert settings.limits == RequestLimits()
@@ -52,11 +53,11 @@ def test_secrets_from_env_file_and_flags(tmp_path: Path, monkeypatch: pytest.Mon
     key_file.write_text("sk-from-file\n\n  sk-second-from-file  \n")
     monkeypatch.setenv("LMFLEET_API_KEYS", "sk-env-1, sk-env-2")
     monkeypatch.setenv("LMFLEET_REGISTRATION_SECRET", "secret-from-env")
-    settings = cli.api_settings(parse("api", "--api-keys", "sk-flag", "--api-key-file", str(key_file)))
+    settings = api_flags.settings(parse("api", "--api-keys", "sk-flag", "--api-key-file", str(key_file)))
     assert settings.api_keys == ["sk-flag", "sk-env-1", "sk-env-2", "sk-from-file", "sk-second-from-file"]
     assert settings.registration_secret == "secret-from-env"
     assert "sk-" not in repr(settings) and "secret-from-env" not in repr(settings)
-    flag = cli.api_settings(parse("api", "--registration-secret", "secret-from-flag"))
+    flag = api_flags.settings(parse("api", "--registration-secret", "secret-from-flag"))
     assert flag.registration_secret == "secret-from-flag"
 
 
@@ -70,7 +71,7 @@ def test_limit_flags_reach_the_settings_and_cannot_loosen() -> None:
         "--max-message-chars", "100",
         "--max-request-bytes", "5000",
     )  # fmt: skip
-    settings = cli.api_settings(args)
+    settings = api_flags.settings(args)
     assert settings.limits == RequestLimits(
         max_n=2, max_stop=1, max_stop_chars=8, max_messages=3, max_message_chars=100
     )
@@ -87,8 +88,8 @@ async def test_cors_is_on_only_with_the_flag(flag: str) -> None:
         "Access-Control-Request-Method": "POST",
         "Access-Control-Request-Headers": "authorization,content-type",
     }
-    on = create_app(cli.api_settings(parse("api", flag, "https://app.example, https://other.example")))
-    off = create_app(cli.api_settings(parse("api")))
+    on = create_app(api_flags.settings(parse("api", flag, "https://app.example, https://other.example")))
+    off = create_app(api_flags.settings(parse("api")))
     async with (
         httpx.AsyncClient(transport=httpx.ASGITransport(app=on), base_url="http://api") as with_cors,
         httpx.AsyncClient(transport=httpx.ASGITransport(app=off), base_url="http://api") as without,

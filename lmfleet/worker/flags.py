@@ -1,0 +1,225 @@
+"""`lmfleet worker`'s flags and the engines' flags, and the `WorkerSettings` they make (lmfleet.worker.app).
+
+Owns the worker's flags (`add_args`; FastChat's names kept, its flags without an lmfleet meaning accepted and
+ignored), the engine flags `lmfleet serve` passes on to every worker (`add_engine_args`), the chosen engine's
+settings (`engine_settings`) and the worker's (`settings`). `settings` locates the model and chooses its engine
+first, then checks that the engine's extra is installed: a path that names nothing loadable, or an engine whose
+library is missing (`pip install 'lmfleet[llamacpp]'`, `[transformers]`), is one line before anything loads.
+
+Building the parser imports none of the worker's extras (llguidance, numpy, llama_cpp, torch, transformers), so
+`lmfleet --help` works on the base install: the defaults are read where `WorkerSettings` takes them from
+(lmfleet.drain, lmfleet.engine.runner, lmfleet.worker.registration, the engines' settings), and lmfleet.worker.app,
+which loads llguidance, is imported only by `settings`.
+
+Does not own: the flags every part shares (lmfleet.flags), the settings themselves (lmfleet.worker.app, the
+engines' packages), which engine serves a model (lmfleet.engine.registry), running the process (lmfleet.cli).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+from typing import TYPE_CHECKING
+
+from lmfleet import flags
+from lmfleet.client import DEFAULT_CONTROLLER
+from lmfleet.drain import DEFAULT_TIMEOUT_S
+from lmfleet.engine import registry
+from lmfleet.engine.base import BatchSettings
+from lmfleet.engine.runner import DEFAULT_MAX_QUEUED
+from lmfleet.engine.transformers import DEVICES, DTYPES
+from lmfleet.protocol.fastchat import TEMPLATES
+from lmfleet.worker.registration import HEARTBEAT_INTERVAL_S
+
+if TYPE_CHECKING:
+    from lmfleet.worker.app import WorkerSettings
+
+PORT = 21002  # FastChat's worker port
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The model's engine and its settings; `serve` passes them on to every worker."""
+    g = p.add_argument_group("engine")
+    g.add_argument(
+        "--engine",
+        default=registry.AUTO,
+        choices=[registry.AUTO, *registry.ENGINES],
+        help="auto (default): llamacpp for a .gguf, embedding for a sentence-transformers folder (modules.json) or a "
+        "cross-encoder, transformers for any other Hugging Face folder or hub id; embedding: serve an encoder's "
+        "pooled vectors (or a cross-encoder's scores)",
+    )
+    batch = BatchSettings()
+    seqs = batch.max_num_seqs
+    g.add_argument(
+        "--max-num-seqs", type=int, default=seqs, help=f"sequences decoded together in one batch (default {seqs})"
+    )
+    tokens = batch.max_batch_tokens
+    g.add_argument(
+        "--max-batch-tokens", type=int, default=tokens, help=f"prompt tokens prefilled per step (default {tokens})"
+    )
+    g.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="cap on prompt + output tokens (default: the model's context; llama.cpp caps its KV cache at 8192)",
+    )
+    g.add_argument("--threads", type=int, default=None, help="llamacpp: CPU threads (default: every core)")
+    g.add_argument(
+        "--no-flash-attn",
+        dest="flash_attn",
+        action="store_false",
+        help="llamacpp: plain attention (about 1.4x slower at 16 streams)",
+    )
+    g.add_argument("--device", default=None, choices=list(DEVICES), help="transformers: default cuda when available")
+    g.add_argument("--dtype", default="auto", choices=list(DTYPES), help="transformers: default the checkpoint's")
+    g.add_argument(
+        "--matryoshka",
+        action="store_true",
+        help="embedding: allow `dimensions` (shorter vectors, renormalized) although the model's config does not "
+        "say it was trained for them",
+    )
+    g.add_argument(
+        "--tool-parser",
+        default="auto",
+        # lmfleet.worker.tools.FORMATS, not imported here: it loads llguidance (tests/worker/test_tools.py checks)
+        choices=["auto", "hermes", "llama3_json", "mistral"],
+        help="how the model writes tool calls (default auto: from its chat template; hermes for the generic prompt)",
+    )
+    g.add_argument(
+        "--reasoning-parser",
+        default="auto",
+        choices=["auto", "none", "deepseek_r1", "qwen3"],  # lmfleet.worker.reasoning.FORMATS (not imported here)
+        help="how the model marks its reasoning (<think>...</think>), sent apart from the answer as "
+        "reasoning_content (default auto: from its chat template; none: the answer keeps it)",
+    )
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    flags.add_listen_args(p, PORT)
+    p.add_argument(
+        "--model-path",
+        required=True,
+        help="a .gguf file, a folder holding one, a Hugging Face model folder, or a hub id",
+    )
+    p.add_argument(
+        "--model-names",
+        type=flags.csv,
+        default=None,
+        help="comma-separated names to serve the model "
+        "under (default: --model-path as given; its file or folder name is answered to as well)",
+    )
+    p.add_argument(
+        "--worker-address",
+        default=None,
+        help="URL others reach this worker at (default http://HOST:PORT; set it when binding 0.0.0.0)",
+    )
+    p.add_argument(
+        "--controller-address", type=flags.csv, default=[DEFAULT_CONTROLLER], help="controller URL(s), comma-separated"
+    )
+    p.add_argument("--no-register", action="store_true", help="do not register with a controller")
+    flags.add_secret_arg(p)
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help="on SIGTERM the worker leaves its controllers and answers new requests 503; running ones get this "
+        f"many seconds (default {DEFAULT_TIMEOUT_S:g})",
+    )
+    add_engine_args(p)
+    p.add_argument(
+        "--limit-worker-concurrency",
+        type=int,
+        default=DEFAULT_MAX_QUEUED,
+        help=f"requests running + queued before the worker answers 429 (default {DEFAULT_MAX_QUEUED})",
+    )
+    p.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        default=HEARTBEAT_INTERVAL_S,
+        help=f"seconds (default {HEARTBEAT_INTERVAL_S:g})",
+    )
+    p.add_argument(
+        "--conv-template",
+        default=None,
+        choices=sorted(TEMPLATES),
+        help="the FastChat conversation template FastChat API servers prompt this model with (default: mapped from "
+        "the model's chat template where FastChat has its format, e.g. ChatML)",
+    )
+    flags.add_fastchat_ignored(
+        p,
+        "--num-gpus",
+        "--gpus",
+        "--max-gpu-memory",
+        "--stream-interval",
+        "--seed",
+        "--load-8bit",
+        "--cpu-offloading",
+        "--embed-in-truncate",
+        "--debug",
+    )
+
+
+def engine_settings(args: argparse.Namespace, engine: str) -> BatchSettings:
+    """The settings of engine `engine` (a key of lmfleet.engine.registry.ENGINES) from the engine flags it takes."""
+    values = {
+        "max_num_seqs": args.max_num_seqs,
+        "max_batch_tokens": args.max_batch_tokens,
+        "max_model_len": args.max_model_len,
+        "n_threads": args.threads,
+        "flash_attn": args.flash_attn,
+        "dtype": args.dtype,
+        "device": args.device,
+        "matryoshka": args.matryoshka,
+    }
+    cls = registry.ENGINES[engine].settings
+    names = {f.name for f in dataclasses.fields(cls)}
+    settings: BatchSettings = cls(**{k: v for k, v in values.items() if k in names})
+    return settings
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken installation is a missing one
+        return False
+
+
+def _missing(entry: registry.EngineEntry, package: str) -> SystemExit:
+    return SystemExit(
+        f"lmfleet worker: the {entry.name} engine needs the {package!r} package: pip install 'lmfleet[{entry.extra}]'"
+    )
+
+
+def settings(args: argparse.Namespace) -> WorkerSettings:
+    """The worker's settings, the model located, its engine chosen and the engine's extra found first: a path that
+    names nothing loadable or an engine that is not installed is one line (SystemExit) before anything loads."""
+    try:
+        source = registry.locate(args.model_path)
+        entry = registry.choose(source, args.engine)
+        engine = engine_settings(args, entry.name)
+    except ValueError as exc:
+        raise SystemExit(f"lmfleet worker: {exc}") from None
+    if not _installed(entry.requires):
+        raise _missing(entry, entry.requires)
+    try:
+        from lmfleet.worker.app import WorkerSettings
+    except ModuleNotFoundError as exc:  # llguidance, which every generating engine's extra installs
+        if exc.name is None or exc.name.partition(".")[0] == "lmfleet":
+            raise
+        raise _missing(entry, exc.name) from None
+    return WorkerSettings(
+        model_path=args.model_path,
+        model_names=args.model_names,
+        worker_address=args.worker_address or f"http://{args.host}:{args.port}",
+        controller_addresses=[] if args.no_register else args.controller_address,
+        engine=entry.name,
+        engine_settings=engine,
+        max_queued=args.limit_worker_concurrency,
+        heartbeat_interval_s=args.heartbeat_interval,
+        registration_secret=flags.registration_secret(args),
+        drain_timeout_s=args.drain_timeout,
+        tool_parser=args.tool_parser,
+        reasoning_parser=args.reasoning_parser,
+        conv_template=args.conv_template,
+    )
