@@ -173,8 +173,14 @@ def test_answers_and_stream_chunks_validate_against_openais_schemas(fleet: Fleet
     validate("CreateCompletionResponse", resp.json())  # not with echo: the schema has no null for its first token
 
 
+# An answer longer than the 64 tokens the resume test streams (ignore_eos). The France answer ends after 8 tokens, so
+# the stream ran on past the model's end, where the next token is a near-tie that a prefill of the resumed ids (not
+# bit-equal to decoding them) can flip: the test then failed by the kernels' arithmetic, not by lost tokens.
+COUNT = [SYSTEM, {"role": "user", "content": "Count from 1 to 40, separated by commas, with nothing else."}]
+
+
 def test_a_killed_llamacpp_worker_stream_resumes_token_exact_on_the_other(fleet: Fleet, client) -> None:
-    assert_a_killed_stream_resumes_token_exact(fleet, client, MODEL, FRANCE)  # the fleet keeps one replica
+    assert_a_killed_stream_resumes_token_exact(fleet, client, MODEL, COUNT)  # the fleet keeps one replica
 
 
 @pytest.fixture(scope="module")
