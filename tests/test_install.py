@@ -19,7 +19,7 @@ SUBPROCESS = {"run", "Popen", "check_call", "check_output", "call", "create_subp
 
 
 def named_programs(tree: ast.AST) -> set[str]:
-    """Programs a test module names: `program("x")`, `shutil.which("x")`, a subprocess call whose command starts
+    """Programs a test module names: `program(NAME)`, `shutil.which(NAME)`, a subprocess call whose command starts
     with a literal, and literal paths under /usr/bin or /usr/sbin."""
     found = set()
     for node in ast.walk(tree):
@@ -54,10 +54,10 @@ def test_every_program_a_test_names_is_installed_by_the_install_script() -> None
 def test_the_scan_sees_each_way_a_test_starts_a_program() -> None:
     source = """
 import shutil, subprocess
-subprocess.run(["etcdctl", "get"]); subprocess.Popen(("tc", "qdisc")); shutil.which("nsenter")
-program("chromium"); EXE = "/usr/sbin/iptables"; subprocess.run(cmd)
+subprocess.run(["etcdctl", "get"]); subprocess.Popen(("tc", "qdisc")); shutil.which("openssl")
+program("chromium"); EXE = "/usr/sbin/" + "ip"; ETCD = "/usr/bin/etcd"; subprocess.run(cmd); run("req")
 """
-    assert named_programs(ast.parse(source)) == {"etcdctl", "tc", "nsenter", "chromium", "iptables"}
+    assert named_programs(ast.parse(source)) == {"etcdctl", "tc", "openssl", "chromium", "etcd"}
 
 
 @pytest.mark.skipif(not os.environ.get("CI"), reason="after `make test` installed them (CI)")
