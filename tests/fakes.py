@@ -140,7 +140,8 @@ class ScriptedEngine:
         self.step_s = step_s  # a pause per step, so requests stay running while a test looks at them
         self._max_len = max_model_len
         self.running: dict[str, tuple[EngineRequest, int]] = {}
-        self.aborted: set[str] = set()
+        self.aborted: set[str] = set()  # every id ever aborted (tests read it)
+        self._aborting: set[str] = set()  # aborts the next step applies, to the requests running now
         self.steps = 0
 
     @property
@@ -160,6 +161,8 @@ class ScriptedEngine:
 
     def abort_request(self, request_id: str) -> None:
         self.aborted.add(request_id)
+        if request_id in self.running:
+            self._aborting.add(request_id)
 
     def step(self) -> list[EngineOutput]:
         self.steps += 1
@@ -167,7 +170,8 @@ class ScriptedEngine:
             time.sleep(self.step_s)
         outs = []
         for rid, (req, n) in list(self.running.items()):
-            if rid in self.aborted:
+            if rid in self._aborting:
+                self._aborting.discard(rid)
                 del self.running[rid]
                 outs.append(EngineOutput(rid, [], FinishReason.ABORT))
                 continue

@@ -31,17 +31,18 @@ failover (lmfleet.api.answer, lmfleet.api.upstream), SSE framing (lmfleet.api.ss
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from lmfleet import errors
 from lmfleet.api.answer import AnswerPath
+from lmfleet.api.oneshot import OneReply
 from lmfleet.api.sse import Event
 from lmfleet.api.upstream import ChoiceDelta
 from lmfleet.metrics import CLIENT_CLOSED_REQUEST
@@ -73,13 +74,11 @@ from lmfleet.protocol.anthropic import (
 )
 from lmfleet.protocol.openai import ChatCompletionRequest, FinishReason
 from lmfleet.protocol.openai import Usage as ChatUsage
-from lmfleet.protocol.worker import Task, ToolCallChunk
 from lmfleet.protocol.worker import TokenizeRequest as WorkerTokenize
 from lmfleet.protocol.worker import TokenizeResponse as WorkerTokenized
+from lmfleet.protocol.worker import ToolCallChunk
 
 ERROR_PATHS = {"/v1/messages": "anthropic"}  # path (and below) -> error style (lmfleet.errors.STYLES)
-
-R = TypeVar("R", bound=BaseModel)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -226,20 +225,6 @@ def chat_request(body: MessagesRequest | CountTokensRequest) -> ChatCompletionRe
         raise RequestValidationError(
             [{**e, "loc": ("body", *anthropic_loc(e["loc"]))} for e in exc.errors(include_url=False)]
         ) from None
-
-
-class OneReply(Protocol):
-    """lmfleet.api.app's one-reply call: (the model, a worker's answer to `path`), or None if the client left."""
-
-    def __call__(
-        self,
-        request: Request,
-        requested: str | None,
-        task: Task | None,
-        path: str,
-        build: Callable[[str], BaseModel],
-        answer: type[R],
-    ) -> Awaitable[tuple[str, R] | None]: ...
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,10 @@ one is ejected, a full one is not); a client's mistake (4xx) comes back at once.
 
 from __future__ import annotations
 
-from typing import TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
 
+from fastapi import Request
 from pydantic import BaseModel
 
 from lmfleet import errors
@@ -19,6 +21,21 @@ from lmfleet.api.upstream import another_worker_may_help, next_worker, worse
 from lmfleet.protocol.worker import Task
 
 R = TypeVar("R", bound=BaseModel)
+
+
+class OneReply(Protocol):
+    """The API server's one-reply call (lmfleet.api.app wraps `ask` with the model's resolution and the client's
+    disconnect): (the model, a worker's answer to `path`), or None when the client left."""
+
+    def __call__(
+        self,
+        request: Request,
+        requested: str | None,
+        task: Task | None,
+        path: str,
+        build: Callable[[str], BaseModel],
+        answer: type[R],
+    ) -> Awaitable[tuple[str, R] | None]: ...
 
 
 async def ask(

@@ -16,34 +16,19 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 from lmfleet import errors
+from lmfleet.api.oneshot import OneReply
+from lmfleet.metrics import CLIENT_CLOSED_REQUEST
 from lmfleet.protocol.rerank import RerankRequest, RerankResponse, ScoreRequest, ScoreResponse
-from lmfleet.protocol.worker import ScorePairsResponse, Task
+from lmfleet.protocol.worker import ScorePairsResponse
 
-R = TypeVar("R", bound=BaseModel)
-
-CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away"; nobody reads it
 _RERANK_PARAMS = {"text_1": "query", "text_2": "documents"}  # the worker's names for a rerank request's fields
-
-
-class OneReply(Protocol):
-    """The API server's one-reply path: (the model, a worker's answer), or None when the client left."""
-
-    def __call__(
-        self,
-        request: Request,
-        requested: str | None,
-        task: Task | None,
-        path: str,
-        build: Callable[[str], BaseModel],
-        answer: type[R],
-    ) -> Awaitable[tuple[str, R] | None]: ...
 
 
 def add_routes(app: FastAPI, one_reply: OneReply, *, errors_doc: dict[int | str, dict[str, Any]]) -> None:

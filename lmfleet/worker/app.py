@@ -30,10 +30,10 @@ import logging
 import resource
 import sys
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, fields
 from pathlib import PurePath
-from typing import Any, TypedDict
+from typing import Any, TypedDict, TypeVar
 
 import httpx
 from fastapi import Depends, FastAPI, Request
@@ -79,6 +79,8 @@ from lmfleet.worker.pipeline import Pipeline, refusal
 from lmfleet.worker.registration import HEARTBEAT_INTERVAL_S, Registration
 
 logger = logging.getLogger("lmfleet.worker")
+
+T = TypeVar("T")
 
 DRAIN_EXEMPT = DEFAULT_EXEMPT | {"/worker/status", "/worker_get_status"}  # readable while draining
 
@@ -131,6 +133,17 @@ def load_model(settings: WorkerSettings) -> LoadedModel:
             **({f.name: getattr(given, f.name) for f in fields(given) if f.name in names} if given is not None else {})
         )
     return registry.load(source, entry, given)
+
+
+async def _pooled(work: Awaitable[T]) -> T:
+    """A pooling runner's answer (embeddings, scores); its refusal as the public error (429, 503, 400, as for
+    generation) and its failure as a 502."""
+    try:
+        return await work
+    except EngineRejected as exc:
+        raise refusal(exc) from None
+    except RuntimeError as exc:
+        raise errors.UpstreamError(str(exc)) from None
 
 
 class Worker:
@@ -205,12 +218,7 @@ class Worker:
             raise errors.InvalidRequest("this model does not compute embeddings; use an embedding model", param="model")
         embed.check_dimensions(req.dimensions, runner.engine)
         seqs = embed.token_ids(req, self.tokenizer, runner.engine, self.vocab_size)
-        try:
-            vectors = await runner.embed(seqs)
-        except EngineRejected as exc:
-            raise refusal(exc) from None
-        except RuntimeError as exc:
-            raise errors.UpstreamError(str(exc)) from None
+        vectors = await _pooled(runner.embed(seqs))
         return EmbedResponse(embeddings=embed.shorten(vectors, req.dimensions), prompt_tokens=sum(map(len, seqs)))
 
     async def score(self, req: ScorePairsRequest) -> ScorePairsResponse:
@@ -222,12 +230,7 @@ class Worker:
                 "this model generates text and does not score; use a cross-encoder or an embedding model",
                 param="model",
             )
-        try:
-            return await score.score(req, runner, self.tokenizer)
-        except EngineRejected as exc:
-            raise refusal(exc) from None
-        except RuntimeError as exc:
-            raise errors.UpstreamError(str(exc)) from None
+        return await _pooled(score.score(req, runner, self.tokenizer))
 
     def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
         if req.messages is not None:
