@@ -180,6 +180,9 @@ class EngineOutput:
     error: str | None = None
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    # On a request's first output: how many leading prompt tokens were served from the prefix cache (not computed);
+    # None on later outputs and from engines without a prefix cache.
+    cached_tokens: int | None = None
 
     @property
     def finished(self) -> bool:
@@ -198,6 +201,12 @@ class EngineStats:
     prefill_tokens: int = 0  # prompt tokens computed (a prefix-cache hit is not computed)
     decode_tokens: int = 0  # tokens decoded, one per running sequence per step
     preemptions: int = 0  # sequences pushed out of a full KV cache, to be recomputed later
+    # The prefix cache (vLLM's names): prompt tokens looked up, and of those found cached; bytes its entries hold in
+    # the KV cache and in host memory (the second tier)
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    prefix_cache_kv_bytes: int = 0
+    prefix_cache_host_bytes: int = 0
 
     @property
     def kv_cache_usage(self) -> float | None:

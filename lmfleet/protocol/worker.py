@@ -74,8 +74,30 @@ MAX_LOGPROBS = 20  # alternatives per token (lmfleet.engine.base.MAX_LOGPROBS)
 ModelName = Annotated[str, Field(min_length=1, max_length=1024)]
 
 
+ModelLoadState = Literal["loaded", "loading", "unloaded", "failed"]
+
+
+class ModelState(BaseModel):
+    """One model a worker can serve and where it stands (a worker that loads models on demand reports one per model;
+    a one-model worker reports none, and its `model_names` are loaded)."""
+
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+    name: ModelName
+    state: ModelLoadState
+    tasks: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default_factory=lambda: ["generate"], min_length=1, max_length=16
+    )
+    engine: str | None = None
+    pinned: bool = False
+    memory_bytes: int = Field(default=0, ge=0, le=MAX_REPORTED)  # resident memory it holds now (0 when unloaded)
+    load_seconds: float | None = Field(default=None, ge=0)  # how long its last load took
+    context_length: int | None = Field(default=None, gt=0, le=MAX_REPORTED)
+
+
 class WorkerStatus(BaseModel):
-    """What a worker reports about itself. The first three fields are FastChat's."""
+    """What a worker reports about itself. The first three fields are FastChat's. A worker that loads models on
+    demand lists every model it can serve in `model_names` and each one's state in `models`."""
 
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
 
@@ -95,6 +117,8 @@ class WorkerStatus(BaseModel):
     )
     protocol: str = Field(default=LMFLEET, min_length=1, max_length=64)  # LMFLEET or FASTCHAT (plain, as tasks)
     multimodal: bool = False  # FastChat's registration flag (its controller lists such models apart)
+    models: list[ModelState] = Field(default_factory=list, max_length=256)  # per model, on a multi-model worker
+    memory_budget_bytes: int | None = Field(default=None, ge=0, le=MAX_REPORTED)  # what it may hold in models
 
 
 def reported(status: WorkerStatus) -> WorkerStatus:
@@ -279,6 +303,7 @@ class GenerateChunk(BaseModel):
     reasoning_tokens: int = 0  # of those, the reasoning's (its tags included)
     error: ErrorInfo | None = None
     prompt_token_ids: list[int] | None = None  # the prompt as the worker tokenized it: first chunk only
+    cached_tokens: int = 0  # prompt tokens the worker served from its prefix cache (not computed): first chunk only
     logprobs: list[TokenLogprob] | None = None  # when asked for: one per id of token_ids (echo: per prompt token)
 
     def to_line(self) -> bytes:
