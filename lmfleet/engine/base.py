@@ -66,6 +66,8 @@ class BatchSettings:
     max_num_seqs: int = 16  # sequences decoded together in one step
     max_batch_tokens: int = 1024  # prompt tokens prefilled per step
     max_model_len: int | None = None  # cap on prompt + output tokens; None: the model's own context
+    prefix_cache: bool = True  # keep finished requests' prefixes for later requests that share them
+    prefix_cache_host_bytes: int | None = None  # the prefix cache's host-memory tier; None: sized from the machine
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_batch_tokens < 1:

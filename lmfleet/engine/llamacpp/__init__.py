@@ -21,7 +21,6 @@ class LlamaCppSettings(BatchSettings):
 
     n_threads: int | None = None  # None: every core (os.cpu_count())
     flash_attn: bool = True  # about 1.4x at 16 sequences (engine); llama-server's default too
-    prefix_cache: bool = True  # reuse the cells of the prefix a request shares with the last one (engine)
 
     def __post_init__(self) -> None:
         super().__post_init__()
