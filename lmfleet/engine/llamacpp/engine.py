@@ -96,6 +96,16 @@ def init_llama() -> Any:
     return log
 
 
+@functools.cache
+def _cpu_has_amx() -> bool:
+    """Whether this CPU has Intel AMX (Linux's /proc/cpuinfo flags; False where that file is not)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            return any(line.startswith("flags") and " amx_" in line for line in f)
+    except OSError:
+        return False
+
+
 @dataclass(eq=False)
 class _Seq(Seq):
     """A sequence in llama.cpp: its sampler chain and how much of `tokens` its KV cells hold (the last token sampled
@@ -136,9 +146,11 @@ class LlamaCppEngine:
         self._ctx: Any = None
         self._batch: Any = None
         params = llama.llama_model_default_params()
-        # No repacked weight buffers: on CPUs with AMX, ggml's AMX buffer takes Q4_1 weights, and llama_decode
-        # over several sequences then crashes (segfault, llama-cpp-python 0.3.36, seen on a Xeon with amx_int8).
-        params.use_extra_bufts = False
+        # Repacked weight buffers (ggml's CPU "extra" buffer types: Q4_0/Q4_K/IQ4_NL weights interleaved for
+        # AVX2/AVX-512/NEON matrix kernels, as llama-server uses them) except on CPUs with AMX, where ggml's AMX
+        # buffer takes Q4_1 weights and llama_decode over several sequences crashes (segfault, llama-cpp-python
+        # 0.3.36, seen on a Xeon with amx_int8).
+        params.use_extra_bufts = not _cpu_has_amx()
         # A progress bar on a terminal (tqdm stays silent when stderr is not one: logs, tests)
         with tqdm(total=100, desc=f"loading {os.path.basename(model_path)}", unit="%", disable=None) as bar:
 
