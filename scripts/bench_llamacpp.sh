@@ -106,7 +106,15 @@ for name in systems:
     med[name] = tok
     print(f"{name:13s} tok/s @1/4/16: {tok[0]:6.1f} {tok[1]:6.1f} {tok[2]:6.1f}   first token p50 @16: "
           f"{ttft / 1000:.2f} s   peak RSS: {max(r or 0 for r in rss)} MB   errors: {errors}")
+def tok_s(name, r):
+    return [lv["output_tok_s"] for lv in load(name, r)["levels"]]
 for other in systems[1:]:
     ratios = " ".join(f"{a / b:.2f}" for a, b in zip(med["lmfleet"], med[other]))
-    print(f"lmfleet / {other} @1/4/16: {ratios}")
+    print(f"lmfleet / {other} @1/4/16, medians: {ratios}")
+    # each round's own ratio (the two systems ran minutes apart), then their spread across rounds
+    per_round = [[a / b for a, b in zip(tok_s("lmfleet", r), tok_s(other, r))] for r in range(1, rounds + 1)]
+    for r, ratio in enumerate(per_round, 1):
+        print(f"  round {r}: " + " ".join(f"{x:.2f}" for x in ratio))
+    spread = " ".join(f"{min(c):.2f}-{max(c):.2f}" for c in zip(*per_round))
+    print(f"  spread across rounds @1/4/16: {spread}")
 PY
