@@ -21,6 +21,7 @@ from lmfleet.engine.base import (
 )
 
 EOS = 256
+KV_BYTES_PER_TOKEN = 64  # what ScriptedEngine's prefix cache says a token holds
 
 
 class ByteTokenizer:
@@ -123,7 +124,13 @@ class ScriptedEngine:
     complete.
 
     Asked for log probabilities, it reports `fake_logprob(position, token)` for the token at each context position,
-    with alternatives ids 1, 2, ... (prompt ones on the first output, as engines do)."""
+    with alternatives ids 1, 2, ... (prompt ones on the first output, as engines do).
+
+    With `prefix_cache`, it acts like an engine with a prefix cache that never evicts: a request's first output says
+    how many leading tokens of its context it shares with an earlier request's (`cached_tokens`, at most all but the
+    last: the last is always computed), and `stats()` counts the look-ups (`prefix_cache_queries`, `_hits`) and
+    `KV_BYTES_PER_TOKEN` per cached token in `prefix_cache_kv_bytes`; without it the first output says nothing
+    (None), as an engine without a cache."""
 
     def __init__(
         self,
@@ -133,6 +140,7 @@ class ScriptedEngine:
         *,
         continuing: bool = False,
         after: bytes | None = None,
+        prefix_cache: bool = False,
     ) -> None:
         self.script = list(script.encode())
         self.continuing = continuing
@@ -143,6 +151,10 @@ class ScriptedEngine:
         self.aborted: set[str] = set()  # every id ever aborted (tests read it)
         self._aborting: set[str] = set()  # aborts the next step applies, to the requests running now
         self.steps = 0
+        self.prefix_cache = prefix_cache
+        self._contexts: list[list[int]] = []  # every context admitted, for the prefix cache
+        self._first: dict[str, int] = {}  # requests whose first output is still to come -> their cached tokens
+        self._queries = self._hits = 0
 
     @property
     def max_model_len(self) -> int:
@@ -158,6 +170,14 @@ class ScriptedEngine:
 
     def add_request(self, request: EngineRequest) -> None:
         self.running[request.request_id] = (request, 0)
+        if self.prefix_cache:
+            context = list(request.prompt_token_ids)
+            cached = max((_shared(context, seen) for seen in self._contexts), default=0)
+            cached = min(cached, len(context) - 1)
+            self._contexts.append(context)
+            self._first[request.request_id] = cached
+            self._queries += len(context)
+            self._hits += cached
 
     def abort_request(self, request_id: str) -> None:
         self.aborted.add(request_id)
@@ -206,6 +226,9 @@ class ScriptedEngine:
             if k_prompt is not None and n == 1:
                 out.prompt_logprobs = [None] + [fake_logprob(p, prompt[p], k_prompt) for p in range(1, len(prompt))]
             outs.append(out)
+        for out in outs:
+            if out.request_id in self._first:
+                out.cached_tokens = self._first.pop(out.request_id)
         return outs
 
     def _offset(self, req: EngineRequest) -> int:
@@ -223,6 +246,9 @@ class ScriptedEngine:
             running=len(self.running),
             waiting=0,
             tokens_in_flight=sum(len(r.prompt_token_ids) + n for r, n in self.running.values()),
+            prefix_cache_queries=self._queries,
+            prefix_cache_hits=self._hits,
+            prefix_cache_kv_bytes=KV_BYTES_PER_TOKEN * sum(len(c) for c in self._contexts),
         )
 
 
@@ -238,6 +264,16 @@ class PausingEngine(ScriptedEngine):
         if any(n >= self.pause_at for _, n in self.running.values()):
             self.release.wait(10)
         return super().step()
+
+
+def _shared(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading ids `a` and `b` share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _allowed(mask: bytes, wanted: int | None) -> int:

@@ -27,6 +27,7 @@ from lmfleet import errors
 from lmfleet.bench import stats
 from lmfleet.bench.main import main as bench_main
 from lmfleet.bench.settings import BenchSettings
+from tests.conftest import Fleet
 
 MODEL = "fake-model"
 SECRET = "s3cret-key-for-tests"
@@ -42,6 +43,7 @@ class FakeConfig:
     barrier: int = 0  # hold each request until this many are in flight together
     hang: bool = False  # send one chunk, then nothing
     ignore_stream: bool = False  # answer stream=true with a plain JSON body
+    cached: str | None = None  # say how many prompt tokens were cached (one per message): "usage" or "timings"
     received: list[dict] = field(default_factory=list)
     auth_headers: list[str] = field(default_factory=list)
     in_flight: int = 0
@@ -93,6 +95,11 @@ def create_fake_app(server: FakeServer) -> FastAPI:
         n = body["max_tokens"] if body.get("ignore_eos") else min(cfg.chunks, body["max_tokens"])
         texts = [f"tok{i} " for i in range(n)]
         usage = {"prompt_tokens": 11, "completion_tokens": n, "total_tokens": 11 + n}
+        timings = {}  # llama-server's: on the last chunk (or the body), `cache_n` the prompt tokens it had cached
+        if cfg.cached == "usage":
+            usage["prompt_tokens_details"] = {"cached_tokens": len(body.get("messages", []))}
+        elif cfg.cached == "timings":
+            timings = {"timings": {"cache_n": len(body.get("messages", [])), "prompt_n": 3}}
 
         def choice(text: str | None, finish: str | None = None) -> dict:
             if kind == "chat":
@@ -119,7 +126,7 @@ def create_fake_app(server: FakeServer) -> FastAPI:
                 choices = [{"index": 0, "message": {"role": "assistant", "content": "".join(texts)}}]
             else:
                 choices = [{"index": 0, "text": "".join(texts)}]
-            out = {"id": "x", "object": "completion", "model": MODEL, "choices": choices}
+            out = {"id": "x", "object": "completion", "model": MODEL, "choices": choices, **timings}
             if cfg.usage:
                 out["usage"] = usage
             return JSONResponse(out)
@@ -137,7 +144,7 @@ def create_fake_app(server: FakeServer) -> FastAPI:
                     return
                 yield _sse({"id": "x", "model": MODEL, "choices": [choice(text)]}, compact=i == 0)
                 await asyncio.sleep(0.001)
-            yield _sse({"id": "x", "model": MODEL, "choices": [choice(None, "length")]})
+            yield _sse({"id": "x", "model": MODEL, "choices": [choice(None, "length")], **timings})
             if cfg.usage and (body.get("stream_options") or {}).get("include_usage"):
                 yield _sse({"id": "x", "model": MODEL, "choices": [], "usage": usage})
             yield _sse("[DONE]")
@@ -508,6 +515,106 @@ def test_raw_mode_reports_the_engine_decode_rate(monkeypatch, tmp_path, capsys):
     assert report["levels"][1]["ttft_ms"] is None
     table = capsys.readouterr().out.splitlines()
     assert table[1].split()[0] == "batch" and table[3].split()[:5] == ["4", "4", "0", "128", "400.0"]
+
+
+# ---------------------------------------------------------------------------------------------- multi-turn
+
+
+def _conversations(received: list[dict]) -> dict[str, list[dict]]:
+    """The requests of each user, in order, by the user's first message."""
+    out: dict[str, list[dict]] = {}
+    for body in received:
+        first = next(m["content"] for m in body["messages"] if m["role"] == "user")
+        out.setdefault(first, []).append(body)
+    return out
+
+
+@pytest.mark.parametrize("cached", ["usage", "timings"])
+def test_multi_turn_sends_the_growing_history_and_counts_turns_apart(fake, run, capsys, cached):
+    cfg = fake.reset(chunks=3, cached=cached)
+    args = ("--users", "3", "--turns", "3", "--system-tokens", "50", "--prompt-tokens", "5", "--warmup", "1")
+    code, report = run("--multi-turn", *args)
+    assert code == 0 and report["mode"] == "multi-turn" and report["levels"] == []
+    assert report["config"]["users"] == 3 and report["config"]["turns"] == 3 and "concurrency" not in report["config"]
+    warmup, *sent = cfg.received
+    assert [m["role"] for m in warmup["messages"]] == ["user"]  # nothing of the conversations' before they start
+
+    conversations = _conversations(sent)
+    assert len(conversations) == 3
+    systems = {b["messages"][0]["content"] for b in sent}
+    assert len(systems) == 1 and len(systems.pop().split()) == 50  # one system prompt, shared
+    for bodies in conversations.values():
+        assert [len(b["messages"]) for b in bodies] == [2, 4, 6]  # the whole history each turn
+        for before, after in zip(bodies, bodies[1:], strict=False):
+            assert after["messages"][: len(before["messages"])] == before["messages"]
+            assert after["messages"][len(before["messages"])] == {"role": "assistant", "content": "tok0 tok1 tok2 "}
+        assert all(b["max_tokens"] == 32 and b["stream"] for b in bodies)  # --multi-turn's default: 32 a turn
+
+    mt = report["multi_turn"]
+    assert (mt["users"], mt["turns"], mt["requests"], mt["ok"], mt["errors"]) == (3, 3, 9, 9, 0)
+    assert [(t["turn"], t["ok"]) for t in mt["per_turn"]] == [(1, 3), (2, 3), (3, 3)]
+    assert mt["first_turn_ttft_ms"]["n"] == 3 and mt["later_turn_ttft_ms"]["n"] == 6
+    for q in (mt["first_turn_ttft_ms"], mt["later_turn_ttft_ms"]):
+        assert set(q) == {"n", "p50", "p90"} and 0 <= q["p50"] <= q["p90"]
+    # the fake says one cached token per message sent: 2, 4 and 6 a turn
+    assert [t["cached_tokens"] for t in mt["per_turn"]] == [6, 12, 18] and mt["cached_tokens"] == 36
+    assert mt["output_tokens"] == 27 and mt["prompt_tokens"] == 99 and mt["output_tok_s"] > 0 and mt["wall_s"] > 0
+
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("3 users x 3 turns: 9 ok, 0 failed") and "cached prompt tokens 36 of 99" in table[0]
+    assert table[1].split()[:5] == ["turn", "ok", "err", "prompt", "tok"]
+    assert [row.split()[:5] for row in table[2:]] == [
+        ["1", "3", "0", "33", "6"],
+        ["2", "3", "0", "33", "12"],
+        ["3", "3", "0", "33", "18"],
+        ["later", "6", "0", "66", "30"],
+    ]
+
+
+def test_multi_turn_without_a_cache_figure_and_a_failed_turn(fake, run, capsys):
+    """A server that never says what it cached: no figure (not 0). A failed turn ends that user's conversation."""
+    cfg = fake.reset(chunks=2, fail_http={2})
+    code, report = run("--multi-turn", "--users", "1", "--turns", "3", "--warmup", "0", "--system-tokens", "0")
+    assert code == 0
+    mt = report["multi_turn"]
+    assert (mt["requests"], mt["ok"], mt["errors"]) == (2, 1, 1) and "boom on request 2" in mt["error_messages"][0]
+    assert mt["cached_tokens"] is None and mt["later_turn_ttft_ms"] is None
+    assert [m["role"] for m in cfg.received[0]["messages"]] == ["user"]  # --system-tokens 0: no system prompt
+    assert "cached prompt tokens - of 11" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args", [("--endpoint", "completions"), ("--no-stream",), ("--raw", "--model-path", "x")], ids=str
+)
+def test_multi_turn_needs_streamed_chat(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench_main(["--multi-turn", *args])
+    assert exc.value.code == 2
+    assert "--multi-turn" in capsys.readouterr().err
+
+
+def test_multi_turn_against_a_real_fleet(smollm2_gguf, tmp_path):
+    """lmfleet's own stack on SmolLM2: every turn answered, later prompts longer than first ones (the history), the
+    cached tokens read from the usage lmfleet reports."""
+    path = tmp_path / "multi.json"
+    with Fleet(root=tmp_path) as fleet:
+        fleet.controller()
+        fleet.worker("worker", smollm2_gguf, "--model-names", "smollm2", "--threads", "1")
+        fleet.api()
+        fleet.wait_models(1)
+        code = bench_main([
+            "--base-url", fleet.api_url + "/v1", "--multi-turn", "--users", "2", "--turns", "2",
+            "--system-tokens", "40", "--prompt-tokens", "5", "--max-tokens", "8", "--warmup", "0", "--quiet",
+            "--json", str(path),
+        ])  # fmt: skip
+    assert code == 0
+    mt = json.loads(path.read_text())["multi_turn"]
+    assert (mt["ok"], mt["errors"]) == (4, 0), mt["error_messages"]
+    first, second = mt["per_turn"]
+    assert first["ok"] == second["ok"] == 2
+    assert second["prompt_tokens"] > first["prompt_tokens"] + 2 * 5  # the first turn and its answer came along
+    assert mt["first_turn_ttft_ms"]["n"] == mt["later_turn_ttft_ms"]["n"] == 2
+    assert mt["cached_tokens"] is not None and 0 <= mt["cached_tokens"] < mt["prompt_tokens"]
 
 
 def test_raw_mode_against_the_real_engine(tmp_path):

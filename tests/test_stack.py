@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,25 +92,27 @@ class Link(httpx.AsyncBaseTransport):
 
 
 async def open_stack(
-    exits: contextlib.AsyncExitStack, make_worker: Callable[[str, httpx.AsyncClient], FastAPI]
+    exits: contextlib.AsyncExitStack,
+    make_worker: Callable[[str, httpx.AsyncClient], FastAPI],
+    workers: Sequence[str] = ("http://worker-a", "http://worker-b"),
 ) -> tuple[openai.AsyncOpenAI, httpx.AsyncClient, Cut]:
-    """The real controller app, two worker apps (`make_worker(address, http_client)`) and the real API app over
-    ASGI in one process, closed with `exits`: the official client and a raw httpx client to the API, and the cut
-    between the API and the workers."""
+    """The real controller app, a worker app per address of `workers` (`make_worker(address, http_client)`) and
+    the real API app over ASGI in one process, closed with `exits`: the official client and a raw httpx client to
+    the API, and the cut between the API and the workers."""
     cut, hosts = Cut(), Hosts()
     http = await exits.enter_async_context(httpx.AsyncClient(transport=hosts))
     controller, _ = await exits.enter_async_context(running(create_controller(ControllerSettings())))
     hosts.routes[CONTROLLER] = StreamingASGITransport(controller)
-    for name in ("http://worker-a", "http://worker-b"):
+    for name in workers:
         app, _ = await exits.enter_async_context(running(make_worker(name, http)))
         hosts.routes[name] = Link(name, StreamingASGITransport(app), cut)
     api_settings = ApiSettings(controller_address=CONTROLLER, refresh_interval_s=0.05)
     api, state = await exits.enter_async_context(running(create_api(api_settings, http_client=http)))
     for _ in range(500):
-        if len(state["router"].healthy()) == 2:
+        if len(state["router"].healthy()) == len(workers):
             break
         await asyncio.sleep(0.02)
-    assert len(state["router"].healthy()) == 2, "both workers registered and in the API server's view"
+    assert len(state["router"].healthy()) == len(workers), "every worker registered and in the API server's view"
     raw = await exits.enter_async_context(httpx.AsyncClient(transport=httpx.ASGITransport(app=api), base_url=API))
     h2 = await exits.enter_async_context(httpx2.AsyncClient(transport=httpx2.ASGITransport(app=api), base_url=API))
     return openai.AsyncOpenAI(base_url=API + "/v1", api_key="none", max_retries=0, http_client=h2), raw, cut

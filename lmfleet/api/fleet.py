@@ -11,7 +11,8 @@ Owns
   * `snapshot()`: `FleetView`, the dashboard's one JSON answer: every worker of the API server's cached view
     (lmfleet.api.routing) with its state — `ready`, `ejected` (this server took it out of rotation; `reason` says
     why) or `draining` (it left the controller while this server still streams from it) — its load as last
-    reported (running, queued, KV cache use when the worker reports `kv_cache_usage`), the tokens per second this
+    reported (running, queued, KV cache use when the worker reports `kv_cache_usage`, its prefix cache's hit rate
+    when it reports `prefix_cache_hit_rate`), the tokens per second this
     server relayed from it, how long ago its last heartbeat was seen; and requests per second and latency
     percentiles, now and as a history of `step_s` buckets.
 
@@ -148,6 +149,9 @@ class FleetWorker(BaseModel):
     open: int = Field(description="requests this server has open on the worker now")
     tokens_per_s: float = Field(description="token ids this server relayed from the worker, per second, last 5 s")
     kv_cache_usage: float | None = Field(default=None, description="fraction of the KV cache in use, if reported")
+    prefix_cache_hit_rate: float | None = Field(
+        default=None, description="prompt tokens its prefix cache served / looked up since it started, if reported"
+    )
     context_length: int | None = None
     heartbeat_age_s: float | None = Field(default=None, description="seconds since its last heartbeat was seen")
     tokens_per_s_history: list[float] = Field(description="tokens per second per `step_s`, oldest first")
@@ -182,6 +186,7 @@ def snapshot(router: Router, stats: FleetStats) -> FleetView:
         listed.add(info.address)
         ejection = router.ejection(info.address)
         kv = getattr(s, "kv_cache_usage", None)  # reported by workers that know it
+        hits = getattr(s, "prefix_cache_hit_rate", None)
         workers.append(
             FleetWorker(
                 address=info.address,
@@ -194,6 +199,7 @@ def snapshot(router: Router, stats: FleetStats) -> FleetView:
                 open=router.open_requests(info.address),
                 tokens_per_s=stats.tokens_per_s(info.address),
                 kv_cache_usage=kv if isinstance(kv, int | float) else None,
+                prefix_cache_hit_rate=hits if isinstance(hits, int | float) else None,
                 context_length=s.context_length,
                 heartbeat_age_s=router.heartbeat_age(info.address),
                 tokens_per_s_history=_tokens_history(stats, info.address),

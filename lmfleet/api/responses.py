@@ -68,7 +68,6 @@ from lmfleet.protocol.responses import (
     OutputItemEvent,
     OutputMessage,
     OutputText,
-    OutputTokensDetails,
     ReasoningDeltaEvent,
     ReasoningDoneEvent,
     ReasoningOutput,
@@ -301,13 +300,7 @@ class ResponseRenderer:
         response.status = status
         response.incomplete_details = IncompleteDetails(reason="max_output_tokens") if cut else None
         response.completed_at = None if cut else int(time.time())
-        details = usage.completion_tokens_details
-        response.usage = ResponseUsage(
-            input_tokens=usage.prompt_tokens,
-            output_tokens=usage.completion_tokens,
-            output_tokens_details=OutputTokensDetails(reasoning_tokens=details.reasoning_tokens if details else 0),
-            total_tokens=usage.total_tokens,
-        )
+        response.usage = ResponseUsage.of(usage)
         return [*events, self._lifecycle(status)]
 
 

@@ -15,7 +15,13 @@ choice (`ChoiceSpec`):
   * merging the n choice streams in arrival order (`merge`), with back-pressure towards the workers, and closing
     them (`close_all`: closing a worker's HTTP stream is how it learns to abort the sequence);
   * usage accounting (`usage_of`): each prompt once, every choice's completion tokens (and, of those, the
-    reasoning's, when an answer reasoned).
+    reasoning's, when an answer reasoned), and the prompt tokens served from a worker's prefix cache. Usage
+    describes the request as the client sent it, failover or not: a prompt's cached tokens are those of the
+    attempt that first answered (the worker that sent the first chunk, after any worker that failed before its
+    first chunk). A resumed attempt's worker prefills the prompt and the ids already generated again and reports
+    what it found cached of both; that is failover's cost, not the client's prompt, and is not reported (as its
+    re-prefilled ids are not counted again). A prompt shared by n choices counts the fewest any of them found
+    cached (the prompt counts once, as computed unless every choice found it cached).
 
 Does not own: parsing requests (lmfleet.protocol.openai), the fleet view, health and the pick of a worker
 (lmfleet.api.routing, behind `WorkerPool`), the HTTP transport and each worker's protocol (lmfleet.client,
@@ -38,7 +44,7 @@ from lmfleet import errors
 from lmfleet.api.fastchat_upstream import MixedWorkerClient
 from lmfleet.api.metrics import ApiMetrics, ChoiceClock
 from lmfleet.api.routing import Lease
-from lmfleet.protocol.openai import CompletionTokensDetails, FinishReason, Usage
+from lmfleet.protocol.openai import CompletionTokensDetails, FinishReason, PromptTokensDetails, Usage
 from lmfleet.protocol.worker import GenerateChunk, GenerateRequest, Task, TokenLogprob, ToolCallChunk
 
 logger = logging.getLogger("lmfleet.api")
@@ -199,6 +205,7 @@ class ChoiceStream:
         self.reasoning_chars = 0  # characters of reasoning passed on
         self.tool_chars: list[int] = []  # per tool call passed on: characters of its arguments
         self.prompt_tokens = 0
+        self.cached_tokens = 0  # of the prompt tokens, those the first attempt's worker found cached (module doc)
         self.completion_tokens = 0
         self.reasoning_tokens = 0  # of the completion tokens, the reasoning's
         self.finish_reason: FinishReason | None = None
@@ -251,6 +258,8 @@ class ChoiceStream:
                 raise
             self._stream, self._lease, self._first = stream, lease, first
             self.prompt_tokens = first.prompt_tokens  # known from the first chunk on (usage_of before any delta)
+            if request is self.spec.request:  # the first attempt, not a resume (module docstring: usage)
+                self.cached_tokens = min(first.cached_tokens, first.prompt_tokens)
             return
 
     async def deltas(self) -> AsyncGenerator[ChoiceDelta, None]:
@@ -447,10 +456,14 @@ async def merge(streams: Sequence[ChoiceStream]) -> AsyncGenerator[ChoiceDelta, 
 
 
 def usage_of(streams: Sequence[ChoiceStream]) -> Usage:
-    """Each prompt's tokens count once (n choices share a prompt); every choice's completion tokens count."""
+    """Each prompt's tokens count once (n choices share a prompt), and its cached tokens as the fewest of its
+    choices'; every choice's completion tokens count."""
     prompts: dict[int, int] = {}
+    cached: dict[int, int] = {}
     for s in streams:
-        prompts[s.spec.prompt_index] = max(prompts.get(s.spec.prompt_index, 0), s.prompt_tokens)
+        i = s.spec.prompt_index
+        prompts[i] = max(prompts.get(i, 0), s.prompt_tokens)
+        cached[i] = min(cached.get(i, s.cached_tokens), s.cached_tokens)
     prompt_tokens = sum(prompts.values())
     completion_tokens = sum(s.completion_tokens for s in streams)
     reasoning_tokens = sum(s.reasoning_tokens for s in streams)
@@ -459,5 +472,6 @@ def usage_of(streams: Sequence[ChoiceStream]) -> Usage:
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(cached.values())),
         completion_tokens_details=details,
     )

@@ -2,7 +2,9 @@
 comes back, and the prompts.
 
 Owns `ENDPOINTS` (the routes `--endpoint` offers), `make_prompt` (different words per request, so no server answers
-from a prefix cache) and `build_payload`. Does not own: sending (lmfleet.bench.load).
+from a prefix cache), `build_payload`, and the conversations of --multi-turn: the system prompt every user shares
+(`system_prompt`), each user turn's words (`user_turn`) and the messages of a turn (`Conversation`: the system
+prompt, then every earlier turn and its answer). Does not own: sending (lmfleet.bench.load).
 """
 
 from __future__ import annotations
@@ -82,10 +84,48 @@ def make_prompt(settings: BenchSettings, index: int) -> str:
     return " ".join(rng.choice(_WORDS) for _ in range(settings.prompt_tokens))
 
 
-def build_payload(settings: BenchSettings, model: str, prompt: str) -> dict[str, Any]:
+def system_prompt(settings: BenchSettings) -> str | None:
+    """The system prompt every user of --multi-turn shares: --system-tokens words, the same in every run."""
+    if not settings.system_tokens:
+        return None
+    rng = random.Random("system")
+    return " ".join(rng.choice(_WORDS) for _ in range(settings.system_tokens))
+
+
+def user_turn(settings: BenchSettings, user: int, turn: int) -> str:
+    """What `user` says in `turn` (both from 0): --prompt as given, else --prompt-tokens words of its own."""
+    if settings.prompt is not None:
+        return settings.prompt
+    rng = random.Random(f"user {user} turn {turn}")
+    return " ".join(rng.choice(_WORDS) for _ in range(settings.prompt_tokens))
+
+
+class Conversation:
+    """One user's chat so far: the shared system prompt, then each turn's message and the answer it got."""
+
+    def __init__(self, settings: BenchSettings, user: int) -> None:
+        self.settings = settings
+        self.user = user
+        system = system_prompt(settings)
+        self.messages: list[dict[str, str]] = [] if system is None else [{"role": "system", "content": system}]
+        self.turns = 0  # turns answered
+
+    def ask(self) -> list[dict[str, str]]:
+        """The next turn's messages: the whole history and the user's next message (kept once answered)."""
+        return [*self.messages, {"role": "user", "content": user_turn(self.settings, self.user, self.turns)}]
+
+    def answered(self, messages: list[dict[str, str]], answer: str) -> None:
+        """The turn asked with `messages` got `answer`: both are history now."""
+        self.messages = [*messages, {"role": "assistant", "content": answer}]
+        self.turns += 1
+
+
+def build_payload(settings: BenchSettings, model: str, prompt: str | list[dict[str, str]]) -> dict[str, Any]:
+    """The body of one request: `prompt` in the endpoint's shape, or chat `messages` as given."""
+    body = ENDPOINTS[settings.endpoint].prompt_body(prompt) if isinstance(prompt, str) else {"messages": prompt}
     payload: dict[str, Any] = {
         "model": model,
-        **ENDPOINTS[settings.endpoint].prompt_body(prompt),
+        **body,
         "max_tokens": settings.max_tokens,
         "temperature": settings.temperature,
         "stream": settings.stream,

@@ -12,17 +12,28 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from lmfleet.bench.settings import BenchSettings
-from lmfleet.bench.stats import LevelResult
+from lmfleet.bench.stats import LevelResult, MultiTurnResult, total
 
 
 @dataclass
 class BenchReport:
-    mode: str  # "http" or "raw"
+    mode: str  # "http", "raw" or "multi-turn"
     config: dict[str, Any]
-    levels: list[LevelResult]
+    levels: list[LevelResult]  # none in a multi-turn run
+    multi_turn: MultiTurnResult | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"mode": self.mode, "config": self.config, "levels": [asdict(level) for level in self.levels]}
+        out = {"mode": self.mode, "config": self.config, "levels": [asdict(level) for level in self.levels]}
+        if self.multi_turn is not None:
+            out["multi_turn"] = asdict(self.multi_turn)
+        return out
+
+    @property
+    def succeeded(self) -> bool:
+        """Every level (a multi-turn run: some turn) had a successful request."""
+        if self.multi_turn is not None:
+            return self.multi_turn.ok > 0
+        return all(level.ok > 0 for level in self.levels)
 
 
 def progress(total: int, desc: str, settings: BenchSettings) -> Any:
@@ -42,7 +53,10 @@ def _num(value: float | None, digits: int = 1) -> str:
 
 
 def format_table(report: BenchReport) -> str:
-    """Plain-text table, one row per level: TTFT and ITL in milliseconds, end-to-end latency in seconds."""
+    """Plain-text table, one row per level: TTFT and ITL in milliseconds, end-to-end latency in seconds. A
+    multi-turn run's: `format_multi_turn`."""
+    if report.multi_turn is not None:
+        return format_multi_turn(report.multi_turn)
     columns: list[tuple[str, str, list[str]]] = [  # (group, header, cells)
         ("", "batch" if report.mode == "raw" else "conc", [str(lv.concurrency) for lv in report.levels]),
         ("", "ok", [str(lv.ok) for lv in report.levels]),
@@ -86,6 +100,49 @@ def format_table(report: BenchReport) -> str:
     if estimated:
         lines.append(f"note: no usage from the server; output tokens counted as {' and '.join(estimated)}")
     return "\n".join(lines)
+
+
+def format_multi_turn(result: MultiTurnResult) -> str:
+    """A multi-turn run: one line of totals, then a row per turn and one for the later turns together (prompt and
+    cached tokens as the server counted them, time to first token in milliseconds)."""
+    cached = "-" if result.cached_tokens is None else str(result.cached_tokens)
+    lines = [
+        f"{result.users} users x {result.turns} turns: {result.ok} ok, {result.errors} failed in "
+        f"{result.wall_s:.2f} s; {result.output_tokens} output tokens, {result.output_tok_s:.1f} tok/s, "
+        f"{result.requests_per_s:.2f} req/s; cached prompt tokens {cached} of {_count(result.prompt_tokens)}"
+    ]
+    rows = [
+        (str(t.turn), str(t.ok), str(t.errors), _count(t.prompt_tokens), _count(t.cached_tokens), t.ttft_ms)
+        for t in result.per_turn
+    ]
+    later = result.per_turn[1:]
+    if later:
+        rows.append(
+            (
+                "later",
+                str(sum(t.ok for t in later)),
+                str(sum(t.errors for t in later)),
+                _count(total(t.prompt_tokens for t in later)),
+                _count(total(t.cached_tokens for t in later)),
+                result.later_turn_ttft_ms,
+            )
+        )
+    header = ("turn", "ok", "err", "prompt tok", "cached tok", "TTFT p50 ms", "TTFT p90 ms")
+    cells = [
+        (*row[:5], _num(None if row[5] is None else row[5].p50), _num(None if row[5] is None else row[5].p90))
+        for row in rows
+    ]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
+    lines.append("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
+    lines.extend("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells)
+    if result.errors:
+        lines.append(f"{result.errors} of {result.requests} requests failed (a user stops at its failed turn):")
+        lines.extend(f"  - {m}" for m in result.error_messages)
+    return "\n".join(lines)
+
+
+def _count(value: int | None) -> str:
+    return "-" if value is None else str(value)
 
 
 def write_json(report: BenchReport, path: str) -> None:

@@ -20,6 +20,8 @@ from typing import Any
 from lmfleet.bench.payload import ENDPOINTS
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
+DEFAULT_MAX_TOKENS = 64
+MULTI_TURN_MAX_TOKENS = 32  # --multi-turn's default: short answers, so the history is mostly prompts
 
 
 class BenchError(Exception):
@@ -35,7 +37,7 @@ class BenchSettings:
     requests: int | None = None  # per level; None: 2 x concurrency. Never fewer than the concurrency.
     prompt_tokens: int = 20
     prompt: str | None = None
-    max_tokens: int = 64
+    max_tokens: int = DEFAULT_MAX_TOKENS
     endpoint: str = "chat"
     stream: bool = True
     ignore_eos: bool = False
@@ -46,6 +48,12 @@ class BenchSettings:
     warmup: int = 1
     json_path: str | None = None  # "-" for stdout
     quiet: bool = False
+    # --multi-turn: `users` conversations at once, each `turns` chat requests in a closed loop; every prompt is a
+    # shared system prompt of about `system_tokens` words and the whole history (prompt_tokens words per user turn)
+    multi_turn: bool = False
+    users: int = 12
+    turns: int = 4
+    system_tokens: int = 300
     raw: bool = False
     model_path: str | None = None
     dtype: str = "float32"
@@ -55,9 +63,15 @@ class BenchSettings:
         return max(self.requests if self.requests is not None else 2 * concurrency, concurrency)
 
     def public_config(self) -> dict[str, Any]:
-        """The settings as recorded in the JSON report (never the API key)."""
+        """The settings as recorded in the JSON report (never the API key; a run records only its mode's)."""
         cfg = asdict(self)
         del cfg["api_key"]
+        if self.multi_turn:
+            for key in ("concurrency", "requests"):
+                del cfg[key]
+            return cfg
+        for key in ("multi_turn", "users", "turns", "system_tokens"):
+            del cfg[key]
         cfg["concurrency"] = list(self.concurrency)
         cfg["requests_per_level"] = {str(c): self.requests_for(c) for c in self.concurrency}
         return cfg
@@ -129,10 +143,16 @@ def build_parser(prog: str = "lmfleet bench") -> argparse.ArgumentParser:
         "--prompt-tokens",
         type=_bounded(int, 1, 1_000_000),
         default=20,
-        help="approximate prompt length in words, different words per request (default: %(default)s)",
+        help="approximate prompt length in words, different words per request (with --multi-turn: per user "
+        "turn) (default: %(default)s)",
     )
     prompt.add_argument("--prompt", default=None, help="send this exact prompt in every request")
-    load.add_argument("--max-tokens", type=_bounded(int, 1, 10_000_000), default=64, help="default: %(default)s")
+    load.add_argument(
+        "--max-tokens",
+        type=_bounded(int, 1, 10_000_000),
+        default=None,
+        help=f"default: {DEFAULT_MAX_TOKENS}; with --multi-turn, {MULTI_TURN_MAX_TOKENS} a turn",
+    )
     load.add_argument("--temperature", type=_bounded(float, 0.0, 100.0), default=0.0, help="default: 0")
     load.add_argument(
         "--ignore-eos",
@@ -155,6 +175,24 @@ def build_parser(prog: str = "lmfleet bench") -> argparse.ArgumentParser:
         default=None,
         metavar="json_object|SCHEMA",
         help="chat: ask for JSON (json_object) or JSON valid against a schema (a file, or inline JSON)",
+    )
+
+    conv = p.add_argument_group(
+        "multi-turn (chat, streamed: users x turns in a closed loop instead of the concurrency sweep)"
+    )
+    conv.add_argument(
+        "--multi-turn",
+        action="store_true",
+        help="each user sends turn t+1 once turn t is answered; every prompt is the shared system prompt and the "
+        "whole history (earlier answers included); time to first token of first and of later turns apart",
+    )
+    conv.add_argument("--users", type=_bounded(int, 1, 10_000), default=12, help="conversations at once (default: 12)")
+    conv.add_argument("--turns", type=_bounded(int, 1, 1_000), default=4, help="requests per user (default: 4)")
+    conv.add_argument(
+        "--system-tokens",
+        type=_bounded(int, 0, 1_000_000),
+        default=300,
+        help="the shared system prompt's length in words, about as many tokens; 0: none (default: %(default)s)",
     )
 
     out = p.add_argument_group("output")
@@ -192,7 +230,9 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         requests=args.requests,
         prompt_tokens=args.prompt_tokens,
         prompt=args.prompt,
-        max_tokens=args.max_tokens,
+        max_tokens=args.max_tokens
+        if args.max_tokens is not None
+        else (MULTI_TURN_MAX_TOKENS if args.multi_turn else DEFAULT_MAX_TOKENS),
         endpoint=args.endpoint,
         stream=args.stream,
         ignore_eos=args.ignore_eos,
@@ -203,6 +243,10 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         warmup=args.warmup,
         json_path=args.json_path,
         quiet=args.quiet,
+        multi_turn=args.multi_turn,
+        users=args.users,
+        turns=args.turns,
+        system_tokens=args.system_tokens,
         raw=args.raw,
         model_path=args.model_path,
         dtype=args.dtype,

@@ -37,9 +37,9 @@ go back to the chat template as that message's `reasoning_content` (joined; thei
 templates such as Qwen3's keep it only after the last user message, as Anthropic drops earlier turns' thinking);
 `redacted_thinking` blocks (encrypted by Anthropic, unreadable here) are dropped.
 
-Usage: lmfleet's workers do not report prompt-cache hits, so `cache_read_input_tokens` and
-`cache_creation_input_tokens` are 0 and `input_tokens` is the whole prompt (Anthropic's total input is the sum of
-the three, so it stays right).
+Usage: the prompt tokens a worker served from its prefix cache are `cache_read_input_tokens`, the rest
+`input_tokens` (Anthropic's total input is the sum of the three); nothing is written to a cache on request, so
+`cache_creation_input_tokens` is 0.
 
 Does not own: turning chat answers into messages and events (lmfleet.api.messages), spelling errors
 (lmfleet.errors.anthropic_body: `AnthropicError` here is its shape, for the OpenAPI document).
@@ -521,7 +521,12 @@ class AnthropicUsage(BaseModel):
 
     @classmethod
     def of(cls, usage: ChatUsage) -> AnthropicUsage:
-        return cls(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens)
+        cached = usage.prompt_tokens_details.cached_tokens
+        return cls(
+            input_tokens=usage.prompt_tokens - cached,
+            output_tokens=usage.completion_tokens,
+            cache_read_input_tokens=cached,
+        )
 
 
 class Message(BaseModel):

@@ -657,10 +657,18 @@ class CompletionTokensDetails(BaseModel):
     reasoning_tokens: int = 0  # of the completion tokens, those of the reasoning (its tags included)
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # of the prompt tokens, those served from a worker's prefix cache (not computed)
+
+
 class Usage(BaseModel):
+    """An answer's usage, the one every endpoint spells its own from (Responses: `input_tokens_details`, Messages:
+    `cache_read_input_tokens`); what it counts is lmfleet.api.upstream's `usage_of`."""
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
     # only when an answer reasoned (a chat answer of a model with a reasoning parser)
     completion_tokens_details: CompletionTokensDetails | None = Field(default=None, exclude_if=lambda d: d is None)
 

@@ -45,7 +45,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from lmfleet.protocol.openai import MAX_MESSAGES, MAX_NAME_CHARS, MAX_TOKENS, ReasoningEffort
+from lmfleet.protocol.openai import MAX_MESSAGES, MAX_NAME_CHARS, MAX_TOKENS, ReasoningEffort, Usage
 from lmfleet.protocol.worker import TemplateKwargs
 
 MAX_METADATA_KEYS, MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS = 16, 64, 512  # OpenAI's limits
@@ -601,6 +601,18 @@ class ResponseUsage(BaseModel):
     output_tokens: int
     output_tokens_details: OutputTokensDetails = Field(default_factory=OutputTokensDetails)
     total_tokens: int
+
+    @classmethod
+    def of(cls, usage: Usage) -> ResponseUsage:
+        """The chat path's usage in the Responses API's names."""
+        details = usage.completion_tokens_details
+        return cls(
+            input_tokens=usage.prompt_tokens,
+            input_tokens_details=InputTokensDetails(cached_tokens=usage.prompt_tokens_details.cached_tokens),
+            output_tokens=usage.completion_tokens,
+            output_tokens_details=OutputTokensDetails(reasoning_tokens=details.reasoning_tokens if details else 0),
+            total_tokens=usage.total_tokens,
+        )
 
 
 class ResponseError(BaseModel):

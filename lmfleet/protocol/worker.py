@@ -109,6 +109,8 @@ class WorkerStatus(BaseModel):
     waiting: int = Field(default=0, ge=0, le=MAX_REPORTED)
     tokens_in_flight: int = Field(default=0, ge=0, le=MAX_REPORTED)
     kv_cache_usage: float | None = Field(default=None, ge=0, le=1)  # fraction of the KV cache in use; None: unknown
+    # prompt tokens found in the prefix cache / looked up, since the engine started; None: no look-ups (yet)
+    prefix_cache_hit_rate: float | None = Field(default=None, ge=0, le=1)
     context_length: int | None = Field(default=None, gt=0, le=MAX_REPORTED)
     engine: str | None = None  # "transformers", "llamacpp", ...
     # `Task`s; kept as plain names so a newer worker's task does not break its registration with an older controller
@@ -303,7 +305,9 @@ class GenerateChunk(BaseModel):
     reasoning_tokens: int = 0  # of those, the reasoning's (its tags included)
     error: ErrorInfo | None = None
     prompt_token_ids: list[int] | None = None  # the prompt as the worker tokenized it: first chunk only
-    cached_tokens: int = 0  # prompt tokens the worker served from its prefix cache (not computed): first chunk only
+    # first chunk only: leading tokens of the context the worker served from its prefix cache (not computed); of a
+    # resumed request's context, the prompt and the resumed ids (lmfleet.api.upstream says what usage reports)
+    cached_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None  # when asked for: one per id of token_ids (echo: per prompt token)
 
     def to_line(self) -> bytes:

@@ -189,6 +189,7 @@ class Worker:
             waiting=s.waiting,
             tokens_in_flight=s.tokens_in_flight,
             kv_cache_usage=s.kv_cache_usage,
+            prefix_cache_hit_rate=s.prefix_cache_hits / s.prefix_cache_queries if s.prefix_cache_queries else None,
             context_length=self.max_model_len,
             engine=self.engine_name,
             tasks=list(self.tasks),

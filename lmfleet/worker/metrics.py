@@ -5,6 +5,10 @@ Gateway API Inference Extension's endpoint picker (GIE, llm-d) scrapes from a mo
     lmfleet_worker_kv_cache_usage_ratio                   gauge 0..1, {model}
     lmfleet_worker_kv_cache_tokens / _capacity_tokens     gauges, {model}
     lmfleet_worker_prefill_tokens_total, _decode_tokens_total, _preemptions_total      counters, {model}
+    lmfleet_worker_prefix_cache_queries_total, _hits_total  counters, {model}: prompt tokens looked up in the
+                                                          prefix cache, and of those found (vLLM's names)
+    lmfleet_worker_prefix_cache_bytes                     gauge, {model, tier}: what the prefix cache's entries hold
+                                                          in the KV cache (tier "kv") and in host memory ("host")
     lmfleet_worker_step_seconds, _step_prefill_tokens, _step_decode_tokens, _batch_size  histograms, {model}
     lmfleet_worker_model_load_seconds                     gauge, {model, engine}
 
@@ -99,6 +103,20 @@ class WorkerMetrics:
         yield counter("lmfleet_worker_prefill_tokens", "Prompt tokens computed", s.prefill_tokens)
         yield counter("lmfleet_worker_decode_tokens", "Tokens decoded", s.decode_tokens)
         yield counter("lmfleet_worker_preemptions", "Sequences preempted from a full KV cache", s.preemptions)
+        yield counter(
+            "lmfleet_worker_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", s.prefix_cache_queries
+        )
+        yield counter(
+            "lmfleet_worker_prefix_cache_hits", "Prompt tokens found in the prefix cache", s.prefix_cache_hits
+        )
+        tiers = GaugeMetricFamily(
+            "lmfleet_worker_prefix_cache_bytes",
+            "Bytes the prefix cache's entries hold, per tier",
+            labels=["model", "tier"],
+        )
+        tiers.add_metric([self.model, "kv"], s.prefix_cache_kv_bytes)
+        tiers.add_metric([self.model, "host"], s.prefix_cache_host_bytes)
+        yield tiers
         # GIE's model server protocol, in vLLM's names
         yield gauge("vllm:num_requests_running", "Number of requests currently running", s.running, "model_name")
         yield gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed", s.waiting, "model_name")

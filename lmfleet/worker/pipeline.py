@@ -19,8 +19,12 @@ Owns the steps between the worker's route and the engine, in the order a request
                                    the answer (worker/tools.py), log probabilities: one `GenerateChunk`
 
 The first chunk carries the prompt's token ids, so the API server can resume the generation elsewhere; a resumed
-request's text starts where the client's stopped (protocol.worker). However the chunk stream ends (finished, a stop
-string, the client gone, cancelled) it closes the engine's stream, which aborts the request in the engine.
+request's text starts where the client's stopped (protocol.worker). It also carries how many of the context's
+leading tokens the engine served from its prefix cache (`EngineOutput.cached_tokens` of the first output, 0 from an
+engine without one): of a resumed request's context, the prompt and the resumed ids as this worker's engine saw
+them; what the API server reports for the whole request is its business (lmfleet.api.upstream). However the chunk
+stream ends (finished, a stop string, the client gone, cancelled) it closes the engine's stream, which aborts the
+request in the engine.
 
 Does not own: HTTP, settings, readiness and fleet membership (worker/app.py), text handling itself
 (worker/textgen.py), tool-call formats (worker/tools.py), reasoning formats (worker/reasoning.py), compiling grammars
@@ -261,6 +265,7 @@ class Pipeline:
         output = _Output(self, prepared)
         try:
             first = await _admitted(outputs)
+            output.cached_tokens = first.cached_tokens or 0
             if prepared.request.echo:
                 yield output.echo(first)
             if output.stopped:  # the resumed ids already end in a stop string
@@ -320,8 +325,8 @@ def _text_stream(
 class _Output:
     """One request's output side: engine outputs in, `GenerateChunk`s out. Holds its text stream, its reasoning split
     (a chat answer of a model that thinks), its tool-call parser (when tools are offered), the count of ids
-    generated (resumed ones included) and of those the reasoning's, and the prompt's ids until the first chunk
-    carries them."""
+    generated (resumed ones included) and of those the reasoning's, and the prompt's ids and cached count until the
+    first chunk carries them."""
 
     def __init__(self, pipeline: Pipeline, prepared: Prepared) -> None:
         req = prepared.request
@@ -354,6 +359,7 @@ class _Output:
         else:
             self._done = len(req.resume_token_ids)
         self._opening: list[int] | None = prepared.prompt  # the first chunk's prompt_token_ids
+        self.cached_tokens = 0  # the first chunk's cached_tokens: the engine's, from its first output
 
     @property
     def stopped(self) -> bool:
@@ -481,5 +487,6 @@ class _Output:
             reasoning_tokens=self._reasoning_tokens,
             error=ErrorInfo(**error.body()["error"]) if error is not None else None,
             prompt_token_ids=opening,
+            cached_tokens=self.cached_tokens if opening is not None else 0,
             logprobs=logprobs,
         )

@@ -219,6 +219,7 @@ class FakeWorker:
         self.after = 1  # chunks sent before `then` happens
         self.holdback = False  # each word's text comes with the next chunk
         self.resumable = True  # the first chunk says what the prompt's token ids are
+        self.cached_tokens = 0  # what the first chunk says the worker served from its prefix cache
         self.wait_for: asyncio.Event | None = None  # answer only once this is set
         self.proceed: asyncio.Event | None = None  # with no `then`: pause after `after` chunks until this is set
         self.ready = True  # what GET /ready says
@@ -255,6 +256,7 @@ class FakeWorker:
             out[0] = out[0].model_copy(update={"text": held + out[0].text})
         if self.resumable:
             out[0] = out[0].model_copy(update={"prompt_token_ids": self.vocab.ids(words)})
+        out[0] = out[0].model_copy(update={"cached_tokens": self.cached_tokens})
         return out
 
     async def _stream(self, req: GenerateRequest) -> AsyncIterator[bytes]:

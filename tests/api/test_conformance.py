@@ -9,11 +9,17 @@ from typing import Any
 import jsonschema
 import pytest
 
+from tests.conformance import anthropic as anthropic_schemas
 from tests.conformance import validate
 
 from .fakes import Fleet, serve, sse_events
 
 MESSAGES = [{"role": "user", "content": "What is deep learning?"}]
+
+
+def _typed(text: str) -> list[dict[str, Any]]:
+    """The events of a typed SSE body (`event: <type>` then `data: {json}`), as Responses and Messages send them."""
+    return [json.loads(line[len("data: ") :]) for line in text.splitlines() if line.startswith("data: ")]
 
 
 def _chunks(text: str) -> list[dict[str, Any]]:
@@ -95,3 +101,48 @@ def test_the_validator_rejects_what_openai_does_not_send() -> None:
             "CreateChatCompletionResponse",
             {**completion, "choices": [{"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}]},
         )
+
+
+async def test_cached_tokens_in_every_usage_shape_validate() -> None:
+    """The prompt tokens the worker served from its prefix cache, in each endpoint's usage, whole and streamed, as
+    OpenAI's (and Anthropic's) schemas spell them; a prompt shared by n choices counts them once."""
+    fleet = Fleet()
+    fleet.all_workers(cached_tokens=3)
+    usage_stream = {"stream": True, "stream_options": {"include_usage": True}}
+    async with serve(fleet) as api:
+        chat = {"model": "echo", "messages": MESSAGES, "n": 2}
+        body = (await api.raw.post("/v1/chat/completions", json=chat)).json()
+        validate("CreateChatCompletionResponse", body)
+        assert body["usage"]["prompt_tokens_details"] == {"cached_tokens": 3}
+        chat_prompt = body["usage"]["prompt_tokens"]
+        chunks = _chunks((await api.raw.post("/v1/chat/completions", json={**chat, **usage_stream})).text)
+        validate("CreateChatCompletionStreamResponse", chunks[-1])
+        assert chunks[-1]["usage"]["prompt_tokens_details"] == {"cached_tokens": 3}
+
+        completion = {"model": "echo", "prompt": "a b c d"}
+        body = (await api.raw.post("/v1/completions", json=completion)).json()
+        validate("CreateCompletionResponse", body)
+        assert body["usage"]["prompt_tokens_details"] == {"cached_tokens": 3}
+        chunks = _chunks((await api.raw.post("/v1/completions", json={**completion, **usage_stream})).text)
+        assert chunks[-1]["usage"]["prompt_tokens_details"] == {"cached_tokens": 3}
+        validate("CompletionUsage", chunks[-1]["usage"])
+
+        response = {"model": "echo", "input": "What is deep learning?"}
+        body = (await api.raw.post("/v1/responses", json=response)).json()
+        validate("Response", body)
+        assert body["usage"]["input_tokens_details"]["cached_tokens"] == 3
+        events = _typed((await api.raw.post("/v1/responses", json={**response, "stream": True})).text)
+        completed = [e for e in events if e["type"] == "response.completed"]
+        assert len(completed) == 1 and completed[0]["response"]["usage"]["input_tokens_details"]["cached_tokens"] == 3
+        validate("ResponseStreamEvent", completed[0])
+
+        message = {"model": "echo", "max_tokens": 50, "messages": MESSAGES}
+        body = (await api.raw.post("/v1/messages", json=message, headers={"x-api-key": "sk-test"})).json()
+        anthropic_schemas.validate("Message", body)
+        prompt = body["usage"]["input_tokens"] + body["usage"]["cache_read_input_tokens"]
+        assert body["usage"]["cache_read_input_tokens"] == 3 and prompt == chat_prompt  # Anthropic's sum: the prompt
+        stream = await api.raw.post("/v1/messages", json={**message, "stream": True}, headers={"x-api-key": "sk-test"})
+        deltas = _typed(stream.text)
+        (last,) = [e for e in deltas if e["type"] == "message_delta"]
+        anthropic_schemas.validate("RawMessageDeltaEvent", last)
+        assert last["usage"]["cache_read_input_tokens"] == 3

@@ -44,9 +44,12 @@ async def test_failure_before_the_first_token_is_retried_on_another_worker(failu
     fleet = two_workers("a")
     for key, value in failure.items():
         setattr(fleet.workers["a"], key, value)
+    fleet.workers["a"].cached_tokens, fleet.workers["b"].cached_tokens = 2, 5
     async with serve(fleet) as api:
         out = await api.openai.chat.completions.create(model="echo", messages=MESSAGES)
         assert out.choices[0].message.content == expected_reply(WORDS)
+        assert out.usage and out.usage.prompt_tokens_details
+        assert out.usage.prompt_tokens_details.cached_tokens == 5  # the worker that answered
         assert len(fleet.workers["b"].requests) == 1
         assert api.router.is_ejected(fleet.workers["a"].address)
         # the next request goes straight to the healthy worker
@@ -73,6 +76,7 @@ async def test_mid_stream_failure_resumes_on_another_worker(then: str, holdback:
     a, b = fleet.workers["a"], fleet.workers["b"]
     a.then, a.after = then, 4  # the first word, an empty chunk, two more words; then the failure
     fleet.all_workers(holdback=holdback)
+    a.cached_tokens, b.cached_tokens = 5, 10  # b's: of the prompt and the resumed ids it prefills again
     async with serve(fleet) as api:
         body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}, "max_tokens": 6}
         resp = await api.raw.post("/v1/chat/completions", json=body)
@@ -83,7 +87,12 @@ async def test_mid_stream_failure_resumes_on_another_worker(then: str, holdback:
         assert {c["id"] for c in chunks} == {chunks[0]["id"]}
         assert [c["choices"][0]["delta"].get("role") for c in chunks if c["choices"]].count("assistant") == 1
         assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
-        assert chunks[-1]["usage"] == {"prompt_tokens": 8, "completion_tokens": 6, "total_tokens": 14}
+        assert chunks[-1]["usage"] == {  # the request as sent: the prompt once, the first attempt's cached tokens
+            "prompt_tokens": 8,
+            "completion_tokens": 6,
+            "total_tokens": 14,
+            "prompt_tokens_details": {"cached_tokens": 5},
+        }
 
         (first,) = a.requests
         (resumed,) = b.requests

@@ -163,7 +163,7 @@ async def test_fastchat_root_without_model() -> None:
         (choice,) = body["choices"]
         assert choice["index"] == 0 and choice["finish_reason"] == "stop"
         assert choice["message"] == {"role": "assistant", "content": expected_reply(QUESTION), "refusal": None}
-        assert set(body["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
+        assert set(body["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details"}
 
 
 async def test_default_model_is_used_when_none_is_named() -> None:

@@ -96,7 +96,8 @@ def test_the_dashboard_follows_workers_as_they_come_and_go(
     expect(smol.locator(".state")).to_have_text("ready")
     expect(smol).to_contain_text("smollm2")
     assert re.fullmatch(r"—|\d+%", smol.locator("td").nth(7).inner_text().strip())  # KV use, when reported
-    expect(smol.locator("td").nth(8)).to_contain_text("s ago")
+    assert re.fullmatch(r"—|\d+%", smol.locator("td").nth(8).inner_text().strip())  # cache hits, when reported
+    expect(smol.locator("td").nth(9)).to_contain_text("s ago")
     expect(page.locator("#t-workers")).to_have_text("2 / 2")
     expect(page.locator("#t-rps")).not_to_have_text("—")
     expect(page.locator("#t-controller")).to_have_text("controller up")
@@ -172,15 +173,17 @@ def test_markdown_is_rendered_and_html_is_never_let_through(
     assert page.evaluate("text => window.lmfleetMarkdown.render(text)", markdown) == html
 
 
-def test_the_dashboard_draws_every_state_kv_use_and_untrusted_text_as_text(
+def test_the_dashboard_draws_every_state_kv_use_cache_hits_and_untrusted_text_as_text(
     page: playwright.Page, stack: Fleet, tmp_path: Path
 ) -> None:
     """The page's drawing of what `/v1/fleet` may say (a schema-valid answer, served in place of the real one):
-    KV use as a bar, ejected with its reason, draining, and a worker's self-reported names shown as text."""
+    KV use as a bar, the prefix cache's hit rate, ejected with its reason, draining, and a worker's self-reported
+    names shown as text."""
     history = [0.0] * 59 + [12.5]
     workers = [
         {"address": "http://10.0.0.1:21002", "models": ["m"], "state": "ready", "running": 3, "queued": 1, "open": 2,
-         "tokens_per_s": 42.0, "kv_cache_usage": 0.42, "heartbeat_age_s": 0.7, "tokens_per_s_history": history},
+         "tokens_per_s": 42.0, "kv_cache_usage": 0.42, "prefix_cache_hit_rate": 0.875, "heartbeat_age_s": 0.7,
+         "tokens_per_s_history": history},
         {"address": "http://10.0.0.2:21002", "models": ["<img src=x onerror=alert(1)>"], "state": "ejected",
          "reason": "worker sent nothing for 30s", "running": 0, "queued": 0, "open": 0, "tokens_per_s": 0.0,
          "heartbeat_age_s": 4.0, "tokens_per_s_history": [0.0] * 60},
@@ -199,6 +202,7 @@ def test_the_dashboard_draws_every_state_kv_use_and_untrusted_text_as_text(
     expect(rows).to_have_count(3)
     ready, ejected, draining = (rows.nth(i) for i in range(3))
     expect(ready.locator("td").nth(7)).to_have_text("42%")
+    expect(ready.locator("td").nth(8)).to_have_text("88%")  # the prefix cache's hit rate
     fill, bar = ready.locator(".kv .bar span").bounding_box(), ready.locator(".kv .bar").bounding_box()
     assert fill and bar and fill["width"] / bar["width"] == pytest.approx(0.42, abs=0.02)  # drawn, CSP allows it
     expect(ready.locator("td").nth(6)).to_have_text(re.compile(r"^42\.0tokens/s"))  # the number, then its sparkline
@@ -207,6 +211,7 @@ def test_the_dashboard_draws_every_state_kv_use_and_untrusted_text_as_text(
     expect(ejected.locator("td").nth(1)).to_have_text("<img src=x onerror=alert(1)>")
     assert ejected.locator("img").count() == 0
     expect(ejected.locator("td").nth(7)).to_have_text("—")
+    expect(ejected.locator("td").nth(8)).to_have_text("—")  # no hit rate reported
     expect(draining.locator(".state")).to_have_text("draining")
     expect(page.locator("#t-workers")).to_have_text("1 / 3")
     expect(page.locator("#t-controller")).to_have_text("controller down")

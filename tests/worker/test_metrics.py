@@ -12,7 +12,7 @@ import httpx
 from lmfleet.engine.base import EngineOutput, EngineRequest, EngineStats
 from lmfleet.worker.app import WorkerSettings, create_app
 from tests.api.fakes import StreamingASGITransport
-from tests.fakes import ScriptedEngine, loaded, running
+from tests.fakes import KV_BYTES_PER_TOKEN, ScriptedEngine, loaded, running
 from tests.scrape import scrape
 from tests.worker.test_worker_app import settles
 
@@ -89,3 +89,34 @@ async def test_requests_steps_tokens_and_the_kv_cache_are_exposed() -> None:
     assert m.value("lmfleet_worker_batch_size_count", **model) == engine.steps
     assert m.labels("lmfleet_worker_model_load_seconds") == [{"model": "/models/fake.gguf", "engine": "scripted"}]
     assert "secret-prompt" not in m.text
+
+
+async def test_the_prefix_cache_is_reported_on_first_chunks_in_metrics_and_in_the_status() -> None:
+    """The engine's cached tokens ride on each request's first chunk (0 when nothing was cached); its look-ups and
+    hits are counters, its bytes per tier gauges, and the status carries the hit rate."""
+    engine = ScriptedEngine("abcdefgh", prefix_cache=True)
+    settings = WorkerSettings(model_path="/models/fake.gguf", worker_address="http://w", controller_addresses=[])
+    prompt = "the same prompt, twice"
+    async with running(create_app(settings, load=lambda _s: loaded(engine))) as (asgi, _):
+        async with httpx.AsyncClient(transport=StreamingASGITransport(asgi), base_url="http://w") as client:
+            assert (await client.get("/worker/status")).json()["prefix_cache_hit_rate"] is None  # no look-ups yet
+            firsts = []
+            for i in range(2):
+                body = {"request_id": f"r{i}", "prompt": prompt, "max_tokens": 5}
+                resp = await client.post("/worker/generate", json=body)
+                chunks = [json.loads(line) for line in resp.text.splitlines()]
+                assert all(c["cached_tokens"] == 0 for c in chunks[1:])  # on the first chunk only
+                firsts.append(chunks[0]["cached_tokens"])
+            status = (await client.get("/worker/status")).json()
+            m = await scrape(client)
+
+    n = len(prompt)  # one token per byte
+    assert firsts == [0, n - 1]  # the second found all but the last prompt token cached (it is always computed)
+    model = {"model": "/models/fake.gguf"}
+    assert m.value("lmfleet_worker_prefix_cache_queries_total", **model) == 2 * n
+    assert m.value("lmfleet_worker_prefix_cache_hits_total", **model) == n - 1
+    assert m.types["lmfleet_worker_prefix_cache_queries"] == m.types["lmfleet_worker_prefix_cache_hits"] == "counter"
+    assert m.value("lmfleet_worker_prefix_cache_bytes", **model, tier="kv") == KV_BYTES_PER_TOKEN * 2 * n
+    assert m.value("lmfleet_worker_prefix_cache_bytes", **model, tier="host") == 0
+    assert m.types["lmfleet_worker_prefix_cache_bytes"] == "gauge"
+    assert status["prefix_cache_hit_rate"] == (n - 1) / (2 * n)

@@ -354,6 +354,9 @@
       kv.append(bar, document.createTextNode((w.kv_cache_usage * 100).toFixed(0) + "%"));
     }
 
+    const hits = w.prefix_cache_hit_rate;
+    const hitRate = hits === null || hits === undefined ? "—" : (hits * 100).toFixed(0) + "%";
+
     const tr = document.createElement("tr");
     tr.dataset.address = w.address;
     tr.dataset.state = w.state;
@@ -366,6 +369,7 @@
       cell(sparkline(samples, "running + queued")),
       cell(tps, "num"),
       cell(kv),
+      cell(hitRate, "num cache-hits"),
       cell(w.heartbeat_age_s === null ? "—" : fmt(w.heartbeat_age_s) + " s ago", "num")
     );
     return tr;
