@@ -14,7 +14,9 @@ Owns
     afresh). While no controller answers, an ejected worker is probed on `GET /ready` after the back-off instead.
   * the pick (`acquire`): a `lmfleet.dispatch` policy over the healthy workers of the model not yet
     tried for this request, with the requests this server has open on each worker (its `Lease`s) counted as load,
-    since a worker's own report is up to a heartbeat plus a refresh old. When every worker of the model is
+    since a worker's own report is up to a heartbeat plus a refresh old, and, for a request with a prefix key, which
+    of them probably hold its prompt (lmfleet.api.affinity: the record of what this server sent where, fed the
+    workers' reports at each refresh and told of every ejection). When every worker of the model is
     ejected they are all candidates again: an attempt beats a certain 503 (Envoy calls this panic routing).
   * which model names exist: those of the workers in the view; a model that was served within `model_memory_s`
     and has no worker now is 503 no_worker_available (its replicas are restarting: retry), any other 404. A name
@@ -38,6 +40,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from lmfleet import errors
+from lmfleet.api.affinity import Link, PrefixRecord
 from lmfleet.client import ControllerClient, WorkerClient
 from lmfleet.dispatch import DEFAULT_POLICY, Policy, get_policy, load
 from lmfleet.protocol.worker import Task, WorkerInfo
@@ -103,6 +106,7 @@ class Router:
         self._view: list[WorkerInfo] | None = None  # None until some controller has answered once
         self._ejected: dict[str, Ejection] = {}
         self._open: Counter[str] = Counter()  # leases per worker address
+        self._prefixes = PrefixRecord()
         self._seen: dict[str, float] = {}  # model -> when the view last had a worker for it
         self._beats: dict[str, tuple[float, float]] = {}  # address -> (its last_heartbeat, router clock when new)
         self._refreshing: asyncio.Future[None] | None = None
@@ -189,6 +193,7 @@ class Router:
             if beat is None or beat[0] != info.last_heartbeat:
                 self._beats[info.address] = (info.last_heartbeat, now)
         self._beats = {a: b for a, b in self._beats.items() if a in listed}
+        self._prefixes.reported({w.address: w.status.prefix_hashes for w in view})
         self._view = view
 
     async def _probe_ejected(self) -> None:
@@ -210,6 +215,7 @@ class Router:
             logger.warning("ejected worker %s: %s", address, reason)
             if self._on_eject is not None:
                 self._on_eject(address)
+        self._prefixes.forget(address)
         self._ejected[address] = Ejection(since=self._clock(), reason=reason)
 
     def is_ejected(self, address: str) -> bool:
@@ -278,10 +284,11 @@ class Router:
         return min(lengths) if lengths else None
 
     async def acquire(
-        self, model: str, exclude: Collection[str] = (), *, task: Task | None = "generate"
+        self, model: str, exclude: Collection[str] = (), *, task: Task | None = "generate", key: Sequence[Link] = ()
     ) -> Lease | None:
         """A lease on the worker to send a request for `model` to, among those that serve `task` (None: any) and
-        are not in `exclude` (the ones this request already tried); None when every such worker is excluded.
+        are not in `exclude` (the ones this request already tried); None when every such worker is excluded. `key`:
+        the request's prompt prefixes (lmfleet.api.affinity.prefix_key), recorded as sent to the chosen worker.
         Raises ModelNotFound (404) for a model nobody serves, InvalidRequest (400) for one served only for another
         task, NoWorkerAvailable (503) for one whose workers have all gone in the last `model_memory_s`,
         ServiceUnavailable (503) while no controller has ever answered."""
@@ -312,7 +319,10 @@ class Router:
         if not candidates:
             return None
         healthy = [w for w in candidates if w.address not in self._ejected]
-        chosen = self._policy([self._counting_own(w) for w in healthy or candidates], self._rng)
+        pool = healthy or candidates
+        affinity = self._prefixes.affinity(key, [w.address for w in pool])
+        chosen = self._policy([self._counting_own(w) for w in pool], self._rng, affinity)
+        self._prefixes.sent(key, chosen.address)
         self._open[chosen.address] += 1
         return Lease(chosen.address, self._release)
 
