@@ -19,9 +19,9 @@ only at runtime).
                       `BALANCE_REL` (SGLang's router tests the same two thresholds between the most and the least
                       loaded worker of the fleet; testing the chosen one is at least as strict); then the least
                       loaded. A request nobody holds (a new conversation) goes, among the workers not overloaded,
-                      to the one holding the fewest recent prompts (`Affinity.held`; SGLang's router picks its
-                      smallest tree), then the least loaded: new conversations spread evenly over the replicas by
-                      what this API server knows now, not by load reports a heartbeat old, and stay there.
+                      to the one this API server sent the fewest requests lately (`Affinity.recent`; SGLang's router
+                      picks its smallest tree), then the least loaded: new conversations spread over the replicas
+                      by what this server knows now, not by load reports a heartbeat old, and stay there.
 
 The load a worker reports is trusted. Its bounds are enforced when it is parsed (`WorkerStatus`: speed in
 (0, 1e6], queue_length <= 1e7, running and waiting <= 2^40) and again here (a non-finite or non-positive speed counts
@@ -46,11 +46,11 @@ if TYPE_CHECKING:  # dispatch reads the fields of WorkerInfo; it needs no pydant
 @dataclass(frozen=True)
 class Affinity:
     """What a worker probably holds for one request: `matched`, how many characters of the request's prompt (its
-    conversation so far, past the preamble every conversation shares) it was last sent; `held`, how many prompt
-    prefixes it was sent recently (how full its cache is, by count)."""
+    conversation so far, past the preamble every conversation shares) it was sent before; `recent`, how many requests
+    the API server sent it lately (a count that decays with every dispatch: how busy its conversations keep it)."""
 
     matched: int = 0
-    held: int = 0
+    recent: float = 0.0
 
 
 NO_AFFINITY: Mapping[str, Affinity] = MappingProxyType({})
@@ -139,7 +139,7 @@ def cache_aware(
             return chosen
         return _least(workers, rng, _queue)
     open_ = [w for w in workers if not overloaded(_queue(w)[0], least)]  # never empty: the least loaded is open
-    return _least(open_, rng, lambda w: (affinity.get(w.address, nothing).held, *_queue(w)))
+    return _least(open_, rng, lambda w: (affinity.get(w.address, nothing).recent, *_queue(w)))
 
 
 # Read-only: the set of policies is fixed at import; add one by adding a function here.

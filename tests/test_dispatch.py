@@ -93,7 +93,7 @@ def test_unknown_policy_names_the_known_ones() -> None:
 
 def test_cache_aware_follows_the_longest_match_among_workers_not_overloaded() -> None:
     ws = [worker("a", queue_length=2), worker("b", queue_length=1), worker("c")]
-    holds = {"http://a": Affinity(matched=900, held=5), "http://b": Affinity(matched=300, held=1)}
+    holds = {"http://a": Affinity(matched=900, recent=5), "http://b": Affinity(matched=300, recent=1)}
     assert picks(cache_aware, ws, 20, affinity=holds) == {"http://a": 20}  # a little busier, but it holds the most
     # Two hold as much: the less loaded of them.
     holds["http://b"] = Affinity(matched=900)
@@ -115,15 +115,15 @@ def test_cache_aware_leaves_an_overloaded_holder_only_past_both_thresholds() -> 
     assert picks(cache_aware, ws, 10, affinity=holds) == {"http://a": 10}
 
 
-def test_cache_aware_sends_what_nobody_holds_to_the_emptiest_worker_not_overloaded() -> None:
+def test_cache_aware_sends_what_nobody_holds_to_the_worker_sent_the_least_lately_not_overloaded() -> None:
     ws = [worker("a"), worker("b"), worker("c", queue_length=1)]
-    held = {"http://a": Affinity(held=7), "http://b": Affinity(held=3), "http://c": Affinity(held=0)}
-    assert picks(cache_aware, ws, 20, affinity=held) == {"http://c": 20}
+    lately = {"http://a": Affinity(recent=7), "http://b": Affinity(recent=3), "http://c": Affinity(recent=0)}
+    assert picks(cache_aware, ws, 20, affinity=lately) == {"http://c": 20}
     ws[2] = worker("c", queue_length=int(BALANCE_ABS) + 1)
-    assert picks(cache_aware, ws, 20, affinity=held) == {"http://b": 20}
-    held["http://a"] = Affinity(held=3)  # as empty as b: the less loaded of the two
+    assert picks(cache_aware, ws, 20, affinity=lately) == {"http://b": 20}
+    lately["http://a"] = Affinity(recent=3)  # as busy lately as b: the less loaded of the two
     ws[0] = worker("a", queue_length=1)
-    assert picks(cache_aware, ws, 20, affinity=held) == {"http://b": 20}
+    assert picks(cache_aware, ws, 20, affinity=lately) == {"http://b": 20}
     # Without any affinity it is shortest_queue: idle workers share the traffic.
     counts = picks(cache_aware, [worker("a"), worker("b"), worker("c", queue_length=1)], 1000, seed=1)
     assert set(counts) == {"http://a", "http://b"} and min(counts.values()) > 400

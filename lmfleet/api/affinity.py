@@ -6,23 +6,30 @@ into a chain of hashes, one per link, each hash covering everything before it:
 
   * the preamble seeds the chain and is no link of its own: the model, the tools offered, the template variables
     and the system (developer) messages that open the conversation. Conversations share it, so holding it is no
-    reason to send a new conversation to one worker rather than spread it by load;
+    reason to send a new conversation to one worker rather than spread new conversations evenly;
   * then one link per message (chat), or per `BLOCK_CHARS` characters of a raw prompt, or per `BLOCK_IDS` token ids.
 
 A conversation's next turn repeats the previous turn's messages, so its chain passes through the previous turn's last
 link, which the worker that served it holds. A Responses chain (`previous_response_id`) is rendered as the earlier
 turns' messages followed by the new input (lmfleet.api.responses), so it is found the same way. Each link also says
 how many characters of the prompt it covers (`Link.chars`): how much a worker holding it would not compute again.
-Only the last `MAX_PREFIX_LINKS` links are kept: each hash covers its whole prefix, and a match is found from the end.
+Only the last `KEY_LINKS` links are kept: each hash covers its whole prefix, and a match is found from the end.
 
 Two sources say who holds a link, and `affinity` reads both:
 
   * this API server's own record (`PrefixRecord.sent`): every link of every request, with the worker it was sent to
-    (the last few workers per link), in a bounded LRU. Immediate, approximate (a worker's cache may have dropped it);
+    (the last few workers per link), in a bounded LRU. Immediate, approximate (a worker's cache may have dropped it).
+    It also counts the requests sent to each worker lately (`Affinity.recent`, halved every `HALF_LIFE` dispatches),
+    by which the policy spreads new conversations: a count of everything ever sent would hold finished
+    conversations against a worker, and load reports are a heartbeat old;
   * the workers' own reports (`PrefixRecord.reported`, from the `/workers` view): a worker records the prefix
-    hashes each request carries (`GenerateRequest.prefix_hashes`) and heartbeats the most recent ones
-    (`WorkerStatus.prefix_hashes`). They reach every API server in front of the fleet, one that restarted
-    included, a heartbeat and a refresh late; a worker that dies or leaves takes its report with it.
+    hashes each request carries (`GenerateRequest.prefix_hashes`: its last `REPORTED_LINKS` links, `for_worker`)
+    and heartbeats the most recent ones (`WorkerStatus.prefix_hashes`). A next turn's chain passes through its
+    previous turn's last link (a chat turn's last message), or its next-to-last (a raw prompt's last block, when
+    partial), so those are enough, and a worker's report holds a thousand requests in a few tens of kilobytes.
+    They reach every API server in front of the fleet, one that restarted included, a heartbeat and a refresh late
+    (a turn that comes through another server sooner than that after its previous turn is not found this way); a
+    worker that dies or leaves takes its report with it.
 
 Why both (not measured apart; the reasons are structural): the record alone cannot serve several API servers (a
 conversation whose turns arrive through different servers, or a server that restarted, would find nothing); the
@@ -45,12 +52,15 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from lmfleet.dispatch import Affinity
-from lmfleet.protocol.worker import MAX_PREFIX_HASH, MAX_PREFIX_LINKS, ChatMessageIn, GenerateRequest
+from lmfleet.protocol.worker import MAX_PREFIX_HASH, MAX_PREFIX_HASHES, ChatMessageIn, GenerateRequest
 
 BLOCK_CHARS = 256  # a raw prompt's link
 BLOCK_IDS = 64  # a token-id prompt's link
+KEY_LINKS = 64  # links of a key (its last ones)
+REPORTED_LINKS = 2  # links of a key a worker is told of, and reports
 RECORD_SIZE = 65_536  # links this API server remembers
 HOLDERS = 4  # workers remembered per link (the last ones it was sent to)
+HALF_LIFE = 16  # dispatches after which a request counts half in a worker's `recent`
 _PREAMBLE_ROLES = ("system", "developer")
 
 
@@ -78,7 +88,7 @@ def _message(message: ChatMessageIn) -> str:
 
 
 def prefix_key(model: str, request: GenerateRequest) -> tuple[Link, ...]:
-    """The chain of links of `request`'s prompt for `model` (the last MAX_PREFIX_LINKS of them); empty for a prompt
+    """The chain of links of `request`'s prompt for `model` (the last KEY_LINKS of them); empty for a prompt
     with nothing past its preamble."""
     preamble: list[object] = [model, [t.model_dump(exclude_none=True) for t in request.tools]]
     pieces: list[str | bytes] = []
@@ -107,7 +117,12 @@ def prefix_key(model: str, request: GenerateRequest) -> tuple[Link, ...]:
         digest = _hash(digest, piece)
         chars += len(piece) if isinstance(piece, str) else len(piece) // 4
         links.append(Link(_as_int(digest), chars))
-    return tuple(links[-MAX_PREFIX_LINKS:])
+    return tuple(links[-KEY_LINKS:])
+
+
+def for_worker(key: Sequence[Link]) -> list[int]:
+    """The hashes a request keyed `key` tells its worker (`GenerateRequest.prefix_hashes`)."""
+    return [link.hash for link in key[-REPORTED_LINKS:]][-MAX_PREFIX_HASHES:]
 
 
 class PrefixRecord:
@@ -119,9 +134,17 @@ class PrefixRecord:
         self._sent: OrderedDict[int, tuple[str, ...]] = OrderedDict()  # link hash -> workers, latest first
         self._count: Counter[str] = Counter()  # entries of _sent per worker
         self._reported: dict[str, frozenset[int]] = {}
+        self._dispatches = 0
+        self._recent: dict[str, tuple[float, int]] = {}  # worker -> (requests lately, as of dispatch number)
+
+    def _recent_of(self, address: str) -> float:
+        count, when = self._recent.get(address, (0.0, 0))
+        return count * 0.5 ** ((self._dispatches - when) / HALF_LIFE)
 
     def sent(self, key: Sequence[Link], address: str) -> None:
-        """`key`'s request went to `address`: it will hold every link."""
+        """A request keyed `key` went to `address`: it will hold every link."""
+        self._dispatches += 1
+        self._recent[address] = (self._recent_of(address) + 1, self._dispatches)
         for link in key:
             holders = self._sent.pop(link.hash, ())
             if address not in holders:
@@ -143,12 +166,14 @@ class PrefixRecord:
     def reported(self, reports: Mapping[str, Sequence[int]]) -> None:
         """The workers' own reports (worker address -> the prefix hashes it heartbeats), the whole view at once:
         a worker not in it has left, and its record goes with it."""
-        for address in set(self._count) - set(reports):
+        for address in (set(self._count) | set(self._recent)) - set(reports):
             self.forget(address)
         self._reported = {a: frozenset(hashes) for a, hashes in reports.items()}
 
     def forget(self, address: str) -> None:
-        """Drop what this server sent to `address` (ejected or gone: its cache is not to be counted on)."""
+        """Drop what this server sent to `address` (ejected or gone: its cache is not to be counted on, and when it
+        comes back it holds no conversation)."""
+        self._recent.pop(address, None)
         if address not in self._count:
             return
         for h, holders in list(self._sent.items()):
@@ -161,8 +186,8 @@ class PrefixRecord:
         del self._count[address]
 
     def affinity(self, key: Sequence[Link], addresses: Collection[str]) -> dict[str, Affinity]:
-        """Per worker of `addresses`: the characters of `key` it holds (its longest link it holds), and how many
-        prefixes it holds."""
+        """Per worker of `addresses`: the characters of `key` it holds (up to the last link it holds), and the
+        requests this server sent it lately."""
         matched: dict[str, int] = {}
         for link in reversed(key):
             if len(matched) == len(addresses):
@@ -171,7 +196,4 @@ class PrefixRecord:
             for a in addresses:
                 if a not in matched and (a in holders or link.hash in self._reported.get(a, ())):
                     matched[a] = link.chars
-        return {
-            a: Affinity(matched=matched.get(a, 0), held=max(self._count[a], len(self._reported.get(a, ()))))
-            for a in addresses
-        }
+        return {a: Affinity(matched=matched.get(a, 0), recent=self._recent_of(a)) for a in addresses}

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, cast
 
 from lmfleet import errors
-from lmfleet.api.affinity import Link, prefix_key
+from lmfleet.api.affinity import Link, for_worker, prefix_key
 from lmfleet.api.fastchat_upstream import MixedWorkerClient
 from lmfleet.api.metrics import ApiMetrics, ChoiceClock
 from lmfleet.api.routing import Lease
@@ -185,8 +185,8 @@ class ChoiceStream:
     Each worker is tried at most once per choice, and never one that cannot take the request (a FastChat worker
     cannot take a resume); a failed one is ejected from the pool. When none is left the last failure is raised, as
     it is at once when the stream cannot be resumed (a FastChat worker's chunks say nothing of the prompt's ids).
-    Every worker is asked for with the prompt's prefix key, and sent it (`prefix_hashes`), resumes included: the
-    worker a conversation moved to holds it next turn. Records the token counts it has seen."""
+    Every worker is asked for with the prompt's prefix key, and told its last links (`prefix_hashes`), resumes
+    included: the worker a conversation moved to holds it next turn. Records the token counts it has seen."""
 
     def __init__(self, spec: ChoiceSpec, backend: ModelBackend) -> None:
         self.spec = spec
@@ -231,7 +231,7 @@ class ChoiceStream:
         backend = self._backend
         self._tried.update(backend.workers.unable(backend.model, request))  # e.g. FastChat workers, for a resume
         if self._key:
-            request = request.model_copy(update={"prefix_hashes": [link.hash for link in self._key]})
+            request = request.model_copy(update={"prefix_hashes": for_worker(self._key)})
         moved: errors.LmfleetError | None = None  # why the last worker of this attempt was left
         while True:
             lease = await next_worker(backend.pool, backend.model, self._tried, failure, key=self._key)

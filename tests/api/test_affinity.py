@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from lmfleet.api.affinity import PrefixRecord, prefix_key
+import pytest
+
+from lmfleet.api.affinity import HALF_LIFE, PrefixRecord, for_worker, prefix_key
 from lmfleet.api.routing import Lease, Router
 from lmfleet.dispatch import BALANCE_ABS
 from lmfleet.protocol.worker import ChatMessageIn, GenerateRequest
@@ -38,6 +40,7 @@ def test_a_turns_key_passes_through_the_previous_turns_last_link() -> None:
     assert second[: len(first)] == first
     assert len(second) == len(first) + 2  # the answer and the new question
     assert second[-1].chars > first[-1].chars
+    assert for_worker(first)[-1] in {link.hash for link in second}  # what the worker reports is found next turn
     # Another model's, or another conversation's, keys share nothing.
     assert not {link.hash for link in prefix_key("n", conversation("x", 1))} & {link.hash for link in first}
     assert not {link.hash for link in prefix_key("m", conversation("y", 2))} & {link.hash for link in second}
@@ -56,6 +59,7 @@ def test_raw_prompts_and_token_ids_are_keyed_by_blocks() -> None:
     short = prefix_key("m", GenerateRequest(request_id="r", prompt=text))
     longer = prefix_key("m", GenerateRequest(request_id="r", prompt=text + "and more " * 50))
     assert longer[: len(short) - 1] == short[:-1]  # every whole block of the shorter prompt
+    assert set(for_worker(short)) & {link.hash for link in longer}  # its worker's report finds it
     ids = prefix_key("m", GenerateRequest(request_id="r", prompt_token_ids=list(range(200))))
     assert [link.chars for link in ids] == [64, 128, 192, 200]
 
@@ -79,11 +83,17 @@ def test_the_record_drops_a_forgotten_worker_and_one_that_left_the_view() -> Non
     assert record.affinity(key, ["a"])["a"].matched == 0
 
 
-def test_the_record_is_bounded() -> None:
+def test_the_record_is_bounded_and_counts_recent_requests_only() -> None:
     record = PrefixRecord(size=10)
     for i in range(30):
         record.sent(prefix_key("m", conversation(str(i), 3)), "a")
-    assert record.affinity(prefix_key("m", conversation("0", 3)), ["a"])["a"].held == 10
+    assert record.affinity(prefix_key("m", conversation("0", 3)), ["a"])["a"].matched == 0  # dropped
+    assert record.affinity(prefix_key("m", conversation("29", 3)), ["a"])["a"].matched > 0
+    recent = record.affinity((), ["a"])["a"].recent
+    for _ in range(HALF_LIFE):
+        record.sent((), "b")
+    assert record.affinity((), ["a"])["a"].recent == pytest.approx(recent / 2)
+    assert record.affinity((), ["b"])["b"].recent < HALF_LIFE
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -147,7 +157,7 @@ async def test_a_second_api_server_learns_who_holds_what_from_the_heartbeats() -
         assert len(set(homes.values())) == 2
         for address in {*homes.values()}:  # what each worker was sent, as its heartbeat reports it
             sent = [prefix_key("m", conversation(n, 1)) for n, a in homes.items() if a == address]
-            fleet.controller.prefixes[address] = [link.hash for key in sent for link in key]
+            fleet.controller.prefixes[address] = [h for key in sent for h in for_worker(key)]
         await second.refresh()
         assert {name: await turn(second, name, 2) for name in "pqrstu"} == homes
         # A worker that leaves the view takes its report with it; nothing routes to it.
