@@ -150,6 +150,7 @@ POLICIES: Mapping[str, Policy] = MappingProxyType(
         "cache_aware": cache_aware,
     }
 )
+AFFINITY_POLICIES = frozenset({"cache_aware"})  # those that read `affinity`: the API server works it out for them
 
 
 def get_policy(name: str) -> Policy:

@@ -345,6 +345,7 @@ def create_app(
                 status=worker.status,
                 serving=lambda: worker.serving,
                 interval_s=settings.heartbeat_interval_s,
+                early=worker.prefixes.news,
             )
             stack.push_async_callback(membership.leave)
             drain.on_start(membership.leave)
