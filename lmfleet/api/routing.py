@@ -12,10 +12,14 @@ Owns
     ejection: the first refresh after the ejection notes its `last_heartbeat`, a later one must show another (a
     dead or frozen worker keeps its last heartbeat until the controller expires it; a restarted one registers
     afresh). While no controller answers, an ejected worker is probed on `GET /ready` after the back-off instead.
-  * the pick (`acquire`): a `lmfleet.dispatch` policy over the healthy workers of the model not yet
-    tried for this request, with the requests this server has open on each worker (its `Lease`s) counted as load,
-    since a worker's own report is up to a heartbeat plus a refresh old. When every worker of the model is
-    ejected they are all candidates again: an attempt beats a certain 503 (Envoy calls this panic routing).
+  * the pick (`acquire`): a `lmfleet.dispatch` policy over the healthy workers of the model not yet tried for this
+    request, with the requests this server has open on each worker (its `Lease`s) counted as load, since a worker's own
+    report is up to a heartbeat plus a refresh old, and, for a request with a prefix key and a policy that reads it,
+    which of them probably hold its prompt (lmfleet.api.affinity: the record of what this server sent where, fed the
+    workers' reports at each refresh and told of every ejection). A later turn of a conversation that no worker is known
+    to hold may have come through another API server moments ago: the view is refreshed first (at most once per
+    `MISS_REFRESH_S`), in case its worker has reported it since. When every worker of the model is ejected they are all
+    candidates again: an attempt beats a certain 503 (Envoy calls this panic routing).
   * which model names exist: those of the workers in the view; a model that was served within `model_memory_s`
     and has no worker now is 503 no_worker_available (its replicas are restarting: retry), any other 404. A name
     no worker serves but exactly one model's workers give as an alias (the file or folder name of an unnamed
@@ -38,13 +42,15 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from lmfleet import errors
+from lmfleet.api.affinity import Link, PrefixRecord
 from lmfleet.client import ControllerClient, WorkerClient
-from lmfleet.dispatch import DEFAULT_POLICY, Policy, get_policy, load
+from lmfleet.dispatch import AFFINITY_POLICIES, DEFAULT_POLICY, NO_AFFINITY, Affinity, Policy, get_policy, load
 from lmfleet.protocol.worker import Task, WorkerInfo
 
 logger = logging.getLogger("lmfleet.api")
 
 PROBE_TIMEOUT_S = 2.0  # a probe of an ejected worker while the controllers are down
+MISS_REFRESH_S = 0.25  # a later turn that nobody holds refreshes a view older than this
 _TASK_NAMES = {"generate": "chat and text completions", "embed": "embeddings", "score": "rerank and score"}
 
 
@@ -94,6 +100,7 @@ class Router:
         self._controllers = list(controllers)
         self._workers = workers
         self._policy: Policy = get_policy(policy)
+        self._keyed = policy in AFFINITY_POLICIES
         self.refresh_interval_s = refresh_interval_s
         self.eject_backoff_s = eject_backoff_s
         self.model_memory_s = model_memory_s
@@ -103,6 +110,7 @@ class Router:
         self._view: list[WorkerInfo] | None = None  # None until some controller has answered once
         self._ejected: dict[str, Ejection] = {}
         self._open: Counter[str] = Counter()  # leases per worker address
+        self._prefixes = PrefixRecord()
         self._seen: dict[str, float] = {}  # model -> when the view last had a worker for it
         self._beats: dict[str, tuple[float, float]] = {}  # address -> (its last_heartbeat, router clock when new)
         self._refreshing: asyncio.Future[None] | None = None
@@ -189,6 +197,7 @@ class Router:
             if beat is None or beat[0] != info.last_heartbeat:
                 self._beats[info.address] = (info.last_heartbeat, now)
         self._beats = {a: b for a, b in self._beats.items() if a in listed}
+        self._prefixes.reported({w.address: w.status.prefix_hashes for w in view})
         self._view = view
 
     async def _probe_ejected(self) -> None:
@@ -210,6 +219,7 @@ class Router:
             logger.warning("ejected worker %s: %s", address, reason)
             if self._on_eject is not None:
                 self._on_eject(address)
+        self._prefixes.forget(address)
         self._ejected[address] = Ejection(since=self._clock(), reason=reason)
 
     def is_ejected(self, address: str) -> bool:
@@ -278,10 +288,11 @@ class Router:
         return min(lengths) if lengths else None
 
     async def acquire(
-        self, model: str, exclude: Collection[str] = (), *, task: Task | None = "generate"
+        self, model: str, exclude: Collection[str] = (), *, task: Task | None = "generate", key: Sequence[Link] = ()
     ) -> Lease | None:
         """A lease on the worker to send a request for `model` to, among those that serve `task` (None: any) and
-        are not in `exclude` (the ones this request already tried); None when every such worker is excluded.
+        are not in `exclude` (the ones this request already tried); None when every such worker is excluded. `key`:
+        the request's prompt prefixes (lmfleet.api.affinity.prefix_key), recorded as sent to the chosen worker.
         Raises ModelNotFound (404) for a model nobody serves, InvalidRequest (400) for one served only for another
         task, NoWorkerAvailable (503) for one whose workers have all gone in the last `model_memory_s`,
         ServiceUnavailable (503) while no controller has ever answered."""
@@ -312,9 +323,20 @@ class Router:
         if not candidates:
             return None
         healthy = [w for w in candidates if w.address not in self._ejected]
-        chosen = self._policy([self._counting_own(w) for w in healthy or candidates], self._rng)
+        pool = healthy or candidates
+        affinity = await self._affinity(key, [w.address for w in pool]) if self._keyed else NO_AFFINITY
+        chosen = self._policy([self._counting_own(w) for w in pool], self._rng, affinity)
+        if self._keyed:
+            self._prefixes.sent(key, chosen.address)
         self._open[chosen.address] += 1
         return Lease(chosen.address, self._release)
+
+    async def _affinity(self, key: Sequence[Link], addresses: list[str]) -> dict[str, Affinity]:
+        affinity = self._prefixes.affinity(key, addresses)
+        if len(key) > 1 and self.controller_up and not any(a.matched for a in affinity.values()):
+            await self.refresh(max_age_s=MISS_REFRESH_S)
+            affinity = self._prefixes.affinity(key, addresses)
+        return affinity
 
     def _release(self, address: str) -> None:
         self._open[address] -= 1

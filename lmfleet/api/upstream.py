@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, cast
 
 from lmfleet import errors
+from lmfleet.api.affinity import Link, for_worker, prefix_key
 from lmfleet.api.fastchat_upstream import MixedWorkerClient
 from lmfleet.api.metrics import ApiMetrics, ChoiceClock
 from lmfleet.api.routing import Lease
@@ -100,7 +101,7 @@ class WorkerPool(Protocol):
     """Where a choice finds its workers (lmfleet.api.routing.Router)."""
 
     async def acquire(
-        self, model: str, exclude: Collection[str] = (), *, task: Task | None = "generate"
+        self, model: str, exclude: Collection[str] = (), *, task: Task | None = "generate", key: Sequence[Link] = ()
     ) -> Lease | None: ...
 
     def eject(self, address: str, reason: str) -> None: ...
@@ -148,11 +149,13 @@ async def next_worker(
     tried: set[str],
     failure: errors.LmfleetError | None,
     task: Task | None = "generate",
+    key: Sequence[Link] = (),
 ) -> Lease:
-    """A lease on a worker of `model` serving `task` that this request has not tried yet (added to `tried`). When
-    none is left, `failure` (why the last one was given up) is raised, else the pool's own error or a 503."""
+    """A lease on a worker of `model` serving `task` that this request has not tried yet (added to `tried`), the
+    one holding most of the prompt keyed `key` if the pool's policy says so. When none is left, `failure` (why the
+    last one was given up) is raised, else the pool's own error or a 503."""
     try:
-        lease = await pool.acquire(model, tried, task=task)
+        lease = await pool.acquire(model, tried, task=task, key=key)
     except errors.LmfleetError:
         if failure is not None:
             raise failure from None
@@ -188,7 +191,8 @@ class ChoiceStream:
     Each worker is tried at most once per choice, and never one that cannot take the request (a FastChat worker
     cannot take a resume); a failed one is ejected from the pool. When none is left the last failure is raised, as
     it is at once when the stream cannot be resumed (a FastChat worker's chunks say nothing of the prompt's ids).
-    Records the token counts it has seen."""
+    Every worker is asked for with the prompt's prefix key, and told its last links (`prefix_hashes`), resumes
+    included: the worker a conversation moved to holds it next turn. Records the token counts it has seen."""
 
     def __init__(self, spec: ChoiceSpec, backend: ModelBackend) -> None:
         self.spec = spec
@@ -198,6 +202,7 @@ class ChoiceStream:
         self._first: GenerateChunk | None = None
         self._tried: set[str] = set()
         req = spec.request
+        self._key = prefix_key(backend.model, req)
         self._echo_chars: int | None = None if req.echo else 0  # characters of the echoed prompt, once known
         self.prompt_token_ids: list[int] | None = list(req.prompt_token_ids) if req.prompt_token_ids else None
         self.token_ids: list[int] = []  # every id passed on, in order
@@ -232,9 +237,11 @@ class ChoiceStream:
         previous worker was given up, raised if no other worker takes the request."""
         backend = self._backend
         self._tried.update(backend.workers.unable(backend.model, request))  # e.g. FastChat workers, for a resume
+        if self._key:
+            request = request.model_copy(update={"prefix_hashes": for_worker(self._key)})
         moved: errors.LmfleetError | None = None  # why the last worker of this attempt was left
         while True:
-            lease = await next_worker(backend.pool, backend.model, self._tried, failure)
+            lease = await next_worker(backend.pool, backend.model, self._tried, failure, key=self._key)
             if moved is not None:
                 self._clock.retry(queue_full=isinstance(moved, errors.QueueFull))
             stream = backend.workers.generate(lease.address, request)

@@ -37,6 +37,11 @@ answer as `text`; tool calls are parsed from, and a grammar constrains, only wha
 were delivered (`resume_reasoning_chars`). `chat_template_kwargs` are more variables for the chat template (e.g.
 `enable_thinking`, `reasoning_effort`).
 
+Prefix hashes (cache-aware routing, lmfleet.api.affinity): the API server keys each prompt by a chain of hashes of
+its leading messages and sends the last of them with the request (`GenerateRequest.prefix_hashes`); the worker keeps
+the most recent ones it served and reports them in its heartbeat (`WorkerStatus.prefix_hashes`), so every API server
+learns which replica's prefix cache probably holds a conversation. They are opaque to the worker.
+
 One-reply routes (JSON in, JSON out): `POST /worker/embed` (`EmbedRequest` -> `EmbedResponse`, embedding workers
 only), `POST /worker/score` (`ScorePairsRequest` -> `ScorePairsResponse`: a cross-encoder's worker, or an
 embedding model's), `POST /worker/tokenize` (`TokenizeRequest` -> `TokenizeResponse`) and `POST
@@ -71,6 +76,10 @@ MAX_TOKEN_ID = (1 << 31) - 1
 SEED_MAX = (1 << 64) - 1  # seeds are unsigned 64-bit, as every engine takes them (lmfleet.engine.base.SEED_MAX)
 MAX_LOGIT_BIAS = 1024  # entries; OpenAI allows 300
 MAX_LOGPROBS = 20  # alternatives per token (lmfleet.engine.base.MAX_LOGPROBS)
+MAX_PREFIX_HASH = (1 << 63) - 1  # prompt prefix hashes are 63-bit, so every JSON reader takes them as integers
+MAX_PREFIX_HASHES = 64  # prefix hashes one request carries (lmfleet.api.affinity)
+MAX_PREFIXES_REPORTED = 2048  # prefix hashes one worker reports
+PrefixHash = Annotated[int, Field(ge=0, le=MAX_PREFIX_HASH)]
 ModelName = Annotated[str, Field(min_length=1, max_length=1024)]
 
 
@@ -121,6 +130,8 @@ class WorkerStatus(BaseModel):
     multimodal: bool = False  # FastChat's registration flag (its controller lists such models apart)
     models: list[ModelState] = Field(default_factory=list, max_length=256)  # per model, on a multi-model worker
     memory_budget_bytes: int | None = Field(default=None, ge=0, le=MAX_REPORTED)  # what it may hold in models
+    # the prompt prefixes it served most recently, oldest first (GenerateRequest.prefix_hashes; lmfleet.api.affinity)
+    prefix_hashes: list[PrefixHash] = Field(default_factory=list, max_length=MAX_PREFIXES_REPORTED)
 
 
 def reported(status: WorkerStatus) -> WorkerStatus:
@@ -257,6 +268,8 @@ class GenerateRequest(BaseModel):
     chat_template_kwargs: TemplateKwargs = Field(default_factory=dict)  # messages only
     split_reasoning: bool = False  # a chat answer: reasoning apart from the answer, when the worker has a parser
     resume_reasoning_chars: int = Field(default=0, ge=0)  # characters of reasoning already delivered (resume)
+    # the prompt's prefixes as the API server keys them, for the worker to report once served (lmfleet.api.affinity)
+    prefix_hashes: list[PrefixHash] = Field(default_factory=list, max_length=MAX_PREFIX_HASHES)
 
     @model_validator(mode="after")
     def _one_prompt(self) -> GenerateRequest:

@@ -19,7 +19,8 @@ uvicorn's graceful shutdown closes what is left, and the API server resumes thos
 
 Does not own: a generation's steps (prompt, fit check, output grammar, admission, text, tool calls, log
 probabilities: worker/pipeline.py), batching and sampling (lmfleet.engine), text handling (worker/textgen.py), fleet
-membership (worker/registration.py), OpenAI semantics (lmfleet.api).
+membership (worker/registration.py), the prompt prefixes it reports having served (worker/prefixes.py), OpenAI
+semantics (lmfleet.api).
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ from lmfleet.requestid import RequestIdMiddleware
 from lmfleet.worker import embed, fastchat, reasoning, score, tools
 from lmfleet.worker.metrics import WorkerMetrics
 from lmfleet.worker.pipeline import Pipeline, refusal
+from lmfleet.worker.prefixes import ServedPrefixes
 from lmfleet.worker.registration import HEARTBEAT_INTERVAL_S, Registration
 
 logger = logging.getLogger("lmfleet.worker")
@@ -172,6 +174,7 @@ class Worker:
             tool_parser=settings.tool_parser,
             reasoning_parser=settings.reasoning_parser,
         )
+        self.prefixes = ServedPrefixes()
 
     @property
     def serving(self) -> bool:
@@ -193,6 +196,7 @@ class Worker:
             context_length=self.max_model_len,
             engine=self.engine_name,
             tasks=list(self.tasks),
+            prefix_hashes=self.prefixes.recent(),
         )
 
     @property
@@ -250,7 +254,9 @@ class Worker:
         chunk raise (the caller answers with JSON): 400, 429 queue full, 503 engine not running (the drain gate
         answers 503 while draining)."""
         prepared = await self.pipeline.prepare(req)
-        return await self.pipeline.start(prepared, self._generator())
+        started = await self.pipeline.start(prepared, self._generator())
+        self.prefixes.served(req.prefix_hashes)
+        return started
 
 
 class _NdjsonStream(StreamingResponse):
@@ -340,6 +346,7 @@ def create_app(
                 status=worker.status,
                 serving=lambda: worker.serving,
                 interval_s=settings.heartbeat_interval_s,
+                early=worker.prefixes.news,
             )
             stack.push_async_callback(membership.leave)
             drain.on_start(membership.leave)

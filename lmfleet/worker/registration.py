@@ -1,12 +1,13 @@
 """A worker's membership in the fleet: registration and heartbeats to one or more controllers.
 
-Owns `Registration`: heartbeat every interval with the worker's load; register at once when a controller does not
-know the worker (first start, or the controller restarted and forgot it); while the worker cannot serve (engine
-stopped, or draining), leave every controller so no traffic comes, and stop heartbeating; `leave()` unregisters
-everywhere (the drain and the shutdown). A controller that cannot be reached is retried every interval and logged
-once per outage. At start, a worker that advertises an address no other host can reach (loopback, or the
-unspecified 0.0.0.0 of `--host 0.0.0.0`) to a controller on another host is warned about (`unreachable_address`):
-that controller would list it, and the API servers it feeds could not connect.
+Owns `Registration`: heartbeat every interval with the worker's load, or `EARLY_S` after the worker has news for the API
+servers (`early`: it served a prompt prefix it did not hold, lmfleet.worker.prefixes); register at once when a
+controller does not know the worker (first start, or the controller restarted and forgot it); while the worker cannot
+serve (engine stopped, or draining), leave every controller so no traffic comes, and stop heartbeating; `leave()`
+unregisters everywhere (the drain and the shutdown). A controller that cannot be reached is retried every interval and
+logged once per outage. At start, a worker that advertises an address no other host can reach (loopback, or the
+unspecified 0.0.0.0 of `--host 0.0.0.0`) to a controller on another host is warned about (`unreachable_address`): that
+controller would list it, and the API servers it feeds could not connect.
 
 Does not own: the HTTP calls (lmfleet.client.ControllerClient), what the load report holds (the worker app).
 """
@@ -27,6 +28,7 @@ from lmfleet.protocol.worker import WorkerStatus
 logger = logging.getLogger("lmfleet.worker")
 
 HEARTBEAT_INTERVAL_S = 2.0  # a worker's default heartbeat interval (`--heartbeat-interval`)
+EARLY_S = 0.2  # after news, the heartbeat waits this long for more (at most one early heartbeat per EARLY_S)
 
 
 def _local_only(url: str) -> bool:
@@ -63,8 +65,10 @@ class Registration:
         status: Callable[[], WorkerStatus],
         serving: Callable[[], bool],
         interval_s: float,
+        early: asyncio.Event | None = None,
     ) -> None:
         self.controllers = list(controllers)
+        self._early = early
         self.address = address
         self._status = status
         self._serving = serving
@@ -123,4 +127,14 @@ class Registration:
                             "controller %s: %s; retrying every %.1fs", c.address, exc.message, self.interval_s
                         )
                         failing.add(c.address)
+            await self._until_next()
+
+    async def _until_next(self) -> None:
+        """Until the next heartbeat is due: the interval, or EARLY_S after `early` is set."""
+        if self._early is None:
             await asyncio.sleep(self.interval_s)
+            return
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._early.wait(), self.interval_s)
+            await asyncio.sleep(min(EARLY_S, self.interval_s))
+        self._early.clear()

@@ -19,7 +19,8 @@
   in-band error code before any text). Its objects carry no token ids: its generations cannot be resumed.
 * `FakeController` serves `/list_models`, `/get_worker_address` (round robin) and `/workers` from a dict; a worker
   in `silent` stops heartbeating (its `last_heartbeat` freezes); a FastChat worker's status names no protocol, as
-  the controller stores it (`protocols`). With `fastchat=True` it is FastChat's controller: no `/workers`.
+  the controller stores it (`protocols`); a worker reports the prefix hashes in `prefixes` (`Fleet.heartbeat` sets
+  them from what each fake worker was sent). With `fastchat=True` it is FastChat's controller: no `/workers`.
 * `StreamingASGITransport`: `httpx.ASGITransport` buffers the whole response and never reports a disconnect; this
   one streams the body as the app sends it, and closing the response early sends the app `http.disconnect` and
   waits until the app has finished, so a test can then assert what the app did about it. `Switchable` puts a
@@ -416,6 +417,7 @@ class FakeController:
         self.silent: set[str] = set()  # addresses that stopped heartbeating
         self.down = False  # refuses connections (see Switchable)
         self.load: dict[str, int] = {}  # address -> the queue length it reports
+        self.prefixes: dict[str, list[int]] = {}  # address -> the prefix hashes it reports (Fleet.heartbeat)
         self._heartbeats: dict[str, float] = {}
         self._turns: dict[str, itertools.count] = {}
         self.app = self._make_app()
@@ -432,6 +434,8 @@ class FakeController:
             status = {"model_names": models, "queue_length": self.load.get(address, 0)}
             if address in self.protocols:
                 status["protocol"] = self.protocols[address]
+            if address in self.prefixes:
+                status["prefix_hashes"] = self.prefixes[address]
             out.append({"address": address, "status": status, "last_heartbeat": self._heartbeats[address]})
         return out
 
@@ -485,6 +489,13 @@ class Fleet:
         for worker in self.workers.values():
             for key, value in attrs.items():
                 setattr(worker, key, value)
+
+    def heartbeat(self) -> None:
+        """Every lmfleet worker reports the prefix hashes of the requests it got (as lmfleet.worker.prefixes)."""
+        for worker in self.workers.values():
+            if isinstance(worker, FakeWorker):
+                served = dict.fromkeys(h for r in worker.requests for h in r.prefix_hashes)
+                self.controller.prefixes[worker.address] = list(served)
 
     def http_client(self) -> httpx.AsyncClient:
         mounts: dict[str, httpx.AsyncBaseTransport] = {CONTROLLER: Switchable(self.controller)}

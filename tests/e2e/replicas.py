@@ -24,15 +24,18 @@ from tests.conftest import Fleet, free_port, wait_until
 
 
 @contextlib.contextmanager
-def llamacpp_replicas(gguf: Path, name: str, root: Path, *, replicas: int = 2) -> Iterator[Fleet]:
-    """A fleet serving `gguf` as `name` on `replicas` llama.cpp workers (their ports in `fleet.ports`)."""
+def llamacpp_replicas(
+    gguf: Path, name: str, root: Path, *, replicas: int = 2, api_args: tuple[str, ...] = ()
+) -> Iterator[Fleet]:
+    """A fleet serving `gguf` as `name` on `replicas` llama.cpp workers (their ports in `fleet.ports`); `api_args`:
+    more flags for the API server."""
     with Fleet(root=root) as f:
         f.controller()
         flags = ("--model-names", name, "--threads", "1", "--max-model-len", "1024")
         f.ports = [free_port() for _ in range(replicas)]
         for i, port in enumerate(f.ports):
             f.worker(f"worker-{i}", gguf, *flags, port=port)
-        f.api("--inter-token-timeout", "5")
+        f.api("--inter-token-timeout", "5", *api_args)
         f.wait_models(1)
         wait_until(
             lambda: all(worker_status(p)["engine"] == "llamacpp" for p in f.ports),

@@ -72,6 +72,17 @@ async def test_stop_string_is_cut_and_the_sequence_freed(worker) -> None:
     assert (await client.get("/worker/status")).json()["running"] == 0
 
 
+async def test_the_status_reports_the_prompt_prefixes_served_most_recently_last(worker) -> None:
+    client, _ = worker
+    assert (await client.get("/worker/status")).json()["prefix_hashes"] == []
+    await generate(client, prompt="a", prefix_hashes=[11, 12])
+    await generate(client, prompt="b", prefix_hashes=[21, 11])
+    assert (await client.get("/worker/status")).json()["prefix_hashes"] == [12, 21, 11]
+    status, _ = await generate(client, prompt="x" * 300, prefix_hashes=[99])  # refused: not served, not reported
+    assert status == 400
+    assert 99 not in (await client.get("/worker/status")).json()["prefix_hashes"]
+
+
 async def test_tokenize_renders_the_tools_as_a_generation_does() -> None:
     engine = ScriptedEngine(SCRIPT, max_model_len=4096)  # the generic tool prompt is long in bytes
     settings = WorkerSettings(model_path="fake", worker_address="http://worker", controller_addresses=[])
