@@ -241,9 +241,14 @@ class Supervisor:
             try:
                 await asyncio.wait_for(asyncio.shield(task), max(deadline - self._clock(), 0.001))
             except TimeoutError:
+                waited = f"after {self.budget.load_timeout_s:g}s"
+                why = (
+                    f"is still loading {waited}"
+                    if slot.process is not None
+                    else f"is waiting for room {waited}: every loaded model has requests running or is pinned"
+                )
                 raise errors.ServiceUnavailable(
-                    f"model {slot.spec.name!r} is still loading after {self.budget.load_timeout_s:g}s; retry later",
-                    code="model_loading",
+                    f"model {slot.spec.name!r} {why}; retry later", code="model_loading"
                 ) from None
 
     def _release(self, slot: Slot, keep_alive_s: float | None) -> None:
@@ -424,24 +429,28 @@ class Supervisor:
             self._notify()
 
     async def run(self) -> None:
-        """Forever, every half second: unload idle models past their keep-alive, and idle models (least recently
-        used first) while the measured memory is over the budget."""
+        """Forever: `reap()` every half second."""
         while True:
-            now = self._clock()
-            for slot in self.slots.values():
-                if slot.process is not None:
-                    slot.peak_bytes = max(slot.peak_bytes, slot.memory_bytes())
-                expired = slot.keep_alive_s >= 0 and now - slot.last_used >= slot.keep_alive_s
-                idle = slot.state == "loaded" and slot.stop_task is None and not slot.active and not slot.pinned
-                if expired and idle:
-                    self._in_background(self._stop(slot, "keep_alive"))
-            if not self._room.locked() and self.memory_bytes() > self.budget.memory_bytes:
-                victim = self._victim()
-                loaded = sum(s.state == "loaded" for s in self.slots.values())
-                if victim is not None and loaded > 1:
-                    logger.info("unloading model %s: over the memory budget", victim.spec.name)
-                    self._in_background(self._stop(victim, "evicted"))
+            self.reap()
             await asyncio.sleep(_REAP_INTERVAL_S)
+
+    def reap(self) -> None:
+        """Start unloading the idle models past their keep-alive, and an idle model (the least recently used) while
+        the measured memory is over the budget; note each process's peak memory."""
+        now = self._clock()
+        for slot in self.slots.values():
+            if slot.process is not None:
+                slot.peak_bytes = max(slot.peak_bytes, slot.memory_bytes())
+            expired = slot.keep_alive_s >= 0 and now - slot.last_used >= slot.keep_alive_s
+            idle = slot.state == "loaded" and slot.stop_task is None and not slot.active and not slot.pinned
+            if expired and idle:
+                self._in_background(self._stop(slot, "keep_alive"))
+        if not self._room.locked() and self.memory_bytes() > self.budget.memory_bytes:
+            victim = self._victim()
+            loaded = sum(s.state == "loaded" for s in self.slots.values())
+            if victim is not None and loaded > 1:
+                logger.info("unloading model %s: over the memory budget", victim.spec.name)
+                self._in_background(self._stop(victim, "evicted"))
 
     def _in_background(self, work: Awaitable[None]) -> None:
         task = asyncio.ensure_future(work)
