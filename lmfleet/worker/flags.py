@@ -2,7 +2,9 @@
 
 Owns the worker's flags (`add_args`; FastChat's names kept, its flags without an lmfleet meaning accepted and
 ignored), the engine flags `lmfleet serve` passes on to every worker (`add_engine_args`), the chosen engine's
-settings (`engine_settings`) and the worker's (`settings`). `settings` locates the model and chooses its engine
+settings (`engine_settings`) and the worker's (`settings`); with several models (`multi_model`: --model-path
+twice, --models-dir, --models-config or a budget flag) the multi-model worker's (`multi_settings`,
+lmfleet.worker.multi). `settings` locates the model and chooses its engine
 first, then checks that the engine's extra is installed: a path that names nothing loadable, or an engine whose
 library is missing (`pip install 'lmfleet[llamacpp]'`, `[transformers]`), is one line before anything loads.
 
@@ -30,6 +32,7 @@ from lmfleet.engine.base import BatchSettings
 from lmfleet.engine.runner import DEFAULT_MAX_QUEUED
 from lmfleet.engine.transformers import DEVICES, DTYPES
 from lmfleet.protocol.fastchat import TEMPLATES
+from lmfleet.protocol.worker import duration_seconds
 from lmfleet.worker import catalog
 from lmfleet.worker.registration import HEARTBEAT_INTERVAL_S
 
@@ -293,7 +296,7 @@ def multi_settings(args: argparse.Namespace) -> MultiWorkerSettings:
     try:
         models = catalog.catalog(args.model_path or [], args.models_dir, args.models_config, args.engine, args.pin)
         memory = catalog.parse_size(args.memory_budget) if args.memory_budget else catalog.default_memory_budget()
-        keep_alive = catalog.duration_seconds(args.keep_alive)
+        keep_alive = duration_seconds(args.keep_alive)
     except ValueError as exc:
         raise SystemExit(f"lmfleet worker: {exc}") from None
     if not models:

@@ -227,3 +227,11 @@ async def test_a_model_this_worker_cannot_serve_is_404() -> None:
     rig = Rig(["a"], BIG)
     with pytest.raises(errors.ModelNotFound):
         await rig.sup.acquire("nope")
+
+
+def test_a_models_dir_serves_each_gguf_file_and_model_folder_by_its_name(tmp_path: Path) -> None:
+    (tmp_path / "SmolLM2-135M.Q4_1.gguf").write_bytes(b"GGUF")
+    (tmp_path / "minilm").mkdir()
+    (tmp_path / "minilm" / "modules.json").write_text("[]")
+    (tmp_path / "notes.txt").write_text("not a model")
+    assert [s.name for s in catalog.from_dir(tmp_path)] == ["SmolLM2-135M.Q4_1", "minilm"]
