@@ -142,6 +142,8 @@ def test_sixteen_requests_at_once_for_an_unloaded_model_load_it_once(fleet: tupl
 
 def test_an_idle_model_is_unloaded_after_its_keep_alive_and_its_memory_returns(fleet: tuple[Fleet, str]) -> None:
     f, worker_url = fleet
+    for other in ("smollm2", "qwen05"):  # alone, so nothing but its keep-alive unloads it (not the budget)
+        httpx.post(worker_url + "/worker/models/unload", json={"model": other}, timeout=60).raise_for_status()
     ask(client(f), "minilm", keep_alive="2s")  # Ollama's per-request keep_alive
     held = status(worker_url)["minilm"]["memory_bytes"]
     assert held > 100 << 20
