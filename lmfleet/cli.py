@@ -203,12 +203,20 @@ def run_worker(args: argparse.Namespace) -> int:
     from lmfleet.drain import Drain
     from lmfleet.worker import flags as worker_flags
 
-    settings = worker_flags.settings(args)  # first: one line when the engine's extra is missing
-    from lmfleet.worker.app import create_app
+    if worker_flags.multi_model(args):
+        from lmfleet.worker import multi
 
-    sock = server.bind("worker", args.host, args.port)
-    drain = Drain(settings.drain_timeout_s)
-    app = create_app(settings, drain=drain)
+        several = worker_flags.multi_settings(args)
+        sock = server.bind("worker", args.host, args.port)
+        drain = Drain(several.drain_timeout_s)
+        app = multi.create_app(several, drain=drain)
+    else:
+        settings = worker_flags.settings(args)  # first: one line when the engine's extra is missing
+        from lmfleet.worker.app import create_app
+
+        sock = server.bind("worker", args.host, args.port)
+        drain = Drain(settings.drain_timeout_s)
+        app = create_app(settings, drain=drain)
     return server.run(app, name="worker", sock=sock, drain=drain, log_level=args.log_level, log_format=args.log_format)
 
 

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
 from pydantic_core import PydanticCustomError
 
-from lmfleet.protocol.worker import MAX_EMBED_INPUTS, MAX_TOKEN_ID, EmbedRequest
+from lmfleet.protocol.worker import MAX_EMBED_INPUTS, MAX_TOKEN_ID, EmbedRequest, KeepAlive
 
 MAX_NAME_CHARS = 256
 _TOKEN_ID = {"type": "integer", "minimum": 0, "maximum": MAX_TOKEN_ID}
@@ -89,6 +89,11 @@ class EmbeddingRequest(BaseModel):
         description="Shorter vectors (truncated, then L2-normalized): only for models trained for it (Matryoshka).",
     )
     user: str | None = Field(None, max_length=MAX_NAME_CHARS, description="Accepted; not used.")
+    keep_alive: KeepAlive = Field(
+        None,
+        description="Ollama extension: how long the model stays loaded after this request on a worker that loads "
+        "models on demand: seconds or a duration ('5m', '1h'); negative: forever; 0: unload once idle.",
+    )
 
     @field_validator("encoding_format", mode="before")
     @classmethod
@@ -96,7 +101,9 @@ class EmbeddingRequest(BaseModel):
         return "float" if value is None else value
 
     def to_embed_request(self, request_id: str, model: str) -> EmbedRequest:
-        return EmbedRequest(request_id=request_id, model=model, input=self.input, dimensions=self.dimensions)
+        return EmbedRequest(
+            request_id=request_id, model=model, input=self.input, dimensions=self.dimensions, keep_alive=self.keep_alive
+        )
 
 
 def encode_base64(vector: list[float]) -> str:

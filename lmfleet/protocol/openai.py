@@ -32,7 +32,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from lmfleet.protocol.worker import MAX_TOKEN_ID, ChatMessageIn, GenerateRequest, TemplateKwargs
+from lmfleet.protocol.worker import MAX_TOKEN_ID, ChatMessageIn, GenerateRequest, KeepAlive, TemplateKwargs
 from lmfleet.protocol.worker import SEED_MAX as WORKER_SEED_MAX
 
 MAX_N = 16  # choices per prompt
@@ -268,6 +268,11 @@ class _GenerationRequest(BaseModel):
         0.0, ge=0.0, le=1.0, strict=True, description="vLLM extension: drop tokens below min_p x the top probability."
     )
     logit_bias: LogitBias = None
+    keep_alive: KeepAlive = Field(
+        None,
+        description="Ollama extension: how long the model stays loaded after this request on a worker that loads "
+        "models on demand: seconds or a duration ('5m', '1h'); negative: forever; 0: unload once idle.",
+    )
 
     @field_validator(
         "n",
@@ -574,6 +579,7 @@ class ChatCompletionRequest(_GenerationRequest):
             logprobs=(self.top_logprobs or 0) if self.logprobs else None,
             chat_template_kwargs=self._template_kwargs(),
             split_reasoning=True,
+            keep_alive=self.keep_alive,
             **self._sampling(choice),
             **self._tooling(),
         )
@@ -645,6 +651,7 @@ class CompletionRequest(_GenerationRequest):
             max_tokens=self.max_tokens,
             echo=self.echo,
             logprobs=self.logprobs,
+            keep_alive=self.keep_alive,
             **self._sampling(choice % self.n),
         )
 

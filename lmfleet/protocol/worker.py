@@ -56,9 +56,10 @@ text has one per prompt token instead (the first with `logprob` None).
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from lmfleet.protocol.errors import ErrorInfo
 
@@ -84,6 +85,41 @@ ModelName = Annotated[str, Field(min_length=1, max_length=1024)]
 
 
 ModelLoadState = Literal["loaded", "loading", "unloaded", "failed"]
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+MAX_KEEP_ALIVE_S = 10 * 365 * 86400.0
+
+
+def duration_seconds(value: Any) -> float | None:
+    """Ollama's `keep_alive`: seconds as a number, or a Go duration ("5m", "1h30m", "90s"); any negative value
+    (-1, "-1m") means forever (-1.0). None stays None (the model's own keep-alive)."""
+    if value is None:
+        return None
+    wrong = ValueError(f"keep_alive {value!r} is not seconds or a duration such as '30s', '5m', '1h'")
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise wrong
+    if isinstance(value, str):
+        text = value.strip()
+        body = text.lstrip("+-")
+        parts = _DURATION_PART.findall(body)
+        try:
+            seconds = float(body)
+        except ValueError:
+            if not body or "".join(n + u for n, u in parts) != body:
+                raise wrong from None
+            seconds = sum(float(n) * _UNIT_S[u] for n, u in parts)
+        seconds = -seconds if text.startswith("-") else seconds
+    else:
+        seconds = float(value)
+    if seconds != seconds:  # NaN
+        raise wrong
+    return -1.0 if seconds < 0 else min(seconds, MAX_KEEP_ALIVE_S)
+
+
+# How long the model stays loaded after this request on a worker that loads models on demand (Ollama's
+# `keep_alive`): seconds, negative = forever, 0 = unload once idle; None: the model's own keep-alive.
+KeepAlive = Annotated[float | None, BeforeValidator(duration_seconds)]
 
 
 class ModelState(BaseModel):
@@ -270,6 +306,7 @@ class GenerateRequest(BaseModel):
     resume_reasoning_chars: int = Field(default=0, ge=0)  # characters of reasoning already delivered (resume)
     # the prompt's prefixes as the API server keys them, for the worker to report once served (lmfleet.api.affinity)
     prefix_hashes: list[PrefixHash] = Field(default_factory=list, max_length=MAX_PREFIX_HASHES)
+    keep_alive: KeepAlive = None  # a multi-model worker: how long the model stays loaded after this request
 
     @model_validator(mode="after")
     def _one_prompt(self) -> GenerateRequest:
@@ -339,6 +376,7 @@ class EmbedRequest(BaseModel):
         min_length=1, max_length=MAX_EMBED_INPUTS
     )
     dimensions: int | None = Field(default=None, ge=1, le=MAX_REPORTED)  # truncate (Matryoshka), then renormalize
+    keep_alive: KeepAlive = None  # a multi-model worker: how long the model stays loaded after this request
 
 
 class EmbedResponse(BaseModel):
@@ -404,3 +442,11 @@ class DetokenizeRequest(BaseModel):
 
 class DetokenizeResponse(BaseModel):
     prompt: str
+
+
+class ModelActionRequest(BaseModel):
+    """`POST /worker/models/load`, `/worker/models/unload`, `/worker/models/pin` on a multi-model worker (answered
+    with the model's `ModelState`); `pinned` is read by `pin` only (false: unpin)."""
+
+    model: ModelName
+    pinned: bool = True

@@ -2,7 +2,9 @@
 
 Owns the worker's flags (`add_args`; FastChat's names kept, its flags without an lmfleet meaning accepted and
 ignored), the engine flags `lmfleet serve` passes on to every worker (`add_engine_args`), the chosen engine's
-settings (`engine_settings`) and the worker's (`settings`). `settings` locates the model and chooses its engine
+settings (`engine_settings`) and the worker's (`settings`); with several models (`multi_model`: --model-path
+twice, --models-dir, --models-config or a budget flag) the multi-model worker's (`multi_settings`,
+lmfleet.worker.multi). `settings` locates the model and chooses its engine
 first, then checks that the engine's extra is installed: a path that names nothing loadable, or an engine whose
 library is missing (`pip install 'lmfleet[llamacpp]'`, `[transformers]`), is one line before anything loads.
 
@@ -30,10 +32,13 @@ from lmfleet.engine.base import BatchSettings
 from lmfleet.engine.runner import DEFAULT_MAX_QUEUED
 from lmfleet.engine.transformers import DEVICES, DTYPES
 from lmfleet.protocol.fastchat import TEMPLATES
+from lmfleet.protocol.worker import duration_seconds
+from lmfleet.worker import catalog
 from lmfleet.worker.registration import HEARTBEAT_INTERVAL_S
 
 if TYPE_CHECKING:
     from lmfleet.worker.app import WorkerSettings
+    from lmfleet.worker.multi import MultiWorkerSettings
 
 PORT = 21002  # FastChat's worker port
 
@@ -99,8 +104,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     flags.add_listen_args(p, PORT)
     p.add_argument(
         "--model-path",
-        required=True,
-        help="a .gguf file, a folder holding one, a Hugging Face model folder, or a hub id",
+        action="append",
+        default=None,
+        help="a .gguf file, a folder holding one, a Hugging Face model folder, or a hub id; repeat it to serve "
+        "several models, loaded on demand (see 'several models')",
     )
     p.add_argument(
         "--model-names",
@@ -146,6 +153,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="the FastChat conversation template FastChat API servers prompt this model with (default: mapped from "
         "the model's chat template where FastChat has its format, e.g. ChatML)",
     )
+    add_multi_args(p)
     flags.add_fastchat_ignored(
         p,
         "--num-gpus",
@@ -157,6 +165,59 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "--cpu-offloading",
         "--embed-in-truncate",
         "--debug",
+    )
+
+
+def add_multi_args(p: argparse.ArgumentParser) -> None:
+    """Several models on one worker, each loaded on demand in its own process (lmfleet.worker.multi). Any of these
+    flags, or --model-path given twice, makes a multi-model worker."""
+    g = p.add_argument_group("several models")
+    g.add_argument("--models-dir", default=None, help="serve every .gguf file and model folder in this folder")
+    g.add_argument(
+        "--models-config",
+        default=None,
+        help="an INI file naming each model: [NAME] with path, and optionally engine, pin, keep-alive and engine "
+        "options (README: 'Several models on one worker')",
+    )
+    g.add_argument(
+        "--max-loaded-models",
+        type=int,
+        default=None,
+        help=f"models loaded at once; loading one more unloads the least recently used idle one (default "
+        f"{catalog.DEFAULT_MAX_LOADED})",
+    )
+    g.add_argument(
+        "--memory-budget",
+        default=None,
+        help="resident memory the models' processes may hold together, e.g. 6GiB (default "
+        f"{catalog.DEFAULT_BUDGET_FRACTION:.0%} of the machine's memory)",
+    )
+    g.add_argument(
+        "--keep-alive",
+        default=None,
+        help="how long a model stays loaded once idle: seconds or a duration (30s, 5m, 1h); -1: forever "
+        f"(default {catalog.DEFAULT_KEEP_ALIVE_S / 60:g}m; a model's keep-alive and a request's keep_alive win)",
+    )
+    g.add_argument("--pin", action="append", default=[], metavar="NAME", help="keep this model loaded (repeatable)")
+    g.add_argument(
+        "--load-timeout",
+        type=float,
+        default=catalog.DEFAULT_LOAD_TIMEOUT_S,
+        help="seconds a request waits for its model to load before a 503 model_loading (default "
+        f"{catalog.DEFAULT_LOAD_TIMEOUT_S:g})",
+    )
+
+
+def multi_model(args: argparse.Namespace) -> bool:
+    """Whether the flags ask for a multi-model worker."""
+    many = len(args.model_path or []) > 1
+    return (
+        many
+        or any(
+            v not in (None, [])
+            for v in (args.models_dir, args.models_config, args.max_loaded_models, args.memory_budget, args.keep_alive)
+        )
+        or bool(args.pin)
     )
 
 
@@ -194,8 +255,10 @@ def _missing(entry: registry.EngineEntry, package: str) -> SystemExit:
 def settings(args: argparse.Namespace) -> WorkerSettings:
     """The worker's settings, the model located, its engine chosen and the engine's extra found first: a path that
     names nothing loadable or an engine that is not installed is one line (SystemExit) before anything loads."""
+    if not args.model_path:
+        raise SystemExit("lmfleet worker: give --model-path (or --models-dir, --models-config)")
     try:
-        source = registry.locate(args.model_path)
+        source = registry.locate(args.model_path[0])
         entry = registry.choose(source, args.engine)
         engine = engine_settings(args, entry.name)
     except ValueError as exc:
@@ -209,7 +272,7 @@ def settings(args: argparse.Namespace) -> WorkerSettings:
             raise
         raise _missing(entry, exc.name) from None
     return WorkerSettings(
-        model_path=args.model_path,
+        model_path=args.model_path[0],
         model_names=args.model_names,
         worker_address=args.worker_address or f"http://{args.host}:{args.port}",
         controller_addresses=[] if args.no_register else args.controller_address,
@@ -222,4 +285,56 @@ def settings(args: argparse.Namespace) -> WorkerSettings:
         tool_parser=args.tool_parser,
         reasoning_parser=args.reasoning_parser,
         conv_template=args.conv_template,
+    )
+
+
+def multi_settings(args: argparse.Namespace) -> MultiWorkerSettings:
+    """A multi-model worker's settings: every model located and its engine chosen, each engine's extra found, the
+    budget parsed (SystemExit: one line)."""
+    if args.model_names:
+        raise SystemExit("lmfleet worker: --model-names names one model; name several in --models-config")
+    try:
+        models = catalog.catalog(args.model_path or [], args.models_dir, args.models_config, args.engine, args.pin)
+        memory = catalog.parse_size(args.memory_budget) if args.memory_budget else catalog.default_memory_budget()
+        keep_alive = duration_seconds(args.keep_alive)
+    except ValueError as exc:
+        raise SystemExit(f"lmfleet worker: {exc}") from None
+    if not models:
+        raise SystemExit("lmfleet worker: give --model-path, --models-dir or --models-config")
+    if args.max_loaded_models is not None and args.max_loaded_models < 1:
+        raise SystemExit("lmfleet worker: --max-loaded-models must be at least 1")
+    for entry in {registry.ENGINES[m.engine] for m in models}:
+        if not _installed(entry.requires):
+            raise _missing(entry, entry.requires)
+    from lmfleet.worker.multi import MultiWorkerSettings
+
+    options = {
+        "max_num_seqs": args.max_num_seqs,
+        "max_batch_tokens": args.max_batch_tokens,
+        "max_model_len": args.max_model_len,
+        "threads": args.threads,
+        "device": args.device,
+        "dtype": args.dtype,
+        "tool_parser": args.tool_parser,
+        "reasoning_parser": args.reasoning_parser,
+        "conv_template": args.conv_template,
+        "limit_worker_concurrency": args.limit_worker_concurrency,
+        "flash_attn": args.flash_attn,
+        "matryoshka": args.matryoshka,
+    }
+    return MultiWorkerSettings(
+        models=models,
+        worker_address=args.worker_address or f"http://{args.host}:{args.port}",
+        budget=catalog.Budget(
+            max_loaded=args.max_loaded_models or catalog.DEFAULT_MAX_LOADED,
+            memory_bytes=memory,
+            keep_alive_s=keep_alive if keep_alive is not None else catalog.DEFAULT_KEEP_ALIVE_S,
+            load_timeout_s=args.load_timeout,
+        ),
+        controller_addresses=[] if args.no_register else args.controller_address,
+        options=options,
+        child_log=["--log-level", args.log_level, "--log-format", args.log_format],
+        heartbeat_interval_s=args.heartbeat_interval,
+        registration_secret=flags.registration_secret(args),
+        drain_timeout_s=args.drain_timeout,
     )

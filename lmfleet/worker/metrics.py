@@ -25,7 +25,10 @@ picker reads by default:
 each labelled `model_name` (the first name the worker serves under), as vLLM labels them.
 
 The gauges are read from the engine's last snapshot at scrape time; the step histograms are observed on the
-engine thread (`on_step`, lmfleet.engine.runner). Does not own: the route (lmfleet.metrics), the engine's numbers
+engine thread (`on_step`, lmfleet.engine.runner). A multi-model worker (lmfleet.worker.multi) has `ModelMetrics`
+instead: its models' loads, unloads and memory (each model's own engine metrics are its process's).
+
+Does not own: the route (lmfleet.metrics), the engine's numbers
 (lmfleet.engine.base.EngineStats).
 """
 
@@ -34,12 +37,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from lmfleet.engine.base import EngineStats
 from lmfleet.metrics import LATENCY_BUCKETS, TOKEN_BUCKETS, live
+from lmfleet.protocol.worker import ModelState
 
 
 class WorkerMetrics:
@@ -136,3 +140,57 @@ class WorkerMetrics:
         )
         cache.add_metric(["1", str(capacity)], 1.0)
         yield cache
+
+
+class ModelMetrics:
+    """A multi-model worker's loads and unloads (lmfleet.worker.supervisor reports them; `states` is read at every
+    scrape):
+
+        lmfleet_worker_model_loads_total             counter, {model}
+        lmfleet_worker_model_load_failures_total     counter, {model}
+        lmfleet_worker_model_unloads_total           counter, {model, reason}: keep_alive, evicted (for another
+                                                     model, or over the memory budget), requested, crashed, shutdown
+        lmfleet_worker_model_load_seconds            gauge, {model, engine}: the last load
+        lmfleet_worker_model_loaded                  gauge 0/1, {model}
+        lmfleet_worker_model_memory_bytes            gauge, {model}: its process's resident memory
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.loads = Counter("lmfleet_worker_model_loads", "Models loaded", ["model"], registry=registry)
+        self.load_failures = Counter(
+            "lmfleet_worker_model_load_failures", "Model loads that failed", ["model"], registry=registry
+        )
+        self.unloads = Counter(
+            "lmfleet_worker_model_unloads", "Models unloaded, by reason", ["model", "reason"], registry=registry
+        )
+        self.load_seconds = Gauge(
+            "lmfleet_worker_model_load_seconds",
+            "Seconds the model took to load",
+            ["model", "engine"],
+            registry=registry,
+        )
+        self.states: Callable[[], list[ModelState]] | None = None  # the supervisor's, set by the lifespan
+        live(registry, self._families)
+
+    def loaded(self, model: str, engine: str, seconds: float) -> None:
+        self.loads.labels(model).inc()
+        self.load_seconds.labels(model, engine).set(seconds)
+
+    def load_failed(self, model: str) -> None:
+        self.load_failures.labels(model).inc()
+
+    def unloaded(self, model: str, reason: str) -> None:
+        self.unloads.labels(model, reason).inc()
+
+    def _families(self) -> Iterable[Metric]:
+        if self.states is None:
+            return
+        loaded = GaugeMetricFamily("lmfleet_worker_model_loaded", "1 while the model is loaded", labels=["model"])
+        memory = GaugeMetricFamily(
+            "lmfleet_worker_model_memory_bytes", "Resident memory of the model's process", labels=["model"]
+        )
+        for m in self.states():
+            loaded.add_metric([m.name], 1.0 if m.state == "loaded" else 0.0)
+            memory.add_metric([m.name], m.memory_bytes)
+        yield loaded
+        yield memory
