@@ -387,3 +387,18 @@ class DetokenizeRequest(BaseModel):
 
 class DetokenizeResponse(BaseModel):
     prompt: str
+
+
+class WorkerModelRequest(BaseModel):
+    """`POST /worker/models/load`, `/worker/models/unload` and `/worker/models/pin` on a worker that loads models on
+    demand (the API server's admin routes forward to them): the model, and for `pin` whether to pin it (a pinned
+    model is never unloaded to make room)."""
+
+    model: ModelName
+    pinned: bool | None = None  # pin only
+
+
+class WorkerModelAnswer(BaseModel):
+    """A worker's answer to one of those routes, passed on as it is (the model's state, as the worker says)."""
+
+    model_config = ConfigDict(extra="allow")
