@@ -55,6 +55,7 @@ _API_FLAGS = (
     ("--max-message-chars", "max_message_chars"),
     ("--first-token-timeout", "first_token_timeout"),
     ("--inter-token-timeout", "inter_token_timeout"),
+    ("--model-load-timeout", "model_load_timeout"),
     ("--default-model", "default_model"),
     ("--responses-db", "responses_db"),
 )

@@ -127,6 +127,7 @@ class ApiSettings:
     dispatch_policy: str = DEFAULT_POLICY  # a key of lmfleet.dispatch.POLICIES
     first_token_timeout_s: float = 60.0  # a worker silent this long before its first chunk has failed
     inter_token_timeout_s: float = 30.0  # ... or this long between two chunks
+    model_load_timeout_s: float = 300.0  # ... and this much more before its first chunk when it loads the model first
     refresh_interval_s: float = 1.0  # how often the worker view is fetched from the controller
     eject_backoff_s: float = 1.0  # an ejected worker stays out at least this long
     drain_timeout_s: float = DEFAULT_TIMEOUT_S  # on SIGTERM: how long requests in progress may take to finish
@@ -153,7 +154,11 @@ class ApiSettings:
                 raise ValueError(f"{name} must be positive")
 
     def timeouts(self) -> Timeouts:
-        return Timeouts(first_token_s=self.first_token_timeout_s, inter_token_s=self.inter_token_timeout_s)
+        return Timeouts(
+            first_token_s=self.first_token_timeout_s,
+            inter_token_s=self.inter_token_timeout_s,
+            load_s=self.model_load_timeout_s,
+        )
 
     @property
     def controller_addresses(self) -> list[str]:

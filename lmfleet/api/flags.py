@@ -100,6 +100,14 @@ def add_client_args(p: argparse.ArgumentParser) -> None:
         help="seconds a worker may stay silent "
         f"mid-stream before the generation is resumed on another worker (default {inter:g})",
     )
+    load = defaults.model_load_timeout_s
+    p.add_argument(
+        "--model-load-timeout",
+        type=float,
+        default=load,
+        help="seconds more a worker that loads models on demand may take before its first chunk when it loads the "
+        f"model first (default {load:g})",
+    )
     p.add_argument(
         "--api-keys",
         default=None,
@@ -162,6 +170,7 @@ def settings(args: argparse.Namespace) -> ApiSettings:
             dispatch_policy=args.dispatch_method,
             first_token_timeout_s=args.first_token_timeout,
             inter_token_timeout_s=args.inter_token_timeout,
+            model_load_timeout_s=args.model_load_timeout,
             drain_timeout_s=args.drain_timeout,
             responses_db=None if args.no_responses_store else (args.responses_db or TEMPORARY),
             metrics_public=args.metrics_public,

@@ -369,6 +369,12 @@ class Router:
         placed = self._placed(model, serving, ())
         return self._policy([self._counting_own(w) for w in placed], self._rng) if placed else None
 
+    def holds(self, model: str, address: str) -> bool:
+        """Whether the worker at `address` has `model` loaded as the view shows it (a worker not in the view: True,
+        nothing says otherwise)."""
+        worker = next((w for w in self._view or [] if w.address == address), None)
+        return worker is None or state_of(worker.status, model) == "loaded"
+
     def holders(self, model: str) -> list[WorkerInfo]:
         """The workers in the view that hold `model` or are loading it."""
         return [w for w in self._serving(model) if state_of(w.status, model) in HELD]

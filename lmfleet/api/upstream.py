@@ -9,7 +9,9 @@ choice (`ChoiceSpec`):
   * failover (`ChoiceStream`): a worker that fails before its first chunk is replaced by another worker of the
     model; one that fails after it (dies, errs, aborts, or goes silent past the `Timeouts`) has its generation
     resumed on another one from the token ids already received, under the same answer: no duplicate, no gap, and
-    usage counts each token once. Only when no worker is left does the caller see an error;
+    usage counts each token once. Only when no worker is left does the caller see an error. A worker that does not
+    hold the model yet loads it before its first chunk (`Timeouts.load_s` more); one whose load outlasts its own
+    wait (503 `model_loading`) is neither ejected nor replaced: the client is told to retry;
   * turning each worker chunk into a `ChoiceDelta`, the endpoint-neutral unit the renderers spell
     (lmfleet.api.render);
   * merging the n choice streams in arrival order (`merge`), with back-pressure towards the workers, and closing
@@ -44,6 +46,7 @@ from lmfleet.protocol.worker import GenerateChunk, GenerateRequest, Task, TokenL
 logger = logging.getLogger("lmfleet.api")
 
 T = TypeVar("T")
+MODEL_LOADING = "model_loading"  # a worker's 503 code: the model is still loading there
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,10 @@ class WorkerPool(Protocol):
 
     def eject(self, address: str, reason: str) -> None: ...
 
+    def holds(self, model: str, address: str) -> bool:
+        """Whether the worker has `model` loaded, as far as the pool knows (else it loads it first)."""
+        ...
+
 
 @dataclass(frozen=True)
 class Timeouts:
@@ -107,9 +114,10 @@ class Timeouts:
 
     first_token_s: float = 60.0
     inter_token_s: float = 30.0
+    load_s: float = 300.0  # more for the first chunk from a worker that loads the model first (it waits as long)
 
     def __post_init__(self) -> None:
-        if not (self.first_token_s > 0 and self.inter_token_s > 0):
+        if not (self.first_token_s > 0 and self.inter_token_s > 0 and self.load_s > 0):
             raise ValueError("timeouts must be positive")
 
 
@@ -160,7 +168,11 @@ async def next_worker(
 
 
 def another_worker_may_help(exc: errors.LmfleetError) -> bool:
-    """A worker's failure (5xx, transport, timeout) or its being full (429) — not the client's mistake (4xx)."""
+    """A worker's failure (5xx, transport, timeout) or its being full (429) — not the client's mistake (4xx), nor a
+    load that outlasted the worker's wait (503 `model_loading`: the model is still loading there; another worker
+    would only start a second load, so the client is told to retry)."""
+    if exc.code == MODEL_LOADING:
+        return False
     return exc.status >= 500 or isinstance(exc, errors.QueueFull)
 
 
@@ -231,8 +243,11 @@ class ChoiceStream:
             if moved is not None:
                 self._clock.retry(queue_full=isinstance(moved, errors.QueueFull))
             stream = backend.workers.generate(lease.address, request)
+            wait = backend.timeouts.first_token_s
+            if not backend.pool.holds(backend.model, lease.address):  # it loads the model first
+                wait += backend.timeouts.load_s
             try:
-                first = await _read(stream, backend.timeouts.first_token_s)
+                first = await _read(stream, wait)
                 if first is None:
                     raise errors.UpstreamError("the worker closed the stream without sending anything")
                 _raise_if_failed(first)

@@ -16,7 +16,7 @@ import pytest
 from tests.conformance import validate
 from tests.scrape import scrape
 
-from .fakes import Fleet, assert_error, expected_reply, serve, sse_events
+from .fakes import Fleet, assert_error, eventually, expected_reply, serve, sse_events
 
 GB = 1 << 30
 MODELS = ("m1", "m2", "m3")
@@ -234,3 +234,29 @@ async def test_metrics_count_the_loads_and_unloads_seen_and_the_dashboard_shows_
             ("m2", "unloaded", 0, 2.5),
             ("m3", "loaded", 2 * GB, 2.5),
         ]
+
+
+async def test_a_worker_loading_the_model_gets_the_load_timeout_before_its_first_chunk() -> None:
+    fleet = on_demand("a", "b")
+    report(fleet, "b", m1=("loaded", 2))
+    release = asyncio.Event()
+    fleet.all_workers(wait_for=release)  # neither answers until released
+    async with serve(fleet, first_token_timeout_s=0.05) as api:
+        held = asyncio.ensure_future(chat(api, "m2"))  # nobody holds m2: its worker loads it first
+        await eventually(lambda: sum(len(w.requests) for w in fleet.workers.values()) == 1)
+        await asyncio.sleep(0.2)  # past the first-token timeout, well within the load timeout
+        release.set()
+        assert await held == expected_reply(WORDS)
+        assert sum(len(w.requests) for w in fleet.workers.values()) == 1  # not moved: one load, not two
+        assert not any(api.router.is_ejected(w.address) for w in fleet.workers.values())
+
+
+async def test_a_load_that_outlasts_the_workers_wait_is_a_503_to_retry_not_a_load_elsewhere() -> None:
+    fleet = on_demand("a", "b")
+    loading = {"message": "m3 is still loading", "type": "service_unavailable_error", "code": "model_loading"}
+    fleet.all_workers(reject=(503, {"error": {**loading, "param": None}}))
+    async with serve(fleet) as api:
+        resp = await api.raw.post("/v1/chat/completions", json={"model": "m3", "messages": MESSAGES})
+        assert_error(resp, 503, code="model_loading")
+        assert sum(len(w.requests) for w in fleet.workers.values()) == 1
+        assert not any(api.router.is_ejected(w.address) for w in fleet.workers.values())
