@@ -23,7 +23,8 @@ Owns
   * `Placement`: the API server's memory of what it decided and saw. The load target it chose per model (so
     concurrent requests for a model that nobody holds queue at that one worker instead of starting loads
     elsewhere, until the worker reports the model loading, loaded or failed, or `grace_s` passes without its
-    report saying so), the memory each model took when last seen loaded, and the loads and unloads seen between
+    report saying so), the workers that just failed to load a model (passed over for it until their report says
+    so), the memory each model took when last seen loaded, and the loads and unloads seen between
     two views of the fleet (`observe`: the metrics' events).
 
 Does not own: the view of the fleet, health and the pick among the candidates (lmfleet.api.routing,
@@ -189,6 +190,7 @@ class Placement:
         self._sizes: dict[str, int] = {}  # model -> memory it took when last seen loaded
         self._last: dict[str, dict[str, ModelLoadState]] = {}  # address -> model -> state, at the last view
         self._asked: set[tuple[str, str]] = set()  # (address, model) this server asked to unload
+        self._failed: dict[tuple[str, str], float] = {}  # (address, model) -> when its load failed, until the view says
 
     def size(self, model: str) -> int:
         """The memory `model` took when last seen loaded (0: never seen)."""
@@ -212,13 +214,22 @@ class Placement:
             return loading
         if not rest:
             return []
-        chosen = load_target(rest, model, self.size(model), everyone)
+        now = self._clock()
+        fresh = [w for w in rest if now - self._failed.get((w.address, model), -math.inf) > self.grace_s]
+        chosen = load_target(fresh or rest, model, self.size(model), everyone)
         self.chose(model, chosen.address)
         return [chosen]
 
     def chose(self, model: str, address: str) -> None:
         """`address` loads `model` now (a request or an admin's load went there)."""
         self._targets[model] = (address, self._clock())
+
+    def failed(self, address: str, model: str) -> None:
+        """`address` could not load `model`: another worker is chosen next, until the view reports the failure (its
+        cost then says it) or `grace_s` passes."""
+        self._failed[(address, model)] = self._clock()
+        if self._targets.get(model, ("",))[0] == address:
+            del self._targets[model]
 
     def unloading(self, address: str, model: str) -> None:
         """This server asked `address` to unload `model` (its unload is then not counted as an eviction)."""
@@ -263,5 +274,6 @@ class Placement:
             if now.get(address, {}).get(model) in ("loaded", "loading", "failed") or address not in now:
                 del self._targets[model]
         self._asked = {(a, m) for a, m in self._asked if now.get(a, {}).get(m) in HELD}
+        self._failed = {(a, m): t for (a, m), t in self._failed.items() if now.get(a, {}).get(m) == "unloaded"}
         self._last = now
         return events

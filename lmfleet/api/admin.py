@@ -4,9 +4,10 @@
     POST /admin/models/unload   {"model", "worker"?}            unload it from every worker holding it
     POST /admin/models/pin      {"model", "pinned"?, "worker"?}  pin (or unpin) it where it is held, else where it
                                                                 would load
-    -> {"object": "admin.models", "model", "workers": [{"address", "result"}]}: each worker's own answer
+    -> {"object": "admin.models", "model", "workers": [{"address", "result"}]}: each worker's answer, the model's
+       `ModelState` there
 
-Each is forwarded to the worker's `/worker/models/{load,unload,pin}` (lmfleet.protocol.worker.WorkerModelRequest);
+Each is forwarded to the worker's `/worker/models/{load,unload,pin}` (lmfleet.protocol.worker.ModelActionRequest);
 `worker` names one worker (its address, as `/v1/fleet` lists it) instead. Only workers that load models on demand
 (they report `models`) take these; a one-model worker's model is always loaded. After each the worker view is
 refreshed, so `/v1/models` and the dashboard show the new state at once.
@@ -32,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lmfleet import errors
 from lmfleet.api.routing import Router
-from lmfleet.protocol.worker import ModelName, WorkerInfo, WorkerModelAnswer, WorkerModelRequest
+from lmfleet.protocol.worker import ModelActionRequest, ModelName, ModelState, WorkerInfo
 
 logger = logging.getLogger("lmfleet.api")
 
@@ -53,7 +54,7 @@ class AdminPinRequest(AdminModelRequest):
 
 class AdminWorkerResult(BaseModel):
     address: str
-    result: dict[str, Any] = Field(description="the worker's answer")
+    result: ModelState = Field(description="the model's state on the worker, as it answered")
 
 
 class AdminModelAnswer(BaseModel):
@@ -89,7 +90,7 @@ def _targets(router: Router, action: Action, model: str) -> list[WorkerInfo]:
 def add_routes(app: FastAPI, errors_doc: dict[int | str, dict[str, Any]]) -> None:
     """The admin routes (see the module docstring)."""
 
-    async def act(request: Request, action: Action, body: AdminModelRequest, pinned: bool | None = None) -> Any:
+    async def act(request: Request, action: Action, body: AdminModelRequest, pinned: bool = True) -> Any:
         router: Router = request.state.router
         await router.refresh(max_age_s=0.2)
         if body.model not in await router.models():
@@ -105,10 +106,10 @@ def add_routes(app: FastAPI, errors_doc: dict[int | str, dict[str, Any]]) -> Non
             answer = await request.state.workers.call(
                 worker.address,
                 f"/worker/models/{action}",
-                WorkerModelRequest(model=body.model, pinned=pinned),
-                WorkerModelAnswer,
+                ModelActionRequest(model=body.model, pinned=pinned),
+                ModelState,
             )
-            results.append(AdminWorkerResult(address=worker.address, result=answer.model_dump()))
+            results.append(AdminWorkerResult(address=worker.address, result=answer))
         await router.refresh()
         return AdminModelAnswer(model=body.model, workers=results)
 

@@ -375,6 +375,12 @@ class Router:
         worker = next((w for w in self._view or [] if w.address == address), None)
         return worker is None or state_of(worker.status, model) == "loaded"
 
+    def load_failed(self, model: str, address: str) -> None:
+        """The worker at `address` could not load `model`: the next request loads it elsewhere (it stays in rotation
+        for its other models)."""
+        logger.warning("worker %s could not load %s", address, model)
+        self.placement.failed(address, model)
+
     def holders(self, model: str) -> list[WorkerInfo]:
         """The workers in the view that hold `model` or are loading it."""
         return [w for w in self._serving(model) if state_of(w.status, model) in HELD]

@@ -7,7 +7,8 @@ choice (`ChoiceSpec`):
     early failure (400 context_length_exceeded, 404, 429, 503 from the worker) is a plain JSON error with the right
     status, never a 200 with an error inside;
   * failover (`ChoiceStream`): a worker that fails before its first chunk is replaced by another worker of the
-    model; one that fails after it (dies, errs, aborts, or goes silent past the `Timeouts`) has its generation
+    model (one that could not load the model stays in rotation for its other models: `set_aside`); one that fails
+    after it (dies, errs, aborts, or goes silent past the `Timeouts`) has its generation
     resumed on another one from the token ids already received, under the same answer: no duplicate, no gap, and
     usage counts each token once. Only when no worker is left does the caller see an error. A worker that does not
     hold the model yet loads it before its first chunk (`Timeouts.load_s` more); one whose load outlasts its own
@@ -47,6 +48,7 @@ logger = logging.getLogger("lmfleet.api")
 
 T = TypeVar("T")
 MODEL_LOADING = "model_loading"  # a worker's 503 code: the model is still loading there
+MODEL_LOAD_FAILED = "model_load_failed"  # a worker's 503 code: it could not load the model (its other models are fine)
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,10 @@ class WorkerPool(Protocol):
 
     def holds(self, model: str, address: str) -> bool:
         """Whether the worker has `model` loaded, as far as the pool knows (else it loads it first)."""
+        ...
+
+    def load_failed(self, model: str, address: str) -> None:
+        """The worker could not load `model`: load it elsewhere, without taking the worker out of rotation."""
         ...
 
 
@@ -174,6 +180,17 @@ def another_worker_may_help(exc: errors.LmfleetError) -> bool:
     if exc.code == MODEL_LOADING:
         return False
     return exc.status >= 500 or isinstance(exc, errors.QueueFull)
+
+
+def set_aside(pool: WorkerPool, model: str, address: str, exc: errors.LmfleetError) -> None:
+    """What a failure before the first chunk says about the worker: a full one (429) is healthy; one that could not
+    load the model still serves its others (the model loads elsewhere); any other is ejected."""
+    if isinstance(exc, errors.QueueFull):
+        return
+    if exc.code == MODEL_LOAD_FAILED:
+        pool.load_failed(model, address)
+    else:
+        pool.eject(address, exc.message)
 
 
 def worse(previous: errors.LmfleetError | None, exc: errors.LmfleetError) -> errors.LmfleetError:
@@ -256,8 +273,7 @@ class ChoiceStream:
                 lease.release()
                 if not another_worker_may_help(exc):
                     raise
-                if not isinstance(exc, errors.QueueFull):  # a full worker is healthy
-                    backend.pool.eject(lease.address, exc.message)
+                set_aside(backend.pool, backend.model, lease.address, exc)
                 failure, moved = worse(failure, exc), exc
                 continue
             except BaseException:

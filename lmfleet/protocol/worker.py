@@ -389,16 +389,9 @@ class DetokenizeResponse(BaseModel):
     prompt: str
 
 
-class WorkerModelRequest(BaseModel):
-    """`POST /worker/models/load`, `/worker/models/unload` and `/worker/models/pin` on a worker that loads models on
-    demand (the API server's admin routes forward to them): the model, and for `pin` whether to pin it (a pinned
-    model is never unloaded to make room)."""
+class ModelActionRequest(BaseModel):
+    """`POST /worker/models/load`, `/worker/models/unload`, `/worker/models/pin` on a multi-model worker (answered
+    with the model's `ModelState`); `pinned` is read by `pin` only (false: unpin)."""
 
     model: ModelName
-    pinned: bool | None = None  # pin only
-
-
-class WorkerModelAnswer(BaseModel):
-    """A worker's answer to one of those routes, passed on as it is (the model's state, as the worker says)."""
-
-    model_config = ConfigDict(extra="allow")
+    pinned: bool = True

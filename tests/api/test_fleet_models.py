@@ -186,20 +186,22 @@ async def test_admin_load_unload_and_pin_go_to_the_right_workers() -> None:
     async with serve(fleet) as api:
         resp = await api.raw.post("/admin/models/load", json={"model": "m3"})
         assert resp.status_code == 200, resp.text
-        assert resp.json() == {
-            "object": "admin.models",
-            "model": "m3",
-            "workers": [{"address": b.address, "result": {"name": "m3", "state": "loaded", "pinned": False}}],
-        }  # b has room; a would have to evict the m1 it holds
-        assert (a.model_calls, b.model_calls) == ([], [("load", {"model": "m3"})])
+        answer = resp.json()
+        assert answer["object"] == "admin.models" and answer["model"] == "m3"
+        assert [(w["address"], w["result"]["name"], w["result"]["state"]) for w in answer["workers"]] == [
+            (b.address, "m3", "loaded")  # b has room; a would have to evict the m1 it holds
+        ]
+        assert (a.model_calls, [(action, body["model"]) for action, body in b.model_calls]) == ([], [("load", "m3")])
 
         resp = await api.raw.post("/admin/models/unload", json={"model": "m1"})
         assert [w["address"] for w in resp.json()["workers"]] == [a.address, b.address]  # every holder
         resp = await api.raw.post("/admin/models/pin", json={"model": "m2", "pinned": True})
         assert [w["address"] for w in resp.json()["workers"]] == [b.address]
         assert b.model_calls[-1] == ("pin", {"model": "m2", "pinned": True})
+        await api.raw.post("/admin/models/pin", json={"model": "m2", "pinned": False})
+        assert b.model_calls[-1] == ("pin", {"model": "m2", "pinned": False})
         resp = await api.raw.post("/admin/models/unload", json={"model": "m2", "worker": a.address})
-        assert resp.status_code == 200 and a.model_calls[-1] == ("unload", {"model": "m2"})
+        assert resp.status_code == 200 and a.model_calls[-1][0] == "unload" and a.model_calls[-1][1]["model"] == "m2"
 
         assert_error(await api.raw.post("/admin/models/load", json={"model": "nope"}), 404, param="model")
         resp = await api.raw.post("/admin/models/load", json={"model": "m1", "worker": "http://elsewhere.test"})
@@ -260,3 +262,15 @@ async def test_a_load_that_outlasts_the_workers_wait_is_a_503_to_retry_not_a_loa
         assert_error(resp, 503, code="model_loading")
         assert sum(len(w.requests) for w in fleet.workers.values()) == 1
         assert not any(api.router.is_ejected(w.address) for w in fleet.workers.values())
+
+
+async def test_a_worker_that_cannot_load_the_model_stays_in_rotation_and_the_model_loads_elsewhere() -> None:
+    fleet = on_demand("a", "b")
+    report(fleet, "a", budget=16 * GB)  # the roomier: chosen first
+    failed = {"message": "m3 failed to load", "type": "service_unavailable_error", "code": "model_load_failed"}
+    fleet.workers["a"].reject = (503, {"error": {**failed, "param": None}})
+    async with serve(fleet) as api:
+        for _ in range(3):
+            assert await chat(api, "m3") == expected_reply(WORDS)
+        assert served_by(fleet) == {"a": 1, "b": 3}  # tried once, then passed over
+        assert not api.router.is_ejected(fleet.workers["a"].address)  # its other models are fine
