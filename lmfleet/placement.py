@@ -13,7 +13,7 @@ Owns
     loading it, then those that could load it.
   * `load_target(workers, model, ...)`: the one worker that should load a model nobody holds. It has room (its
     `memory_budget_bytes` minus the memory its models hold, against the memory the model took when last seen
-    loaded), or can make room by unloading models that are not pinned; among those it prefers evicting copies
+    loaded), or can make room by unloading idle models that are not pinned; among those it prefers evicting copies
     that another worker also holds over the fleet's only copy, then evicting less, then the most room left; a
     worker that cannot make room at all, or whose last load of the model failed, only when there is no other.
     So one popular model does not push the others out of the whole fleet: it goes where there is room first,
@@ -110,8 +110,16 @@ class Cost:
     room_left: float  # negated: the most room left after the load first
 
 
-def cost(worker: WorkerInfo, model: str, need: int, holders: Callable[[str], int]) -> Cost:
-    """The cost of loading `model` (`need` bytes) on `worker`; `holders(name)` is how many workers hold `name`."""
+Busy = Callable[[str, str], bool]  # (address, model): requests are running on it, so it is not idle
+
+
+def _never_busy(_address: str, _model: str) -> bool:
+    return False
+
+
+def cost(worker: WorkerInfo, model: str, need: int, holders: Callable[[str], int], busy: Busy = _never_busy) -> Cost:
+    """The cost of loading `model` (`need` bytes) on `worker`; `holders(name)` is how many workers hold `name`,
+    `busy(address, name)` whether requests run on it there (only idle models can be unloaded)."""
     s = worker.status
     failed = state_of(s, model) == "failed"
     if s.memory_budget_bytes is None:  # it says nothing of its memory: it decides for itself
@@ -121,7 +129,11 @@ def cost(worker: WorkerInfo, model: str, need: int, holders: Callable[[str], int
         return Cost(False, failed, 0, 0, -float(free - need))
     # copies held elsewhere go first, then the largest (fewest evictions)
     evictable = sorted(
-        (m for m in s.models if m.state == "loaded" and not m.pinned and m.name != model),
+        (
+            m
+            for m in s.models
+            if m.state == "loaded" and not m.pinned and m.name != model and not busy(worker.address, m.name)
+        ),
         key=lambda m: (holders(m.name) <= 1, -m.memory_bytes),
     )
     sole = evicted = 0
@@ -134,7 +146,9 @@ def cost(worker: WorkerInfo, model: str, need: int, holders: Callable[[str], int
     return Cost(True, failed, sole, evicted, math.inf)
 
 
-def load_target(workers: Sequence[WorkerInfo], model: str, need: int, everyone: Sequence[WorkerInfo]) -> WorkerInfo:
+def load_target(
+    workers: Sequence[WorkerInfo], model: str, need: int, everyone: Sequence[WorkerInfo], busy: Busy = _never_busy
+) -> WorkerInfo:
     """The worker among `workers` (none of which holds `model`) that should load it: the cheapest by `cost`, ties
     broken by rendezvous hashing of (model, address), so every API server and controller that sees the same fleet
     chooses the same worker, and different models go to different workers. `everyone` is the whole view, to tell
@@ -149,7 +163,7 @@ def load_target(workers: Sequence[WorkerInfo], model: str, need: int, everyone: 
 
     def key(w: WorkerInfo) -> tuple[Cost, bytes]:
         rendezvous = hashlib.blake2b(f"{model}\0{w.address}".encode(), digest_size=8).digest()
-        return cost(w, model, need, lambda name: counts.get(name, 0)), rendezvous
+        return cost(w, model, need, lambda name: counts.get(name, 0), busy), rendezvous
 
     return min(workers, key=key)
 
@@ -200,10 +214,13 @@ class Placement:
         """model -> the worker this server chose to load it, while that choice stands."""
         return {model: address for model, (address, _) in self._targets.items()}
 
-    def candidates(self, pool: Sequence[WorkerInfo], model: str, everyone: Sequence[WorkerInfo]) -> list[WorkerInfo]:
+    def candidates(
+        self, pool: Sequence[WorkerInfo], model: str, everyone: Sequence[WorkerInfo], busy: Busy = _never_busy
+    ) -> list[WorkerInfo]:
         """The workers of `pool` (all serve `model`) a request for it may go to: those that hold it; else those
-        loading it, the load target this server chose included; else one worker chosen to load it (`load_target`),
-        remembered as the target. Empty only when `pool` is."""
+        loading it, the load target this server chose included; else one worker chosen to load it (`load_target`;
+        `busy`: which models have requests running, so cannot be unloaded), remembered as the target. Empty only
+        when `pool` is."""
         holding, loading, rest = tiers(pool, model)
         if holding:
             return holding
@@ -216,7 +233,7 @@ class Placement:
             return []
         now = self._clock()
         fresh = [w for w in rest if now - self._failed.get((w.address, model), -math.inf) > self.grace_s]
-        chosen = load_target(fresh or rest, model, self.size(model), everyone)
+        chosen = load_target(fresh or rest, model, self.size(model), everyone, busy)
         self.chose(model, chosen.address)
         return [chosen]
 

@@ -116,3 +116,11 @@ def test_equal_workers_get_the_same_choice_everywhere_and_different_models_sprea
     chosen = [load_target(fleet, f"x{i}", GB, fleet).address for i in range(8)]
     assert chosen == [load_target(list(reversed(fleet)), f"x{i}", GB, fleet).address for i in range(8)]
     assert len(set(chosen)) > 1
+
+
+def test_a_model_with_requests_running_is_not_counted_on_to_make_room() -> None:
+    roomier = worker("a", budget=int(4.5 * GB), m1=("loaded", 3))  # unloading m1 would leave it the most room
+    other = worker("b", budget=4 * GB, m2=("loaded", 3))
+    assert load_target([roomier, other], "m3", 2 * GB, [roomier, other]) is roomier
+    busy = {("http://a", "m1")}
+    assert load_target([roomier, other], "m3", 2 * GB, [roomier, other], lambda a, m: (a, m) in busy) is other

@@ -128,6 +128,7 @@ class Router:
         self.controller_up: bool | None = None  # None: not asked yet
         self._ever_up = False
         self.placement = Placement(clock=clock)
+        self._open_models: Counter[tuple[str, str]] = Counter()  # leases per (worker address, model)
         self._expected = frozenset(expected)
         self._on_model_event = on_model_event
 
@@ -353,14 +354,14 @@ class Router:
         healthy = [w for w in candidates if w.address not in self._ejected]
         chosen = self._policy([self._counting_own(w) for w in healthy or candidates], self._rng)
         self._open[chosen.address] += 1
-        return Lease(chosen.address, self._release)
+        return self._lease(model, chosen.address)
 
     def _placed(self, model: str, serving: list[WorkerInfo], exclude: Collection[str]) -> list[WorkerInfo]:
         """The workers of `serving` a request for `model` may go to (lmfleet.placement.Placement.candidates), among
         the healthy ones not in `exclude`, or, when every one of those is ejected, among all not in `exclude`."""
         untried = [w for w in serving if w.address not in exclude]
         healthy = [w for w in untried if w.address not in self._ejected]
-        return self.placement.candidates(healthy or untried, model, self._view or [])
+        return self.placement.candidates(healthy or untried, model, self._view or [], self._busy)
 
     def load_target(self, model: str) -> WorkerInfo | None:
         """Where `model` is or goes: a healthy worker that holds it, is loading it, or is chosen now to load it (as
@@ -384,6 +385,22 @@ class Router:
     def holders(self, model: str) -> list[WorkerInfo]:
         """The workers in the view that hold `model` or are loading it."""
         return [w for w in self._serving(model) if state_of(w.status, model) in HELD]
+
+    def _lease(self, model: str, address: str) -> Lease:
+        """A lease on `address` for a request for `model` (counted per model too: a model with requests open here is
+        not idle, so placement does not count on its eviction)."""
+        self._open_models[(address, model)] += 1
+
+        def release(address: str) -> None:
+            self._release(address)
+            self._open_models[(address, model)] -= 1
+            if self._open_models[(address, model)] <= 0:
+                del self._open_models[(address, model)]
+
+        return Lease(address, release)
+
+    def _busy(self, address: str, model: str) -> bool:
+        return self._open_models[(address, model)] > 0
 
     def _release(self, address: str) -> None:
         self._open[address] -= 1
