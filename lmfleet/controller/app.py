@@ -41,8 +41,8 @@ controller only calls a worker's `/worker_get_status` for a request that passed 
 (the default), anyone who can reach the controller can register a worker and attract traffic: bind it to
 127.0.0.1 (the default) or set a secret.
 
-Does not own: the registry's rules and background work (`registry`, `etcd`), choosing a worker (`dispatch`), the
-CLI and the bind address. Never sees a token.
+Does not own: the registry's rules and background work (`registry`, `etcd`), choosing a worker (`dispatch`, and
+`placement` for which workers of a model may take a request), the CLI and the bind address. Never sees a token.
 """
 
 from __future__ import annotations
