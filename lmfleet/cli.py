@@ -55,6 +55,7 @@ _API_FLAGS = (
     ("--max-message-chars", "max_message_chars"),
     ("--first-token-timeout", "first_token_timeout"),
     ("--inter-token-timeout", "inter_token_timeout"),
+    ("--model-load-timeout", "model_load_timeout"),
     ("--default-model", "default_model"),
     ("--responses-db", "responses_db"),
 )
@@ -173,11 +174,15 @@ def serve_plan(args: argparse.Namespace) -> ServePlan:
         api.append("--no-responses-store")
     if args.metrics_public:
         api.append("--metrics-public")
+    api += ["--expect-models", ",".join(sorted(served))]  # 503 while they start, not 404
     children.append(Child("api", api + _flags(args, _API_FLAGS) + log))
     env = {"LMFLEET_REGISTRATION_SECRET": os.environ.get("LMFLEET_REGISTRATION_SECRET") or secrets.token_urlsafe(24)}
     keys = flags.api_keys(args)
     if keys:
         env["LMFLEET_API_KEYS"] = ",".join(keys)  # through the environment, not argv: keys stay out of `ps`
+    admin = flags.admin_keys(args)
+    if admin:
+        env["LMFLEET_ADMIN_KEYS"] = ",".join(admin)
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     return ServePlan(
         children, api_url=f"http://{host}:{args.port}", models=served, env=env, api_key=keys[0] if keys else None

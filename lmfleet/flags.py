@@ -63,6 +63,14 @@ def api_keys(args: argparse.Namespace) -> list[str] | None:
     return keys or None
 
 
+def admin_keys(args: argparse.Namespace) -> list[str] | None:
+    """The API server's admin keys: --admin-keys, then $LMFLEET_ADMIN_KEYS; None when none."""
+    keys = csv(args.admin_keys) if args.admin_keys else []
+    if os.environ.get("LMFLEET_ADMIN_KEYS"):
+        keys += csv(os.environ["LMFLEET_ADMIN_KEYS"])
+    return keys or None
+
+
 _FASTCHAT_SWITCHES = {"--load-8bit", "--cpu-offloading", "--embed-in-truncate", "--debug", "--allow-credentials"}
 
 

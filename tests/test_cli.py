@@ -102,6 +102,8 @@ def test_serve_waits_for_model_names_not_a_count_of_workers(monkeypatch: pytest.
     parse = cli.build_parser().parse_args
     named = cli.serve_plan(parse(["serve", "--model-path", str(a), "--model-names", "x,y", "--model-path", str(b)]))
     assert named.models == {"x", "y", str(b)}
+    api = named.children[-1].argv  # the API server answers 503 (starting), not 404, for them until they register
+    assert api[api.index("--expect-models") + 1].split(",") == sorted(named.models)
     replicas = cli.serve_plan(parse(["serve", "--model-path", str(a), "--model-path", str(a)]))
     assert replicas.models == {str(a)} and len(replicas.children) == 4
 

@@ -1,8 +1,9 @@
 """The OpenAI-compatible API server: the public data plane. Never imports torch.
 
 Routes
-    GET  /v1/models              the models of the live workers in the cached view, as OpenAI model cards
-    GET  /v1/models/{model}      one card, or 404 model_not_found
+    GET  /v1/models              every model the live workers in the cached view can serve, loaded or not, as
+                                 OpenAI model cards with llama-server's `status` ({"value": loaded|loading|unloaded})
+    GET  /v1/models/{model}      one card, or 404 model_not_found (503 for a model the server expects, starting)
     POST /v1/chat/completions    ChatCompletionRequest -> ChatCompletion | SSE of ChatCompletionChunk
     POST /v1/completions         CompletionRequest -> Completion | SSE of CompletionChunk
     POST /                       = /v1/chat/completions (FastChat users post here, often without `model`)
@@ -19,6 +20,8 @@ Routes
     GET  /docs, /redoc, /openapi.json   served offline (lmfleet.docs)
     GET  /ui, /v1/fleet, GET /   the web page: chat playground and fleet dashboard (lmfleet.api.ui)
     GET  /metrics                Prometheus (lmfleet.api.metrics); needs a key unless `metrics_public`
+    POST /admin/models/{load,unload,pin}   the operator's model controls (lmfleet.api.admin); the admin keys when
+                                 set, else an API key
 
 Owns: the request edge (API keys, CORS; body size and JSON sanity are lmfleet.guard's, public routes and
 per-request limits lmfleet.api.access's, the one request timer lmfleet.metrics'), and which renderer answers each
@@ -33,12 +36,13 @@ through unchanged.
 
 Errors: every error body is `{"error": {"message", "type", "param", "code"}}` (lmfleet.errors), but on the
 Anthropic routes, where it is `{"type": "error", "error": {"type", "message"}}` with the same status. Unknown model
-→ 404 model_not_found; a model served a moment ago with no worker now → 503 no_worker_available
-(lmfleet.api.routing); a worker failure no other worker could make up for → 502 (or an SSE error event once the
-answer has started); API key (`Authorization: Bearer` or `x-api-key`) missing or wrong → 401 (on every route but
-`access.PUBLIC_PATHS`); body over `max_request_bytes` → 413; a body that is not one sane JSON object → 400
-(lmfleet.guard); a value over an operator's limit → 400 naming it
-(`access.RequestLimits`). FastAPI's 422 never appears, in answers or in the OpenAPI schema.
+→ 404 model_not_found; a model served a moment ago with no worker now, or one of `expected_models` before its
+worker registers → 503 no_worker_available with Retry-After (lmfleet.api.routing); a worker failure no other worker
+could make up for → 502 (or an SSE error event once the answer has started); API key (`Authorization: Bearer` or
+`x-api-key`) missing or wrong → 401 (on every route but `access.PUBLIC_PATHS`; an API key on an admin route when
+admin keys are set → 403); body over `max_request_bytes` → 413; a body that is not one sane JSON object → 400
+(lmfleet.guard); a value over an operator's limit → 400 naming it (`access.RequestLimits`). FastAPI's 422 never
+appears, in answers or in the OpenAPI schema.
 
 Resources (one pooled httpx client, the controller and worker clients, the router and its refresh task) live in
 the lifespan state; nothing happens at import.
@@ -65,11 +69,12 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lmfleet import __version__, docs, errors
+from lmfleet.api import admin as admin_api
 from lmfleet.api import messages as messages_api
 from lmfleet.api import rerank as rerank_api
 from lmfleet.api import responses as responses_api
 from lmfleet.api import ui
-from lmfleet.api.access import PUBLIC_PATHS, RequestLimits, needs_key, presented_key
+from lmfleet.api.access import PUBLIC_PATHS, RequestLimits, needs_key, presented_key, route_path
 from lmfleet.api.answer import AnswerPath
 from lmfleet.api.fastchat_upstream import FallbackControllerClient, MixedWorkerClient
 from lmfleet.api.fleet import FleetStats
@@ -95,6 +100,7 @@ from lmfleet.protocol.openai import (
     CompletionRequest,
     ModelCard,
     ModelList,
+    ModelStatus,
 )
 from lmfleet.protocol.tokenize import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from lmfleet.protocol.worker import DetokenizeResponse as WorkerDetokenized
@@ -121,18 +127,24 @@ class ApiSettings:
     dispatch_policy: str = DEFAULT_POLICY  # a key of lmfleet.dispatch.POLICIES
     first_token_timeout_s: float = 60.0  # a worker silent this long before its first chunk has failed
     inter_token_timeout_s: float = 30.0  # ... or this long between two chunks
+    model_load_timeout_s: float = 300.0  # ... and this much more before its first chunk when it loads the model first
     refresh_interval_s: float = 1.0  # how often the worker view is fetched from the controller
     eject_backoff_s: float = 1.0  # an ejected worker stays out at least this long
     drain_timeout_s: float = DEFAULT_TIMEOUT_S  # on SIGTERM: how long requests in progress may take to finish
     # stored responses (/v1/responses): a SQLite file, TEMPORARY (deleted at exit), or None: nothing is stored
     responses_db: str | None = TEMPORARY
     metrics_public: bool = False  # GET /metrics without an API key (a scraper that holds none)
+    # the admin routes' keys (lmfleet.api.admin); None: an API key (or none, without API keys) will do
+    admin_keys: list[str] | None = field(default=None, repr=False)
+    expected_models: list[str] = field(default_factory=list)  # 503 (starting), not 404, until a worker serves them
 
     def __post_init__(self) -> None:
         if not self.controller_addresses:
             raise ValueError("controller_address must name at least one controller")
-        if self.api_keys is not None and (not self.api_keys or not all(self.api_keys)):
-            raise ValueError("api_keys must be None or a list of non-empty keys")
+        for name in ("api_keys", "admin_keys"):
+            keys = getattr(self, name)
+            if keys is not None and (not keys or not all(keys)):
+                raise ValueError(f"{name} must be None or a list of non-empty keys")
         if self.max_request_bytes < 1:
             raise ValueError("max_request_bytes must be positive")
         get_policy(self.dispatch_policy)
@@ -142,7 +154,11 @@ class ApiSettings:
                 raise ValueError(f"{name} must be positive")
 
     def timeouts(self) -> Timeouts:
-        return Timeouts(first_token_s=self.first_token_timeout_s, inter_token_s=self.inter_token_timeout_s)
+        return Timeouts(
+            first_token_s=self.first_token_timeout_s,
+            inter_token_s=self.inter_token_timeout_s,
+            load_s=self.model_load_timeout_s,
+        )
 
     @property
     def controller_addresses(self) -> list[str]:
@@ -165,25 +181,43 @@ class ApiState(TypedDict):
 
 class ApiKeyGate:
     """An API key (`Authorization: Bearer <key>` or `x-api-key: <key>`: access.presented_key) on every route but
-    `access.PUBLIC_PATHS` (/health, /ready, the docs and /openapi.json), unknown paths included. Each key is
-    compared in constant time; the presented key is never logged or echoed."""
+    `access.PUBLIC_PATHS` (/health, /ready, the docs and /openapi.json), unknown paths included; with admin keys,
+    one of those on the admin routes (lmfleet.api.admin; an API key there is 403) and no key elsewhere unless
+    there are API keys too. Each key is compared in constant time; the presented key is never logged or echoed."""
 
-    def __init__(self, app: ASGIApp, keys: Sequence[str], public: frozenset[str] = PUBLIC_PATHS) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        keys: Sequence[str] | None,
+        public: frozenset[str] = PUBLIC_PATHS,
+        admin_keys: Sequence[str] | None = None,
+    ) -> None:
         self.app = app
-        self._keys = BearerSecrets(keys)
+        self._keys = BearerSecrets(keys) if keys else None
+        self._admin = BearerSecrets(admin_keys) if admin_keys else None
         self._public = public
 
-    def _authorized(self, scope: Scope) -> bool:
-        return self._keys.match_token(presented_key(Headers(scope=scope)))
+    def _refusal(self, scope: Scope) -> errors.LmfleetError | None:
+        if scope["type"] != "http":
+            return None
+        key = presented_key(Headers(scope=scope))
+        if self._admin is not None and route_path(scope).startswith(admin_api.ADMIN_PREFIX):
+            if self._admin.match_token(key):
+                return None
+            if self._keys is not None and self._keys.match_token(key):
+                return errors.Forbidden("This route needs an admin key.")
+        elif self._keys is None or not needs_key(scope, self._public) or self._keys.match_token(key):
+            return None
+        return errors.AuthenticationFailed(
+            "Missing or invalid API key: send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'.",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and needs_key(scope, self._public) and not self._authorized(scope):
-            logger.info("refused %s %s: missing or invalid API key", scope["method"], scope["path"])
-            exc = errors.AuthenticationFailed(
-                "Missing or invalid API key: send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'.",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-            await errors.response(exc, scope)(scope, receive, send)
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            logger.info("refused %s %s: %s", scope["method"], scope["path"], refusal.message)
+            await errors.response(refusal, scope)(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
@@ -275,6 +309,8 @@ def create_app(
                 refresh_interval_s=settings.refresh_interval_s,
                 eject_backoff_s=settings.eject_backoff_s,
                 on_eject=lambda _address: metrics.ejections.inc(),
+                expected=settings.expected_models,
+                on_model_event=metrics.model_event,
             )
             metrics.router = router
             refresher = asyncio.create_task(router.run(), name="lmfleet-api-worker-view")
@@ -310,9 +346,9 @@ def create_app(
     _strip_validation_422(app)
     # Added innermost first: CORS (answers preflights) → API keys → body size and JSON sanity → routes.
     app.add_middleware(RequestGuard, max_bytes=settings.max_request_bytes)
-    if settings.api_keys:
+    if settings.api_keys or settings.admin_keys:
         public = PUBLIC_PATHS | {METRICS_PATH} if settings.metrics_public else PUBLIC_PATHS
-        app.add_middleware(ApiKeyGate, keys=settings.api_keys, public=public)
+        app.add_middleware(ApiKeyGate, keys=settings.api_keys, public=public, admin_keys=settings.admin_keys)
     if settings.allow_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -356,7 +392,13 @@ def create_app(
 
     def card(request: Request, name: str) -> ModelCard:
         router: Router = request.state.router
-        return ModelCard(id=name, created=request.state.started, max_model_len=router.context_length(name))
+        state, failed = router.model_state(name)
+        return ModelCard(
+            id=name,
+            created=request.state.started,
+            max_model_len=router.context_length(name),
+            status=ModelStatus(value=state, failed=failed),
+        )
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS, tags=["openai"])
     async def list_models(request: Request) -> ModelList:
@@ -368,7 +410,7 @@ def create_app(
         router: Router = request.state.router
         name = router.resolve(model)
         if name not in await router.models():
-            raise errors.ModelNotFound(f"The model `{model}` does not exist.", param="model")
+            raise router.unknown(model)
         return card(request, name)
 
     async def one_reply(
@@ -437,5 +479,6 @@ def create_app(
     messages = messages_api.MessagesConfig(path=answer_path, one_reply=one_reply)
     messages_api.add_routes(app, messages, errors_doc=_ERRORS)
 
+    admin_api.add_routes(app, errors_doc=_ERRORS)
     ui.install(app, stats)
     return app

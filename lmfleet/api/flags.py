@@ -40,6 +40,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
         choices=sorted(POLICIES),
         help="how a worker is picked from the API server's view",
     )
+    p.add_argument(
+        "--expect-models",
+        type=flags.csv,
+        default=[],
+        help="comma-separated models this server answers 503 (starting, retry) rather than 404 until a worker "
+        "serves them (`lmfleet serve` passes its plan's models)",
+    )
     drain = ApiSettings().drain_timeout_s
     p.add_argument(
         "--drain-timeout",
@@ -93,6 +100,14 @@ def add_client_args(p: argparse.ArgumentParser) -> None:
         help="seconds a worker may stay silent "
         f"mid-stream before the generation is resumed on another worker (default {inter:g})",
     )
+    load = defaults.model_load_timeout_s
+    p.add_argument(
+        "--model-load-timeout",
+        type=float,
+        default=load,
+        help="seconds more a worker that loads models on demand may take before its first chunk when it loads the "
+        f"model first (default {load:g})",
+    )
     p.add_argument(
         "--api-keys",
         default=None,
@@ -100,6 +115,12 @@ def add_client_args(p: argparse.ArgumentParser) -> None:
         "(also $LMFLEET_API_KEYS; prefer --api-key-file to keep keys out of `ps`)",
     )
     p.add_argument("--api-key-file", default=None, help="file with one API key per line")
+    p.add_argument(
+        "--admin-keys",
+        default=None,
+        help="comma-separated keys for the admin routes (/admin/models/load, unload, pin), which then take no "
+        "API key (also $LMFLEET_ADMIN_KEYS; default: an API key will do)",
+    )
     p.add_argument(
         "--metrics-public",
         action="store_true",
@@ -149,9 +170,12 @@ def settings(args: argparse.Namespace) -> ApiSettings:
             dispatch_policy=args.dispatch_method,
             first_token_timeout_s=args.first_token_timeout,
             inter_token_timeout_s=args.inter_token_timeout,
+            model_load_timeout_s=args.model_load_timeout,
             drain_timeout_s=args.drain_timeout,
             responses_db=None if args.no_responses_store else (args.responses_db or TEMPORARY),
             metrics_public=args.metrics_public,
+            admin_keys=flags.admin_keys(args),
+            expected_models=args.expect_models,
         )
     except ValueError as exc:
         raise SystemExit(f"lmfleet api: {exc}") from None

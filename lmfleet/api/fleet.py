@@ -12,9 +12,10 @@ Owns
     (lmfleet.api.routing) with its state — `ready`, `ejected` (this server took it out of rotation; `reason` says
     why) or `draining` (it left the controller while this server still streams from it) — its load as last
     reported (running, queued, KV cache use when the worker reports `kv_cache_usage`, its prefix cache's hit rate
-    when it reports `prefix_cache_hit_rate`), the tokens per second this
-    server relayed from it, how long ago its last heartbeat was seen; and requests per second and latency
-    percentiles, now and as a history of `step_s` buckets.
+    when it reports `prefix_cache_hit_rate`), the tokens per second this server relayed from it, how long ago its
+    last heartbeat was seen, and, for a worker that loads models on demand, each model's state, memory, pin and last
+    load time with the memory it holds against its budget; and requests per second and latency percentiles, now and
+    as a history of `step_s` buckets.
 
 Does not own: the worker view and health (lmfleet.api.routing), the route and the page (lmfleet.api.ui), timing
 requests and metrics for scrapers (lmfleet.metrics).
@@ -33,6 +34,8 @@ from pydantic import BaseModel, Field
 
 from lmfleet.api.routing import Router
 from lmfleet.metrics import TimedRequest
+from lmfleet.placement import held_bytes
+from lmfleet.protocol.worker import ModelLoadState
 
 # POSTed to these, a request generates
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/", "/v1/responses", "/v1/messages"})
@@ -138,9 +141,22 @@ ControllerState = Literal["up", "down", "unknown"]
 _CONTROLLER: dict[bool | None, ControllerState] = {True: "up", False: "down", None: "unknown"}
 
 
+class FleetModel(BaseModel):
+    """One model of a worker that loads models on demand, as it reports it."""
+
+    name: str
+    state: ModelLoadState
+    pinned: bool = False
+    memory_bytes: int = Field(default=0, description="memory it holds now")
+    load_seconds: float | None = Field(default=None, description="how long its last load took")
+
+
 class FleetWorker(BaseModel):
     address: str
     models: list[str]
+    model_states: list[FleetModel] = Field(default_factory=list, description="empty for a one-model worker")
+    memory_bytes: int | None = Field(default=None, description="memory its models hold (on-demand workers)")
+    memory_budget_bytes: int | None = Field(default=None, description="memory it may hold in models, if it says")
     engine: str | None = None
     state: WorkerState
     reason: str | None = Field(default=None, description="why this server ejected it")
@@ -191,6 +207,18 @@ def snapshot(router: Router, stats: FleetStats) -> FleetView:
             FleetWorker(
                 address=info.address,
                 models=s.model_names,
+                model_states=[
+                    FleetModel(
+                        name=m.name,
+                        state=m.state,
+                        pinned=m.pinned,
+                        memory_bytes=m.memory_bytes,
+                        load_seconds=m.load_seconds,
+                    )
+                    for m in s.models
+                ],
+                memory_bytes=held_bytes(s) if s.models else None,
+                memory_budget_bytes=s.memory_budget_bytes,
                 engine=s.engine,
                 state="ejected" if ejection else "ready",
                 reason=ejection.reason if ejection else None,

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from lmfleet import errors
 from lmfleet.api.fastchat_upstream import MixedWorkerClient
 from lmfleet.api.routing import Router
-from lmfleet.api.upstream import another_worker_may_help, next_worker, worse
+from lmfleet.api.upstream import another_worker_may_help, next_worker, set_aside, worse
 from lmfleet.protocol.worker import Task
 
 R = TypeVar("R", bound=BaseModel)
@@ -57,8 +57,7 @@ async def ask(
         except errors.LmfleetError as exc:
             if not another_worker_may_help(exc):
                 raise
-            if not isinstance(exc, errors.QueueFull):
-                router.eject(lease.address, exc.message)
+            set_aside(router, model, lease.address, exc)
             failure = worse(failure, exc)
         finally:
             lease.release()

@@ -20,10 +20,14 @@ Owns
     to hold may have come through another API server moments ago: the view is refreshed first (at most once per
     `MISS_REFRESH_S`), in case its worker has reported it since. When every worker of the model is ejected they are all
     candidates again: an attempt beats a certain 503 (Envoy calls this panic routing).
-  * which model names exist: those of the workers in the view; a model that was served within `model_memory_s`
-    and has no worker now is 503 no_worker_available (its replicas are restarting: retry), any other 404. A name
-    no worker serves but exactly one model's workers give as an alias (the file or folder name of an unnamed
-    model) resolves to that model (`resolve`).
+  * which workers of a model a request may go to, before the pick (lmfleet.placement): those that hold it loaded;
+    else those loading it, or the one this server chose to load it; else one worker chosen to load it, by room.
+    A worker that loads models on demand serves every model it lists, loaded or not.
+  * which model names exist: those of the workers in the view (loaded or not); a model that was served within
+    `model_memory_s` and has no worker now, or one the operator said to expect (`expected`: `lmfleet serve`'s
+    models while they start), is 503 no_worker_available (retry), any other 404. A name no worker serves but
+    exactly one model's workers give as an alias (the file or folder name of an unnamed model) resolves to that
+    model (`resolve`).
 
 Does not own: the HTTP calls (lmfleet.client), retrying, resuming and timeouts (lmfleet.api.upstream), the
 controller's registry. The clock and the random source are injected so tests drive them. Never imports torch.
@@ -45,6 +49,16 @@ from lmfleet import errors
 from lmfleet.api.affinity import Link, PrefixRecord
 from lmfleet.client import ControllerClient, WorkerClient
 from lmfleet.dispatch import AFFINITY_POLICIES, DEFAULT_POLICY, NO_AFFINITY, Affinity, Policy, get_policy, load
+from lmfleet.placement import (
+    HELD,
+    FleetState,
+    ModelEvent,
+    Placement,
+    context_length_of,
+    fleet_state,
+    state_of,
+    tasks_of,
+)
 from lmfleet.protocol.worker import Task, WorkerInfo
 
 logger = logging.getLogger("lmfleet.api")
@@ -93,8 +107,12 @@ class Router:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         on_eject: Callable[[str], None] | None = None,
+        expected: Collection[str] = (),
+        on_model_event: Callable[[ModelEvent], None] | None = None,
     ) -> None:
-        """`on_eject(address)` is called each time a worker in rotation is taken out (the metrics)."""
+        """`on_eject(address)` is called each time a worker in rotation is taken out, `on_model_event` for each
+        load and unload a refresh sees (the metrics). `expected`: models to answer 503, not 404, while no worker
+        serves them."""
         if not controllers:
             raise ValueError("a router needs at least one controller")
         self._controllers = list(controllers)
@@ -117,6 +135,10 @@ class Router:
         self._last_attempt = -math.inf
         self.controller_up: bool | None = None  # None: not asked yet
         self._ever_up = False
+        self.placement = Placement(clock=clock)
+        self._open_models: Counter[tuple[str, str]] = Counter()  # leases per (worker address, model)
+        self._expected = frozenset(expected)
+        self._on_model_event = on_model_event
 
     # -- the view ------------------------------------------------------------------------------------------------
 
@@ -181,6 +203,9 @@ class Router:
     def _apply(self, source: str, view: list[WorkerInfo]) -> None:
         now = self._clock()
         listed = {w.address: w for w in view}
+        for event in self.placement.observe(view):
+            if self._on_model_event is not None:
+                self._on_model_event(event)
         for address, ejection in list(self._ejected.items()):
             info = listed.get(address)
             if info is None:  # the controller forgot it (expired, unregistered): a new registration is fresh
@@ -256,10 +281,29 @@ class Router:
         return None if beat is None else self._clock() - beat[1]
 
     async def models(self) -> list[str]:
-        """Every model some worker in the view serves, sorted. ServiceUnavailable while no controller has ever
-        answered."""
+        """Every model some worker in the view serves (loaded or not), sorted. ServiceUnavailable while no
+        controller has ever answered."""
         await self._ensure_loaded()
         return sorted({name for w in self._view or [] for name in w.status.model_names})
+
+    def model_state(self, model: str) -> tuple[FleetState, bool]:
+        """`model`'s state across the view and whether its last load failed (lmfleet.placement.fleet_state)."""
+        return fleet_state(self._view or [], model)
+
+    def unknown(self, model: str) -> errors.LmfleetError:
+        """What a request for `model`, which no worker in the view serves, is told: 503 no_worker_available while
+        it is expected or was served within `model_memory_s`, else 404 model_not_found."""
+        if model in self._expected:
+            return errors.NoWorkerAvailable(
+                f"The model `{model}` is starting; retry in a moment.", headers={"Retry-After": "1"}
+            )
+        seen = self._seen.get(model)
+        if seen is not None and self._clock() - seen <= self.model_memory_s:
+            return errors.NoWorkerAvailable(
+                f"No worker for the model `{model}` is available right now; retry later.",
+                headers={"Retry-After": "1"},
+            )
+        return errors.ModelNotFound(f"The model `{model}` does not exist.", param="model")
 
     async def _ensure_loaded(self) -> None:
         if self._view is None:
@@ -284,27 +328,28 @@ class Router:
 
     def context_length(self, model: str) -> int | None:
         """The context every worker of `model` in the view takes (the smallest they report); None if none says."""
-        lengths = [w.status.context_length for w in self._serving(model) if w.status.context_length]
+        lengths = [n for w in self._serving(model) if (n := context_length_of(w.status, model))]
         return min(lengths) if lengths else None
 
     async def acquire(
         self, model: str, exclude: Collection[str] = (), *, task: Task | None = "generate", key: Sequence[Link] = ()
     ) -> Lease | None:
         """A lease on the worker to send a request for `model` to, among those that serve `task` (None: any) and
-        are not in `exclude` (the ones this request already tried); None when every such worker is excluded. `key`:
-        the request's prompt prefixes (lmfleet.api.affinity.prefix_key), recorded as sent to the chosen worker.
-        Raises ModelNotFound (404) for a model nobody serves, InvalidRequest (400) for one served only for another
-        task, NoWorkerAvailable (503) for one whose workers have all gone in the last `model_memory_s`,
-        ServiceUnavailable (503) while no controller has ever answered."""
+        are not in `exclude` (the ones this request already tried), and among those the ones placement allows
+        (`_placed`); None when every such worker is excluded. `key`: the request's prompt prefixes
+        (lmfleet.api.affinity.prefix_key), recorded as sent to the chosen worker. Raises ModelNotFound (404) for a
+        model nobody serves, InvalidRequest (400) for one served only for another task, NoWorkerAvailable (503) for
+        one whose workers have all gone in the last `model_memory_s` or that is expected, ServiceUnavailable (503)
+        while no controller has ever answered."""
         await self._ensure_loaded()
         serving = self._serving(model)
         if not serving:  # perhaps a worker registered since the last refresh
             await self.refresh(max_age_s=0.2)
             serving = self._serving(model)
         if serving and task is not None:
-            doing = [w for w in serving if task in w.status.tasks]
+            doing = [w for w in serving if task in tasks_of(w.status, model)]
             if not doing:
-                offered = sorted({t for w in serving for t in w.status.tasks})
+                offered = sorted({t for w in serving for t in tasks_of(w.status, model)})
                 raise errors.InvalidRequest(
                     f"The model `{model}` does not support {_TASK_NAMES[task]}; it serves "
                     f"{', '.join(_TASK_NAMES.get(t, t) for t in offered)}.",
@@ -312,13 +357,8 @@ class Router:
                 )
             serving = doing
         if not serving:
-            seen = self._seen.get(model)
-            if seen is not None and self._clock() - seen <= self.model_memory_s:
-                raise errors.NoWorkerAvailable(
-                    f"No worker for the model `{model}` is available right now; retry later.",
-                    headers={"Retry-After": "1"},
-                )
-            raise errors.ModelNotFound(f"The model `{model}` does not exist.", param="model")
+            raise self.unknown(model)
+        serving = self._placed(model, serving, exclude)
         candidates = [w for w in serving if w.address not in exclude]
         if not candidates:
             return None
@@ -329,7 +369,53 @@ class Router:
         if self._keyed:
             self._prefixes.sent(key, chosen.address)
         self._open[chosen.address] += 1
-        return Lease(chosen.address, self._release)
+        return self._lease(model, chosen.address)
+
+    def _placed(self, model: str, serving: list[WorkerInfo], exclude: Collection[str]) -> list[WorkerInfo]:
+        """The workers of `serving` a request for `model` may go to (lmfleet.placement.Placement.candidates), among
+        the healthy ones not in `exclude`, or, when every one of those is ejected, among all not in `exclude`."""
+        untried = [w for w in serving if w.address not in exclude]
+        healthy = [w for w in untried if w.address not in self._ejected]
+        return self.placement.candidates(healthy or untried, model, self._view or [], self._busy)
+
+    def load_target(self, model: str) -> WorkerInfo | None:
+        """Where `model` is or goes: a healthy worker that holds it, is loading it, or is chosen now to load it (as
+        a request would place it; the admin's load). None when no worker serves it."""
+        serving = self._serving(model)
+        placed = self._placed(model, serving, ())
+        return self._policy([self._counting_own(w) for w in placed], self._rng, NO_AFFINITY) if placed else None
+
+    def holds(self, model: str, address: str) -> bool:
+        """Whether the worker at `address` has `model` loaded as the view shows it (a worker not in the view: True,
+        nothing says otherwise)."""
+        worker = next((w for w in self._view or [] if w.address == address), None)
+        return worker is None or state_of(worker.status, model) == "loaded"
+
+    def load_failed(self, model: str, address: str) -> None:
+        """The worker at `address` could not load `model`: the next request loads it elsewhere (it stays in rotation
+        for its other models)."""
+        logger.warning("worker %s could not load %s", address, model)
+        self.placement.failed(address, model)
+
+    def holders(self, model: str) -> list[WorkerInfo]:
+        """The workers in the view that hold `model` or are loading it."""
+        return [w for w in self._serving(model) if state_of(w.status, model) in HELD]
+
+    def _lease(self, model: str, address: str) -> Lease:
+        """A lease on `address` for a request for `model` (counted per model too: a model with requests open here is
+        not idle, so placement does not count on its eviction)."""
+        self._open_models[(address, model)] += 1
+
+        def release(address: str) -> None:
+            self._release(address)
+            self._open_models[(address, model)] -= 1
+            if self._open_models[(address, model)] <= 0:
+                del self._open_models[(address, model)]
+
+        return Lease(address, release)
+
+    def _busy(self, address: str, model: str) -> bool:
+        return self._open_models[(address, model)] > 0
 
     async def _affinity(self, key: Sequence[Link], addresses: list[str]) -> dict[str, Affinity]:
         affinity = self._prefixes.affinity(key, addresses)

@@ -7,9 +7,12 @@ choice (`ChoiceSpec`):
     early failure (400 context_length_exceeded, 404, 429, 503 from the worker) is a plain JSON error with the right
     status, never a 200 with an error inside;
   * failover (`ChoiceStream`): a worker that fails before its first chunk is replaced by another worker of the
-    model; one that fails after it (dies, errs, aborts, or goes silent past the `Timeouts`) has its generation
+    model (one that could not load the model stays in rotation for its other models: `set_aside`); one that fails
+    after it (dies, errs, aborts, or goes silent past the `Timeouts`) has its generation
     resumed on another one from the token ids already received, under the same answer: no duplicate, no gap, and
-    usage counts each token once. Only when no worker is left does the caller see an error;
+    usage counts each token once. Only when no worker is left does the caller see an error. A worker that does not
+    hold the model yet loads it before its first chunk (`Timeouts.load_s` more); one whose load outlasts its own
+    wait (503 `model_loading`) is neither ejected nor replaced: the client is told to retry;
   * turning each worker chunk into a `ChoiceDelta`, the endpoint-neutral unit the renderers spell
     (lmfleet.api.render);
   * merging the n choice streams in arrival order (`merge`), with back-pressure towards the workers, and closing
@@ -51,6 +54,8 @@ from lmfleet.protocol.worker import GenerateChunk, GenerateRequest, Task, TokenL
 logger = logging.getLogger("lmfleet.api")
 
 T = TypeVar("T")
+MODEL_LOADING = "model_loading"  # a worker's 503 code: the model is still loading there
+MODEL_LOAD_FAILED = "model_load_failed"  # a worker's 503 code: it could not load the model (its other models are fine)
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,14 @@ class WorkerPool(Protocol):
 
     def eject(self, address: str, reason: str) -> None: ...
 
+    def holds(self, model: str, address: str) -> bool:
+        """Whether the worker has `model` loaded, as far as the pool knows (else it loads it first)."""
+        ...
+
+    def load_failed(self, model: str, address: str) -> None:
+        """The worker could not load `model`: load it elsewhere, without taking the worker out of rotation."""
+        ...
+
 
 @dataclass(frozen=True)
 class Timeouts:
@@ -114,9 +127,10 @@ class Timeouts:
 
     first_token_s: float = 60.0
     inter_token_s: float = 30.0
+    load_s: float = 300.0  # more for the first chunk from a worker that loads the model first (it waits as long)
 
     def __post_init__(self) -> None:
-        if not (self.first_token_s > 0 and self.inter_token_s > 0):
+        if not (self.first_token_s > 0 and self.inter_token_s > 0 and self.load_s > 0):
             raise ValueError("timeouts must be positive")
 
 
@@ -169,8 +183,23 @@ async def next_worker(
 
 
 def another_worker_may_help(exc: errors.LmfleetError) -> bool:
-    """A worker's failure (5xx, transport, timeout) or its being full (429) — not the client's mistake (4xx)."""
+    """A worker's failure (5xx, transport, timeout) or its being full (429) — not the client's mistake (4xx), nor a
+    load that outlasted the worker's wait (503 `model_loading`: the model is still loading there; another worker
+    would only start a second load, so the client is told to retry)."""
+    if exc.code == MODEL_LOADING:
+        return False
     return exc.status >= 500 or isinstance(exc, errors.QueueFull)
+
+
+def set_aside(pool: WorkerPool, model: str, address: str, exc: errors.LmfleetError) -> None:
+    """What a failure before the first chunk says about the worker: a full one (429) is healthy; one that could not
+    load the model still serves its others (the model loads elsewhere); any other is ejected."""
+    if isinstance(exc, errors.QueueFull):
+        return
+    if exc.code == MODEL_LOAD_FAILED:
+        pool.load_failed(model, address)
+    else:
+        pool.eject(address, exc.message)
 
 
 def worse(previous: errors.LmfleetError | None, exc: errors.LmfleetError) -> errors.LmfleetError:
@@ -245,8 +274,11 @@ class ChoiceStream:
             if moved is not None:
                 self._clock.retry(queue_full=isinstance(moved, errors.QueueFull))
             stream = backend.workers.generate(lease.address, request)
+            wait = backend.timeouts.first_token_s
+            if not backend.pool.holds(backend.model, lease.address):  # it loads the model first
+                wait += backend.timeouts.load_s
             try:
-                first = await _read(stream, backend.timeouts.first_token_s)
+                first = await _read(stream, wait)
                 if first is None:
                     raise errors.UpstreamError("the worker closed the stream without sending anything")
                 _raise_if_failed(first)
@@ -255,8 +287,7 @@ class ChoiceStream:
                 lease.release()
                 if not another_worker_may_help(exc):
                     raise
-                if not isinstance(exc, errors.QueueFull):  # a full worker is healthy
-                    backend.pool.eject(lease.address, exc.message)
+                set_aside(backend.pool, backend.model, lease.address, exc)
                 failure, moved = worse(failure, exc), exc
                 continue
             except BaseException:

@@ -7,8 +7,10 @@ validation, fetching a FastChat worker's status when it registers without one, a
     POST /register_worker      RegisterWorkerRequest -> WorkerInfo           (secret; networks)
     POST /receive_heart_beat   HeartbeatRequest -> {"exist": bool}           (secret)
     POST /unregister_worker    {"worker_name"} -> {"removed": bool}          (secret)
-    GET|POST /list_models      -> {"models": [...]}; /list_language_models, /list_multimodal_models: FastChat's split
-    POST /get_worker_address   {"model"} -> {"address": url}, "" when no live worker serves it
+    GET|POST /list_models      -> {"models": [...]}: every model a live worker can serve, loaded or not;
+                               /list_language_models, /list_multimodal_models: FastChat's split
+    POST /get_worker_address   {"model"} -> {"address": url}, "" when no live worker serves it; a worker that holds
+                               the model loaded first, else one loading it, else one that can load it
     GET  /workers              -> {"workers": [WorkerInfo, ...]}
     POST /refresh_all_workers  expire now -> {"removed": [...]}
     POST /worker_get_status    FastChat's aggregate: {"model_names", "speed", "queue_length"} of every live worker
@@ -39,8 +41,8 @@ controller only calls a worker's `/worker_get_status` for a request that passed 
 (the default), anyone who can reach the controller can register a worker and attract traffic: bind it to
 127.0.0.1 (the default) or set a secret.
 
-Does not own: the registry's rules and background work (`registry`, `etcd`), choosing a worker (`dispatch`), the
-CLI and the bind address. Never sees a token.
+Does not own: the registry's rules and background work (`registry`, `etcd`), choosing a worker (`dispatch`, and
+`placement` for which workers of a model may take a request), the CLI and the bind address. Never sees a token.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ from lmfleet.dispatch import DEFAULT_POLICY, get_policy
 from lmfleet.guard import BearerSecrets, ParsedBodyRoute, RequestGuard
 from lmfleet.metrics import install as install_metrics
 from lmfleet.metrics import new_registry
+from lmfleet.placement import preferred
 from lmfleet.protocol import fastchat
 from lmfleet.protocol.worker import (
     HeartbeatRequest,
@@ -365,9 +368,14 @@ def create_app(
     async def list_multimodal_models() -> dict[str, list[str]]:
         return {"models": sorted({n for w in registry.all() if w.status.multimodal for n in w.status.model_names})}
 
+    def workers_for(model: str) -> list[WorkerInfo]:
+        """The live workers to dispatch a request for `model` to: those that hold it loaded, else those loading
+        it, else one that can load it (lmfleet.placement.preferred)."""
+        return preferred(registry.workers_for(model), model)
+
     @app.post("/get_worker_address")
     async def get_worker_address(req: WorkerAddressRequest) -> dict[str, str]:
-        workers = registry.workers_for(req.model)
+        workers = workers_for(req.model)
         metrics.dispatched(bool(workers))
         return {"address": policy(workers, dispatch_rng).address if workers else ""}
 
@@ -391,7 +399,7 @@ def create_app(
     @app.post("/worker_generate_stream", dependencies=writes)
     async def worker_generate_stream(body: dict[str, Any], request: Request) -> StreamingResponse:
         model = body.get("model")
-        workers = registry.workers_for(model) if isinstance(model, str) else []
+        workers = workers_for(model) if isinstance(model, str) else []
         metrics.dispatched(bool(workers))
         if not workers:
             logger.info("no worker for %r: answered FastChat's no-worker error", model)

@@ -814,12 +814,21 @@ class CompletionChunk(BaseModel):
     usage: Usage | None = Field(default=None, exclude_if=lambda usage: usage is None)
 
 
+class ModelStatus(BaseModel):
+    """Where a model stands in the fleet, as llama-server's router reports it in its model list: `loaded` when some
+    worker holds it, else `loading`, else `unloaded` (`failed`: its last load failed)."""
+
+    value: Literal["loaded", "loading", "unloaded"]
+    failed: bool = Field(default=False, exclude_if=lambda failed: not failed)
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "lmfleet"
     max_model_len: int | None = None  # vLLM's field: the context length its workers report
+    status: ModelStatus | None = None  # llama-server's router's field
 
 
 class ModelList(BaseModel):

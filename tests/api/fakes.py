@@ -20,7 +20,10 @@
 * `FakeController` serves `/list_models`, `/get_worker_address` (round robin) and `/workers` from a dict; a worker
   in `silent` stops heartbeating (its `last_heartbeat` freezes); a FastChat worker's status names no protocol, as
   the controller stores it (`protocols`); a worker reports the prefix hashes in `prefixes` (`Fleet.heartbeat` sets
-  them from what each fake worker was sent). With `fastchat=True` it is FastChat's controller: no `/workers`.
+  them from what each fake worker was sent); `reports[address]` adds fields to a worker's status (a worker that loads
+  models on demand: `models`, `memory_budget_bytes`). With `fastchat=True` it is FastChat's controller: no `/workers`.
+* A `FakeWorker` also answers a multi-model worker's admin routes (`/worker/models/{load,unload,pin}`), recording
+  each call in `model_calls` and answering the model's new state.
 * `StreamingASGITransport`: `httpx.ASGITransport` buffers the whole response and never reports a disconnect; this
   one streams the body as the app sends it, and closing the response early sends the app `http.disconnect` and
   waits until the app has finished, so a test can then assert what the app did about it. `Switchable` puts a
@@ -228,6 +231,7 @@ class FakeWorker:
         self.cancelled: list[str] = []  # request ids whose stream the client closed before the end
         self.hanging = asyncio.Event()  # set once a "stall" or "hang" stream is waiting
         self.streamed = asyncio.Event()  # set once a stream has sent its first `after` chunks
+        self.model_calls: list[tuple[str, dict[str, Any]]] = []  # (load | unload | pin, body) of /worker/models/*
         self.app = self._make_app()
 
     def chunks(self, req: GenerateRequest) -> list[GenerateChunk]:
@@ -326,6 +330,12 @@ class FakeWorker:
         async def detokenize(body: dict[str, Any]) -> dict[str, Any]:
             return {"prompt": " ".join(self.vocab.word(t) for t in body.get("tokens") or [])}
 
+        @app.post("/worker/models/{action}")
+        async def models(action: str, body: dict[str, Any]) -> dict[str, Any]:
+            self.model_calls.append((action, body))
+            state = "unloaded" if action == "unload" else "loaded"
+            return {"name": body["model"], "state": state, "pinned": bool(body.get("pinned"))}
+
         return app
 
 
@@ -418,6 +428,7 @@ class FakeController:
         self.down = False  # refuses connections (see Switchable)
         self.load: dict[str, int] = {}  # address -> the queue length it reports
         self.prefixes: dict[str, list[int]] = {}  # address -> the prefix hashes it reports (Fleet.heartbeat)
+        self.reports: dict[str, dict[str, Any]] = {}  # address -> more fields of its status
         self._heartbeats: dict[str, float] = {}
         self._turns: dict[str, itertools.count] = {}
         self.app = self._make_app()
@@ -436,6 +447,7 @@ class FakeController:
                 status["protocol"] = self.protocols[address]
             if address in self.prefixes:
                 status["prefix_hashes"] = self.prefixes[address]
+            status.update(self.reports.get(address, {}))
             out.append({"address": address, "status": status, "last_heartbeat": self._heartbeats[address]})
         return out
 

@@ -125,6 +125,32 @@ async def test_list_models_across_workers_and_addresses_per_model() -> None:
         assert (await c.get("/list_models")).json() == {"models": ["llama", "mistral"]}
 
 
+def on_demand(loaded: str | None = None, **status) -> dict:
+    """A worker that can load m1, m2 and m3, holding `loaded` (if any)."""
+    models = [
+        {"name": m, "state": "loaded" if m == loaded else "unloaded", "memory_bytes": 1 << 30 if m == loaded else 0}
+        for m in ("m1", "m2", "m3")
+    ]
+    return {"models": models, "memory_budget_bytes": 8 << 30, **status}
+
+
+async def test_workers_that_load_on_demand_list_every_model_and_dispatch_prefers_the_holder() -> None:
+    async with controller() as (c, _):
+        await c.post("/register_worker", json=reg_body(W1, "m1", "m2", "m3", **on_demand("m1")))
+        await c.post("/register_worker", json=reg_body(W2, "m1", "m2", "m3", **on_demand("m2")))
+        assert (await c.get("/list_models")).json() == {"models": ["m1", "m2", "m3"]}  # unloaded ones too
+        (listed,) = [w for w in (await c.get("/workers")).json()["workers"] if w["address"] == W1]
+        assert WorkerStatus.model_validate(listed["status"]) == WorkerStatus.model_validate(
+            reg_body(W1, "m1", "m2", "m3", **on_demand("m1"))["worker_status"]
+        )  # the models' states and the budget travel through the registry
+        for _ in range(10):  # W1 holds m1, though W2 is less loaded
+            assert (await c.post("/get_worker_address", json={"model": "m1"})).json() == {"address": W1}
+        evicted = reg_body(W1, "m1", "m2", "m3", **on_demand("m2"))["worker_status"]  # W1 evicted m1 for m2
+        await c.post("/receive_heart_beat", json={"worker_name": W1, "worker_status": evicted})
+        picks = {(await c.post("/get_worker_address", json={"model": "m1"})).json()["address"] for _ in range(10)}
+        assert len(picks) == 1  # nobody holds it: one worker is chosen to load it
+
+
 async def test_shortest_queue_sends_to_the_least_loaded_and_follows_heartbeats() -> None:
     async with controller() as (c, _):
         await c.post("/register_worker", json=reg_body(W1, "m", queue_length=5))

@@ -18,7 +18,7 @@ import pytest
 from lmfleet import errors
 from lmfleet.controller.etcd import EtcdRegistry, EtcdSettings, channel_target
 from lmfleet.controller.registry import RegistryUnavailable
-from lmfleet.protocol.worker import WorkerStatus
+from lmfleet.protocol.worker import ModelState, WorkerStatus
 from tests.conftest import free_port
 from tests.etcdserver import Certificates, EtcdCluster
 
@@ -128,6 +128,22 @@ async def test_registries_on_one_etcd_share_the_fleet(etcd: EtcdCluster, prefix:
         assert await two.unregister(B) is False
         assert await two.heartbeat(B, status("m")) is False  # forgotten everywhere: it must register again
         assert one.problem is None and two.problem is None
+
+
+async def test_the_models_states_travel_through_etcd(etcd: EtcdCluster, prefix: str) -> None:
+    models = [
+        ModelState(name="m1", state="loaded", memory_bytes=3 << 30, load_seconds=4.5, pinned=True, context_length=8),
+        ModelState(name="m2", state="loading", engine="llamacpp", tasks=["generate", "embed"]),
+        ModelState(name="m3", state="failed"),
+    ]
+    sent = status("m1", "m2", "m3", models=models, memory_budget_bytes=8 << 30)
+    async with registry(etcd, prefix) as one, registry(etcd, prefix) as two:
+        await one.register(A, sent)
+        await eventually(lambda: [w.status for w in two.all()] == [sent])
+        later = sent.model_copy(update={"models": [m.model_copy(update={"state": "unloaded"}) for m in models]})
+        assert await two.heartbeat(A, later)
+        await eventually(lambda: [w.status for w in one.all()] == [later])
+        assert one.models() == ["m1", "m2", "m3"]
 
 
 async def test_a_worker_that_stops_beating_leaves_every_registry_when_its_lease_expires(

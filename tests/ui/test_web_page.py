@@ -177,8 +177,8 @@ def test_the_dashboard_draws_every_state_kv_use_cache_hits_and_untrusted_text_as
     page: playwright.Page, stack: Fleet, tmp_path: Path
 ) -> None:
     """The page's drawing of what `/v1/fleet` may say (a schema-valid answer, served in place of the real one):
-    KV use as a bar, the prefix cache's hit rate, ejected with its reason, draining, and a worker's self-reported
-    names shown as text."""
+    KV use as a bar, the prefix cache's hit rate, ejected with its reason, draining, a worker's self-reported names
+    shown as text, and the models of a worker that loads them on demand with their states, memory and load times."""
     history = [0.0] * 59 + [12.5]
     workers = [
         {"address": "http://10.0.0.1:21002", "models": ["m"], "state": "ready", "running": 3, "queued": 1, "open": 2,
@@ -189,6 +189,12 @@ def test_the_dashboard_draws_every_state_kv_use_cache_hits_and_untrusted_text_as
          "heartbeat_age_s": 4.0, "tokens_per_s_history": [0.0] * 60},
         {"address": "http://10.0.0.3:21002", "models": [], "state": "draining", "running": 1, "queued": 0, "open": 1,
          "tokens_per_s": 3.0, "tokens_per_s_history": [0.0] * 60},
+        {"address": "http://10.0.0.4:21002", "models": ["qwen", "smol"], "state": "ready", "running": 0, "queued": 0,
+         "open": 0, "tokens_per_s": 0.0, "tokens_per_s_history": [0.0] * 60, "memory_bytes": 1_500_000_000,
+         "memory_budget_bytes": 8_000_000_000,
+         "model_states": [{"name": "qwen", "state": "loaded", "pinned": True, "memory_bytes": 1_500_000_000,
+                           "load_seconds": 3.25},
+                          {"name": "smol", "state": "loading"}]},
     ]  # fmt: skip
     requests = {"per_s": 1.5, "in_progress": 3, "latency_p50_s": 0.25, "latency_p95_s": 2.5, "first_token_p50_s": 0.05,
                 "per_s_history": [1.0] * 60, "errors_per_s_history": [0.0] * 60,
@@ -199,8 +205,8 @@ def test_the_dashboard_draws_every_state_kv_use_cache_hits_and_untrusted_text_as
     page.route("**/v1/fleet", lambda route: route.fulfill(json=view.model_dump(mode="json")))
     page.goto(stack.api_url + "/ui#fleet")
     rows = page.locator("#workers tbody tr[data-address]")
-    expect(rows).to_have_count(3)
-    ready, ejected, draining = (rows.nth(i) for i in range(3))
+    expect(rows).to_have_count(4)
+    ready, ejected, draining, on_demand = (rows.nth(i) for i in range(4))
     expect(ready.locator("td").nth(7)).to_have_text("42%")
     expect(ready.locator("td").nth(8)).to_have_text("88%")  # the prefix cache's hit rate
     fill, bar = ready.locator(".kv .bar span").bounding_box(), ready.locator(".kv .bar").bounding_box()
@@ -213,7 +219,11 @@ def test_the_dashboard_draws_every_state_kv_use_cache_hits_and_untrusted_text_as
     expect(ejected.locator("td").nth(7)).to_have_text("—")
     expect(ejected.locator("td").nth(8)).to_have_text("—")  # no hit rate reported
     expect(draining.locator(".state")).to_have_text("draining")
-    expect(page.locator("#t-workers")).to_have_text("1 / 3")
+    qwen, smol = on_demand.locator(".model[data-model=qwen]"), on_demand.locator(".model[data-model=smol]")
+    expect(qwen).to_have_text(re.compile(r"qwen\s*loaded · pinned\s*1\.5 GB · loaded in 3\.25 s"))
+    expect(smol.locator(".model-state")).to_have_text("loading")
+    expect(on_demand.locator(".model-memory")).to_have_text("1.5 GB of 8.0 GB held")
+    expect(page.locator("#t-workers")).to_have_text("2 / 4")
     expect(page.locator("#t-controller")).to_have_text("controller down")
     expect(page.locator("#t-latency")).to_have_text("250 ms · 2.50 s")
     expect(page.locator("#t-progress")).to_have_text("3 in progress")

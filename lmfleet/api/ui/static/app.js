@@ -327,6 +327,52 @@
     return td;
   }
 
+  function bytes(n) {
+    if (n === null || n === undefined) return "—";
+    const units = ["B", "KB", "MB", "GB", "TB"];
+    let i = 0;
+    while (n >= 1000 && i < units.length - 1) {
+      n /= 1000;
+      i += 1;
+    }
+    return (i ? n.toFixed(n >= 100 ? 0 : 1) : String(n)) + " " + units[i];
+  }
+
+  // A one-model worker: its names. A worker that loads models on demand: each model with its state, memory, pin
+  // and last load time, and the memory its models hold against its budget.
+  function modelsCell(w) {
+    const states = w.model_states || [];
+    if (!states.length) return w.models.join(", ") || "—";
+    const box = document.createElement("div");
+    box.className = "models";
+    for (const m of states) {
+      const line = document.createElement("div");
+      line.className = "model model-" + m.state;
+      line.dataset.model = m.name;
+      const name = document.createElement("span");
+      name.className = "model-name";
+      name.textContent = m.name;
+      const badge = document.createElement("span");
+      badge.className = "model-state";
+      badge.textContent = m.state + (m.pinned ? " · pinned" : "");
+      const info = [];
+      if (m.memory_bytes) info.push(bytes(m.memory_bytes));
+      if (m.load_seconds !== null && m.load_seconds !== undefined) info.push("loaded in " + seconds(m.load_seconds));
+      const detail = document.createElement("span");
+      detail.className = "hint model-detail";
+      detail.textContent = info.join(" · ");
+      line.append(name, badge, detail);
+      box.appendChild(line);
+    }
+    if (w.memory_bytes !== null && w.memory_bytes !== undefined) {
+      const mem = document.createElement("div");
+      mem.className = "hint model-memory";
+      mem.textContent = bytes(w.memory_bytes) + " of " + bytes(w.memory_budget_bytes) + " held";
+      box.appendChild(mem);
+    }
+    return box;
+  }
+
   function workerRow(w) {
     const samples = state.load.get(w.address) || [];
     samples.push(w.running + w.queued);
@@ -362,7 +408,7 @@
     tr.dataset.state = w.state;
     tr.append(
       cell(w.address, "address"),
-      cell(w.models.join(", ") || "—"),
+      cell(modelsCell(w)),
       cell(badge),
       cell(String(w.running), "num running"),
       cell(String(w.queued), "num queued"),
