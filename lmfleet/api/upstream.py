@@ -266,6 +266,7 @@ class ChoiceStream:
         previous worker was given up, raised if no other worker takes the request."""
         backend = self._backend
         self._tried.update(backend.workers.unable(backend.model, request))  # e.g. FastChat workers, for a resume
+        first_attempt = request is self.spec.request  # not a resume (module docstring: usage)
         if self._key:
             request = request.model_copy(update={"prefix_hashes": for_worker(self._key)})
         moved: errors.LmfleetError | None = None  # why the last worker of this attempt was left
@@ -296,7 +297,7 @@ class ChoiceStream:
                 raise
             self._stream, self._lease, self._first = stream, lease, first
             self.prompt_tokens = first.prompt_tokens  # known from the first chunk on (usage_of before any delta)
-            if request is self.spec.request:  # the first attempt, not a resume (module docstring: usage)
+            if first_attempt:
                 self.cached_tokens = min(first.cached_tokens, first.prompt_tokens)
             return
 
