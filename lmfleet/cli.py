@@ -168,6 +168,7 @@ def serve_plan(args: argparse.Namespace) -> ServePlan:
         served.update(flags.csv(model_names) if model_names else [path])
         children.append(Child(f"worker {i + 1}", cmd))
     api = py + ["lmfleet.api", "--host", args.host, "--port", str(args.port), "--controller-address", controller]
+    api += ["--dispatch-method", args.dispatch_method]  # the API server dispatches too, from its own view
     if args.allowed_origins:
         api += ["--allowed-origins", ",".join(args.allowed_origins)]
     if args.no_responses_store:

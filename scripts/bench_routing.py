@@ -8,10 +8,12 @@ several API servers a conversation's turns go to them in turn (the hard case: a 
 turn went only from the workers' heartbeats).
 
 Reported per policy: prompt tokens (the answers' usage), prompt tokens the workers computed (their
-lmfleet_worker_prefill_tokens_total; a prefix-cache hit is not computed), cached = the difference, the cached tokens
-the answers reported (`usage.prompt_tokens_details.cached_tokens`, where the server reports it), and each replica's
-share of the requests (its decode counter's share: every request decodes `--max-tokens`). Then cached_ratio, the
-second policy's cached tokens over the first's: the issue asks >= 1.5 with no replica above 60 %.
+lmfleet_worker_prefill_tokens_total; a prefix-cache hit is not computed), cached = the difference, the cached tokens the
+answers reported (`usage.prompt_tokens_details.cached_tokens`, where the server reports it), each replica's share of the
+requests (its decode counter's share: every request decodes `--max-tokens`), and `follow`: the share of later turns
+served by the replica that served the conversation's previous turn (read from the prompt prefixes the replicas report,
+lmfleet.api.affinity), which says how well the routing did whatever the engine's cache makes of it. Then cached_ratio,
+the second policy's cached tokens over the first's: the issue asks >= 1.5 with no replica above 60 %.
 
     python scripts/bench_routing.py --model-path SmolLM2.gguf                  # a quick run (under a minute)
     python scripts/bench_routing.py --model-path Q.gguf --conversations 32 --turns 6 --concurrency 8 \\
@@ -40,6 +42,9 @@ from typing import Any
 import httpx
 import openai
 from prometheus_client.parser import text_string_to_metric_families
+
+from lmfleet.api.affinity import for_worker, prefix_key
+from lmfleet.protocol.worker import ChatMessageIn, GenerateRequest
 
 TOPICS = ["France", "Japan", "the sea", "volcanoes", "bees", "chess", "the moon", "rivers", "bread", "trains"]
 QUESTIONS = [
@@ -135,12 +140,17 @@ def run(args: argparse.Namespace, policy: str, logs: Path) -> dict[str, Any]:
         clients = [openai.OpenAI(base_url=u + "/v1", api_key="none", max_retries=0, timeout=600) for u in urls]
         before = [counters(p) for p in ports]
         totals = {"requests": 0, "prompt_tokens": 0, "reported_cached": 0}
+        turns: list[list[list[int]]] = []  # per conversation, per turn: the hashes its replica reports
 
         def converse(i: int) -> None:
             topic = TOPICS[i % len(TOPICS)] + ("" if i < len(TOPICS) else f" (part {i // len(TOPICS)})")
             history: list[dict[str, str]] = [{"role": "system", "content": system}]
+            hashes: list[list[int]] = []
+            turns.append(hashes)
             for turn in range(args.turns):
                 history.append({"role": "user", "content": QUESTIONS[turn % len(QUESTIONS)].format(t=topic)})
+                messages = [ChatMessageIn(**m) for m in history]
+                hashes.append(for_worker(prefix_key("m", GenerateRequest(request_id="k", messages=messages))))
                 reply = clients[(i + turn) % len(clients)].chat.completions.create(
                     model="m",
                     messages=history,  # type: ignore[arg-type]
@@ -160,6 +170,10 @@ def run(args: argparse.Namespace, policy: str, logs: Path) -> dict[str, Any]:
             list(pool.map(converse, range(args.conversations)))
         seconds = time.monotonic() - started
         after = [counters(p) for p in ports]
+        time.sleep(1.5)  # the last heartbeats
+        reports = [set(httpx.get(f"http://127.0.0.1:{p}/worker/status").json()["prefix_hashes"]) for p in ports]
+    later = [(a, b) for hashes in turns for a, b in zip(hashes, hashes[1:], strict=False)]
+    followed = sum(any(a[-1] in r and b[-1] in r for r in reports) for a, b in later)
     computed = sum(a["lmfleet_worker_prefill_tokens_total"] - b["lmfleet_worker_prefill_tokens_total"]
                    for a, b in zip(after, before, strict=True))  # fmt: skip
     decoded = [a["lmfleet_worker_decode_tokens_total"] - b["lmfleet_worker_decode_tokens_total"]
@@ -171,6 +185,7 @@ def run(args: argparse.Namespace, policy: str, logs: Path) -> dict[str, Any]:
         "computed_prompt_tokens": int(computed),
         "cached_tokens": int(totals["prompt_tokens"] - computed),
         "replica_share": share,
+        "follow": round(followed / max(len(later), 1), 3),
         "seconds": round(seconds, 1),
     }
 

@@ -136,6 +136,8 @@ def test_serve_forwards_the_engine_flags_and_the_api_limits_and_timeouts(tmp_pat
             "--max-num-seqs",
             "8",
             "--metrics-public",
+            "--dispatch-method",
+            "shortest_queue",
         ]
     )
     plan = cli.serve_plan(args)
@@ -145,6 +147,7 @@ def test_serve_forwards_the_engine_flags_and_the_api_limits_and_timeouts(tmp_pat
     assert api[api.index("--inter-token-timeout") + 1] == "5.0"
     api_settings = api_flags.settings(cli.build_parser().parse_args(["api", *api[api.index("--host") :]]))
     assert api_settings.limits.max_n == 4 and api_settings.metrics_public
+    assert api_settings.dispatch_policy == "shortest_queue"  # where requests are dispatched: the API server
     worker_args = cli.build_parser().parse_args(["worker", *worker[worker.index("--port") :]])
     assert worker_flags.settings(worker_args).engine_settings.n_threads == 2
     assert "LMFLEET_REGISTRATION_SECRET" in plan.env and not any("SECRET" in a for a in worker + api)

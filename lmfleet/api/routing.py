@@ -364,7 +364,7 @@ class Router:
             return None
         healthy = [w for w in candidates if w.address not in self._ejected]
         pool = healthy or candidates
-        affinity = await self._affinity(key, [w.address for w in pool]) if self._keyed else NO_AFFINITY
+        affinity = await self._affinity(key, [w.address for w in pool]) if self._keyed and key else NO_AFFINITY
         chosen = self._policy([self._counting_own(w) for w in pool], self._rng, affinity)
         if self._keyed:
             self._prefixes.sent(key, chosen.address)

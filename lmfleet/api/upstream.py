@@ -220,10 +220,11 @@ class ChoiceStream:
     Each worker is tried at most once per choice, and never one that cannot take the request (a FastChat worker
     cannot take a resume); a failed one is ejected from the pool. When none is left the last failure is raised, as
     it is at once when the stream cannot be resumed (a FastChat worker's chunks say nothing of the prompt's ids).
-    Every worker is asked for with the prompt's prefix key, and told its last links (`prefix_hashes`), resumes
-    included: the worker a conversation moved to holds it next turn. Records the token counts it has seen."""
+    A `keyed` choice (the first of its prompt) asks for every worker with the prompt's prefix key and tells it the
+    key's last links (`prefix_hashes`), resumes included: the worker a conversation moved to holds it next turn. The
+    other choices of a prompt go without, so the pool spreads them by load. Records the token counts it has seen."""
 
-    def __init__(self, spec: ChoiceSpec, backend: ModelBackend) -> None:
+    def __init__(self, spec: ChoiceSpec, backend: ModelBackend, *, keyed: bool = True) -> None:
         self.spec = spec
         self._backend = backend
         self._stream: AsyncIterator[GenerateChunk] | None = None
@@ -231,7 +232,7 @@ class ChoiceStream:
         self._first: GenerateChunk | None = None
         self._tried: set[str] = set()
         req = spec.request
-        self._key = prefix_key(backend.model, req)
+        self._key = prefix_key(backend.model, req) if keyed else ()
         self._echo_chars: int | None = None if req.echo else 0  # characters of the echoed prompt, once known
         self.prompt_token_ids: list[int] | None = list(req.prompt_token_ids) if req.prompt_token_ids else None
         self.token_ids: list[int] = []  # every id passed on, in order
@@ -252,8 +253,8 @@ class ChoiceStream:
         return self._lease.address if self._lease else None
 
     @classmethod
-    async def open(cls, spec: ChoiceSpec, backend: ModelBackend) -> ChoiceStream:
-        stream = cls(spec, backend)
+    async def open(cls, spec: ChoiceSpec, backend: ModelBackend, *, keyed: bool = True) -> ChoiceStream:
+        stream = cls(spec, backend, keyed=keyed)
         try:
             await stream._start(spec.request, None)
         except BaseException:
@@ -442,9 +443,13 @@ async def close_all(streams: Sequence[ChoiceStream]) -> None:
 
 
 async def open_choices(specs: Sequence[ChoiceSpec], backend: ModelBackend) -> list[ChoiceStream]:
-    """Open every choice concurrently and wait for each first chunk. If any fails, close the others and raise the
-    first error."""
-    tasks = [asyncio.ensure_future(ChoiceStream.open(spec, backend)) for spec in specs]
+    """Open every choice concurrently and wait for each first chunk (the first choice of each prompt keyed, the others
+    spread by load). If any fails, close the others and raise the first error."""
+    firsts = {spec.prompt_index: spec.index for spec in reversed(specs)}
+    tasks = [
+        asyncio.ensure_future(ChoiceStream.open(spec, backend, keyed=firsts[spec.prompt_index] == spec.index))
+        for spec in specs
+    ]
     try:
         return list(await asyncio.gather(*tasks))
     except BaseException:

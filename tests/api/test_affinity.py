@@ -118,6 +118,18 @@ async def test_a_conversations_turns_stay_on_one_worker_and_conversations_spread
         assert sorted(Counter(h.pop() for h in homes.values()).values()) == [3, 3]
 
 
+async def test_a_replica_that_joins_takes_new_conversations_and_the_old_ones_stay() -> None:
+    fleet = Fleet({"m": ["a", "b", "c"]})
+    c = fleet.workers["c"].address
+    fleet.controller.models["m"].remove(c)
+    async with router_for(fleet, policy="cache_aware") as router:
+        homes = {name: await turn(router, name, 1) for name in "pqrs"}
+        fleet.controller.models["m"].append(c)  # c registers
+        await router.refresh()
+        assert {name: await turn(router, name, 2) for name in "pqrs"} == homes
+        assert await turn(router, "new", 1) == c
+
+
 async def test_no_worker_is_held_above_the_cap_under_a_skewed_workload() -> None:
     fleet = Fleet({"m": ["a", "b"]})
     async with router_for(fleet, policy="cache_aware") as router:
