@@ -108,8 +108,14 @@ def test_the_holder_serves_its_model_and_its_streams_resume_on_the_other_worker_
         stack.chat(max_tokens=4)
     assert stack.generations(holder) - before[holder] == 4 and stack.generations(other) == before[other]
     assert stack.states(other)["m1"] == "unloaded"  # never a second load while one worker holds it
-    statuses = {m["id"]: m["status"]["value"] for m in httpx.get(stack.fleet.api_url + "/v1/models").json()["data"]}
-    assert statuses == {"m1": "loaded", "m2": "unloaded", "m3": "unloaded"}
+
+    def statuses() -> dict[str, str]:
+        models = httpx.get(stack.fleet.api_url + "/v1/models", timeout=5).json()["data"]
+        return {m["id"]: m["status"]["value"] for m in models}
+
+    # the API server's view is up to a heartbeat and a refresh old: it may still say `loading` for a moment
+    wanted = {"m1": "loaded", "m2": "unloaded", "m3": "unloaded"}
+    wait_until(lambda: statuses() == wanted, timeout=30, what=f"/v1/models to say {wanted}")
 
     # two streams on the holder; it is killed mid-stream; both finish on the other worker, which loads m1
     received = [threading.Event(), threading.Event()]
