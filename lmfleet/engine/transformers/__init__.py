@@ -57,6 +57,8 @@ def load(source: ModelSource, settings: TransformersSettings) -> LoadedModel:
         max_num_seqs=settings.max_num_seqs,
         max_batch_tokens=settings.max_batch_tokens,
         max_model_len=settings.max_model_len,
+        prefix_cache=settings.prefix_cache,
+        prefix_cache_host_bytes=settings.prefix_cache_host_bytes,
     )
     tokenizer = HFTokenizer.load(folder, gguf_file=gguf_file, eos_token_ids=engine.eos_token_ids)
     params = sum(p.numel() for p in model.parameters())
