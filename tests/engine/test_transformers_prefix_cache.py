@@ -25,6 +25,12 @@ def model(tiny_models):
     return transformers.AutoModelForCausalLM.from_pretrained(tiny_models["alpha"], dtype=torch.float32)
 
 
+@pytest.fixture(scope="module", params=["alpha", "beta"])
+def each_model(request, tiny_models):
+    """Both tiny models (different weights), in float32."""
+    return transformers.AutoModelForCausalLM.from_pretrained(tiny_models[request.param], dtype=torch.float32)
+
+
 def req(rid: str, prompt: list[int], **params) -> EngineRequest:
     return EngineRequest(rid, list(prompt), SamplingParams(**params))
 
@@ -99,9 +105,10 @@ def test_cache_off_reports_nothing_cached(model):
     assert stats.prefill_tokens == 80
 
 
-def test_hits_and_misses_prefilled_together_generate_what_cold_runs_do(model):
+def test_hits_and_misses_prefilled_together_generate_what_cold_runs_do(each_model):
     """One prefill mixing rows with cached prefixes of different lengths and rows without any, joining a running
     batch: every row's greedy tokens are those of a cold run."""
+    model = each_model
     base = tokens(60, 5)
     engine = TransformersEngine(model, max_num_seqs=8, max_batch_tokens=512)
     run(engine, req("seed", base, max_new_tokens=2, **GREEDY))
@@ -210,3 +217,17 @@ def test_a_resumed_request_continues_from_its_cached_tokens(model):
     resumed = run(engine, req("r", prompt + streamed, max_new_tokens=20 - len(streamed), **GREEDY))
     assert resumed.firsts["r"].cached_tokens == len(prompt) + len(streamed) - 1
     assert streamed + resumed.tokens["r"] == whole
+
+
+def test_the_loader_passes_the_settings(tiny_models):
+    from lmfleet.engine import registry
+    from lmfleet.engine.transformers import TransformersSettings
+
+    source = registry.locate(str(tiny_models["alpha"]))
+    for settings, budget, shown in (
+        (TransformersSettings(device="cpu", prefix_cache_host_bytes=3_000_000), 3_000_000, "prefix_cache=3MB host"),
+        (TransformersSettings(device="cpu", prefix_cache=False), None, "prefix_cache=off"),
+    ):
+        loaded = registry.load(source, registry.choose(source), settings)
+        assert loaded.engine.prefix_cache_budget == budget and shown in loaded.description
+    assert TransformersEngine(loaded.engine.model).prefix_cache_budget > 0  # None: sized from the machine

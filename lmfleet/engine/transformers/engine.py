@@ -162,6 +162,11 @@ class TransformersEngine:
     def vocab_size(self) -> int:
         return self._vocab_size
 
+    @property
+    def prefix_cache_budget(self) -> int | None:
+        """The bytes the prefix cache may hold in host memory; None when it is off."""
+        return self._prefix.budget if self._prefix is not None else None
+
     def add_request(self, request: EngineRequest) -> None:
         """Queue a request that fits (lmfleet.engine.base); EngineRejected for a sampling option it cannot run."""
         self._seqs.add(request, self._new_seq)
