@@ -4,6 +4,7 @@ with the cache off."""
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, field
 
@@ -231,3 +232,24 @@ def test_the_loader_passes_the_settings(tiny_models):
         loaded = registry.load(source, registry.choose(source), settings)
         assert loaded.engine.prefix_cache_budget == budget and shown in loaded.description
     assert TransformersEngine(loaded.engine.model).prefix_cache_budget > 0  # None: sized from the machine
+
+
+def test_a_constrained_request_reuses_a_prefix(tiny_models, model):
+    pytest.importorskip("llguidance")
+    from lmfleet.engine.grammar import Grammars
+    from lmfleet.engine.transformers.tokenizer import HFTokenizer
+
+    engine = TransformersEngine(model)
+    tokenizer = HFTokenizer.load(str(tiny_models["alpha"]), eos_token_ids=engine.eos_token_ids)
+    grammars = Grammars(tokenizer)
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    prompt = tokenizer.render_chat([{"role": "user", "content": "A number as JSON, please."}])
+
+    def ask(rid: str) -> EngineRequest:
+        constraint = grammars.constraint(grammars.json_schema(schema))
+        return EngineRequest(rid, prompt, SamplingParams(max_new_tokens=60, temperature=0.0, constraint=constraint))
+
+    first, second = run(engine, ask("a")), run(engine, ask("b"))  # the first runs cold
+    assert (first.firsts["a"].cached_tokens, second.firsts["b"].cached_tokens) == (0, len(prompt) - 1)
+    assert second.tokens["b"] == first.tokens["a"] and second.outs["b"][-1].finish_reason == FinishReason.STOP
+    assert isinstance(json.loads(tokenizer.decode(second.tokens["b"]))["n"], int)
