@@ -17,13 +17,12 @@ where a prefix is copied to and how a prefill starts from it (`lmfleet.engine.tr
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from lmfleet.engine.prefix_cache import PrefixCache, Tier
+from lmfleet.engine.prefix_cache import PrefixCache, Tier, default_host_budget
 
 # The shortest cached prefix worth reusing (measured on CPU, one thread, min of 25 runs): a hit costs a fixed ~0.3 ms
 # (the lookup, copying the prefix into the prefill's cache, its mask) whatever its length, and saves its tokens'
@@ -32,20 +31,9 @@ from lmfleet.engine.prefix_cache import PrefixCache, Tier
 # MIN_PREFIX_REUSE: a chat template's opening is longer, and shorter entries are not worth a slot.
 MIN_REUSE = 4
 
-HOST_FRACTION = 4  # with no budget given: a quarter of the host memory available when the engine starts
-
 # A span of an entry's tokens: its keys and values in one tensor, [layers, 2 (keys, values), kv heads, tokens, head
 # dim], so that a prefill copies a cached prefix in one copy per span, whatever the number of layers.
 Span = torch.Tensor
-
-
-def default_host_bytes() -> int:
-    """The host tier's budget when none is given: a share of the memory available now."""
-    try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not a POSIX system that says
-        available = 4 << 30
-    return available // HOST_FRACTION
 
 
 @dataclass(frozen=True)
@@ -73,10 +61,10 @@ class CachedPrefix:
 
 class PrefixKV:
     """Cached prefixes and their keys and values (module docstring). `host_bytes` caps what they hold (None: sized
-    from the machine, `default_host_bytes`)."""
+    from the machine: `lmfleet.engine.prefix_cache.default_host_budget`)."""
 
     def __init__(self, host_bytes: int | None = None) -> None:
-        budget = default_host_bytes() if host_bytes is None else host_bytes
+        budget = default_host_budget() if host_bytes is None else host_bytes
         self._index: PrefixCache[tuple[Span, ...]] = PrefixCache(budget)
 
     @property
