@@ -350,16 +350,21 @@ class TransformersEngine:
 
     def _remember(self, cache: DynamicCache, rows: Iterable[tuple[int, int, list[int]]]) -> None:
         """Offer the prefix cache each (row, padding, tokens) of `cache`: the row's columns from its padding on hold
-        the keys and values of `tokens`; the prefix cache copies what it does not hold yet."""
+        the keys and values of `tokens`; the prefix cache takes a copy of what it does not hold yet."""
         assert self._prefix is not None
         layers: list[Any] = list(cache.layers)
+        like = layers[0].keys  # [rows, kv heads, columns, head dim], as every layer's keys and values
+        token_bytes = 2 * len(layers) * like.shape[1] * like.shape[3] * like.element_size()
         for row, pad, tokens in rows:
 
             def span(start: int, end: int, row: int = row, pad: int = pad) -> torch.Tensor:
-                cols = slice(pad + start, pad + end)
-                return torch.stack([torch.stack([lay.keys[row, :, cols], lay.values[row, :, cols]]) for lay in layers])
+                out = like.new_empty((len(layers), 2, like.shape[1], end - start, like.shape[3]), device="cpu")
+                for i, lay in enumerate(layers):
+                    out[i, 0].copy_(lay.keys[row, :, pad + start : pad + end])
+                    out[i, 1].copy_(lay.values[row, :, pad + start : pad + end])
+                return out
 
-            self._prefix.store(tokens, span)
+            self._prefix.store(tokens, span, token_bytes)
 
     # -- sampling -----------------------------------------------------------------------------------------------
 

@@ -98,9 +98,9 @@ class PrefixKV:
         """A prefill looked up `queried` prompt tokens and reused `served` of them."""
         self._index.count(queried, served)
 
-    def store(self, tokens: Sequence[int], kv: Callable[[int, int], Span]) -> None:
+    def store(self, tokens: Sequence[int], kv: Callable[[int, int], Span], token_bytes: int) -> None:
         """Keep `tokens` as an entry unless one holds them already or they are too short to reuse; `kv(start, end)`
-        gives the keys and values of tokens[start:end] as a `Span` (on any device; a new tensor, or it is copied).
+        copies the keys and values of tokens[start:end] into a new `Span` in host memory, `token_bytes` a token's.
         Entries that `tokens` extends are given up for it (the longest hands its spans over: only the rest is
         copied), then the least recently used ones while the budget is exceeded; an entry larger than the whole
         budget is not kept."""
@@ -110,12 +110,12 @@ class PrefixKV:
         if found.host is not None and found.host_len == len(tokens):
             self._index.touch(found.host)
             return
-        nbytes = len(tokens) * kv(0, 1).nbytes
+        nbytes = len(tokens) * token_bytes
         if nbytes > self._index.host_budget_bytes:
             return
         extended = found.host if found.host is not None and found.host_len == len(found.host) else None
         start = found.host_len if extended is not None else 0
-        spans = (*(extended.handle if extended is not None else ()), kv(start, len(tokens)).to("cpu"))
+        spans = (*(extended.handle if extended is not None else ()), kv(start, len(tokens)))
         self._index.add(tokens, spans)  # the index adds an entry to its KV tier (not used here), then...
         moved = self._index.to_host(self._index.entries(Tier.KV)[-1], spans, nbytes)  # ...moves it to host memory
         assert moved is not None and (extended is None or extended in moved)  # it fits; what it extends is gone
