@@ -1,9 +1,9 @@
 """The transformers engine's prefix cache: the keys and values of cached prefixes, kept in host memory.
 
 Owns `PrefixKV`: an entry per cached prefix (a request's prompt once prefilled; its prompt and what it generated once
-it leaves the batch), holding per layer the keys and values of its tokens (`[kv heads, tokens, head dim]`, on the
-CPU, computed at positions 0..n-1), indexed by `lmfleet.engine.prefix_cache.PrefixCache` in its host tier, whose byte
-budget is `prefix_cache_host_bytes`. An entry that a longer one extends is given up for it (the longer one holds
+it leaves the batch), holding the keys and values of its tokens in every layer (as `Span`s, on the CPU, computed at
+positions 0..n-1), indexed by `lmfleet.engine.prefix_cache.PrefixCache` in its host tier, whose byte budget is
+`prefix_cache_host_bytes`. An entry that a longer one extends is given up for it (the longer one holds
 its tokens too); past the budget, the least recently used entries go first. Entries live outside the running batch's
 cache, so a running request never waits for, or gives room to, an entry. Also `CachedPrefix`, what a lookup finds
 for a request to start from, and `MIN_REUSE`, the shortest prefix worth reusing.
@@ -24,10 +24,10 @@ import torch
 
 from lmfleet.engine.prefix_cache import PrefixCache, Tier, default_host_budget
 
-# The shortest cached prefix worth reusing (measured on CPU, one thread, min of 25 runs): a hit costs a fixed ~0.3 ms
-# (the lookup, copying the prefix into the prefill's cache, its mask) whatever its length, and saves its tokens'
-# forward: ~4 ms a token for a SmolLM2-135M-shaped model, so even one token pays there; on the tiny test model
-# (a 64-token prefill in ~1.8 ms, all overhead) no length does. Four tokens, as the llama.cpp engine's
+# The shortest cached prefix worth reusing. Measured on CPU (one thread, best of repeated runs): a hit costs a fixed
+# ~0.3 ms (the lookup, copying the prefix into the prefill's cache, its mask) whatever its length, and saves its
+# tokens' forward: ~4 ms a token for a SmolLM2-135M-shaped model, so even one token pays there; on the tiny test
+# model (a 64-token prefill in ~1.8 ms, all overhead) no length does. Four tokens, as the llama.cpp engine's
 # MIN_PREFIX_REUSE: a chat template's opening is longer, and shorter entries are not worth a slot.
 MIN_REUSE = 4
 
