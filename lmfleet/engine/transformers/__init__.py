@@ -57,16 +57,20 @@ def load(source: ModelSource, settings: TransformersSettings) -> LoadedModel:
         max_num_seqs=settings.max_num_seqs,
         max_batch_tokens=settings.max_batch_tokens,
         max_model_len=settings.max_model_len,
+        prefix_cache=settings.prefix_cache,
+        prefix_cache_host_bytes=settings.prefix_cache_host_bytes,
     )
     tokenizer = HFTokenizer.load(folder, gguf_file=gguf_file, eos_token_ids=engine.eos_token_ids)
     params = sum(p.numel() for p in model.parameters())
     size_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6
     dtype_name = str(next(model.parameters()).dtype).removeprefix("torch.")
+    cache_budget = engine.prefix_cache_budget
     description = (
         f"engine=transformers model={source.display} dtype={dtype_name} "
         f"device={device} context={engine.max_model_len} "
         f"kv_cache=grows to {engine.max_num_seqs * engine.max_model_len} tokens "
         f"parameters={params / 1e6:.1f}M weights={size_mb:.0f}MB "
-        f"max_num_seqs={settings.max_num_seqs}"
+        f"max_num_seqs={settings.max_num_seqs} "
+        f"prefix_cache={'off' if cache_budget is None else f'{cache_budget / 1e6:.0f}MB host'}"
     )
     return LoadedModel(engine, tokenizer, description)

@@ -1,9 +1,10 @@
 """Continuous batching over a Hugging Face causal LM (transformers 5.x, full-attention decoder models).
 
 Owns: the model, one batched KV cache for the running batch (padding, merging and trimming its rows), per-request
-sampling state (a `torch.Generator` per sampled request, token counts for penalties), the prefill budget and the
-`step()` loop. Speaks token ids only. Does not own: the sequences' bookkeeping (queue, admission order, aborts,
-finishing: `lmfleet.engine.sequences`), threads (`lmfleet.engine.runner`), text, HTTP.
+sampling state (a `torch.Generator` per sampled request, token counts for penalties), the prefill budget, prefilling
+from a cached prefix, and the `step()` loop. Speaks token ids only. Does not own: the sequences' bookkeeping (queue,
+admission order, aborts, finishing: `lmfleet.engine.sequences`), the cached prefixes themselves
+(`lmfleet.engine.transformers.prefix`), threads (`lmfleet.engine.runner`), text, HTTP.
 
 How the batch is kept (one `DynamicCache` shared by every running sequence):
 
@@ -22,6 +23,16 @@ One `step()`:
      single longer prompt is still admitted, alone), prefill them together in a fresh cache, sample their first
      token, and merge that cache into the running one (the shorter side padded on the left, rows concatenated).
 
+Prefix cache (`prefix_cache=True`, the default): a prompt's keys and values are offered to the cache once prefilled,
+and a request's prompt and output when it leaves the batch (finished or aborted, so a resumed stream finds them).
+An admitted request whose prompt starts with a cached prefix (at least `MIN_REUSE` tokens, all but its last token at
+most) starts from it: the fresh cache's first columns hold each row's cached prefix, right-aligned, and the prefill
+computes only the rest, at positions that continue the prefix's (a row is `[pad][cached][pad][computed]`, the
+padding masked), then closes each row's gap before the merge. Admission counts the tokens computed, not the cached
+ones. A request that asks for its prompt's log probabilities computes its whole prompt. Cached keys and values were
+computed in another batch, so (as with batch companions) reusing them can turn a near-tie, in lower precisions more
+than in float32; `prefix_cache=False` turns the cache off.
+
 Log probabilities (`SamplingParams.logprobs`) are the log-softmax of a row's raw logits, computed once per step
 for the rows that ask, before sampling touches them; a prompt's (`prompt_logprobs`, for echo) come from a prefill
 that keeps every position's logits ([prompt, vocab] floats), so such a request is prefilled alone.
@@ -37,14 +48,22 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from lmfleet.engine.base import BatchSettings, EngineOutput, EngineRequest, EngineStats, TokenLogprob
+from lmfleet.engine.base import (
+    BatchSettings,
+    EngineOutput,
+    EngineRequest,
+    EngineStats,
+    FinishReason,
+    TokenLogprob,
+)
 from lmfleet.engine.sequences import Outputs, Seq, Sequences
+from lmfleet.engine.transformers.prefix import CachedPrefix, PrefixKV
 
 logger = logging.getLogger("lmfleet.engine")
 
@@ -56,6 +75,7 @@ class _Seq(Seq):
 
     generator: torch.Generator | None = None  # None for greedy requests
     counts: torch.Tensor | None = None  # generated-token counts over the vocabulary, only when penalties are set
+    hit: CachedPrefix | None = None  # its prompt's cached leading tokens, found at admission, until its prefill
 
 
 @dataclass
@@ -81,6 +101,8 @@ class TransformersEngine:
         max_batch_tokens: int = BatchSettings.max_batch_tokens,
         max_model_len: int | None = None,
         eos_token_ids: Iterable[int] | None = None,
+        prefix_cache: bool = BatchSettings.prefix_cache,
+        prefix_cache_host_bytes: int | None = BatchSettings.prefix_cache_host_bytes,
     ) -> None:
         if max_num_seqs < 1 or max_batch_tokens < 1:
             raise ValueError("max_num_seqs and max_batch_tokens must be positive")
@@ -120,6 +142,7 @@ class TransformersEngine:
         )
         self._batch = _Batch()
         self._greedy_batch = True  # every running row greedy without penalties: one argmax per step
+        self._prefix = PrefixKV(prefix_cache_host_bytes) if prefix_cache else None
 
     # -- the Engine protocol ------------------------------------------------------------------------------------
 
@@ -138,6 +161,11 @@ class TransformersEngine:
     @property
     def vocab_size(self) -> int:
         return self._vocab_size
+
+    @property
+    def prefix_cache_budget(self) -> int | None:
+        """The bytes the prefix cache may hold in host memory; None when it is off."""
+        return self._prefix.budget if self._prefix is not None else None
 
     def add_request(self, request: EngineRequest) -> None:
         """Queue a request that fits (lmfleet.engine.base); EngineRejected for a sampling option it cannot run."""
@@ -160,10 +188,14 @@ class TransformersEngine:
         return self._seqs.has_unfinished()
 
     def stats(self) -> EngineStats:
-        return self._seqs.stats(
+        stats = self._seqs.stats(
             tokens_in_flight=sum(len(s.tokens) - 1 for s in self._seqs.running),
             kv_capacity=self.max_num_seqs * self._max_model_len,  # grows with use; at most this
         )
+        if self._prefix is None:
+            return stats
+        p = self._prefix
+        return replace(stats, prefix_cache_queries=p.queries, prefix_cache_hits=p.hits, prefix_cache_host_bytes=p.bytes)
 
     def step(self) -> list[EngineOutput]:
         outputs = Outputs()
@@ -212,35 +244,50 @@ class TransformersEngine:
         self._drop_finished()
 
     def _fits_prefill(self, seq: _Seq, taken: list[_Seq]) -> bool:
-        """Admit `seq` into this step's prefill if the padded prefill (longest prompt x prompts) stays within
-        `max_batch_tokens` (a single longer prompt is still admitted, alone), and neither it nor the prefill holds a
-        request that keeps every position's logits (echo), which is prefilled alone."""
+        """Admit `seq` into this step's prefill if the padded prefill (longest part to compute x prompts) stays
+        within `max_batch_tokens` (a single longer prompt is still admitted, alone), and neither it nor the prefill
+        holds a request that keeps every position's logits (echo), which is prefilled alone. Looks up its prompt's
+        cached prefix first (never for an echo, which computes its whole prompt)."""
+        prompt = seq.request.prompt_token_ids
+        seq.hit = None if self._prefix is None or _echoes(seq) else self._prefix.match(prompt[:-1])
         if not taken:
             return True
-        longest = max(len(s.request.prompt_token_ids) for s in [*taken, seq])
-        if (len(taken) + 1) * longest > self.max_batch_tokens:
+        longest = max(_to_compute(s) for s in [*taken, seq])
+        if (len(taken) + 1) * longest > self.max_batch_tokens or _echoes(taken[0]) or _echoes(seq):
+            seq.hit = None
             return False
-        return not (_echoes(taken[0]) or _echoes(seq))
+        return True
 
     def _prefill(self, seqs: list[_Seq], outputs: Outputs) -> None:
+        """Prefill the admitted `seqs` together in a fresh cache, then merge it into the batch's.
+
+        A sequence with a cached prefix of `c` tokens starts from that prefix's K/V (the cache's leading columns,
+        right-aligned like the rows) and computes only the rest of its prompt, at positions c.., its padding in the
+        middle masked; the rows are then made contiguous again (one gather per layer) before the merge."""
         dev = self._device
-        lengths = [len(s.request.prompt_token_ids) for s in seqs]
-        width = max(lengths)
-        pads = [width - n for n in lengths]
+        hits = [s.hit.length if s.hit is not None else 0 for s in seqs]
+        lengths = [len(s.request.prompt_token_ids) - c for s, c in zip(seqs, hits, strict=True)]
+        width, past = max(lengths), max(hits)
+        pads = [width - n for n in lengths]  # each row's padding before its computed part
+        past_pads = [past - c for c in hits]  # and before its cached part
+        for seq, cached in zip(seqs, hits, strict=True):
+            seq.cached_tokens = cached  # reported on its first output
         try:
             ids = torch.tensor(
-                [[self._pad_id] * p + s.request.prompt_token_ids for s, p in zip(seqs, pads, strict=True)],
+                [[self._pad_id] * p + s.request.prompt_token_ids[c:] for s, p, c in zip(seqs, pads, hits, strict=True)],
                 dtype=torch.long,
                 device=dev,
             )
+            cols = torch.arange(width, device=dev)[None, :]
+            pad_t = torch.tensor(pads, device=dev)[:, None]
+            position_ids = (cols - pad_t).clamp(min=0) + torch.tensor(hits, device=dev)[:, None]
             mask = None
-            position_ids = torch.arange(width, device=dev)[None, :].expand(len(seqs), -1)
-            if any(pads):
-                pad_t = torch.tensor(pads, device=dev)[:, None]
-                mask = (position_ids >= pad_t).long()
-                position_ids = (position_ids - pad_t).clamp(min=0)
-            cache = DynamicCache(config=self._model.config)
-            cache.layers = [_GrowingLayer() for _ in cache.layers]
+            if any(past_pads):
+                past_cols = torch.arange(past, device=dev)[None, :]
+                mask = torch.cat([past_cols >= torch.tensor(past_pads, device=dev)[:, None], cols >= pad_t], 1).long()
+            elif any(pads):
+                mask = torch.cat([torch.ones(len(seqs), past, dtype=torch.bool, device=dev), cols >= pad_t], 1).long()
+            cache = self._prefill_cache(seqs, past, past_pads, width)
             echo = any(s.params.prompt_logprobs is not None for s in seqs)
             out = self._model(
                 input_ids=ids,
@@ -251,15 +298,23 @@ class TransformersEngine:
                 logits_to_keep=0 if echo else 1,  # every position's logits only when a prompt's logprobs are asked
             )
             if echo:
-                _prompt_logprobs(out.logits, seqs, pads)
+                _prompt_logprobs(out.logits, seqs, pads)  # an echo is prefilled alone, from no cached prefix
             logprobs = _raw_logprobs(out.logits[:, -1, :], seqs)
             tokens = self._sample(out.logits[:, -1, :], seqs, _all_greedy(seqs))
+            if past:
+                pads = _close_gaps(cache, past_pads, pads, past)
         except Exception as exc:
             logger.exception("prefill failed; failing %d new requests", len(seqs))
             self._fail(seqs, exc, outputs)
             self._seqs.drop_finished()  # the last rows of `running`, never in the cache
             return
+        finally:
+            for seq in seqs:
+                seq.hit = None
         self._seqs.prefilled += sum(lengths)
+        if self._prefix is not None:
+            self._prefix.count(sum(len(s.request.prompt_token_ids) for s in seqs if not _echoes(s)), sum(hits))
+            self._remember(cache, [(i, pads[i], s.request.prompt_token_ids) for i, s in enumerate(seqs)])
         for seq, token, lp in zip(seqs, tokens, logprobs(tokens), strict=True):
             self._advance(seq, token, outputs, lp)
         try:
@@ -271,6 +326,45 @@ class TransformersEngine:
             self._batch, self._greedy_batch = _Batch(), True
             return
         self._drop_finished()
+
+    def _prefill_cache(self, seqs: list[_Seq], past: int, past_pads: list[int], width: int) -> DynamicCache:
+        """A fresh cache for a prefill: empty, or with each row's cached prefix in its first `past` columns
+        (right-aligned, zeros before it) and room for the `width` columns the prefill computes, every layer's keys
+        and values views into one buffer (one copy per cached span fills every layer)."""
+        cache = DynamicCache(config=self._model.config)
+        layers = [_GrowingLayer() for _ in cache.layers]
+        cache.layers = list(layers)
+        if not past:
+            return cache
+        like = next(s.hit for s in seqs if s.hit is not None).like  # [layers, 2, kv heads, tokens, head dim]
+        n_layers, _, heads, _, dim = like.shape
+        shape = (n_layers, 2, len(seqs), heads, past + width + _GrowingLayer.SPARE, dim)
+        buffer = torch.empty(shape, dtype=like.dtype, device=self._device)
+        for row, (seq, pad) in enumerate(zip(seqs, past_pads, strict=True)):
+            buffer[:, :, row, :, :pad] = 0  # padding is masked, but must hold numbers (0 x NaN is NaN)
+            if seq.hit is not None:
+                seq.hit.copy_into(buffer[:, :, row, :, pad:past])
+        for i, layer in enumerate(layers):
+            layer.start(buffer[i, 0], buffer[i, 1], past)
+        return cache
+
+    def _remember(self, cache: DynamicCache, rows: Iterable[tuple[int, int, list[int]]]) -> None:
+        """Offer the prefix cache each (row, padding, tokens) of `cache`: the row's columns from its padding on hold
+        the keys and values of `tokens`; the prefix cache takes a copy of what it does not hold yet."""
+        assert self._prefix is not None
+        layers: list[Any] = list(cache.layers)
+        like = layers[0].keys  # [rows, kv heads, columns, head dim], as every layer's keys and values
+        token_bytes = 2 * len(layers) * like.shape[1] * like.shape[3] * like.element_size()
+        for row, pad, tokens in rows:
+
+            def span(start: int, end: int, row: int = row, pad: int = pad) -> torch.Tensor:
+                out = like.new_empty((len(layers), 2, like.shape[1], end - start, like.shape[3]), device="cpu")
+                for i, lay in enumerate(layers):
+                    out[i, 0].copy_(lay.keys[row, :, pad + start : pad + end])
+                    out[i, 1].copy_(lay.values[row, :, pad + start : pad + end])
+                return out
+
+            self._prefix.store(tokens, span, token_bytes)
 
     # -- sampling -----------------------------------------------------------------------------------------------
 
@@ -330,9 +424,14 @@ class TransformersEngine:
         b = self._batch
         keep = [i for i, s in enumerate(self._seqs.running) if s.finish is None]
         rows = len(self._seqs.running)
-        self._seqs.drop_finished()
         if len(keep) == rows:
+            self._seqs.drop_finished()
             return
+        if self._prefix is not None and b.cache is not None:  # what the finished computed, for later requests
+            width = b.width
+            done = [(i, s) for i, s in enumerate(self._seqs.running) if s.finish not in (None, FinishReason.ERROR)]
+            self._remember(b.cache, [(i, b.pads[i], s.tokens[: width - b.pads[i]]) for i, s in done])
+        self._seqs.drop_finished()
         if not keep:
             self._batch = _Batch()
             self._greedy_batch = True
@@ -409,6 +508,14 @@ class _GrowingLayer(DynamicLayer):
         self.keys = kbuf[..., : self._used, :]
         self.values = vbuf[..., : self._used, :]
         return self.keys, self.values
+
+    def start(self, keys: torch.Tensor, values: torch.Tensor, used: int) -> None:
+        """Begin with buffers whose first `used` columns are filled (a prefill's cached prefixes)."""
+        self.device = keys.device
+        self.is_initialized = True
+        self._kbuf, self._vbuf, self._used = keys, values, used
+        self.keys = keys[..., :used, :]
+        self.values = values[..., :used, :]
 
 
 def _ids(value: Any) -> tuple[int, ...]:
@@ -489,6 +596,35 @@ def _token_logprobs(lsm: torch.Tensor, tokens: Sequence[int], ks: Sequence[int])
 
 def _echoes(seq: _Seq) -> bool:
     return seq.params.prompt_logprobs is not None
+
+
+def _to_compute(seq: _Seq) -> int:
+    """The prompt tokens a sequence's prefill computes: those after its cached prefix."""
+    return len(seq.request.prompt_token_ids) - (seq.hit.length if seq.hit is not None else 0)
+
+
+def _close_gaps(cache: DynamicCache, past_pads: list[int], pads: list[int], past: int) -> list[int]:
+    """Make each row of a prefill cache contiguous again and return its left padding.
+
+    Row i was `[past_pads[i] padding][its cached prefix][pads[i] padding][what the prefill computed]`, the first
+    two parts in `past` columns; it becomes `[padding][cached prefix][computed]`, right-aligned, with the columns
+    that are then padding in every row trimmed."""
+    if not any(pads):
+        return past_pads
+    layers: list[Any] = list(cache.layers)
+    width = layers[0].keys.shape[2]
+    dev = layers[0].keys.device
+    cols = torch.arange(width, device=dev)[None, :]
+    pad_t = torch.tensor(pads, device=dev)[:, None]
+    lead = [pp + p for pp, p in zip(past_pads, pads, strict=True)]
+    cached = (cols >= torch.tensor(lead, device=dev)[:, None]) & (cols < past + pad_t)
+    trim = min(lead)
+    source = torch.where(cached, cols - pad_t, cols)[:, trim:]
+    for layer in layers:
+        index = source[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+        layer.keys = layer.keys.gather(2, index)
+        layer.values = layer.values.gather(2, index)
+    return [n - trim for n in lead]
 
 
 def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
