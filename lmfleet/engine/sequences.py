@@ -7,7 +7,8 @@ Owns
   * `Sequences`: the waiting queue (first in, first out; a preempted sequence goes back to its front), the running
     list (in admission order, which is the engine's cache order where it keeps one), the request ids in flight,
     the aborts asked for, and the counters behind `EngineStats`.
-  * `Outputs`: what one step produced, one `EngineOutput` per request touched, in the order they were first touched.
+  * `Outputs`: what one step produced, one `EngineOutput` per request touched, in the order they were first touched;
+    a request's first output carries `Seq.cached_tokens` (what the engine's prefix cache served, where it has one).
 
 When each method runs (all on the engine's one thread): `add` from `Engine.add_request` (asserting what the worker
 checked, refusing what no engine samples with), `abort` from `Engine.abort_request`; then from
@@ -45,6 +46,10 @@ class Seq:
     finish: FinishReason | None = field(default=None, init=False)
     # with prompt_logprobs: the prompt's log probabilities so far ([None] for the first token), until the first output
     prompt_logprobs: list[TokenLogprob | None] | None = field(default=None, init=False)
+    # leading prompt tokens served from the engine's prefix cache, set by an engine that has one when it first
+    # admits the sequence (0: none); reported once, on the first output
+    cached_tokens: int | None = field(default=None, init=False)
+    emitted: bool = field(default=False, init=False)  # the first output was made
 
     def __post_init__(self) -> None:
         self.tokens = list(self.request.prompt_token_ids)
@@ -93,8 +98,10 @@ class Outputs:
         prompt_logprobs = seq.take_prompt_logprobs()
         out = self._by_id.get(seq.request_id)
         if out is None:
+            cached = None if seq.emitted else seq.cached_tokens
+            seq.emitted = True
             self._by_id[seq.request_id] = EngineOutput(
-                seq.request_id, list(tokens), reason, error, logprobs, prompt_logprobs
+                seq.request_id, list(tokens), reason, error, logprobs, prompt_logprobs, cached
             )
             return
         assert not out.finished, "nothing follows a request's final output"
