@@ -7,7 +7,8 @@ Owns
     where, e.g. a llama.cpp sequence id) or `HOST` (host memory: the handle is the saved state, with its size in
     bytes). Longest-common-prefix lookup over both tiers, one least-recently-used order per tier, the host tier's
     byte budget, and the prefix cache's counters (`queries`, `hits`: prompt tokens looked up and served).
-  * `common_prefix`: how many leading tokens two token lists share.
+  * `common_prefix`: how many leading tokens two token lists share; `distinct_tokens`: how many tokens several
+    prefixes hold, shared leading tokens once; `default_host_budget`: the host tier's default size.
 
 How an engine uses it (all on the engine's one thread):
   * admitting a request: `match(tokens)` gives the longest prefix of `tokens` held in each tier (`Match`); the engine
@@ -18,7 +19,7 @@ How an engine uses it (all on the engine's one thread):
     adds a KV entry and returns the KV entries that are a prefix of it, now redundant, for the engine to free.
   * room is short: `lru(KV)` is the entry to give up first; the engine either `remove`s it or moves it to host
     memory with `to_host(entry, handle, nbytes)`, which drops the host tier's least recently used entries to stay
-    within its budget (and returns them), or refuses (returns False, the entry left as it was) when the state
+    within its budget (and returns them), or refuses (returns None, the entry left as it was) when the state
     alone is larger than the budget.
   * `kv_tokens()`: the distinct tokens the KV tier holds, shared leading tokens once, as an engine whose entries
     share their common leading cells stores them (a system prompt that many entries start with counts once);
@@ -32,12 +33,15 @@ llama.cpp.
 from __future__ import annotations
 
 import enum
+import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 import numpy as np
+
+DEFAULT_HOST_CAP = 8 << 30  # bytes: llama-server's `--cache-ram` default
 
 H = TypeVar("H")  # the engine's handle on an entry's state: where it is in the KV cache, or the saved bytes
 
@@ -55,6 +59,24 @@ def common_prefix(a: Sequence[int] | np.ndarray, b: Sequence[int] | np.ndarray) 
     x, y = np.asarray(a[:n]), np.asarray(b[:n])
     diff = np.flatnonzero(x != y)
     return int(diff[0]) if len(diff) else n
+
+
+def distinct_tokens(prefixes: Iterable[Sequence[int]]) -> int:
+    """The tokens of `prefixes` counting shared leading tokens once: the size of the trie they make (sorted, each
+    adds its length less what it shares with the one before)."""
+    ordered = sorted(tuple(p) for p in prefixes)
+    total = sum(len(t) for t in ordered)
+    return total - sum(common_prefix(a, b) for a, b in zip(ordered, ordered[1:], strict=False))
+
+
+def default_host_budget() -> int:
+    """The host tier's default budget: a quarter of the machine's memory, at most `DEFAULT_HOST_CAP` (llama-server's
+    `--cache-ram` default)."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # a platform without these names: no host tier
+        return 0
+    return int(min(memory // 4, DEFAULT_HOST_CAP))
 
 
 @dataclass(eq=False)
@@ -165,9 +187,7 @@ class PrefixCache(Generic[H]):
         """The distinct tokens the KV tier holds: a token shared by several entries' common leading tokens counts
         once (the size of the trie of their tokens)."""
         if self._kv_tokens is None:
-            ordered = sorted(e.tokens for e in self._tiers[Tier.KV].values())
-            total = sum(len(t) for t in ordered)
-            self._kv_tokens = total - sum(common_prefix(a, b) for a, b in zip(ordered, ordered[1:], strict=False))
+            self._kv_tokens = distinct_tokens(e.tokens for e in self._tiers[Tier.KV].values())
         return self._kv_tokens
 
     # -- the host tier ------------------------------------------------------------------------------------------

@@ -1,0 +1,197 @@
+"""The llama.cpp engine's prefix cache on the real SmolLM2-135M GGUF: entries share their common leading cells, later
+turns of a conversation start from the earlier ones, the cache gives its room up before a running request is
+preempted, an entry pushed out to host memory comes back and gives the same tokens, and what works without the cache
+(preemption, resume, log probabilities, echo) works with it.
+
+Flash attention is off here (as in test_llamacpp_engine, the regime closest to batch-invariant), so a reuse's
+arithmetic is the cold run's but for the one token it computes alone."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+import llama_cpp.llama_cpp as llama  # noqa: E402
+
+from lmfleet.engine.base import EngineOutput, EngineRequest, FinishReason, SamplingParams  # noqa: E402
+from lmfleet.engine.llamacpp.engine import LlamaCppEngine  # noqa: E402
+from lmfleet.engine.llamacpp.tokenizer import GGUFTokenizer  # noqa: E402
+from lmfleet.engine.prefix_cache import common_prefix  # noqa: E402
+from tests.engine.stepping import drive  # noqa: E402
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+SYSTEM = "You are a careful assistant. You answer in one short sentence, politely, and never make things up."
+
+
+@pytest.fixture(scope="module")
+def gguf_path(smollm2_gguf) -> str:
+    return str(smollm2_gguf)
+
+
+@pytest.fixture
+def make(gguf_path) -> Iterator:
+    """make(**engine kwargs) -> an engine with the prefix cache on (no host tier unless asked), closed after."""
+    engines: list[LlamaCppEngine] = []
+
+    def build(**kw) -> LlamaCppEngine:
+        kw = {"max_model_len": 512, "flash_attn": False, "prefix_cache_host_bytes": 0, **kw}
+        engines.append(LlamaCppEngine(gguf_path, **kw))
+        return engines[-1]
+
+    yield build
+    for e in engines:
+        e.close()
+
+
+@pytest.fixture(scope="module")
+def cold(gguf_path) -> Iterator[LlamaCppEngine]:
+    """The same engine without the cache: every prompt computed."""
+    engine = LlamaCppEngine(gguf_path, max_model_len=512, flash_attn=False, prefix_cache=False)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(cold) -> GGUFTokenizer:
+    return GGUFTokenizer(cold.model)
+
+
+def chat(tokenizer: GGUFTokenizer, *turns: str) -> list[int]:
+    """The prompt of a conversation behind SYSTEM: user and assistant turns alternating, a user's last."""
+    messages = [{"role": "system", "content": SYSTEM}]
+    messages += [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+    return tokenizer.render_chat(messages)
+
+
+def req(rid: str, prompt: list[int], **params) -> EngineRequest:
+    return EngineRequest(rid, list(prompt), SamplingParams(**params))
+
+
+def run(engine: LlamaCppEngine, request: EngineRequest) -> tuple[list[int], EngineOutput, EngineOutput]:
+    """A request alone: its tokens, its first output and its final one (with every token's log probabilities)."""
+    engine.add_request(request)
+    outputs: list[EngineOutput] = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    assert outputs[-1].finished
+    merged = EngineOutput(request.request_id, [t for o in outputs for t in o.new_token_ids], outputs[-1].finish_reason)
+    if request.params.logprobs is not None:
+        merged.logprobs = [lp for o in outputs for lp in o.logprobs or []]
+    return merged.new_token_ids, outputs[0], merged
+
+
+def test_two_conversations_sharing_a_system_prompt_store_it_once(make, tokenizer):
+    engine = make()
+    a, b = chat(tokenizer, "Name a fruit."), chat(tokenizer, "Name a colour.")
+    shared = common_prefix(a, b)
+    assert shared > 20  # the chat template and the system prompt
+    empty = llama.llama_state_get_size(engine._ctx)
+    _, first_a, _ = run(engine, req("a", a, max_new_tokens=3, **GREEDY))
+    after_a = llama.llama_state_get_size(engine._ctx)
+    _, first_b, _ = run(engine, req("b", b, max_new_tokens=3, **GREEDY))
+    after_b = llama.llama_state_get_size(engine._ctx)
+    assert first_a.cached_tokens == 0 and first_b.cached_tokens == shared
+    # each entry holds its prompt and the generated tokens but the last; the shared leading tokens count once
+    held_a, held_b = len(a) + 2, len(b) + 2
+    stats = engine.stats()
+    assert stats.prefix_cache_kv_bytes == (held_a + held_b - shared) * engine._cell_bytes
+    # and llama.cpp agrees: its state grew by b's own cells only (each shared cell names one more sequence id)
+    per_cell = (after_a - empty) / held_a
+    own = (held_b - shared) * per_cell
+    assert own - per_cell < after_b - after_a < own + per_cell + 8 * shared
+    assert stats.prefix_cache_queries == len(a) + len(b) and stats.prefix_cache_hits == shared
+    assert stats.tokens_in_flight == 0
+
+
+def test_later_turns_start_from_the_earlier_ones(make, tokenizer, cold):
+    engine = make()
+    turns = ["Name a fruit."]
+    for i, question in enumerate(["Why that one?", "And a vegetable?"]):
+        prompt = chat(tokenizer, *turns)
+        tokens, first, _ = run(engine, req(f"t{i}", prompt, max_new_tokens=6, temperature=0.0))
+        if i > 0:
+            assert first.cached_tokens is not None and first.cached_tokens >= previous
+        assert tokens == run(cold, req(f"c{i}", prompt, max_new_tokens=6, temperature=0.0))[0]
+        previous = len(prompt)
+        turns += [tokenizer.decode(tokens), question]
+
+
+def test_an_entry_restored_from_host_memory_gives_the_computed_tokens(make, tokenizer, cold):
+    """X's entry leaves the pool for host memory and comes back for X's repeat with the very cells computed for X:
+    the repeat gives the tokens and log probabilities of a repeat that found them in the pool. Exact where the
+    restored cells land where the pool copy sat (here: an otherwise empty pool); elsewhere in the pool llama.cpp's
+    attention sums in another order, as with batch companions (next test)."""
+    engine = make(max_model_len=256, max_num_seqs=2, prefix_cache_host_bytes=64 << 20)
+    x = chat(tokenizer, "Name a fruit.")
+    params = dict(max_new_tokens=6, logprobs=2, **GREEDY)
+    computed, _, _ = run(cold, req("cold", x, **params))
+    first, _, _ = run(engine, req("x0", x, **params))
+    again, hit, from_pool = run(engine, req("x1", x, **params))
+    assert hit.cached_tokens == len(x) - 1
+    assert engine._evict() and engine.stats().prefix_cache_kv_bytes == 0
+    assert engine.stats().prefix_cache_host_bytes > 0
+    restored, back, from_host = run(engine, req("x2", x, **params))
+    assert back.cached_tokens == len(x) - 1
+    assert engine.stats().prefix_cache_host_bytes == 0 and engine.stats().prefix_cache_kv_bytes > 0
+    assert restored == again == first == computed
+    assert from_host.logprobs == from_pool.logprobs
+
+
+def test_entries_pushed_out_by_other_requests_come_back_from_host_memory(make, tokenizer, cold):
+    engine = make(max_model_len=256, max_num_seqs=2, prefix_cache_host_bytes=64 << 20)
+    x = chat(tokenizer, "Name a fruit.")
+    computed, _, _ = run(cold, req("cold", x, max_new_tokens=4, **GREEDY))
+    run(engine, req("x0", x, max_new_tokens=4, **GREEDY))
+    others = [tokenizer.render_chat([{"role": "user", "content": f"Count from one to {n}."}]) for n in range(6)]
+    for i, prompt in enumerate(others):
+        run(engine, req(f"o{i}", prompt, max_new_tokens=40, **GREEDY))
+    stats = engine.stats()
+    assert stats.prefix_cache_host_bytes > 0 and stats.preemptions == 0
+    assert stats.prefix_cache_kv_bytes < (256 - 40) * engine._cell_bytes
+    restored, back, _ = run(engine, req("x1", x, max_new_tokens=4, **GREEDY))
+    assert back.cached_tokens == len(x) - 1
+    assert restored[:1] == computed[:1]  # the cells sit elsewhere in the pool: near-ties may flip later (docstring)
+
+
+def test_the_cache_gives_its_room_up_before_a_running_request_is_preempted(make, tokenizer):
+    """Entries fill most of a 256-cell pool; two requests that need nearly all of it run without preemption."""
+    engine = make(max_model_len=256, max_num_seqs=2)
+    fills = [tokenizer.render_chat([{"role": "user", "content": f"Say {i} {'word ' * 10}"}]) for i in range(4)]
+    for i, prompt in enumerate(fills):
+        run(engine, req(f"fill{i}", prompt, max_new_tokens=30, **GREEDY))
+    filled = engine.stats().prefix_cache_kv_bytes // engine._cell_bytes
+    assert filled > 128
+    big = [req(f"big{i}", [100 + i] + [200 + j for j in range(40)], max_new_tokens=80, **GREEDY) for i in range(2)]
+    tokens, final = drive(engine, big)
+    stats = engine.stats()
+    assert stats.preemptions == 0
+    assert all(f.finish_reason == FinishReason.LENGTH and len(tokens[f.request_id]) == 80 for f in final.values())
+    # the fill entries gave their cells up: a repeat finds nothing cached
+    _, first, _ = run(engine, req("again", fills[0], max_new_tokens=1, **GREEDY))
+    assert first.cached_tokens == 0
+
+
+def test_preemption_resume_logprobs_and_echo_with_the_cache(make, tokenizer, cold):
+    engine = make(max_model_len=160, max_num_seqs=4)
+    prompts = [chat(tokenizer, f"Tell me about {t}.") for t in ("cats", "dogs", "rain", "tea")]
+    # the pool is too small for all four: the newest wait and recompute, starting from the cached system prompt
+    tokens, final = drive(engine, [req(str(i), p, max_new_tokens=30, **GREEDY) for i, p in enumerate(prompts)])
+    assert engine.stats().preemptions >= 1
+    assert all(f.finish_reason == FinishReason.LENGTH and len(tokens[str(i)]) == 30 for i, f in enumerate(final.values()))
+    # resume: the prompt and the ids generated so far continue the sequence exactly (the cached cells are its own)
+    full, _, _ = run(engine, req("full", prompts[0], max_new_tokens=10, **GREEDY))
+    rest, first, _ = run(engine, req("rest", prompts[0] + full[:4], max_new_tokens=6, **GREEDY))
+    assert first.cached_tokens == len(prompts[0]) + 3 and rest == full[4:]
+    # log probabilities on a cache hit: one per token, the sampled token's own, the most likely first
+    _, first, out = run(engine, req("lp", prompts[1], max_new_tokens=4, logprobs=3, **GREEDY))
+    assert first.cached_tokens and out.logprobs is not None and len(out.logprobs) == 4
+    assert all(lp.token_id == t and lp.top[0][0] == t for lp, t in zip(out.logprobs, out.new_token_ids, strict=True))
+    # echo computes the whole prompt: its log probabilities are the cold engine's
+    echo = req("echo", prompts[2], max_new_tokens=1, prompt_logprobs=1, **GREEDY)
+    _, first, _ = run(engine, echo)
+    _, cold_first, _ = run(cold, req("echo-cold", prompts[2], max_new_tokens=1, prompt_logprobs=1, **GREEDY))
+    assert first.cached_tokens == 0 and first.prompt_logprobs == cold_first.prompt_logprobs
+    assert cold_first.cached_tokens is None  # an engine without the cache reports none
