@@ -109,11 +109,11 @@ def test_two_conversations_sharing_a_system_prompt_store_it_once(make, tokenizer
 def test_later_turns_start_from_the_earlier_ones(make, tokenizer, cold):
     engine = make()
     turns = ["Name a fruit."]
+    previous = 0
     for i, question in enumerate(["Why that one?", "And a vegetable?"]):
         prompt = chat(tokenizer, *turns)
         tokens, first, _ = run(engine, req(f"t{i}", prompt, max_new_tokens=6, temperature=0.0))
-        if i > 0:
-            assert first.cached_tokens is not None and first.cached_tokens >= previous
+        assert first.cached_tokens is not None and first.cached_tokens >= previous
         assert tokens == run(cold, req(f"c{i}", prompt, max_new_tokens=6, temperature=0.0))[0]
         previous = len(prompt)
         turns += [tokenizer.decode(tokens), question]
@@ -180,7 +180,8 @@ def test_preemption_resume_logprobs_and_echo_with_the_cache(make, tokenizer, col
     # the pool is too small for all four: the newest wait and recompute, starting from the cached system prompt
     tokens, final = drive(engine, [req(str(i), p, max_new_tokens=30, **GREEDY) for i, p in enumerate(prompts)])
     assert engine.stats().preemptions >= 1
-    assert all(f.finish_reason == FinishReason.LENGTH and len(tokens[str(i)]) == 30 for i, f in enumerate(final.values()))
+    assert all(f.finish_reason == FinishReason.LENGTH for f in final.values())
+    assert all(len(t) == 30 for t in tokens.values())
     # resume: the prompt and the ids generated so far continue the sequence exactly (the cached cells are its own)
     full, _, _ = run(engine, req("full", prompts[0], max_new_tokens=10, **GREEDY))
     rest, first, _ = run(engine, req("rest", prompts[0] + full[:4], max_new_tokens=6, **GREEDY))
