@@ -196,3 +196,20 @@ def test_preemption_resume_logprobs_and_echo_with_the_cache(make, tokenizer, col
     _, cold_first, _ = run(cold, req("echo-cold", prompts[2], max_new_tokens=1, prompt_logprobs=1, **GREEDY))
     assert first.cached_tokens == 0 and first.prompt_logprobs == cold_first.prompt_logprobs
     assert cold_first.cached_tokens is None  # an engine without the cache reports none
+
+
+def test_one_request_at_a_time_without_the_cache_answers_identical_requests_identically(gguf_path, tokenizer):
+    """The worker's --deterministic (serving defaults otherwise: flash attention on): the same request gives the same
+    tokens and log probabilities whatever ran before it or waits behind it."""
+    engine = LlamaCppEngine(gguf_path, max_model_len=512, max_num_seqs=1, prefix_cache=False)
+    try:
+        x = chat(tokenizer, "Name a fruit.")
+        params = dict(max_new_tokens=6, logprobs=1, **GREEDY)
+        _, _, first = run(engine, req("x0", x, **params))
+        other = chat(tokenizer, "Write a long story about a dragon who loves tea and hates rain.")
+        tokens, final = drive(engine, [req("o", other, max_new_tokens=20, **GREEDY), req("x1", x, **params)])
+        _, _, again = run(engine, req("x2", x, **params))
+        assert tokens["x1"] == first.new_token_ids == again.new_token_ids
+        assert again.logprobs == first.logprobs
+    finally:
+        engine.close()

@@ -611,6 +611,11 @@ class LlamaCppEngine:
     def _release_finished(self) -> None:
         for seq in self._seqs.drop_finished():
             self._release(seq)
+        if not self._seqs.running and (self._cache is None or not self._cache.entries(Tier.KV)):
+            # an empty pool starts again from its first cell: a request alone in it then lands on the same cells
+            # as the last one did, so its attention sums in the same order (what `max_num_seqs=1` without the
+            # prefix cache needs to answer identical requests identically)
+            llama.llama_memory_clear(self._memory, False)
 
     def _release(self, seq: _Seq) -> None:
         """Free a finished request's sampler and, if it ran, its KV cells and sequence id."""
