@@ -211,7 +211,12 @@ class LlamaCppEngine:
         params = llama.llama_context_default_params()
         params.n_ctx = max_model_len
         params.n_batch = self._n_batch
-        params.n_seq_max = max_num_seqs + len(self._spare_ids)  # + the prefix cache's entries
+        # + the prefix cache's entries; llama.cpp aborts on more sequences than cells (seen at n_ctx 160)
+        keep = max(0, min(len(self._spare_ids), max_model_len - max_num_seqs))
+        self._spare_ids = self._spare_ids[len(self._spare_ids) - keep :]
+        if not self._spare_ids:
+            self._cache = None
+        params.n_seq_max = max_num_seqs + len(self._spare_ids)
         params.n_threads = params.n_threads_batch = self._n_threads
         params.kv_unified = True
         # Flash attention (llama-server's default too) is about 1.4x the 16-sequence throughput here. llama.cpp's CPU
