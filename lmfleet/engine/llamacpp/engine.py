@@ -204,6 +204,8 @@ class LlamaCppEngine:
             max_model_len = min(trained, DEFAULT_CONTEXT_CAP) if trained > 0 else DEFAULT_CONTEXT_CAP
         elif trained > 0 and max_model_len > trained:
             raise ValueError(f"max_model_len {max_model_len} exceeds the model's trained context {trained}")
+        if max_num_seqs > max_model_len:  # llama.cpp aborts the process on more sequence ids than cells
+            raise ValueError(f"max_num_seqs {max_num_seqs} exceeds max_model_len {max_model_len}: a cell per sequence")
         self._max_model_len = max_model_len
         self._n_threads = n_threads or os.cpu_count() or 1
         # Every running sequence's pending token plus `max_batch_tokens` prompt tokens go into one decode.
@@ -211,8 +213,11 @@ class LlamaCppEngine:
         params = llama.llama_context_default_params()
         params.n_ctx = max_model_len
         params.n_batch = self._n_batch
-        # + the prefix cache's entries; llama.cpp aborts on more sequences than cells (seen at n_ctx 160)
-        keep = max(0, min(len(self._spare_ids), max_model_len - max_num_seqs))
+        # + the prefix cache's entries. llama.cpp aborts the process on more sequence ids than cells (reserving its
+        # worst-case graph: seen at n_ctx 160) or than one ubatch's outputs (GGML_ASSERT n_outputs_max, seen at
+        # n_batch 10): the spare ids stop there
+        ubatch = min(self._n_batch, params.n_ubatch or self._n_batch)
+        keep = max(0, min(len(self._spare_ids), min(max_model_len, ubatch) - max_num_seqs))
         self._spare_ids = self._spare_ids[len(self._spare_ids) - keep :]
         if not self._spare_ids:
             self._cache = None
