@@ -39,6 +39,7 @@ _ENGINE_FLAGS = (
     ("--max-batch-tokens", "max_batch_tokens"),
     ("--max-model-len", "max_model_len"),
     ("--threads", "threads"),
+    ("--prefix-cache-host-bytes", "prefix_cache_host_bytes"),
     ("--device", "device"),
     ("--dtype", "dtype"),
     ("--tool-parser", "tool_parser"),
@@ -163,6 +164,10 @@ def serve_plan(args: argparse.Namespace) -> ServePlan:
             cmd.append("--no-flash-attn")
         if args.matryoshka:
             cmd.append("--matryoshka")
+        if not args.prefix_cache:
+            cmd.append("--no-prefix-cache")
+        if args.deterministic:
+            cmd.append("--deterministic")
         if model_names:
             cmd += ["--model-names", model_names]
         served.update(flags.csv(model_names) if model_names else [path])

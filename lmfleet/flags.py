@@ -1,5 +1,5 @@
-"""Flag helpers every part's flags share: where a process binds and logs, the fleet's secrets, comma lists, and
-the FastChat flags accepted and ignored.
+"""Flag helpers every part's flags share: where a process binds and logs, the fleet's secrets, comma lists, byte
+sizes, and the FastChat flags accepted and ignored.
 
 Owns reading secrets from a flag, the environment (LMFLEET_API_KEYS, LMFLEET_REGISTRATION_SECRET) or a file, so
 they need not appear in `ps`; and reporting the ignored FastChat flags a command line gave (`warn_ignored`).
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 from pathlib import Path
 
 logger = logging.getLogger("lmfleet")
@@ -21,6 +22,19 @@ logger = logging.getLogger("lmfleet")
 def csv(value: str) -> list[str]:
     """A comma-separated flag value as its non-empty, stripped parts."""
     return [v.strip() for v in value.split(",") if v.strip()]
+
+
+_SIZE_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4}
+_SIZE_UNITS |= {"ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40}
+
+
+def byte_size(value: str) -> int:
+    """A size flag's value in bytes: a number with an optional unit, e.g. `2GiB`, `512MiB`, `1.5GB`, `4096`
+    (K, M, G, T: powers of 1000; Ki, Mi, Gi, Ti: of 1024; the `B` and the case optional)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?\s*", value.lower())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a size: {value!r} (e.g. 2GiB, 512MiB, 4096)")
+    return int(float(match[1]) * _SIZE_UNITS[match[2] or ""])
 
 
 def add_log_args(p: argparse.ArgumentParser) -> None:

@@ -161,6 +161,7 @@ def test_serve_with_a_model_path_that_names_nothing_says_so_before_starting_anyt
 def test_serve_runs_a_chat_model_and_an_embedding_model_side_by_side(tmp_path, minilm) -> None:
     (tmp_path / "chat.gguf").write_bytes(b"GGUF")
     argv = ["serve", "--model-path", str(tmp_path / "chat.gguf"), "--model-path", str(minilm), "--matryoshka"]
+    argv += ["--no-prefix-cache", "--prefix-cache-host-bytes", "1GiB"]
     plan = cli.serve_plan(cli.build_parser().parse_args(argv))
     workers = [c.argv for c in plan.children if c.name.startswith("worker")]
     settings = [
@@ -168,6 +169,8 @@ def test_serve_runs_a_chat_model_and_an_embedding_model_side_by_side(tmp_path, m
     ]
     assert [s.engine for s in settings] == ["llamacpp", "embedding"]  # `--engine auto` for each model
     assert settings[1].engine_settings.matryoshka and settings[1].aliases == ["model"]
+    chat = settings[0].engine_settings
+    assert not chat.prefix_cache and chat.prefix_cache_host_bytes == 1 << 30
     assert len({s.worker_address for s in settings}) == 2
     assert plan.models == {str(tmp_path / "chat.gguf"), str(minilm)}
 

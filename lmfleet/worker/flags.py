@@ -76,6 +76,25 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help="llamacpp: plain attention (about 1.4x slower at 16 streams)",
     )
+    g.add_argument(
+        "--no-prefix-cache",
+        dest="prefix_cache",
+        action="store_false",
+        help="compute every prompt whole instead of reusing the cached prefixes of earlier requests",
+    )
+    g.add_argument(
+        "--prefix-cache-host-bytes",
+        type=flags.byte_size,
+        default=None,
+        help="host memory for cached prefixes pushed out of the KV cache, e.g. 2GiB; 0: none (default: a quarter "
+        "of the machine's memory, at most 8GiB)",
+    )
+    g.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="identical answers to identical requests: one request at a time and no prefix cache (throughput of a "
+        "single stream; without it a request's answer can move with its batch companions and cached prefixes)",
+    )
     g.add_argument("--device", default=None, choices=list(DEVICES), help="transformers: default cuda when available")
     g.add_argument("--dtype", default="auto", choices=list(DTYPES), help="transformers: default the checkpoint's")
     g.add_argument(
@@ -224,9 +243,11 @@ def multi_model(args: argparse.Namespace) -> bool:
 def engine_settings(args: argparse.Namespace, engine: str) -> BatchSettings:
     """The settings of engine `engine` (a key of lmfleet.engine.registry.ENGINES) from the engine flags it takes."""
     values = {
-        "max_num_seqs": args.max_num_seqs,
+        "max_num_seqs": 1 if args.deterministic else args.max_num_seqs,
         "max_batch_tokens": args.max_batch_tokens,
         "max_model_len": args.max_model_len,
+        "prefix_cache": args.prefix_cache and not args.deterministic,
+        "prefix_cache_host_bytes": args.prefix_cache_host_bytes,
         "n_threads": args.threads,
         "flash_attn": args.flash_attn,
         "dtype": args.dtype,

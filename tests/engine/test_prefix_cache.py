@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from lmfleet.engine.base import EngineRequest, SamplingParams
-from lmfleet.engine.prefix_cache import PrefixCache, Tier, common_prefix
+from lmfleet.engine.prefix_cache import (
+    DEFAULT_HOST_CAP,
+    PrefixCache,
+    Tier,
+    common_prefix,
+    default_host_budget,
+    distinct_tokens,
+)
 from lmfleet.engine.sequences import Outputs, Seq
 
 SYSTEM = list(range(100, 130))  # a 30-token "system prompt"
@@ -144,3 +151,9 @@ def test_the_first_output_reports_the_cached_tokens_once():
     none = Outputs()
     none.emit(other, [2])
     assert none.list()[0].cached_tokens is None
+
+
+def test_distinct_tokens_and_the_default_budget():
+    assert distinct_tokens([SYSTEM + [1], SYSTEM + [2, 3], [9], SYSTEM]) == len(SYSTEM) + 1 + 2 + 1
+    assert distinct_tokens([]) == 0
+    assert 0 < default_host_budget() <= DEFAULT_HOST_CAP

@@ -7,6 +7,7 @@ import argparse
 
 import pytest
 
+from lmfleet import flags
 from lmfleet.worker import flags as worker_flags
 from lmfleet.worker.app import WorkerSettings
 
@@ -56,3 +57,30 @@ def test_the_flags_defaults_are_the_settings_defaults(tmp_path) -> None:
     default = WorkerSettings(settings.model_path, settings.worker_address)
     for name in ("controller_addresses", "max_queued", "heartbeat_interval_s", "drain_timeout_s", "tool_parser"):
         assert getattr(settings, name) == getattr(default, name), name
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("2GiB", 2 << 30), ("512MiB", 512 << 20), ("1.5GB", 1_500_000_000), ("4096", 4096), ("0", 0), ("3k", 3000)],
+)
+def test_byte_sizes(value, expected) -> None:
+    assert flags.byte_size(value) == expected
+
+
+@pytest.mark.parametrize("value", ["", "lots", "2 GiBs", "-1", "1e9"])
+def test_a_size_that_is_none_is_refused(value) -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        flags.byte_size(value)
+
+
+@pytest.mark.parametrize("engine", ["llamacpp", "transformers"])
+def test_the_prefix_cache_flags_reach_either_engine(tmp_path, engine) -> None:
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    model = ("--model-path", str(tmp_path / "m.gguf"), "--engine", engine)
+    default = worker_flags.settings(parse(*model)).engine_settings
+    assert default is not None and default.prefix_cache and default.prefix_cache_host_bytes is None
+    given = worker_flags.settings(parse(*model, "--no-prefix-cache", "--prefix-cache-host-bytes", "2GiB"))
+    assert given.engine_settings is not None
+    assert not given.engine_settings.prefix_cache and given.engine_settings.prefix_cache_host_bytes == 2 << 30
+    exact = worker_flags.settings(parse(*model, "--max-num-seqs", "8", "--deterministic")).engine_settings
+    assert exact is not None and exact.max_num_seqs == 1 and not exact.prefix_cache

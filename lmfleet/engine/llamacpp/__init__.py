@@ -43,6 +43,7 @@ def load(model_path: str, settings: LlamaCppSettings) -> LoadedModel:
         n_threads=settings.n_threads,
         flash_attn=settings.flash_attn,
         prefix_cache=settings.prefix_cache,
+        prefix_cache_host_bytes=settings.prefix_cache_host_bytes,
     )
     try:
         tokenizer = GGUFTokenizer(engine.model)

@@ -9,11 +9,19 @@ order, aborts, finishing: `lmfleet.engine.sequences`), threads (`lmfleet.engine.
 Each request is a token list (prompt, then what it generated) of which a prefix is in the KV cache; what is not cached
 yet is its pending part: one token (the last sampled) for a decoding request, the rest of its prompt for a new one.
 
-Prefix cache: the cells of the last request to finish stay in the cache under one extra sequence id; a new request
-starts from the leading tokens it shares with them (the chat template and system prompt, mostly), which are shared,
-not copied, and computes only the rest, as llama-server's prompt cache does. The cache gives its cells up first when
-the pool is short. Reused cells were computed in another batch, so (as with batch companions) a reuse can change a
-near-tie; `prefix_cache=False` turns it off.
+Prefix cache (`lmfleet.engine.prefix_cache` is its index): the cells of requests that finished stay in the pool, each
+entry under a spare sequence id of its own (n_seq_max = max_num_seqs + spare ids, at most LLAMA_MAX_SEQ = 256). A
+cell can belong to several sequence ids (`llama_memory_seq_cp` shares, it does not copy), and an entry is made from
+the cells of the entry it shares most leading tokens with plus the finished request's own: so entries share the
+cells of their common leading tokens, and a system prompt behind any number of conversations is held once. A new
+request starts from the longest prefix it shares with an entry (shared, not copied) and computes only the rest. The
+cache lives in the pool's free room: when a request being admitted, or a decode (`llama_decode` returning 1), needs
+room, entries give theirs up, least recently used first, before any running request is preempted. An entry given up
+is saved to host memory (`llama_state_seq_get_data`) within `prefix_cache_host_bytes`, and restored
+(`llama_state_seq_set_data`) when a new request shares at least `HOST_RESTORE_MIN` more tokens with it than with
+anything in the pool. Reused cells were computed in another batch, so (as with batch companions) a reuse can change
+a near-tie; `prefix_cache=False` turns it off, and `max_num_seqs=1` with it gives identical answers to identical
+requests (the worker's `--deterministic`).
 
 One `step()`:
   1. apply aborts (waiting requests dropped, running ones' KV cells freed; each gets an ABORT output);
@@ -43,6 +51,7 @@ attends to its own cells only, at its own positions. End-of-sequence and stop id
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import logging
 import math
@@ -63,6 +72,14 @@ from lmfleet.engine.base import (
     SamplingParams,
     TokenLogprob,
 )
+from lmfleet.engine.prefix_cache import (
+    Entry,
+    PrefixCache,
+    Tier,
+    common_prefix,
+    default_host_budget,
+    distinct_tokens,
+)
 from lmfleet.engine.sequences import Outputs, Seq, Sequences
 
 logger = logging.getLogger("lmfleet.engine")
@@ -73,7 +90,14 @@ llama_logger = logging.getLogger("lmfleet.engine.llamacpp")
 # token: 4 GB), so a model trained on 128k tokens must not claim it silently.
 DEFAULT_CONTEXT_CAP = 8192
 MIN_PREFIX_REUSE = 4  # shared leading tokens worth taking from the prefix cache
+# Leading tokens a host-memory entry must add over the pool's best match to be restored rather than computed, and
+# the shortest entry saved to host memory when it leaves the pool. Measured (2 busy CPU cores, 256-token entries):
+# SmolLM2-135M Q4_1 saves 23 KB a token in 80 us and restores it in 15 us; Qwen2.5 0.5B Q4_K_M 12 KB in 20 us and
+# 1 us; computing a token in a prefill costs 0.3-60 ms there. Restoring is worth it for any prefix; this floor only
+# keeps scraps out of host memory.
+HOST_RESTORE_MIN = 16
 
+LLAMA_MAX_SEQ = 256  # llama-cparams.h: sequence ids run from 0 to 255
 _GGML_LOG_LEVEL_ERROR = 4  # ggml.h's enum ggml_log_level (the bindings do not export it)
 
 
@@ -114,6 +138,7 @@ class _Seq(Seq):
     sampler: Any = None  # llama_sampler pointer (a chain), owned: freed when the request leaves
     seq_id: int = -1  # llama.cpp sequence id while running, -1 while waiting
     n_cached: int = 0  # leading tokens of `tokens` in the KV cache
+    borrowed: int = 0  # of those, leading tokens whose cells it shares with the prefix cache's entries
 
 
 class LlamaCppEngine:
@@ -130,18 +155,20 @@ class LlamaCppEngine:
         n_threads: int | None = None,
         flash_attn: bool = True,
         prefix_cache: bool = True,
+        prefix_cache_host_bytes: int | None = None,
     ) -> None:
         if max_num_seqs < 1 or max_batch_tokens < 1:
             raise ValueError("max_num_seqs and max_batch_tokens must be positive")
-        if max_num_seqs > 256:  # LLAMA_MAX_SEQ
-            raise ValueError("llama.cpp runs at most 256 sequences at once")
+        if max_num_seqs > LLAMA_MAX_SEQ:
+            raise ValueError(f"llama.cpp runs at most {LLAMA_MAX_SEQ} sequences at once")
         init_llama()
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max_batch_tokens
         self._free_ids = list(range(max_num_seqs - 1, -1, -1))  # a stack: the lowest free id is reused first
-        self._prefix_id = max_num_seqs  # the sequence that keeps the last finished request's cells (prefix cache)
-        self._prefix: list[int] = []  # the tokens it holds, at positions 0..len-1
-        self._prefix_cache = prefix_cache
+        # the prefix cache: its entries' sequence ids (spare ones here), None when off (or no id is left for it)
+        self._spare_ids = list(range(LLAMA_MAX_SEQ - 1, max_num_seqs - 1, -1)) if prefix_cache else []
+        host = default_host_budget() if prefix_cache_host_bytes is None else prefix_cache_host_bytes
+        self._cache: PrefixCache[Any] | None = PrefixCache(host) if self._spare_ids else None
         self._model: Any = None
         self._ctx: Any = None
         self._batch: Any = None
@@ -189,6 +216,8 @@ class LlamaCppEngine:
             max_model_len = min(trained, DEFAULT_CONTEXT_CAP) if trained > 0 else DEFAULT_CONTEXT_CAP
         elif trained > 0 and max_model_len > trained:
             raise ValueError(f"max_model_len {max_model_len} exceeds the model's trained context {trained}")
+        if max_num_seqs > max_model_len:  # llama.cpp aborts the process on more sequence ids than cells
+            raise ValueError(f"max_num_seqs {max_num_seqs} exceeds max_model_len {max_model_len}: a cell per sequence")
         self._max_model_len = max_model_len
         self._n_threads = n_threads or os.cpu_count() or 1
         # Every running sequence's pending token plus `max_batch_tokens` prompt tokens go into one decode.
@@ -196,7 +225,15 @@ class LlamaCppEngine:
         params = llama.llama_context_default_params()
         params.n_ctx = max_model_len
         params.n_batch = self._n_batch
-        params.n_seq_max = max_num_seqs + 1  # + the prefix cache
+        # + the prefix cache's entries. llama.cpp aborts the process on more sequence ids than cells (reserving its
+        # worst-case graph: seen at n_ctx 160) or than one ubatch's outputs (GGML_ASSERT n_outputs_max, seen at
+        # n_batch 10): the spare ids stop there
+        ubatch = min(self._n_batch, params.n_ubatch or self._n_batch)
+        keep = max(0, min(len(self._spare_ids), min(max_model_len, ubatch) - max_num_seqs))
+        self._spare_ids = self._spare_ids[len(self._spare_ids) - keep :]
+        if not self._spare_ids:
+            self._cache = None
+        params.n_seq_max = max_num_seqs + len(self._spare_ids)
         params.n_threads = params.n_threads_batch = self._n_threads
         params.kv_unified = True
         # Flash attention (llama-server's default too) is about 1.4x the 16-sequence throughput here. llama.cpp's CPU
@@ -215,6 +252,10 @@ class LlamaCppEngine:
         self._vocab_size = int(llama.llama_vocab_n_tokens(vocab))
         eos, eot = llama.llama_vocab_eos(vocab), llama.llama_vocab_eot(vocab)
         self._eos = tuple(dict.fromkeys(t for t in (eos, eot) if 0 <= t < self._vocab_size))
+        # one cell's K and V (f16, llama.cpp's default cache type) over every layer: the prefix cache's bytes
+        m = self._model
+        head = llama.llama_model_n_embd(m) // max(llama.llama_model_n_head(m), 1)
+        self._cell_bytes = 2 * 2 * llama.llama_model_n_layer(m) * head * llama.llama_model_n_head_kv(m)
 
     def close(self) -> None:
         """Free the samplers, the batch, the context and the model. Requests still in the engine are dropped."""
@@ -269,9 +310,19 @@ class LlamaCppEngine:
         return self._seqs.has_unfinished()
 
     def stats(self) -> EngineStats:
-        return self._seqs.stats(
+        stats = self._seqs.stats(
             tokens_in_flight=sum(s.n_cached for s in self._seqs.running),
             kv_capacity=self._max_model_len,  # one unified pool of n_ctx cells
+        )
+        cache = self._cache
+        if cache is None:
+            return stats
+        return dataclasses.replace(
+            stats,
+            prefix_cache_queries=cache.queries,
+            prefix_cache_hits=cache.hits,
+            prefix_cache_kv_bytes=cache.kv_tokens() * self._cell_bytes,
+            prefix_cache_host_bytes=cache.host_bytes,
         )
 
     def step(self) -> list[EngineOutput]:
@@ -287,43 +338,156 @@ class LlamaCppEngine:
     # -- the steps ----------------------------------------------------------------------------------------------
 
     def _reserve(self, seq: _Seq, taken: list[_Seq]) -> bool:
-        """Admit `seq` if the pool has room: for the tokens running requests hold or are about to (their whole
-        prompts), plus one new token each for this step. A request alone in the engine always fits (add_request
-        asserts it). The prefix cache gives its cells up first. Gives `seq` a sequence id and its shared prefix."""
+        """Admit `seq` if the pool has room for the cells running requests hold or are about to (their whole
+        prompts), plus one new token each for this step; the prefix cache's entries give theirs up for it, least
+        recently used first. A request alone in the engine always fits (add_request asserts it). Gives `seq` a
+        sequence id and the longest prefix the cache holds of it."""
         running = self._seqs.running
-        need = sum(len(s.tokens) + 1 for s in running) + len(seq.tokens) + 1
-        if running and need > self._max_model_len:
+        if self._cache is not None and not seq.echoing:
+            found = self._cache.match(seq.tokens[:-1]).kv_len
+            credit = found if found >= MIN_PREFIX_REUSE else 0
+        else:
+            credit = 0
+        own = self._own_cells() + len(seq.tokens) + 1 - credit
+        shared = distinct_tokens([*(s.tokens[: s.borrowed] for s in running), seq.tokens[:credit]])
+        if running and own + shared > self._max_model_len:
             return False
-        if need + len(self._prefix) > self._max_model_len:
-            self._drop_prefix()
         seq.seq_id = self._free_ids.pop()
         self._reuse_prefix(seq)
+        self._make_room(seq)
         return True
 
+    def _own_cells(self, admitting: _Seq | None = None) -> int:
+        """The cells running requests (and the one being admitted) hold apart from the prefix cache's, with one new
+        token each."""
+        seqs = [*self._seqs.running, admitting] if admitting is not None else self._seqs.running
+        return sum(len(s.tokens) + 1 - s.borrowed for s in seqs)
+
+    def _cells(self, admitting: _Seq | None = None) -> int:
+        """The cells in use, with one new token per running request: the running requests' own, and the distinct
+        leading tokens of the cache's entries and of what running requests share with them (entries share the
+        cells of their common leading tokens, and a request borrows an entry's). Exact but where a request's
+        borrowed cells outlived their entry and another entry computed the same tokens anew: then a decode may
+        still find the pool full (`_forward` gives entries up then)."""
+        assert self._cache is not None
+        kv = (e.tokens for e in self._cache.entries(Tier.KV))
+        seqs = [*self._seqs.running, admitting] if admitting is not None else self._seqs.running
+        borrowed = (s.tokens[: s.borrowed] for s in seqs if s.borrowed)
+        return self._own_cells(admitting) + distinct_tokens([*kv, *borrowed])
+
+    def _make_room(self, admitting: _Seq | None = None) -> None:
+        """Give the cache's entries up, least recently used first, while the pool is over-full."""
+        while self._cache is not None and self._cells(admitting) > self._max_model_len and self._evict():
+            pass
+
     def _reuse_prefix(self, seq: _Seq) -> None:
-        """Start `seq` from the cells of the prefix it shares with the last finished request (the chat template and
-        system prompt, mostly): they are shared, not copied, and only the rest is computed. One token is always
-        left to compute, for the logits. Not for a request that needs its prompt's logits (echo)."""
-        if seq.echoing:
+        """Start `seq` from the cells of the longest prefix the cache holds of it (the chat template, the system
+        prompt, earlier turns): they are shared, not copied, and only the rest is computed. A longer prefix in
+        host memory is restored first. One token is always left to compute, for the logits. Not for a request that
+        needs its prompt's logits (echo)."""
+        cache = self._cache
+        first = seq.cached_tokens is None
+        if cache is None or seq.echoing:
+            if first and cache is not None:
+                seq.cached_tokens = 0
             return
-        limit = min(len(self._prefix), len(seq.tokens) - 1)
-        shared = 0
-        while shared < limit and self._prefix[shared] == seq.tokens[shared]:
-            shared += 1
-        if shared >= MIN_PREFIX_REUSE:
-            llama.llama_memory_seq_cp(self._memory, self._prefix_id, seq.seq_id, 0, shared)
-            seq.n_cached = shared
+        wanted = seq.tokens[:-1]
+        found = cache.match(wanted)
+        entry, shared = found.kv, found.kv_len
+        if found.host is not None and found.host_len >= shared + HOST_RESTORE_MIN:
+            restored = self._restore(found.host, seq)
+            if restored is not None:
+                entry, shared = restored, common_prefix(restored.tokens, wanted)
+        if entry is None or shared < MIN_PREFIX_REUSE:
+            shared = 0
+        else:
+            llama.llama_memory_seq_cp(self._memory, entry.handle, seq.seq_id, 0, shared)
+            cache.touch(entry)
+        seq.n_cached = seq.borrowed = shared
+        if first:  # a preempted request's second admission is not a new lookup
+            seq.cached_tokens = shared
+            cache.count(len(seq.request.prompt_token_ids), min(shared, len(seq.request.prompt_token_ids)))
 
     def _keep_prefix(self, seq: _Seq) -> None:
-        """Let the prefix cache hold a leaving request's cached tokens instead of what it held."""
-        self._drop_prefix()
-        llama.llama_memory_seq_cp(self._memory, seq.seq_id, self._prefix_id, 0, seq.n_cached)
-        self._prefix = seq.tokens[: seq.n_cached]
+        """Let the prefix cache hold a finished request's cached tokens: under a spare sequence id, the cells of
+        the entry sharing most of its leading tokens, then its own (its own copies of those leading tokens are
+        freed with it). Entries that are a prefix of it are dropped."""
+        cache = self._cache
+        assert cache is not None
+        tokens = seq.tokens[: seq.n_cached]
+        held = cache.match(tokens)
+        if held.kv is not None and held.kv_len == len(tokens):
+            cache.touch(held.kv)
+            return
+        if not self._spare_ids and not self._evict():
+            return
+        entry_id = self._spare_ids.pop()
+        held = cache.match(tokens)  # the eviction may have taken the best match
+        shared = 0
+        if held.kv is not None:
+            shared = held.kv_len
+            llama.llama_memory_seq_cp(self._memory, held.kv.handle, entry_id, 0, shared)
+        llama.llama_memory_seq_cp(self._memory, seq.seq_id, entry_id, shared, len(tokens))
+        self._drop(cache.add(tokens, entry_id))
 
-    def _drop_prefix(self) -> None:
-        if self._prefix:
-            llama.llama_memory_seq_rm(self._memory, self._prefix_id, -1, -1)
-            self._prefix = []
+    def _drop(self, entries: list[Entry[Any]]) -> None:
+        """Free the cells only these KV entries (forgotten by the index) held, and their sequence ids."""
+        for entry in entries:
+            self._free_entry_id(entry.handle)
+
+    def _free_entry_id(self, entry_id: int) -> None:
+        llama.llama_memory_seq_rm(self._memory, entry_id, -1, -1)
+        self._spare_ids.append(entry_id)
+
+    def _evict(self) -> bool:
+        """Give up the prefix cache's least recently used entry in the pool, saving it to host memory first when
+        it is long enough to be worth restoring and fits the budget. False when the pool holds none."""
+        cache = self._cache
+        entry = cache.lru(Tier.KV) if cache is not None else None
+        if cache is None or entry is None:
+            return False
+        seq_id = entry.handle
+        saved = None
+        if len(entry) >= HOST_RESTORE_MIN and cache.host_budget_bytes:
+            if cache.match(entry.tokens).host_len == len(entry):
+                saved = cache.to_host(entry, None, 0)  # already in host memory
+            else:
+                size = llama.llama_state_seq_get_size(self._ctx, seq_id)
+                if size <= cache.host_budget_bytes:
+                    state = (ctypes.c_uint8 * size)()
+                    if llama.llama_state_seq_get_data(self._ctx, state, size, seq_id) == size:
+                        saved = cache.to_host(entry, state, size)
+        if saved is None:
+            cache.remove(entry)
+        self._free_entry_id(seq_id)
+        return True
+
+    def _restore(self, entry: Entry[Any], admitting: _Seq) -> Entry[Any] | None:
+        """Bring a host-memory entry back into the pool under a spare sequence id (entries given up for room
+        first); it then shares the cells of its leading tokens with the entry in the pool that shares most of
+        them, as every entry does. None when there is no room for it or llama.cpp refuses the state."""
+        cache = self._cache
+        assert cache is not None and entry.tier is Tier.HOST
+        state, size = entry.handle, entry.nbytes
+        cache.touch(entry)
+
+        def short() -> bool:
+            return not self._spare_ids or self._cells(admitting) + len(entry) > self._max_model_len
+
+        while short() and self._evict():
+            pass
+        if entry not in cache.entries(Tier.HOST) or short():
+            return None  # no room, or the evictions pushed it out of host memory
+        entry_id = self._spare_ids.pop()
+        if llama.llama_state_seq_set_data(self._ctx, state, size, entry_id) == 0:
+            self._spare_ids.append(entry_id)
+            return None
+        held = cache.match(entry.tokens)
+        if held.kv is not None and held.kv_len:
+            llama.llama_memory_seq_rm(self._memory, entry_id, 0, held.kv_len)
+            llama.llama_memory_seq_cp(self._memory, held.kv.handle, entry_id, 0, held.kv_len)
+        self._drop(cache.restored(entry, entry_id))
+        return entry
 
     def _forward(self, outputs: Outputs) -> None:
         """One llama_decode over the running requests, then sampling; preempts on a full cache (module docstring)."""
@@ -332,8 +496,8 @@ class LlamaCppEngine:
             rc = llama.llama_decode(self._ctx, self._batch)
             if rc == 0:
                 break
-            if rc == 1 and self._prefix:
-                self._drop_prefix()
+            if rc == 1 and self._evict():  # the prefix cache gives its room up before any request is preempted
+                self._make_room()
                 continue
             if rc == 1 and len(self._seqs.running) > 1:
                 self._preempt(self._seqs.running[-1])
@@ -427,7 +591,7 @@ class LlamaCppEngine:
         )
         llama.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
         self._free_ids.append(seq.seq_id)
-        seq.seq_id, seq.n_cached = -1, 0
+        seq.seq_id, seq.n_cached, seq.borrowed = -1, 0, 0
         self._seqs.preempt(seq)
 
     # -- sampling -----------------------------------------------------------------------------------------------
@@ -469,17 +633,22 @@ class LlamaCppEngine:
     def _release_finished(self) -> None:
         for seq in self._seqs.drop_finished():
             self._release(seq)
+        if not self._seqs.running and (self._cache is None or not self._cache.entries(Tier.KV)):
+            # an empty pool starts again from its first cell: a request alone in it then lands on the same cells
+            # as the last one did, so its attention sums in the same order (what `max_num_seqs=1` without the
+            # prefix cache needs to answer identical requests identically)
+            llama.llama_memory_clear(self._memory, False)
 
     def _release(self, seq: _Seq) -> None:
         """Free a finished request's sampler and, if it ran, its KV cells and sequence id."""
         llama.llama_sampler_free(seq.sampler)
         if seq.seq_id >= 0:
             done = seq.finish in (FinishReason.STOP, FinishReason.LENGTH)
-            if self._prefix_cache and done and seq.n_cached >= MIN_PREFIX_REUSE:
+            if self._cache is not None and done and seq.n_cached >= MIN_PREFIX_REUSE:
                 self._keep_prefix(seq)
             llama.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
             self._free_ids.append(seq.seq_id)
-            seq.seq_id = -1
+            seq.seq_id, seq.borrowed = -1, 0
 
 
 class _RawLogprobs:
