@@ -28,6 +28,7 @@ from lmfleet.drain import DEFAULT_TIMEOUT_S
 from lmfleet.engine import registry
 from lmfleet.engine.base import BatchSettings
 from lmfleet.engine.runner import DEFAULT_MAX_QUEUED
+from lmfleet.engine.speculative import SPEC_TYPES, SpecSettings
 from lmfleet.engine.transformers import DEVICES, DTYPES
 from lmfleet.protocol.fastchat import TEMPLATES
 from lmfleet.worker.registration import HEARTBEAT_INTERVAL_S
@@ -70,6 +71,44 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         dest="flash_attn",
         action="store_false",
         help="llamacpp: plain attention (about 1.4x slower at 16 streams)",
+    )
+    spec = SpecSettings()
+    g.add_argument(
+        "--spec-type",
+        default=spec.type,
+        choices=list(SPEC_TYPES),
+        help="llamacpp: speculative decoding: none (default), ngram (draft from the request's own tokens: answers "
+        "that repeat the prompt, as code edits do) or draft (a draft model, --draft-model-path)",
+    )
+    g.add_argument(
+        "--draft-model-path",
+        default=None,
+        help="llamacpp: the draft model for --spec-type draft, a .gguf file with the model's vocabulary (e.g. the "
+        "0.5B of the same family)",
+    )
+    g.add_argument(
+        "--spec-draft-n-max",
+        type=int,
+        default=spec.draft_max,
+        help=f"llamacpp: tokens a request drafts per step at most (default {spec.draft_max})",
+    )
+    g.add_argument(
+        "--spec-draft-n-min",
+        type=int,
+        default=spec.draft_min,
+        help=f"llamacpp: a shorter draft is not verified (default {spec.draft_min})",
+    )
+    g.add_argument(
+        "--spec-ngram-size-n",
+        type=int,
+        default=spec.ngram_max,
+        help=f"llamacpp: the longest n-gram --spec-type ngram looks up (default {spec.ngram_max})",
+    )
+    g.add_argument(
+        "--spec-max-running",
+        type=int,
+        default=spec.max_running,
+        help=f"llamacpp: no request speculates while more than this many run (default {spec.max_running})",
     )
     g.add_argument("--device", default=None, choices=list(DEVICES), help="transformers: default cuda when available")
     g.add_argument("--dtype", default="auto", choices=list(DTYPES), help="transformers: default the checkpoint's")
@@ -168,6 +207,12 @@ def engine_settings(args: argparse.Namespace, engine: str) -> BatchSettings:
         "max_model_len": args.max_model_len,
         "n_threads": args.threads,
         "flash_attn": args.flash_attn,
+        "spec_type": args.spec_type,
+        "draft_model_path": args.draft_model_path,
+        "spec_draft_n_max": args.spec_draft_n_max,
+        "spec_draft_n_min": args.spec_draft_n_min,
+        "spec_ngram_size_n": args.spec_ngram_size_n,
+        "spec_max_running": args.spec_max_running,
         "dtype": args.dtype,
         "device": args.device,
         "matryoshka": args.matryoshka,

@@ -5,6 +5,9 @@ Gateway API Inference Extension's endpoint picker (GIE, llm-d) scrapes from a mo
     lmfleet_worker_kv_cache_usage_ratio                   gauge 0..1, {model}
     lmfleet_worker_kv_cache_tokens / _capacity_tokens     gauges, {model}
     lmfleet_worker_prefill_tokens_total, _decode_tokens_total, _preemptions_total      counters, {model}
+    lmfleet_worker_spec_draft_tokens_total, _spec_accepted_tokens_total  counters, {model} (speculative decoding:
+                                                          drafted tokens and those accepted; their ratio is the
+                                                          acceptance rate)
     lmfleet_worker_step_seconds, _step_prefill_tokens, _step_decode_tokens, _batch_size  histograms, {model}
     lmfleet_worker_model_load_seconds                     gauge, {model, engine}
 
@@ -99,6 +102,10 @@ class WorkerMetrics:
         yield counter("lmfleet_worker_prefill_tokens", "Prompt tokens computed", s.prefill_tokens)
         yield counter("lmfleet_worker_decode_tokens", "Tokens decoded", s.decode_tokens)
         yield counter("lmfleet_worker_preemptions", "Sequences preempted from a full KV cache", s.preemptions)
+        yield counter("lmfleet_worker_spec_draft_tokens", "Speculative tokens drafted", s.spec_draft_tokens)
+        yield counter(
+            "lmfleet_worker_spec_accepted_tokens", "Speculative tokens drafted and accepted", s.spec_accepted_tokens
+        )
         # GIE's model server protocol, in vLLM's names
         yield gauge("vllm:num_requests_running", "Number of requests currently running", s.running, "model_name")
         yield gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed", s.waiting, "model_name")
