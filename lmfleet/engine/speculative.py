@@ -14,12 +14,14 @@ without speculation.
 Owns
   * `SpecSettings`: which drafter (`none`, `ngram`, `draft`), how many tokens a row drafts at most and at least,
     the n-gram lookup's longest n, and the back-off (no row speculates while more than `max_running` run).
-  * `ngram_draft`: the latest earlier occurrence of the row's last n tokens (n from `ngram_max` down to 1) in its own
-    tokens (prompt + generated), and the tokens that followed it.
-  * `draft_length`: how many tokens a row drafts this step (its remaining budget, the context's room), and
-    `next_draft_max`: how far a row drafts next after a verification (the adaptive part: a row whose drafts are
-    rejected drafts less, down to `draft_min`, so a chat that repeats nothing costs little; one whose whole draft is
-    accepted doubles its length, up to `draft_max`).
+  * `ngram_draft`: the latest earlier occurrence of the row's last n tokens (n from `ngram_max` down to `ngram_min`)
+    in its own tokens (prompt + generated), and the tokens that followed it.
+  * `draft_length`: how many tokens a row may draft this step (its remaining budget, the context's room).
+  * `SpecPolicy`: how many of those it drafts: the k that maximizes the batch's expected tokens per unit of step time,
+    from the row's acceptance rate so far (`Acceptance`, starting from the drafter's rate over all rows) and the
+    decode's cost per token (fitted online from the engine's own decode-only steps, time = a + b * tokens, or fixed
+    by `verify_cost`); 0, no speculation, when no k pays. On a CPU whose batched kernels cost nearly what one-token
+    decodes do per token, speculation pays only at high acceptance, and the rule finds that out by itself.
   * `verify`: the accept/reject loop over the target's samples.
 
 Does not own: the forward pass, the KV cache, the sampler chains, a draft model (each engine's). Imports no llama.cpp
@@ -45,8 +47,12 @@ class SpecSettings:
     draft_max: int = 8
     draft_min: int = 1
     ngram_max: int = 3
+    ngram_min: int = 1
     max_running: int = 4
     draft_model: str | None = None
+    # the cost of one more token in a decode, relative to a one-token decode (0: free, as on a GPU far from its
+    # compute limit); None: measured from the engine's own steps
+    verify_cost: float | None = None
 
     def __post_init__(self) -> None:
         if self.type not in SPEC_TYPES:
@@ -55,35 +61,102 @@ class SpecSettings:
             raise ValueError("a draft model goes with speculative decoding type draft, and only with it")
         if not 1 <= self.draft_min <= self.draft_max:
             raise ValueError("need 1 <= draft_min <= draft_max")
-        if self.ngram_max < 1 or self.max_running < 0:
-            raise ValueError("need ngram_max >= 1 and max_running >= 0")
+        if not 1 <= self.ngram_min <= self.ngram_max or self.max_running < 0:
+            raise ValueError("need 1 <= ngram_min <= ngram_max and max_running >= 0")
+        if self.verify_cost is not None and not 0 <= self.verify_cost <= 1:
+            raise ValueError("verify_cost must be in [0, 1]")
 
     @property
     def enabled(self) -> bool:
         return self.type != "none"
 
 
-def draft_length(
-    settings: SpecSettings, limit: int, tokens: int, generated: int, max_new_tokens: int, max_model_len: int
-) -> int:
+def draft_length(settings: SpecSettings, tokens: int, generated: int, max_new_tokens: int, max_model_len: int) -> int:
     """How many tokens a row with `tokens` tokens (`generated` of them generated) may draft: what is left of its
-    `max_new_tokens` and of the context after the token the target adds itself, at most `limit` (the row's own,
-    `next_draft_max`); 0 when that is below `draft_min`."""
-    k = min(limit, settings.draft_max, max_new_tokens - generated - 1, max_model_len - tokens - 1)
+    `max_new_tokens` and of the context after the token the target adds itself, at most `draft_max`; 0 when that is
+    below `draft_min`."""
+    k = min(settings.draft_max, max_new_tokens - generated - 1, max_model_len - tokens - 1)
     return k if k >= settings.draft_min else 0
 
 
-def next_draft_max(settings: SpecSettings, drafted: int, accepted: int) -> int:
-    """A row's draft limit after `accepted` of its `drafted` tokens were accepted: twice as long after a full match,
-    one more than what was accepted otherwise, within [draft_min, draft_max]."""
-    wanted = 2 * drafted if accepted == drafted else accepted + 1
-    return max(settings.draft_min, min(settings.draft_max, wanted))
+@dataclass
+class Acceptance:
+    """A row's verifications so far, older ones weighing less: drafted tokens the target was asked about (a rejected
+    one counts, the drafts after it were never asked) and those it accepted."""
+
+    asked: float = 0.0
+    accepted: float = 0.0
 
 
-def ngram_draft(tokens: Sequence[int], ngram_max: int, k: int) -> list[int]:
+ROW_MEMORY = 0.8  # each verification keeps this much of a row's earlier ones
+DRAFTER_MEMORY = 0.99  # and of the drafter's, over all rows
+PRIOR_RATE = 0.8  # the drafter's assumed acceptance before any verification: optimistic, so it gets tried
+PRIOR_COST = 0.3  # a token's cost relative to a one-token decode until the engine has timed several sizes
+
+
+class SpecPolicy:
+    """How many tokens each row drafts (module docstring). One per engine; `timed` after each decode-only step,
+    `verified` after each verification, `draft_length` before drafting. Deterministic when `verify_cost` is set.
+    Once no row drafts, the fit forgets its multi-token steps over a few hundred steps and falls back on the prior:
+    new rows try again, so a machine that became idle is found out."""
+
+    def __init__(self, settings: SpecSettings) -> None:
+        self._settings = settings
+        self._asked = 5.0 * DRAFTER_MEMORY  # the prior, as five verifications' worth
+        self._accepted = self._asked * PRIOR_RATE
+        # decayed least-squares sums of decode-only steps: weight, tokens, seconds, tokens^2, tokens * seconds
+        self._w = self._n = self._t = self._nn = self._nt = 0.0
+
+    def timed(self, tokens: int, seconds: float) -> None:
+        """A decode-only step of `tokens` tokens took `seconds`."""
+        if self._settings.verify_cost is not None:
+            return
+        d = DRAFTER_MEMORY
+        self._w = self._w * d + 1
+        self._n = self._n * d + tokens
+        self._t = self._t * d + seconds
+        self._nn = self._nn * d + tokens * tokens
+        self._nt = self._nt * d + tokens * seconds
+
+    def verified(self, row: Acceptance, drafted: int, accepted: int) -> None:
+        asked = accepted + (1 if accepted < drafted else 0)
+        row.asked = row.asked * ROW_MEMORY + asked
+        row.accepted = row.accepted * ROW_MEMORY + accepted
+        self._asked = self._asked * DRAFTER_MEMORY + asked
+        self._accepted = self._accepted * DRAFTER_MEMORY + accepted
+
+    def cost(self) -> tuple[float, float]:
+        """(a, b): a decode of n tokens takes a + b * n, in any unit."""
+        fixed = self._settings.verify_cost
+        if fixed is not None:
+            return 1 - fixed, fixed
+        spread = self._w * self._nn - self._n * self._n
+        if self._w < 2 or spread < 0.25 * self._w * self._w:  # not enough different sizes timed yet
+            return 1 - PRIOR_COST, PRIOR_COST
+        b = max((self._w * self._nt - self._n * self._t) / spread, 0.0)
+        a = max((self._t - b * self._n) / self._w, 0.05 * b)
+        return a, b
+
+    def draft_length(self, row: Acceptance, limit: int, rows: int) -> int:
+        """The k in 0..`limit` that maximizes the batch's expected tokens per unit of time, for a row of `rows`
+        decoding rows: (rows - 1 + E[tokens of this row | k]) / (a + b * (rows + k)); 0 if below `draft_min`."""
+        prior = 2.0
+        rate = (row.accepted + prior * self._accepted / self._asked) / (row.asked + prior)
+        a, b = self.cost()
+        best, best_k, expected, p = (rows / (a + b * rows)), 0, 1.0, 1.0
+        for k in range(1, limit + 1):
+            p *= rate
+            expected += p
+            value = (rows - 1 + expected) / (a + b * (rows + k))
+            if value > best * 1.000001:
+                best, best_k = value, k
+        return best_k if best_k >= self._settings.draft_min else 0
+
+
+def ngram_draft(tokens: Sequence[int], k: int, ngram_max: int, ngram_min: int = 1) -> list[int]:
     """Up to `k` tokens that followed the latest earlier occurrence of the last n tokens of `tokens`, for the longest
-    n from `ngram_max` down to 1 that occurs earlier; [] when none does. The occurrence's continuation may run into
-    the suffix itself (a repeating pattern keeps repeating)."""
+    n from `ngram_max` down to `ngram_min` that occurs earlier; [] when none does. The occurrence's continuation may
+    run into the suffix itself (a repeating pattern keeps repeating)."""
     size = len(tokens)
     if k < 1 or size < 2:
         return []
@@ -92,7 +165,7 @@ def ngram_draft(tokens: Sequence[int], ngram_max: int, k: int) -> list[int]:
     ends = [i for i in range(size - 2, -1, -1) if tokens[i] == last]
     if not ends:
         return []
-    for n in range(min(ngram_max, size - 1), 0, -1):
+    for n in range(min(ngram_max, size - 1), ngram_min - 1, -1):
         suffix = list(tokens[size - n :])
         for end in ends:
             if end >= n - 1 and list(tokens[end - n + 1 : end + 1]) == suffix:

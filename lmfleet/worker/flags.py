@@ -105,10 +105,23 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help=f"llamacpp: the longest n-gram --spec-type ngram looks up (default {spec.ngram_max})",
     )
     g.add_argument(
+        "--spec-ngram-min-n",
+        type=int,
+        default=spec.ngram_min,
+        help=f"llamacpp: the shortest n-gram --spec-type ngram drafts from (default {spec.ngram_min})",
+    )
+    g.add_argument(
         "--spec-max-running",
         type=int,
         default=spec.max_running,
         help=f"llamacpp: no request speculates while more than this many run (default {spec.max_running})",
+    )
+    g.add_argument(
+        "--spec-verify-cost",
+        type=float,
+        default=None,
+        help="llamacpp: the cost of one more token in a decode relative to a one-token decode, 0..1, which decides "
+        "how far a request drafts (default: measured from the engine's own steps)",
     )
     g.add_argument("--device", default=None, choices=list(DEVICES), help="transformers: default cuda when available")
     g.add_argument("--dtype", default="auto", choices=list(DTYPES), help="transformers: default the checkpoint's")
@@ -212,7 +225,9 @@ def engine_settings(args: argparse.Namespace, engine: str) -> BatchSettings:
         "spec_draft_n_max": args.spec_draft_n_max,
         "spec_draft_n_min": args.spec_draft_n_min,
         "spec_ngram_size_n": args.spec_ngram_size_n,
+        "spec_ngram_min_n": args.spec_ngram_min_n,
         "spec_max_running": args.spec_max_running,
+        "spec_verify_cost": args.spec_verify_cost,
         "dtype": args.dtype,
         "device": args.device,
         "matryoshka": args.matryoshka,

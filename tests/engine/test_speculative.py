@@ -20,13 +20,14 @@ import numpy as np
 import pytest
 
 from lmfleet.engine.base import EngineRequest, FinishReason, SamplingParams
-from lmfleet.engine.speculative import SpecSettings, draft_length, next_draft_max, ngram_draft, verify
+from lmfleet.engine.speculative import Acceptance, SpecPolicy, SpecSettings, draft_length, ngram_draft, verify
 from tests.engine.stepping import drive
 
 CODE = "def add(a, b):\n    return a + b\n\ndef mul(a, b):\n    return a * b\n\ndef sub(a, b):\n    return a - b\n"
 EDIT = f"Rename the functions to plus, times and minus. Reply with the whole code only.\n\n{CODE}"
 # one thread: a test machine shared with other work slows llama.cpp's thread barriers down many times over
 EXACT = dict(flash_attn=False, prefix_cache=False, max_model_len=1024, max_num_seqs=4, n_threads=1)
+FREE = dict(verify_cost=0.0)  # every row drafts all it may, whatever the machine's timings (SpecPolicy)
 
 # -- the engine-independent parts ---------------------------------------------------------------------------------
 
@@ -34,28 +35,52 @@ EXACT = dict(flash_attn=False, prefix_cache=False, max_model_len=1024, max_num_s
 def test_ngram_lookup_takes_the_latest_longest_match() -> None:
     #         0  1  2  3  4  5  6  7  8  9
     tokens = [1, 2, 3, 4, 9, 2, 3, 5, 6, 2, 3]
-    assert ngram_draft(tokens, 3, 4) == [5, 6, 2, 3]  # "2 3" last seen at 5-6; no earlier "6 2 3"
-    assert ngram_draft([*tokens[:-1], 7, 1, 2, 3], 3, 2) == [4, 9]  # the trigram "1 2 3" beats later bigrams
-    assert ngram_draft(tokens, 1, 2) == [5, 6]  # unigram "3": its latest earlier occurrence is at 6
-    assert ngram_draft([5, 5, 5], 3, 4) == [5]  # a repeating run proposes what followed, up to the end
-    assert ngram_draft([1, 2, 3], 3, 4) == [] and ngram_draft([1], 3, 4) == [] and ngram_draft(tokens, 3, 0) == []
+    assert ngram_draft(tokens, 4, ngram_max=3) == [5, 6, 2, 3]  # "2 3" last seen at 5-6; no earlier "6 2 3"
+    assert ngram_draft([*tokens[:-1], 7, 1, 2, 3], 2, ngram_max=3) == [4, 9]  # the trigram "1 2 3" beats bigrams
+    assert ngram_draft(tokens, 2, ngram_max=1) == [5, 6]  # unigram "3": its latest earlier occurrence is at 6
+    assert ngram_draft(tokens, 2, ngram_max=3, ngram_min=3) == []  # no earlier "6 2 3", only bigrams
+    assert ngram_draft([5, 5, 5], 4, ngram_max=3) == [5]  # a repeating run proposes what followed, up to the end
+    assert ngram_draft([1, 2, 3], 4, 3) == [] and ngram_draft([1], 4, 3) == [] and ngram_draft(tokens, 0, 3) == []
 
 
-def test_draft_lengths_leave_room_for_the_targets_own_token_and_adapt_to_acceptance() -> None:
+def test_draft_lengths_leave_room_for_the_targets_own_token() -> None:
     spec = SpecSettings(type="ngram", draft_max=8, draft_min=2)
-    assert draft_length(spec, 8, tokens=100, generated=0, max_new_tokens=64, max_model_len=1000) == 8
-    assert draft_length(spec, 5, tokens=100, generated=0, max_new_tokens=64, max_model_len=1000) == 5
-    assert draft_length(spec, 8, tokens=100, generated=60, max_new_tokens=64, max_model_len=1000) == 3
-    assert draft_length(spec, 8, tokens=100, generated=62, max_new_tokens=64, max_model_len=1000) == 0  # below min
-    assert draft_length(spec, 8, tokens=996, generated=0, max_new_tokens=64, max_model_len=1000) == 3
-    assert next_draft_max(spec, drafted=8, accepted=0) == 2  # rejected: down to draft_min
-    assert next_draft_max(spec, drafted=8, accepted=4) == 5
-    assert next_draft_max(spec, drafted=3, accepted=3) == 6 and next_draft_max(spec, drafted=6, accepted=6) == 8
+    assert draft_length(spec, tokens=100, generated=0, max_new_tokens=64, max_model_len=1000) == 8
+    assert draft_length(spec, tokens=100, generated=60, max_new_tokens=64, max_model_len=1000) == 3
+    assert draft_length(spec, tokens=100, generated=62, max_new_tokens=64, max_model_len=1000) == 0  # below min
+    assert draft_length(spec, tokens=996, generated=0, max_new_tokens=64, max_model_len=1000) == 3
+
+
+def test_the_policy_drafts_what_pays_for_its_cost() -> None:
+    free = SpecPolicy(SpecSettings(type="ngram", verify_cost=0.0))
+    assert free.draft_length(Acceptance(), 8, rows=1) == 8  # verifying costs nothing: draft all it may
+    full = SpecPolicy(SpecSettings(type="ngram", verify_cost=1.0))
+    assert full.draft_length(Acceptance(asked=10, accepted=9), 8, rows=1) == 0  # a token costs a whole decode
+    measured = SpecPolicy(SpecSettings(type="ngram"))
+    fresh, rejecting = Acceptance(), Acceptance()
+    assert measured.draft_length(fresh, 8, rows=1) > 0  # untimed and unverified: the optimistic priors try it
+    for _ in range(6):
+        measured.verified(rejecting, drafted=4, accepted=0)
+    assert measured.draft_length(rejecting, 8, rows=1) == 0  # this row's drafts keep failing
+    for n in (1, 1, 2, 3, 4, 1, 5, 9):
+        measured.timed(n, 0.01 * n)  # a token costs as much in a batch as alone: a CPU at its compute limit
+    assert measured.cost()[0] < 0.1 * measured.cost()[1]
+    assert measured.draft_length(Acceptance(asked=10, accepted=8), 8, rows=1) == 0
+    for n in (1, 1, 2, 3, 4, 1, 5, 9) * 40:
+        measured.timed(n, 0.01 + 0.001 * n)  # nearly free once the weights are read: a memory-bound decode
+    assert measured.draft_length(Acceptance(asked=10, accepted=8), 8, rows=1) >= 4
+    assert measured.draft_length(Acceptance(asked=10, accepted=8), 8, rows=4) >= 1
 
 
 @pytest.mark.parametrize(
     "kw",
-    [dict(type="eagle"), dict(type="draft"), dict(type="ngram", draft_model="x.gguf"), dict(draft_min=0)],
+    [
+        dict(type="eagle"),
+        dict(type="draft"),
+        dict(type="ngram", draft_model="x.gguf"),
+        dict(draft_min=0),
+        dict(ngram_min=4, ngram_max=3),
+    ],
 )
 def test_settings_refuse_what_cannot_run(kw) -> None:
     with pytest.raises(ValueError):
@@ -124,8 +149,8 @@ def engines(smollm2_gguf) -> Iterator[dict]:
     path = str(smollm2_gguf)
     built = {
         "none": LlamaCppEngine(path, **EXACT),
-        "ngram": LlamaCppEngine(path, speculative=SpecSettings(type="ngram"), **EXACT),
-        "draft": LlamaCppEngine(path, speculative=SpecSettings(type="draft", draft_model=path), **EXACT),
+        "ngram": LlamaCppEngine(path, speculative=SpecSettings(type="ngram", **FREE), **EXACT),
+        "draft": LlamaCppEngine(path, speculative=SpecSettings(type="draft", draft_model=path, **FREE), **EXACT),
     }
     built["tokenizer"] = GGUFTokenizer(built["none"].model)
     yield built
@@ -282,7 +307,7 @@ def test_a_draft_model_of_another_vocabulary_is_refused(smollm2_gguf, qwen05_ggu
 def test_no_row_speculates_above_the_running_limit(engines, prompts, smollm2_gguf) -> None:
     from lmfleet.engine.llamacpp.engine import LlamaCppEngine
 
-    engine = LlamaCppEngine(str(smollm2_gguf), speculative=SpecSettings(type="ngram", max_running=1), **EXACT)
+    engine = LlamaCppEngine(str(smollm2_gguf), speculative=SpecSettings(type="ngram", max_running=1, **FREE), **EXACT)
     try:
         engine.add_request(greedy("a", prompts["edit"]))
         engine.add_request(greedy("b", prompts["edit"], max_new_tokens=24))
@@ -305,7 +330,7 @@ def test_qwen15_with_the_05b_drafting_gives_its_own_greedy_code_edit(qwen15_gguf
     from lmfleet.engine.llamacpp.tokenizer import GGUFTokenizer
 
     plain = LlamaCppEngine(str(qwen15_gguf), max_model_len=2048)
-    spec = SpecSettings(type="draft", draft_model=str(qwen05_gguf))
+    spec = SpecSettings(type="draft", draft_model=str(qwen05_gguf), **FREE)
     drafted = LlamaCppEngine(str(qwen15_gguf), speculative=spec, max_model_len=2048)
     try:
         prompt = GGUFTokenizer(plain.model).render_chat([{"role": "user", "content": EDIT}])

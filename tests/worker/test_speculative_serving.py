@@ -22,7 +22,10 @@ async def test_a_stop_string_on_speculated_tokens_and_the_acceptance_counters(sm
     from lmfleet.engine.llamacpp import LlamaCppSettings
 
     # no prefix cache: the second answer is computed as the first (reused cells can flip a near-tie)
-    engine = LlamaCppSettings(max_model_len=1024, n_threads=1, prefix_cache=False, spec_type="ngram")
+    # and verifying taken as free, so the requests draft whatever this machine's timings
+    engine = LlamaCppSettings(
+        max_model_len=1024, n_threads=1, prefix_cache=False, spec_type="ngram", spec_verify_cost=0.0
+    )
     settings = WorkerSettings(
         model_path=str(smollm2_gguf), worker_address="http://w", controller_addresses=[], engine_settings=engine
     )

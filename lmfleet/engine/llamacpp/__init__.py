@@ -29,7 +29,9 @@ class LlamaCppSettings(BatchSettings):
     spec_draft_n_max: int = SpecSettings.draft_max
     spec_draft_n_min: int = SpecSettings.draft_min
     spec_ngram_size_n: int = SpecSettings.ngram_max
+    spec_ngram_min_n: int = SpecSettings.ngram_min
     spec_max_running: int = SpecSettings.max_running
+    spec_verify_cost: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -44,8 +46,10 @@ class LlamaCppSettings(BatchSettings):
             draft_max=self.spec_draft_n_max,
             draft_min=self.spec_draft_n_min,
             ngram_max=self.spec_ngram_size_n,
+            ngram_min=self.spec_ngram_min_n,
             max_running=self.spec_max_running,
             draft_model=self.draft_model_path,
+            verify_cost=self.spec_verify_cost,
         )
 
 

@@ -55,7 +55,8 @@ import functools
 import logging
 import math
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import llama_cpp.llama_cpp as llama
@@ -72,7 +73,7 @@ from lmfleet.engine.base import (
     TokenLogprob,
 )
 from lmfleet.engine.sequences import Outputs, Seq, Sequences
-from lmfleet.engine.speculative import SpecSettings, draft_length, next_draft_max, ngram_draft, verify
+from lmfleet.engine.speculative import Acceptance, SpecPolicy, SpecSettings, draft_length, ngram_draft, verify
 
 logger = logging.getLogger("lmfleet.engine")
 llama_logger = logging.getLogger("lmfleet.engine.llamacpp")
@@ -113,7 +114,7 @@ class _Seq(Seq):
     sampler: Any = None  # llama_sampler pointer (a chain), owned: freed when the request leaves
     seq_id: int = -1  # llama.cpp sequence id while running, -1 while waiting
     n_cached: int = 0  # leading tokens of `tokens` in the KV cache
-    draft_max: int = 0  # speculative decoding: the most tokens it drafts next (0: the settings' draft_max)
+    acceptance: Acceptance = field(default_factory=Acceptance)  # speculative decoding: its drafts' fate so far
 
 
 class LlamaCppEngine:
@@ -144,6 +145,7 @@ class LlamaCppEngine:
         self._prefix: list[int] = []  # the tokens it holds, at positions 0..len-1
         self._prefix_cache = prefix_cache
         self._spec = speculative or SpecSettings()
+        self._policy = SpecPolicy(self._spec)
         self._draft: Any = None  # the DraftModel (lmfleet.engine.llamacpp.draft) when speculating with one
         self._drafted = self._accepted = 0  # speculative tokens proposed and accepted, from the start
         self._model: Any = None
@@ -357,11 +359,14 @@ class LlamaCppEngine:
     def _forward(self, outputs: Outputs) -> None:
         """One llama_decode over the running requests (with their drafts), then sampling and verifying; preempts on a
         full cache (module docstring)."""
+        started = time.perf_counter()  # a draft model's decodes count in the step's cost
         drafts = self._propose()
         while True:
             plan = self._fill_batch(drafts)
             rc = llama.llama_decode(self._ctx, self._batch)
             if rc == 0:
+                if self._spec.enabled and all(len(seq.tokens) - seq.n_cached == 1 for seq, *_ in plan):
+                    self._policy.timed(self._batch.n_tokens, time.perf_counter() - started)
                 break
             if rc == 1 and drafts:  # the drafts' cells go first
                 drafts = {}
@@ -398,18 +403,18 @@ class LlamaCppEngine:
         if not spec.enabled or len(running) > spec.max_running:
             return {}
         rows: list[tuple[_Seq, int]] = []
-        for seq in running:
-            if len(seq.tokens) - seq.n_cached == 1 and not seq.echoing:
-                limit, n = seq.draft_max or spec.draft_max, len(seq.tokens)
-                k = draft_length(spec, limit, n, seq.num_generated, seq.params.max_new_tokens, self._max_model_len)
-                if k:
-                    rows.append((seq, k))
+        decoding = [seq for seq in running if len(seq.tokens) - seq.n_cached == 1 and not seq.echoing]
+        for seq in decoding:
+            k = draft_length(spec, len(seq.tokens), seq.num_generated, seq.params.max_new_tokens, self._max_model_len)
+            k = self._policy.draft_length(seq.acceptance, k, len(decoding)) if k else 0
+            if k:
+                rows.append((seq, k))
         if not rows:
             return {}
         if self._draft is not None:
             proposed = self._draft.propose([(seq.seq_id, seq.tokens, k) for seq, k in rows])
         else:
-            proposed = [ngram_draft(seq.tokens, spec.ngram_max, k) for seq, k in rows]
+            proposed = [ngram_draft(seq.tokens, k, spec.ngram_max, spec.ngram_min) for seq, k in rows]
         return {seq: draft for (seq, _), draft in zip(rows, proposed, strict=True) if len(draft) >= spec.draft_min}
 
     def _verify(self, seq: _Seq, first: int, draft: list[int], outputs: Outputs) -> None:
@@ -419,7 +424,7 @@ class LlamaCppEngine:
         accepted = verify(draft, lambda i: self._sample_at(seq, first + i, outputs))
         self._drafted += len(draft)
         self._accepted += accepted
-        seq.draft_max = next_draft_max(self._spec, len(draft), accepted)
+        self._policy.verified(seq.acceptance, len(draft), accepted)
         seq.n_cached += 1 + accepted  # the pending token and the accepted drafts
         llama.llama_memory_seq_rm(self._memory, seq.seq_id, seq.n_cached, -1)
 
