@@ -19,9 +19,9 @@ Owns
   * `draft_length`: how many tokens a row may draft this step (its remaining budget, the context's room).
   * `SpecPolicy`: how many of those it drafts: the k that maximizes the batch's expected tokens per unit of step time,
     from the row's acceptance rate so far (`Acceptance`, starting from the drafter's rate over all rows) and the
-    decode's cost per token (fitted online from the engine's own decode-only steps, time = a + b * tokens, or fixed
-    by `verify_cost`); 0, no speculation, when no k pays. On a CPU whose batched kernels cost nearly what one-token
-    decodes do per token, speculation pays only at high acceptance, and the rule finds that out by itself.
+    decode's cost by its size (timed from the engine's own decode-only steps, or fixed by `verify_cost`); 0, no
+    speculation, when no k pays. On a CPU whose batched kernels cost nearly what one-token decodes do per token,
+    speculation pays only at high acceptance, and the rule finds that out by itself.
   * `verify`: the accept/reject loop over the target's samples.
 
 Does not own: the forward pass, the KV cache, the sampler chains, a draft model (each engine's). Imports no llama.cpp
@@ -90,33 +90,31 @@ class Acceptance:
 
 ROW_MEMORY = 0.8  # each verification keeps this much of a row's earlier ones
 DRAFTER_MEMORY = 0.99  # and of the drafter's, over all rows
+TIME_MEMORY = 0.8  # each timed step keeps this much of the earlier timings of its size
 PRIOR_RATE = 0.8  # the drafter's assumed acceptance before any verification: optimistic, so it gets tried
-PRIOR_COST = 0.3  # a token's cost relative to a one-token decode until the engine has timed several sizes
+PRIOR_COST = 0.3  # a token's cost relative to a one-token decode, for a step size not timed yet
 
 
 class SpecPolicy:
     """How many tokens each row drafts (module docstring). One per engine; `timed` after each decode-only step,
     `verified` after each verification, `draft_length` before drafting. Deterministic when `verify_cost` is set.
-    Once no row drafts, the fit forgets its multi-token steps over a few hundred steps and falls back on the prior:
-    new rows try again, so a machine that became idle is found out."""
+
+    Measured costs: the engine's decode-only steps are timed by their size (tokens in the decode; a draft model's
+    decodes count in its step). Nothing is drafted at a batch size whose plain step was never timed; a size never
+    timed is assumed to cost PRIOR_COST per token more, so each draft length is tried until its own timing says
+    whether it pays."""
 
     def __init__(self, settings: SpecSettings) -> None:
         self._settings = settings
-        self._asked = 5.0 * DRAFTER_MEMORY  # the prior, as five verifications' worth
+        self._asked = 5.0  # the prior, as five verifications' worth
         self._accepted = self._asked * PRIOR_RATE
-        # decayed least-squares sums of decode-only steps: weight, tokens, seconds, tokens^2, tokens * seconds
-        self._w = self._n = self._t = self._nn = self._nt = 0.0
+        self._seconds: dict[int, float] = {}  # a decode-only step's time by its size, recent steps weighing more
 
     def timed(self, tokens: int, seconds: float) -> None:
         """A decode-only step of `tokens` tokens took `seconds`."""
-        if self._settings.verify_cost is not None:
-            return
-        d = DRAFTER_MEMORY
-        self._w = self._w * d + 1
-        self._n = self._n * d + tokens
-        self._t = self._t * d + seconds
-        self._nn = self._nn * d + tokens * tokens
-        self._nt = self._nt * d + tokens * seconds
+        if self._settings.verify_cost is None:
+            old = self._seconds.get(tokens)
+            self._seconds[tokens] = seconds if old is None else TIME_MEMORY * old + (1 - TIME_MEMORY) * seconds
 
     def verified(self, row: Acceptance, drafted: int, accepted: int) -> None:
         asked = accepted + (1 if accepted < drafted else 0)
@@ -125,29 +123,31 @@ class SpecPolicy:
         self._asked = self._asked * DRAFTER_MEMORY + asked
         self._accepted = self._accepted * DRAFTER_MEMORY + accepted
 
-    def cost(self) -> tuple[float, float]:
-        """(a, b): a decode of n tokens takes a + b * n, in any unit."""
-        fixed = self._settings.verify_cost
-        if fixed is not None:
-            return 1 - fixed, fixed
-        spread = self._w * self._nn - self._n * self._n
-        if self._w < 2 or spread < 0.25 * self._w * self._w:  # not enough different sizes timed yet
-            return 1 - PRIOR_COST, PRIOR_COST
-        b = max((self._w * self._nt - self._n * self._t) / spread, 0.0)
-        a = max((self._t - b * self._n) / self._w, 0.05 * b)
-        return a, b
+    def cost(self, rows: int, k: int) -> float | None:
+        """A decode of `rows` tokens and k drafted ones, relative to one of `rows` tokens; None: not known yet."""
+        c = self._settings.verify_cost
+        if c is None:
+            base = self._seconds.get(rows)
+            if base is None:
+                return None
+            timed = self._seconds.get(rows + k)
+            if timed is not None:
+                return timed / base
+            c = PRIOR_COST
+        return (1 - c + c * (rows + k)) / (1 - c + c * rows)
 
     def draft_length(self, row: Acceptance, limit: int, rows: int) -> int:
         """The k in 0..`limit` that maximizes the batch's expected tokens per unit of time, for a row of `rows`
-        decoding rows: (rows - 1 + E[tokens of this row | k]) / (a + b * (rows + k)); 0 if below `draft_min`."""
+        decoding rows: (rows - 1 + E[tokens of this row | k]) / cost(rows, k); 0 if below `draft_min`."""
+        if limit < 1 or self.cost(rows, 0) is None:
+            return 0
         prior = 2.0
         rate = (row.accepted + prior * self._accepted / self._asked) / (row.asked + prior)
-        a, b = self.cost()
-        best, best_k, expected, p = (rows / (a + b * rows)), 0, 1.0, 1.0
+        best, best_k, expected, p = float(rows), 0, 1.0, 1.0
         for k in range(1, limit + 1):
             p *= rate
             expected += p
-            value = (rows - 1 + expected) / (a + b * (rows + k))
+            value = (rows - 1 + expected) / (self.cost(rows, k) or 1.0)
             if value > best * 1.000001:
                 best, best_k = value, k
         return best_k if best_k >= self._settings.draft_min else 0
