@@ -8,6 +8,7 @@ import pytest
 
 from lmfleet import cli
 from lmfleet.api import flags as api_flags
+from lmfleet.engine.speculative import SpecSettings
 from lmfleet.flags import api_keys, warn_ignored
 from lmfleet.worker import flags as worker_flags
 
@@ -135,6 +136,10 @@ def test_serve_forwards_the_engine_flags_and_the_api_limits_and_timeouts(tmp_pat
             "2",
             "--max-num-seqs",
             "8",
+            "--spec-type",
+            "ngram",
+            "--spec-draft-n-max",
+            "6",
             "--metrics-public",
             "--dispatch-method",
             "shortest_queue",
@@ -149,8 +154,18 @@ def test_serve_forwards_the_engine_flags_and_the_api_limits_and_timeouts(tmp_pat
     assert api_settings.limits.max_n == 4 and api_settings.metrics_public
     assert api_settings.dispatch_policy == "shortest_queue"  # where requests are dispatched: the API server
     worker_args = cli.build_parser().parse_args(["worker", *worker[worker.index("--port") :]])
-    assert worker_flags.settings(worker_args).engine_settings.n_threads == 2
+    engine = worker_flags.settings(worker_args).engine_settings
+    assert engine.n_threads == 2
+    assert engine.speculative == SpecSettings(type="ngram", draft_max=6)
     assert "LMFLEET_REGISTRATION_SECRET" in plan.env and not any("SECRET" in a for a in worker + api)
+
+
+def test_speculative_decoding_flags_that_cannot_run_are_one_line(tmp_path) -> None:
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    base = ["worker", "--model-path", str(tmp_path / "m.gguf")]
+    for extra in (["--spec-type", "draft"], ["--draft-model-path", "d.gguf"], ["--spec-draft-n-max", "0"]):
+        with pytest.raises(SystemExit, match="draft"):
+            worker_flags.settings(cli.build_parser().parse_args([*base, *extra]))
 
 
 def test_serve_with_a_model_path_that_names_nothing_says_so_before_starting_anything(tmp_path) -> None:

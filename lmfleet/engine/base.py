@@ -209,6 +209,9 @@ class EngineStats:
     prefix_cache_hits: int = 0
     prefix_cache_kv_bytes: int = 0
     prefix_cache_host_bytes: int = 0
+    # Speculative decoding: draft tokens proposed to the model, and of those accepted (the acceptance rate's parts)
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
 
     @property
     def kv_cache_usage(self) -> float | None:

@@ -30,6 +30,7 @@ from lmfleet.drain import DEFAULT_TIMEOUT_S
 from lmfleet.engine import registry
 from lmfleet.engine.base import BatchSettings
 from lmfleet.engine.runner import DEFAULT_MAX_QUEUED
+from lmfleet.engine.speculative import SPEC_TYPES, SpecSettings
 from lmfleet.engine.transformers import DEVICES, DTYPES
 from lmfleet.protocol.fastchat import TEMPLATES
 from lmfleet.protocol.worker import duration_seconds
@@ -94,6 +95,57 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="identical answers to identical requests: one request at a time and no prefix cache (throughput of a "
         "single stream; without it a request's answer can move with its batch companions and cached prefixes)",
+    )
+    spec = SpecSettings()
+    g.add_argument(
+        "--spec-type",
+        default=spec.type,
+        choices=list(SPEC_TYPES),
+        help="llamacpp: speculative decoding: none (default), ngram (draft from the request's own tokens: answers "
+        "that repeat the prompt, as code edits do) or draft (a draft model, --draft-model-path)",
+    )
+    g.add_argument(
+        "--draft-model-path",
+        default=None,
+        help="llamacpp: the draft model for --spec-type draft, a .gguf file with the model's vocabulary (e.g. the "
+        "0.5B of the same family)",
+    )
+    g.add_argument(
+        "--spec-draft-n-max",
+        type=int,
+        default=spec.draft_max,
+        help=f"llamacpp: tokens a request drafts per step at most (default {spec.draft_max})",
+    )
+    g.add_argument(
+        "--spec-draft-n-min",
+        type=int,
+        default=spec.draft_min,
+        help=f"llamacpp: a shorter draft is not verified (default {spec.draft_min})",
+    )
+    g.add_argument(
+        "--spec-ngram-size-n",
+        type=int,
+        default=spec.ngram_max,
+        help=f"llamacpp: the longest n-gram --spec-type ngram looks up (default {spec.ngram_max})",
+    )
+    g.add_argument(
+        "--spec-ngram-min-n",
+        type=int,
+        default=spec.ngram_min,
+        help=f"llamacpp: the shortest n-gram --spec-type ngram drafts from (default {spec.ngram_min})",
+    )
+    g.add_argument(
+        "--spec-max-running",
+        type=int,
+        default=spec.max_running,
+        help=f"llamacpp: no request speculates while more than this many run (default {spec.max_running})",
+    )
+    g.add_argument(
+        "--spec-verify-cost",
+        type=float,
+        default=None,
+        help="llamacpp: the cost of one more token in a decode relative to a one-token decode, 0..1, which decides "
+        "how far a request drafts (default: measured from the engine's own steps)",
     )
     g.add_argument("--device", default=None, choices=list(DEVICES), help="transformers: default cuda when available")
     g.add_argument("--dtype", default="auto", choices=list(DTYPES), help="transformers: default the checkpoint's")
@@ -250,6 +302,14 @@ def engine_settings(args: argparse.Namespace, engine: str) -> BatchSettings:
         "prefix_cache_host_bytes": args.prefix_cache_host_bytes,
         "n_threads": args.threads,
         "flash_attn": args.flash_attn,
+        "spec_type": args.spec_type,
+        "draft_model_path": args.draft_model_path,
+        "spec_draft_n_max": args.spec_draft_n_max,
+        "spec_draft_n_min": args.spec_draft_n_min,
+        "spec_ngram_size_n": args.spec_ngram_size_n,
+        "spec_ngram_min_n": args.spec_ngram_min_n,
+        "spec_max_running": args.spec_max_running,
+        "spec_verify_cost": args.spec_verify_cost,
         "dtype": args.dtype,
         "device": args.device,
         "matryoshka": args.matryoshka,

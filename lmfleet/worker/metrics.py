@@ -9,6 +9,9 @@ Gateway API Inference Extension's endpoint picker (GIE, llm-d) scrapes from a mo
                                                           prefix cache, and of those found (vLLM's names)
     lmfleet_worker_prefix_cache_bytes                     gauge, {model, tier}: what the prefix cache's entries hold
                                                           in the KV cache (tier "kv") and in host memory ("host")
+    lmfleet_worker_spec_draft_tokens_total, _spec_accepted_tokens_total  counters, {model} (speculative decoding:
+                                                          drafted tokens and those accepted; their ratio is the
+                                                          acceptance rate)
     lmfleet_worker_step_seconds, _step_prefill_tokens, _step_decode_tokens, _batch_size  histograms, {model}
     lmfleet_worker_model_load_seconds                     gauge, {model, engine}
 
@@ -121,6 +124,10 @@ class WorkerMetrics:
         tiers.add_metric([self.model, "kv"], s.prefix_cache_kv_bytes)
         tiers.add_metric([self.model, "host"], s.prefix_cache_host_bytes)
         yield tiers
+        yield counter("lmfleet_worker_spec_draft_tokens", "Speculative tokens drafted", s.spec_draft_tokens)
+        yield counter(
+            "lmfleet_worker_spec_accepted_tokens", "Speculative tokens drafted and accepted", s.spec_accepted_tokens
+        )
         # GIE's model server protocol, in vLLM's names
         yield gauge("vllm:num_requests_running", "Number of requests currently running", s.running, "model_name")
         yield gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed", s.waiting, "model_name")

@@ -35,7 +35,12 @@ class CountingEngine(ScriptedEngine):
 
     def stats(self) -> EngineStats:
         return dataclasses.replace(
-            super().stats(), kv_capacity=CAPACITY, prefill_tokens=self.prefilled, decode_tokens=self.decoded
+            super().stats(),
+            kv_capacity=CAPACITY,
+            prefill_tokens=self.prefilled,
+            decode_tokens=self.decoded,
+            spec_draft_tokens=3 * self.steps,  # as a speculating engine would count them
+            spec_accepted_tokens=2 * self.steps,
         )
 
 
@@ -84,6 +89,8 @@ async def test_requests_steps_tokens_and_the_kv_cache_are_exposed() -> None:
     assert m.value("lmfleet_worker_prefill_tokens_total", **model) == engine.prefilled == 2 * 16 + 2
     assert m.value("lmfleet_worker_decode_tokens_total", **model) == engine.decoded
     assert m.value("lmfleet_worker_step_seconds_count", **model) == engine.steps
+    assert m.value("lmfleet_worker_spec_draft_tokens_total", **model) == 3 * engine.steps
+    assert m.value("lmfleet_worker_spec_accepted_tokens_total", **model) == 2 * engine.steps
     assert m.value("lmfleet_worker_step_decode_tokens_sum", **model) == engine.decoded
     assert m.value("lmfleet_worker_step_prefill_tokens_sum", **model) == engine.prefilled
     assert m.value("lmfleet_worker_batch_size_count", **model) == engine.steps

@@ -1,7 +1,8 @@
 """The llama.cpp engine: continuous batching over a GGUF model through llama-cpp-python's C API (no PyTorch).
 
-Owns its settings (`LlamaCppSettings`) and `load`, which reads one `.gguf` file and returns the engine with the
-tokenizer of the file's own vocabulary and chat template. This module imports no llama_cpp: `engine` (the batching
+Owns its settings (`LlamaCppSettings`, speculative decoding's among them) and `load`, which reads one `.gguf` file
+(and a draft model's, when speculating with one) and returns the engine with the tokenizer of the file's own
+vocabulary and chat template. This module imports no llama_cpp: `engine` (the batching
 engine) and `tokenizer` do, when `load` runs.
 """
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmfleet.engine.base import BatchSettings, LoadedModel
+from lmfleet.engine.speculative import SpecSettings
 
 
 @dataclass(frozen=True)
@@ -21,11 +23,34 @@ class LlamaCppSettings(BatchSettings):
 
     n_threads: int | None = None  # None: every core (os.cpu_count())
     flash_attn: bool = True  # about 1.4x at 16 sequences (engine); llama-server's default too
+    # speculative decoding (lmfleet.engine.speculative.SpecSettings, whose defaults these are)
+    spec_type: str = SpecSettings.type
+    draft_model_path: str | None = None
+    spec_draft_n_max: int = SpecSettings.draft_max
+    spec_draft_n_min: int = SpecSettings.draft_min
+    spec_ngram_size_n: int = SpecSettings.ngram_max
+    spec_ngram_min_n: int = SpecSettings.ngram_min
+    spec_max_running: int = SpecSettings.max_running
+    spec_verify_cost: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.n_threads is not None and self.n_threads < 1:
             raise ValueError("n_threads must be positive")
+        self.speculative  # noqa: B018 (checks the speculative settings)
+
+    @property
+    def speculative(self) -> SpecSettings:
+        return SpecSettings(
+            type=self.spec_type,
+            draft_max=self.spec_draft_n_max,
+            draft_min=self.spec_draft_n_min,
+            ngram_max=self.spec_ngram_size_n,
+            ngram_min=self.spec_ngram_min_n,
+            max_running=self.spec_max_running,
+            draft_model=self.draft_model_path,
+            verify_cost=self.spec_verify_cost,
+        )
 
 
 def load(model_path: str, settings: LlamaCppSettings) -> LoadedModel:
@@ -44,6 +69,7 @@ def load(model_path: str, settings: LlamaCppSettings) -> LoadedModel:
         flash_attn=settings.flash_attn,
         prefix_cache=settings.prefix_cache,
         prefix_cache_host_bytes=settings.prefix_cache_host_bytes,
+        speculative=settings.speculative,
     )
     try:
         tokenizer = GGUFTokenizer(engine.model)
@@ -61,4 +87,7 @@ def load(model_path: str, settings: LlamaCppSettings) -> LoadedModel:
         f"size={llama.llama_model_size(engine.model) / 1e6:.0f}MB "
         f"max_num_seqs={settings.max_num_seqs}"
     )
+    if settings.spec_type != "none":
+        draft = f" draft={Path(settings.draft_model_path).name}" if settings.draft_model_path else ""
+        description += f" speculative={settings.spec_type}{draft} max_running={settings.spec_max_running}"
     return LoadedModel(engine, tokenizer, description)

@@ -33,6 +33,13 @@ One `step()`:
   4. sample those requests through their own chains, finish them on eos / stop ids / max_new_tokens /
      max_model_len, and free the KV cells and sequence ids of the finished.
 
+Speculative decoding (`SpecSettings`, off by default; the rule and the n-gram lookup in lmfleet.engine.speculative, a
+draft model in lmfleet.engine.llamacpp.draft): while at most `max_running` requests run, a decoding request may put
+drafted tokens after its pending one in step 3's decode, with logits at each; step 4 then samples it at each position
+in turn (its constraint advanced by each accepted token, its raw log probabilities per position) while the sample
+equals the draft, and frees the rejected drafts' cells (`llama_memory_seq_rm` from the first of them). A full cache
+drops the drafts before it preempts anyone.
+
 Log probabilities (`SamplingParams.logprobs`) are the log-softmax of the raw logits llama.cpp returns, read before
 the request's sampler chain sees them. A request that asks for its prompt's (`prompt_logprobs`, echo) gets logits at
 every prompt position and computes its whole prompt (no prefix reuse).
@@ -56,7 +63,8 @@ import functools
 import logging
 import math
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import llama_cpp.llama_cpp as llama
@@ -81,6 +89,7 @@ from lmfleet.engine.prefix_cache import (
     distinct_tokens,
 )
 from lmfleet.engine.sequences import Outputs, Seq, Sequences
+from lmfleet.engine.speculative import Acceptance, SpecPolicy, SpecSettings, draft_length, ngram_draft, verify
 
 logger = logging.getLogger("lmfleet.engine")
 llama_logger = logging.getLogger("lmfleet.engine.llamacpp")
@@ -139,6 +148,7 @@ class _Seq(Seq):
     seq_id: int = -1  # llama.cpp sequence id while running, -1 while waiting
     n_cached: int = 0  # leading tokens of `tokens` in the KV cache
     borrowed: int = 0  # of those, leading tokens whose cells it shares with the prefix cache's entries
+    acceptance: Acceptance = field(default_factory=Acceptance)  # speculative decoding: its drafts' fate so far
 
 
 class LlamaCppEngine:
@@ -156,6 +166,7 @@ class LlamaCppEngine:
         flash_attn: bool = True,
         prefix_cache: bool = True,
         prefix_cache_host_bytes: int | None = None,
+        speculative: SpecSettings | None = None,
     ) -> None:
         if max_num_seqs < 1 or max_batch_tokens < 1:
             raise ValueError("max_num_seqs and max_batch_tokens must be positive")
@@ -169,6 +180,10 @@ class LlamaCppEngine:
         self._spare_ids = list(range(LLAMA_MAX_SEQ - 1, max_num_seqs - 1, -1)) if prefix_cache else []
         host = default_host_budget() if prefix_cache_host_bytes is None else prefix_cache_host_bytes
         self._cache: PrefixCache[Any] | None = PrefixCache(host) if self._spare_ids else None
+        self._spec = speculative or SpecSettings()
+        self._policy = SpecPolicy(self._spec)
+        self._draft: Any = None  # the DraftModel (lmfleet.engine.llamacpp.draft) when speculating with one
+        self._drafted = self._accepted = 0  # speculative tokens proposed and accepted, from the start
         self._model: Any = None
         self._ctx: Any = None
         self._batch: Any = None
@@ -193,6 +208,7 @@ class LlamaCppEngine:
         self._model = model
         try:
             self._open_context(max_num_seqs, max_batch_tokens, max_model_len, n_threads, flash_attn)
+            self._open_drafter(flash_attn)
         except BaseException:
             self._free()
             raise
@@ -220,8 +236,10 @@ class LlamaCppEngine:
             raise ValueError(f"max_num_seqs {max_num_seqs} exceeds max_model_len {max_model_len}: a cell per sequence")
         self._max_model_len = max_model_len
         self._n_threads = n_threads or os.cpu_count() or 1
-        # Every running sequence's pending token plus `max_batch_tokens` prompt tokens go into one decode.
-        self._n_batch = max_batch_tokens + max_num_seqs
+        # Every running sequence's pending token (and its draft) plus `max_batch_tokens` prompt tokens go into one
+        # decode.
+        per_seq = 1 + (self._spec.draft_max if self._spec.enabled else 0)
+        self._n_batch = max_batch_tokens + max_num_seqs * per_seq
         params = llama.llama_context_default_params()
         params.n_ctx = max_model_len
         params.n_batch = self._n_batch
@@ -257,6 +275,26 @@ class LlamaCppEngine:
         head = llama.llama_model_n_embd(m) // max(llama.llama_model_n_head(m), 1)
         self._cell_bytes = 2 * 2 * llama.llama_model_n_layer(m) * head * llama.llama_model_n_head_kv(m)
 
+    def _open_drafter(self, flash_attn: bool) -> None:
+        """Check that the model can speculate and load the draft model, if any (after the context)."""
+        spec = self._spec
+        if not spec.enabled:
+            return
+        if llama.llama_model_is_recurrent(self._model) or llama.llama_model_is_hybrid(self._model):
+            raise ValueError("speculative decoding needs a transformer's KV cache; this model is recurrent")
+        if spec.draft_model is not None:
+            from lmfleet.engine.llamacpp.draft import DraftModel
+
+            self._draft = DraftModel(
+                spec.draft_model,
+                self._model,
+                n_ctx=self._max_model_len,
+                n_seq_max=self.max_num_seqs,
+                n_batch=self._n_batch,
+                n_threads=self._n_threads,
+                flash_attn=flash_attn,
+            )
+
     def close(self) -> None:
         """Free the samplers, the batch, the context and the model. Requests still in the engine are dropped."""
         for seq in self._seqs.clear():
@@ -264,7 +302,10 @@ class LlamaCppEngine:
         self._free()
 
     def _free(self) -> None:
-        """Free the batch, the context and the model (also what a failed `__init__` got so far)."""
+        """Free the draft model, the batch, the context and the model (also what a failed `__init__` got so far)."""
+        if self._draft is not None:
+            self._draft.close()
+            self._draft = None
         if self._batch is not None:
             llama.llama_batch_free(self._batch)
             self._batch = None
@@ -315,6 +356,7 @@ class LlamaCppEngine:
             kv_capacity=self._max_model_len,  # one unified pool of n_ctx cells
         )
         cache = self._cache
+        stats = dataclasses.replace(stats, spec_draft_tokens=self._drafted, spec_accepted_tokens=self._accepted)
         if cache is None:
             return stats
         return dataclasses.replace(
@@ -490,12 +532,20 @@ class LlamaCppEngine:
         return entry
 
     def _forward(self, outputs: Outputs) -> None:
-        """One llama_decode over the running requests, then sampling; preempts on a full cache (module docstring)."""
+        """One llama_decode over the running requests (with their drafts), then sampling and verifying; preempts on a
+        full cache (module docstring)."""
+        started = time.perf_counter()  # a draft model's decodes count in the step's cost
+        drafts = self._propose()
         while True:
-            plan = self._fill_batch()
+            plan = self._fill_batch(drafts)
             rc = llama.llama_decode(self._ctx, self._batch)
             if rc == 0:
+                if self._spec.enabled and all(len(seq.tokens) - seq.n_cached == 1 for seq, *_ in plan):
+                    self._policy.timed(self._batch.n_tokens, time.perf_counter() - started)
                 break
+            if rc == 1 and drafts:  # the drafts' cells go first
+                drafts = {}
+                continue
             if rc == 1 and self._evict():  # the prefix cache gives its room up before any request is preempted
                 self._make_room()
                 continue
@@ -507,20 +557,60 @@ class LlamaCppEngine:
             # after a fatal error, cells the decode did write stay in the cache: _release frees them
             self._seqs.fail([seq for seq, *_ in plan], f"engine failure: {reason}", outputs)
             return
-        for seq, n, logits_at, first in plan:
+        for seq, n, logits_at, first, draft in plan:
             if len(seq.tokens) - seq.n_cached == 1:
                 self._seqs.decoded += 1
             else:
                 self._seqs.prefilled += n
             if seq.echoing:
                 self._gather_prompt_logprobs(seq, first, n)
+            if draft:
+                self._verify(seq, logits_at, draft, outputs)
+                continue
             seq.n_cached += n
             if logits_at >= 0:
-                k = seq.params.logprobs
-                raw = _RawLogprobs(self._logits(logits_at), k) if k is not None else None  # before any mask
-                self._apply_constraint(seq, logits_at)
-                token = llama.llama_sampler_sample(seq.sampler, self._ctx, logits_at)
-                self._seqs.advance(seq, token, outputs, raw.of(token) if raw is not None else None)
+                self._sample_at(seq, logits_at, outputs)
+
+    def _propose(self) -> dict[_Seq, list[int]]:
+        """This step's drafts: for each decoding request the drafter proposes at least `draft_min` tokens for, while
+        at most `max_running` requests run (lmfleet.engine.speculative)."""
+        spec, running = self._spec, self._seqs.running
+        if not spec.enabled or len(running) > spec.max_running:
+            return {}
+        rows: list[tuple[_Seq, int]] = []
+        decoding = [seq for seq in running if len(seq.tokens) - seq.n_cached == 1 and not seq.echoing]
+        for seq in decoding:
+            k = draft_length(spec, len(seq.tokens), seq.num_generated, seq.params.max_new_tokens, self._max_model_len)
+            k = self._policy.draft_length(seq.acceptance, k, len(decoding)) if k else 0
+            if k:
+                rows.append((seq, k))
+        if not rows:
+            return {}
+        if self._draft is not None:
+            proposed = self._draft.propose([(seq.seq_id, seq.tokens, k) for seq, k in rows])
+        else:
+            proposed = [ngram_draft(seq.tokens, k, spec.ngram_max, spec.ngram_min) for seq, k in rows]
+        return {seq: draft for (seq, _), draft in zip(rows, proposed, strict=True) if len(draft) >= spec.draft_min}
+
+    def _verify(self, seq: _Seq, first: int, draft: list[int], outputs: Outputs) -> None:
+        """Sample the target at the pending token and at each drafted one in turn (batch indices from `first`),
+        keeping the drafts it agrees with and its own token after them (lmfleet.engine.speculative.verify); the
+        cells of the rejected drafts leave the cache."""
+        accepted = verify(draft, lambda i: self._sample_at(seq, first + i, outputs))
+        self._drafted += len(draft)
+        self._accepted += accepted
+        self._policy.verified(seq.acceptance, len(draft), accepted)
+        seq.n_cached += 1 + accepted  # the pending token and the accepted drafts
+        llama.llama_memory_seq_rm(self._memory, seq.seq_id, seq.n_cached, -1)
+
+    def _sample_at(self, seq: _Seq, index: int, outputs: Outputs) -> tuple[int, bool]:
+        """Sample `seq`'s next token from the logits at batch index `index` through its constraint and sampler chain
+        and record it; returns the token and whether the request finished with it."""
+        k = seq.params.logprobs
+        raw = _RawLogprobs(self._logits(index), k) if k is not None else None  # before any mask
+        self._apply_constraint(seq, index)
+        token = llama.llama_sampler_sample(seq.sampler, self._ctx, index)
+        return token, self._seqs.advance(seq, token, outputs, raw.of(token) if raw is not None else None)
 
     def _logits(self, index: int) -> Any:
         """The logits at batch index `index`: a numpy view of llama.cpp's buffer (samplers copy, never write it; a
@@ -549,12 +639,13 @@ class LlamaCppEngine:
             if target == len(got) and target < len(prompt):
                 got.append(_RawLogprobs(self._logits(first + j), seq.params.prompt_logprobs).of(prompt[target]))
 
-    def _fill_batch(self) -> list[tuple[_Seq, int, int, int]]:
-        """Write this step's tokens into the batch: every decoding request's pending token, then prompt chunks in
-        admission order within `max_batch_tokens`. Returns (request, tokens written, batch index of its logits or
-        -1, batch index of its first token) per request in the batch."""
+    def _fill_batch(self, drafts: dict[_Seq, list[int]]) -> list[tuple[_Seq, int, int, int, list[int]]]:
+        """Write this step's tokens into the batch: every decoding request's pending token (and its draft, with logits
+        at each position), then prompt chunks in admission order within `max_batch_tokens`. Returns (request, tokens
+        written, batch index of its (first) logits or -1, batch index of its first token, its draft) per request in
+        the batch."""
         b = self._batch
-        plan: list[tuple[_Seq, int, int, int]] = []
+        plan: list[tuple[_Seq, int, int, int, list[int]]] = []
         n = 0
         budget = self.max_batch_tokens
         running = self._seqs.running
@@ -579,8 +670,15 @@ class LlamaCppEngine:
             done = take == pending
             if done:
                 b.logits[n + take - 1] = 1
-            plan.append((seq, take, n + take - 1 if done else -1, n))
-            n += take
+            draft = drafts.get(seq, [])
+            for j, token in enumerate(draft, start=take):  # after the pending token, each with its logits
+                b.token[n + j] = token
+                b.pos[n + j] = seq.n_cached + j
+                b.n_seq_id[n + j] = 1
+                b.seq_id[n + j][0] = seq.seq_id
+                b.logits[n + j] = 1
+            plan.append((seq, take + len(draft), n + take - 1 if done else -1, n, draft))
+            n += take + len(draft)
         b.n_tokens = n
         return plan
 
