@@ -144,9 +144,10 @@ def test_an_idle_model_is_unloaded_after_its_keep_alive_and_its_memory_returns(f
     f, worker_url = fleet
     for other in ("smollm2", "qwen05"):  # alone, so nothing but its keep-alive unloads it (not the budget)
         httpx.post(worker_url + "/worker/models/unload", json={"model": other}, timeout=60).raise_for_status()
-    ask(client(f), "minilm", keep_alive="2s")  # Ollama's per-request keep_alive
+    ask(client(f), "minilm")  # loaded under the worker's keep-alive: its memory is read while it surely holds it
     held = status(worker_url)["minilm"]["memory_bytes"]
     assert held > 100 << 20
+    ask(client(f), "minilm", keep_alive="2s")  # Ollama's per-request keep_alive: the last request's counts
     wait_until(lambda: status(worker_url)["minilm"]["state"] == "unloaded", timeout=60, what="minilm unloaded")
     assert status(worker_url)["minilm"]["memory_bytes"] == 0
     assert parse(httpx.get(worker_url + "/metrics", timeout=5).text).value(
