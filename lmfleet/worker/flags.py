@@ -261,7 +261,7 @@ def add_multi_args(p: argparse.ArgumentParser) -> None:
         "--memory-budget",
         default=None,
         help="resident memory the models' processes may hold together, e.g. 6GiB (default "
-        f"{catalog.DEFAULT_BUDGET_FRACTION:.0%} of the machine's memory)",
+        f"{catalog.DEFAULT_BUDGET_FRACTION * 100:.0f}%% of the machine's memory)",
     )
     g.add_argument(
         "--keep-alive",
