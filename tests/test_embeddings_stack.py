@@ -258,7 +258,10 @@ async def test_model_cards_carry_the_context_length(stack: Stack) -> None:
     card = (await stack.raw.get(f"/v1/models/{CHAT}")).json()
     validate("Model", card)
     assert card["max_model_len"] == 512
-    assert (await stack.openai.models.retrieve(MINI)).model_extra == {"max_model_len": 256}
+    assert (await stack.openai.models.retrieve(MINI)).model_extra == {
+        "max_model_len": 256,
+        "status": {"value": "loaded"},  # llama-server's router's field (lmfleet.placement)
+    }
 
 
 async def test_workers_report_their_task_and_refuse_the_other(stack: Stack) -> None:
