@@ -42,9 +42,7 @@ DRAFT_MAX=${DRAFT_MAX:-8}
 NGRAM=${NGRAM:-3}
 WORDS=${WORDS:-8}  # 8 words + the chat template ≈ 28 prompt tokens
 mkdir -p "$OUT"
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
+source scripts/bench_servers.sh  # PIDS and their cleanup, wait_model, peak_rss
 
 EDIT_PROMPT='Add type hints to every function in this Python module and change nothing else. Reply with the whole
 module in one code block.
@@ -100,19 +98,6 @@ class Histogram:
     def total(self):
         return sum(self.counts)
 ```'
-
-wait_model() {  # URL PID LOG: until URL/v1/models lists $NAME (or the server exits)
-  for _ in $(seq 600); do
-    curl -sf "$1/v1/models" 2>/dev/null | "$BIN/python" -c \
-      'import json, sys; sys.exit(sys.argv[1] not in [m["id"] for m in json.load(sys.stdin)["data"]])' "$NAME" \
-      2>/dev/null && return 0
-    kill -0 "$2" 2>/dev/null || { tail -20 "$3"; return 1; }
-    sleep 0.5
-  done
-  echo "$1 did not list the model $NAME in 300 s" >&2
-  tail -20 "$3"
-  return 1
-}
 
 run_one() {  # SYSTEM ROUND
   local name=$1 round=$2 log="$OUT/$1-$2.log" pid spec=() lspec=()
